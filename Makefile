@@ -1,0 +1,26 @@
+# The two commands the README promises: `make train` and `make test`. Both set up on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+NP ?= 2
+CONTROLLER ?= gloo
+ARGS ?=
+PYTEST_ARGS ?=
+SETUP_STAMP := $(VENV)/.hvd_train-setup-done
+
+.PHONY: setup train test clean
+
+# Re-run set-up only when what it installs from changes; scripts/setup.sh is itself idempotent.
+$(SETUP_STAMP): scripts/setup.sh constraints.txt setup.cfg pyproject.toml
+	bash scripts/setup.sh
+	touch $@
+
+setup: $(SETUP_STAMP)
+
+train: $(SETUP_STAMP)
+	$(VENV)/bin/horovodrun -np $(NP) -H localhost:$(NP) --$(CONTROLLER) $(VENV)/bin/hvd-train $(ARGS)
+
+test: $(SETUP_STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache *.egg-info

@@ -1,0 +1,26 @@
+"""hvd_train: data-parallel training of TensorFlow/Keras models with Horovod."""
+import os
+
+__version__ = "0.1.0"
+
+# TensorFlow's C++ INFO lines (oneDNN, CPU features) repeat once per rank; keep warnings and errors.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+__all__ = ["TrainConfig", "ConfigError", "DataError", "Table", "train", "build_mlp", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy: `hvd-train --help` and the unit tests should not pay for importing TensorFlow.
+    if name in ("TrainConfig", "ConfigError"):
+        from . import config
+        return getattr(config, name)
+    if name in ("DataError", "Table"):
+        from . import data
+        return getattr(data, name)
+    if name == "train":
+        from .trainer import train
+        return train
+    if name == "build_mlp":
+        from .model import build_mlp
+        return build_mlp
+    raise AttributeError(f"module 'hvd_train' has no attribute {name!r}")

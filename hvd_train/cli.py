@@ -1,0 +1,119 @@
+"""Command line: argparse -> TrainConfig -> trainer.train. Nothing here that the API lacks."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from . import runtime
+from .config import ACTIVATIONS, DATASETS, LR_SCALINGS, OPTIMIZERS, PROGRESS, ConfigError, TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> "NoReturn":  # noqa: F821
+        # Every rank parses the same argv: one usage message (rank 0's), every rank exits 2.
+        if runtime.launcher_rank() == 0:
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _hidden(text: str) -> tuple:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,32, got {text!r}") from None
+    if not sizes:
+        raise argparse.ArgumentTypeError("expected at least one hidden layer size")
+    return sizes
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="hvd-train",
+        description="Train a Keras classifier data-parallel with Horovod. Launch it with "
+                    "horovodrun/mpirun (e.g. horovodrun -np 2 hvd-train ...); alone it runs one process. "
+                    "'hvd-train predict --help' for predictions from a saved run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = DEFAULTS
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, help=f"{', '.join(DATASETS)}, or csv:PATH (header row)")
+    g.add_argument("--label-column", default=d.label_column, help="label column of a csv: dataset")
+    g.add_argument("--samples", type=int, default=d.samples, help="synthetic: number of samples")
+    g.add_argument("--features", type=int, default=d.features, help="synthetic: number of features")
+    g.add_argument("--classes", type=int, default=d.classes, help="synthetic: number of classes")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of all samples for validation")
+    g.add_argument("--test-fraction", type=float, default=d.test_fraction, help="share of all samples for test")
+    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=d.shuffle,
+                   help="reshuffle the training order every epoch (same order on every rank)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed for splits, shuffling and initial weights")
+    g = p.add_argument_group("model")
+    g.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden layer sizes, e.g. 64,32")
+    g.add_argument("--activation", choices=ACTIVATIONS, default=d.activation)
+    g.add_argument("--dropout", type=float, default=d.dropout)
+    g.add_argument("--logits", action="store_true", help="output logits instead of softmax probabilities")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="per process; the global batch is this times the number of processes")
+    g.add_argument("--lr", type=float, default=d.lr, help="base learning rate for one process")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    g.add_argument("--momentum", type=float, default=d.momentum, help="sgd momentum")
+    g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=d.lr_scaling,
+                   help="scale the base learning rate by world size (linear), its square root, or not")
+    g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
+                   help="Horovod LR warmup from scaled_lr/size to scaled_lr (0 = off)")
+    g = p.add_argument_group("run")
+    g.add_argument("--threads", type=int, default=d.threads,
+                   help="TF intra-op threads per process (default: cores // processes on the host)")
+    g.add_argument("--output-dir", default=d.output_dir, help="where outputs go (default: runs/<timestamp>)")
+    g.add_argument("--progress", choices=PROGRESS, default=d.progress, help="rank 0's progress display")
+    return p
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hvd-train predict", description="Predict classes for a CSV with a saved run (one process).",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-dir", required=True, help="output directory of a finished training run")
+    p.add_argument("--input", required=True, help="CSV with a header holding the training feature columns")
+    p.add_argument("--output", default=None, help="predictions CSV (default: <input stem>.predictions.csv)")
+    return p
+
+
+def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
+    args = vars(train_parser().parse_args(argv))
+    return TrainConfig(**args)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["predict"]:
+        from .predict import predict_file
+
+        args = predict_parser().parse_args(argv[1:])
+        return _run(lambda: predict_file(args.model_dir, args.input, args.output))
+    if argv[:1] == ["train"]:
+        argv = argv[1:]
+    try:
+        config = config_from_args(argv)
+    except ConfigError as err:
+        runtime.fail(str(err))
+    from .trainer import train
+
+    return _run(lambda: train(config))
+
+
+def _run(action) -> int:
+    from .data import DataError
+    from .outputs import OutputError
+
+    try:
+        action()
+    except runtime.AgreedFailure as err:
+        runtime.fail(str(err))
+    except (DataError, OutputError) as err:
+        runtime.fail(str(err))
+    return 0

@@ -1,0 +1,116 @@
+"""What was asked: one frozen, validated run configuration."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+DATASETS = ("iris", "wine", "breast_cancer", "digits", "synthetic")
+OPTIMIZERS = ("adam", "sgd")
+LR_SCALINGS = ("linear", "sqrt", "none")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "gelu", "selu", "swish")
+PROGRESS = ("bar", "epoch", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. Same on every rank, so no collective is needed."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs, resolved before Horovod starts. Never mutated."""
+
+    dataset: str = "iris"
+    label_column: Optional[str] = None
+    samples: int = 1000
+    features: int = 20
+    classes: int = 3
+    epochs: int = 100
+    batch_size: int = 32  # per process; the global batch is batch_size * world size
+    lr: float = 0.01  # base learning rate for one process; scaled by --lr-scaling
+    optimizer: str = "adam"
+    momentum: float = 0.9  # sgd only
+    lr_scaling: str = "linear"
+    warmup_epochs: int = 3
+    hidden: Tuple[int, ...] = (64, 32)
+    activation: str = "relu"
+    dropout: float = 0.0
+    logits: bool = False  # output raw logits instead of softmax probabilities
+    seed: int = 42
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    shuffle: bool = True
+    threads: Optional[int] = None  # TF intra-op threads per process; None = cores // local size
+    output_dir: Optional[str] = None  # None = runs/<timestamp>, chosen by rank 0
+    progress: str = "bar"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not (self.dataset in DATASETS or self.dataset.startswith("csv:")):
+            raise ConfigError(
+                f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)} or csv:PATH"
+            )
+        if self.dataset.startswith("csv:"):
+            if not self.dataset[4:]:
+                raise ConfigError("dataset csv: needs a path, e.g. csv:data/train.csv")
+            if not self.label_column:
+                raise ConfigError(f"dataset {self.dataset} needs --label-column NAME")
+        _require(self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})")
+        _require(self.batch_size >= 1, f"batch size must be >= 1 (got {self.batch_size})")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"learning rate must be > 0 (got {self.lr})")
+        _require(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1) (got {self.momentum})")
+        _require(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
+        _require(self.lr_scaling in LR_SCALINGS, f"lr scaling must be one of {LR_SCALINGS} (got {self.lr_scaling!r})")
+        _require(self.warmup_epochs >= 0, f"warmup epochs must be >= 0 (got {self.warmup_epochs})")
+        _require(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
+                 f"hidden sizes must be positive integers (got {list(self.hidden)})")
+        _require(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS} (got {self.activation!r})")
+        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1) (got {self.dropout})")
+        _require(0.0 <= self.val_fraction < 1.0, f"val fraction must be in [0, 1) (got {self.val_fraction})")
+        _require(0.0 < self.test_fraction < 1.0, f"test fraction must be in (0, 1) (got {self.test_fraction})")
+        _require(self.val_fraction + self.test_fraction < 0.9,
+                 f"val + test fractions must leave at least 10% for training "
+                 f"(got {self.val_fraction} + {self.test_fraction})")
+        _require(self.samples >= 1, f"samples must be >= 1 (got {self.samples})")
+        _require(self.features >= 2, f"features must be >= 2 (got {self.features})")
+        _require(self.classes >= 2, f"classes must be >= 2 (got {self.classes})")
+        _require(self.threads is None or self.threads >= 1, f"threads must be >= 1 (got {self.threads})")
+        _require(self.progress in PROGRESS, f"progress must be one of {PROGRESS} (got {self.progress!r})")
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        """Inverse of to_dict (config.json's "config"); unknown keys are an error."""
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}")
+        values = dict(values)
+        if "hidden" in values:
+            values["hidden"] = tuple(values["hidden"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+
+def scaled_learning_rate(base_lr: float, world_size: int, scaling: str) -> float:
+    """Horovod: larger global batch, larger step (Goyal et al. 2017 for linear)."""
+    if scaling == "linear":
+        return base_lr * world_size
+    if scaling == "sqrt":
+        return base_lr * math.sqrt(world_size)
+    if scaling == "none":
+        return base_lr
+    raise ConfigError(f"lr scaling must be one of {LR_SCALINGS} (got {scaling!r})")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

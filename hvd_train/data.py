@@ -1,0 +1,256 @@
+"""Load a dataset, split it (seeded, stratified), and standardise it with training statistics.
+
+Every rank runs this on the same input and gets the same arrays; sharding happens later
+(see sharding.py). Bad input raises DataError with a message meant for the user.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+BUNDLED = ("iris", "wine", "breast_cancer", "digits")
+
+
+class DataError(ValueError):
+    """The data cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """Features and integer class codes, plus the names needed to read new data later."""
+
+    x: np.ndarray  # float32 [n, features]
+    y: np.ndarray  # int64 [n], codes into class_names
+    feature_names: Tuple[str, ...]
+    class_names: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    """Feature scaling fitted on the training split only (no leakage from val/test)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> "Standardizer":
+        mean = x.mean(axis=0, dtype=np.float64)
+        std = x.std(axis=0, dtype=np.float64)
+        return cls(mean=mean, scale=np.where(std > 0, std, 1.0))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) / self.scale).astype(np.float32)
+
+    def to_dict(self) -> Dict[str, list]:
+        return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, list]) -> "Standardizer":
+        return cls(mean=np.asarray(d["mean"], np.float64), scale=np.asarray(d["scale"], np.float64))
+
+
+@dataclass(frozen=True)
+class Splits:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    scaler: Standardizer
+    feature_names: Tuple[str, ...]
+    class_names: Tuple[str, ...]
+
+    @property
+    def n_features(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    def preprocessing(self) -> Dict[str, object]:
+        """What predict needs to turn a raw CSV row into model input and a class name."""
+        return {
+            "feature_names": list(self.feature_names),
+            "class_names": list(self.class_names),
+            "scaler": self.scaler.to_dict(),
+        }
+
+
+def load(dataset: str, label_column: Optional[str] = None, *, samples: int = 1000,
+         features: int = 20, classes: int = 3, seed: int = 42) -> Table:
+    """Load a bundled, synthetic or CSV dataset by name."""
+    if dataset in BUNDLED:
+        return _load_bundled(dataset)
+    if dataset == "synthetic":
+        return _synthetic(samples, features, classes, seed)
+    if dataset.startswith("csv:"):
+        return load_csv(dataset[4:], label_column or "")
+    raise DataError(f"unknown dataset {dataset!r}")
+
+
+def from_arrays(x: object, y: object, feature_names: Optional[Sequence[str]] = None) -> Table:
+    """A Table from user arrays: features [n, d] and labels [n] (numbers or strings)."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim != 2:
+        raise DataError(f"features must be a 2-D array [samples, features], got shape {x.shape}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"labels must be a 1-D array with one label per row ({len(x)}), got shape {y.shape}")
+    try:
+        x = x.astype(np.float32)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"features must be numeric: {err}") from None
+    bad = np.argwhere(~np.isfinite(x))
+    if len(bad):
+        row, col = bad[0]
+        raise DataError(f"features contain NaN or inf ({len(bad)} values; first at row {row}, column {col})")
+    names = tuple(feature_names) if feature_names is not None else tuple(f"x{i}" for i in range(x.shape[1]))
+    if len(names) != x.shape[1]:
+        raise DataError(f"{len(names)} feature names for {x.shape[1]} feature columns")
+    codes, class_names = _encode_labels(y)
+    return Table(x=x, y=codes, feature_names=names, class_names=class_names)
+
+
+def load_csv(path: str, label_column: str) -> Table:
+    """A CSV with a header row: one label column (numbers or strings), numeric features."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError as err:
+        raise DataError(f"cannot read CSV {path}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"cannot parse CSV {path}: {err}") from None
+    rows = [r for r in rows if r]
+    if not rows:
+        raise DataError(f"CSV {path} is empty (a header row is required)")
+    header, body = [h.strip() for h in rows[0]], rows[1:]
+    if label_column not in header:
+        raise DataError(f"label column {label_column!r} not found in {path}; columns are: {', '.join(header)}")
+    if not body:
+        raise DataError(f"CSV {path} has a header but no data rows")
+    label_at = header.index(label_column)
+    feature_at = [i for i in range(len(header)) if i != label_at]
+    if not feature_at:
+        raise DataError(f"CSV {path} has no feature columns besides {label_column!r}")
+    x = np.empty((len(body), len(feature_at)), np.float32)
+    labels = []
+    for line, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path} line {line}: {len(row)} fields, header has {len(header)}")
+        labels.append(row[label_at].strip())
+        for j, i in enumerate(feature_at):
+            x[line - 2, j] = _parse_feature(row[i], path, line, header[i])
+    return from_arrays(x, np.asarray(labels), [header[i] for i in feature_at])
+
+
+def split_and_scale(table: Table, val_fraction: float, test_fraction: float, seed: int) -> Splits:
+    """Seeded, stratified train/val/test split; the scaler sees the training split only."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(table.y, minlength=len(table.class_names))
+    if len(table.class_names) < 2:
+        raise DataError(f"need at least 2 classes, found {len(table.class_names)}")
+    n_splits = 3 if val_fraction > 0 else 2
+    if counts.min() < n_splits:
+        small = table.class_names[int(counts.argmin())]
+        raise DataError(
+            f"class {small!r} has {counts.min()} sample(s): too few for a stratified "
+            f"{'train/val/test' if n_splits == 3 else 'train/test'} split (needs >= {n_splits})"
+        )
+    idx = np.arange(len(table.y))
+    try:
+        rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=table.y)
+        if val_fraction > 0:
+            train, val = train_test_split(
+                rest, test_size=val_fraction / (1.0 - test_fraction), random_state=seed, stratify=table.y[rest]
+            )
+        else:
+            train, val = rest, rest[:0]
+    except ValueError as err:
+        raise DataError(f"cannot split {len(idx)} samples of {len(counts)} classes "
+                        f"(val {val_fraction}, test {test_fraction}): {err}") from None
+    scaler = Standardizer.fit(table.x[train])
+    return Splits(
+        x_train=scaler.transform(table.x[train]), y_train=table.y[train],
+        x_val=scaler.transform(table.x[val]), y_val=table.y[val],
+        x_test=scaler.transform(table.x[test]), y_test=table.y[test],
+        scaler=scaler, feature_names=table.feature_names, class_names=table.class_names,
+    )
+
+
+def read_features(path: str, feature_names: Sequence[str]) -> np.ndarray:
+    """Feature columns, by name, from a CSV with a header (extra columns are ignored)."""
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r]
+    except OSError as err:
+        raise DataError(f"cannot read CSV {path}: {err.strerror or err}") from None
+    if not rows:
+        raise DataError(f"CSV {path} is empty (a header row is required)")
+    header = [h.strip() for h in rows[0]]
+    missing = [name for name in feature_names if name not in header]
+    if missing:
+        raise DataError(f"{path} lacks feature column(s) the model was trained on: {', '.join(missing)}")
+    cols = [header.index(name) for name in feature_names]
+    x = np.empty((len(rows) - 1, len(cols)), np.float32)
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path} line {line}: {len(row)} fields, header has {len(header)}")
+        for j, i in enumerate(cols):
+            x[line - 2, j] = _parse_feature(row[i], path, line, header[i])
+    return x
+
+
+def _parse_feature(text: str, path: str, line: int, column: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{path} line {line}, column {column!r}: {text.strip()!r} is not a number") from None
+    if not math.isfinite(value):
+        raise DataError(f"{path} line {line}, column {column!r}: {text.strip()!r} is not finite (NaN/inf)")
+    return value
+
+
+def _encode_labels(y: np.ndarray) -> Tuple[np.ndarray, Tuple[str, ...]]:
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+        raise DataError("labels contain NaN or inf")
+    if y.dtype.kind in "iuf":
+        classes, codes = np.unique(y, return_inverse=True)
+        names = tuple(str(int(c)) if float(c).is_integer() else str(c) for c in classes)
+    else:
+        y = np.asarray([str(v) for v in y])
+        if np.any(y == ""):
+            raise DataError(f"{int(np.sum(y == ''))} row(s) have an empty label")
+        classes, codes = np.unique(y, return_inverse=True)
+        names = tuple(str(c) for c in classes)
+    return codes.astype(np.int64), names
+
+
+def _load_bundled(name: str) -> Table:
+    from sklearn import datasets
+
+    bunch = getattr(datasets, f"load_{name}")()
+    names = tuple(str(n) for n in bunch.target_names) if hasattr(bunch, "target_names") else None
+    table = from_arrays(bunch.data, bunch.target, [str(f) for f in bunch.feature_names])
+    if names is not None and len(names) == len(table.class_names):
+        table = Table(x=table.x, y=table.y, feature_names=table.feature_names, class_names=names)
+    return table
+
+
+def _synthetic(samples: int, features: int, classes: int, seed: int) -> Table:
+    from sklearn.datasets import make_classification
+
+    informative = max(2, min(features, math.ceil(math.log2(classes)) + 2, features // 2 or 2))
+    if classes > 2 ** informative:
+        raise DataError(f"synthetic: {classes} classes need more than {features} features")
+    x, y = make_classification(
+        n_samples=samples, n_features=features, n_informative=informative, n_redundant=0,
+        n_classes=classes, n_clusters_per_class=1, random_state=seed,
+    )
+    return from_arrays(x, y)

@@ -1,0 +1,115 @@
+"""Horovod start-up, device and thread placement, rank-0 side effects, collective agreement."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+# Launchers tell each process its rank before Horovod starts (horovodrun, Open MPI, MPICH/PMI, Slurm).
+_RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+class AgreedFailure(RuntimeError):
+    """Every rank raises this together after a collective check found an error on some rank."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    intra_op_threads: int
+    device: str
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def launcher_rank() -> int:
+    """This process's global rank as the launcher announced it (0 when run alone)."""
+    for name in _RANK_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def init(threads: Optional[int] = None) -> Runtime:
+    """Start Horovod, pin one GPU per process or size the CPU thread pools. Call once, first."""
+    import horovod.tensorflow.keras as hvd
+    import tensorflow as tf
+
+    hvd.init()  # Horovod: must run before any other TensorFlow or Horovod call.
+    device = "cpu"
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        # Horovod: one GPU per process, chosen by local rank; grow memory instead of grabbing it all.
+        gpu = gpus[hvd.local_rank() % len(gpus)]
+        tf.config.experimental.set_memory_growth(gpu, True)
+        tf.config.set_visible_devices(gpu, "GPU")
+        device = gpu.name
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # Horovod: N processes share this host's cores; TF's default (all cores each) oversubscribes.
+    intra = threads or max(1, cores // hvd.local_size())
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(intra)
+    return Runtime(
+        rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank(),
+        local_size=hvd.local_size(), intra_op_threads=intra, device=device,
+    )
+
+
+def log(runtime: Runtime, message: str) -> None:
+    """The one place rank-0-only console output goes through."""
+    if runtime.is_rank0:
+        print(f"[hvd_train] {message}", flush=True)
+
+
+def on_rank0(runtime: Runtime, action, *args: Any, **kwargs: Any) -> Any:
+    """Run a side effect (file writes, printing) on rank 0 only. Never put a collective in it."""
+    if runtime.is_rank0:
+        return action(*args, **kwargs)
+    return None
+
+
+def agree(error: Optional[str], what: str) -> None:
+    """Collective: every rank calls this, failed or not. If any rank failed, all raise together.
+
+    The message names the ranks that failed when they are not all of them, so a problem on
+    one host (a missing file, different data) is visible from rank 0's single message.
+    """
+    import horovod.tensorflow as hvd
+
+    # Horovod: every rank reaches this allgather; a rank that skipped it would hang the others.
+    errors = hvd.allgather_object(error, name=f"agree.{what}")
+    failed = [(rank, msg) for rank, msg in enumerate(errors) if msg]
+    if not failed:
+        return
+    if len(failed) == len(errors) and len({msg for _, msg in failed}) == 1:
+        raise AgreedFailure(failed[0][1])
+    raise AgreedFailure("; ".join(f"rank {rank}: {msg}" for rank, msg in failed))
+
+
+def broadcast(value: Any, what: str) -> Any:
+    """Collective: rank 0's value on every rank (decisions such as the output directory)."""
+    import horovod.tensorflow as hvd
+
+    # Horovod: rank 0 decides, everyone follows; never let ranks decide independently.
+    return hvd.broadcast_object(value, root_rank=0, name=f"bcast.{what}")
+
+
+def allgather(value: Any, what: str) -> list:
+    """Collective: every rank's value, in rank order, on every rank."""
+    import horovod.tensorflow as hvd
+
+    return hvd.allgather_object(value, name=f"gather.{what}")
+
+
+def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+    """Print a user-facing error once (rank 0 of the launch) and exit non-zero on every rank."""
+    if launcher_rank() == 0:
+        print(f"hvd-train: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)

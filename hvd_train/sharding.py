@@ -1,0 +1,72 @@
+"""Which rank sees which sample, and when. Pure numpy: every rank computes the same plan.
+
+Training policy (the same on every rank, derived only from global quantities):
+- Each epoch has a global order of the n training samples (a permutation seeded by
+  (seed, epoch), or 0..n-1 without shuffling).
+- Step s consumes the global batch order[s*N*b : (s+1)*N*b] (N ranks, b per process), so
+  ``steps = ceil(n / (N*b))`` on every rank, exactly what one process with batch N*b runs.
+- Each global batch is split between the ranks in contiguous slices whose sizes differ by at
+  most one. If the last global batch has fewer than N samples (some rank would get an empty
+  batch) it is merged into the step before it.
+- So the shards are disjoint and together cover every training sample every epoch, and every
+  rank runs the same number of steps: the two things uneven shards break in Horovod.
+- A rank's loss in a step is weighted by ``n_rank * N / n_step`` so that Horovod's average of
+  the per-rank mean gradients equals the mean gradient over the whole global batch, even when
+  the slices are uneven (the weight is exactly 1 whenever the step is full).
+
+Evaluation policy: rank r takes samples r, r+N, r+2N, ... (any sizes, including zero); the
+results are combined by sample count, so no equal-steps constraint applies.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import numpy as np
+
+
+def split_evenly(count: int, parts: int) -> List[int]:
+    """Sizes of ``parts`` contiguous pieces of ``count`` items that differ by at most one."""
+    base, extra = divmod(count, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def global_steps(n: int, world_size: int, batch_size: int) -> List[Tuple[int, int]]:
+    """(start, stop) of each step's global batch within the epoch order."""
+    if n < world_size:
+        raise ValueError(f"{n} training samples cannot be shared by {world_size} processes")
+    global_batch = world_size * batch_size
+    bounds = [(s, min(s + global_batch, n)) for s in range(0, n, global_batch)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < world_size:
+        # The remainder cannot give every rank a sample: fold it into the previous step.
+        (start, _), (_, stop) = bounds[-2], bounds[-1]
+        bounds[-2:] = [(start, stop)]
+    return bounds
+
+
+def steps_per_epoch(n: int, world_size: int, batch_size: int) -> int:
+    return len(global_steps(n, world_size, batch_size))
+
+
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+    """The global sample order for one epoch: identical on every rank."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def local_batches(
+    n: int, rank: int, world_size: int, batch_size: int, order: np.ndarray
+) -> List[Tuple[np.ndarray, float]]:
+    """This rank's (sample indices, loss weight) for each step of an epoch."""
+    batches = []
+    for start, stop in global_steps(n, world_size, batch_size):
+        sizes = split_evenly(stop - start, world_size)
+        lo = start + sum(sizes[:rank])
+        weight = sizes[rank] * world_size / (stop - start)
+        batches.append((order[lo:lo + sizes[rank]], weight))
+    return batches
+
+
+def eval_shard(n: int, rank: int, world_size: int) -> np.ndarray:
+    """Indices of the evaluation samples this rank scores (strided; may be empty)."""
+    return np.arange(rank, n, world_size)

@@ -1,0 +1,265 @@
+"""The training flow, top to bottom: Horovod up, data agreed, model built, fit, exact metrics, outputs.
+
+Python API::
+
+    from hvd_train import TrainConfig, train
+    result = train(TrainConfig(epochs=20), data=(x, y), model_fn=my_builder)
+
+Run it under a launcher (``horovodrun -np 2 python my_script.py``); every rank calls ``train``.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import tensorflow as tf
+
+from . import __version__, data as data_mod, metrics, outputs, runtime, sharding
+from .config import ConfigError, TrainConfig, scaled_learning_rate
+from .data import DataError, Splits, Table
+from .model import build_mlp
+from .outputs import OutputError
+
+ModelFn = Callable[[int, int], Any]  # (n_features, n_classes) -> uncompiled tf.keras.Model
+DataArg = Union[None, Table, Tuple[Any, Any], Any]  # None = config.dataset; (x, y); finite tf.data
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Global quantities derived once from the config, the data and the world; printed and saved."""
+
+    world_size: int
+    batch_size_per_process: int
+    global_batch_size: int
+    base_lr: float
+    scaled_lr: float
+    warmup_epochs: int
+    steps_per_epoch: int
+    train_samples: int
+    val_samples: int
+    test_samples: int
+    train_samples_per_rank: List[int]
+    intra_op_threads: int
+
+    def lines(self) -> List[str]:
+        return [
+            f"world size {self.world_size}, {self.intra_op_threads} intra-op thread(s) per process",
+            f"batch {self.batch_size_per_process} per process x {self.world_size} = global batch {self.global_batch_size}",
+            f"learning rate {self.base_lr:g} scaled to {self.scaled_lr:g}, warmup {self.warmup_epochs} epoch(s)",
+            f"samples train/val/test {self.train_samples}/{self.val_samples}/{self.test_samples}; "
+            f"train samples per rank {self.train_samples_per_rank}; {self.steps_per_epoch} steps per epoch",
+        ]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output_dir: str
+    metrics: Dict[str, Any]
+    history: Dict[str, List[float]]
+    plan: Plan
+    model: Any  # the trained tf.keras.Model (identical on every rank)
+
+
+def make_plan(config: TrainConfig, splits: Splits, rt: runtime.Runtime) -> Plan:
+    n = len(splits.y_train)
+    order = np.arange(n)
+    per_rank = [sum(len(rows) for rows, _ in sharding.local_batches(n, r, rt.size, config.batch_size, order))
+                for r in range(rt.size)]
+    return Plan(
+        world_size=rt.size, batch_size_per_process=config.batch_size,
+        global_batch_size=config.batch_size * rt.size, base_lr=config.lr,
+        scaled_lr=scaled_learning_rate(config.lr, rt.size, config.lr_scaling),
+        warmup_epochs=config.warmup_epochs, steps_per_epoch=sharding.steps_per_epoch(n, rt.size, config.batch_size),
+        train_samples=n, val_samples=len(splits.y_val), test_samples=len(splits.y_test),
+        train_samples_per_rank=per_rank, intra_op_threads=rt.intra_op_threads,
+    )
+
+
+def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn] = None) -> TrainResult:
+    """Train on every rank of the current launch; rank 0 writes the outputs. See module doc."""
+    rt = runtime.init(config.threads)
+    import horovod.tensorflow as hvd_tf
+    import horovod.tensorflow.keras as hvd
+
+    from .pipeline import ShardedBatches
+
+    # 1. Data and output directory. A failure on any rank stops every rank with one message.
+    splits, output_dir, error = None, None, None
+    try:
+        splits = _load_splits(config, data)
+        if len(splits.y_train) < rt.size:
+            raise DataError(f"{len(splits.y_train)} training samples are fewer than the {rt.size} processes")
+        output_dir = runtime.on_rank0(rt, outputs.prepare_dir, config.output_dir)
+    except (DataError, OutputError, ConfigError) as err:
+        error = str(err)
+    runtime.agree(error, "setup")
+    # Horovod: rank 0 chose the directory (its default holds a timestamp); everyone uses it.
+    config = config.replace(output_dir=runtime.broadcast(output_dir, "output_dir"))
+    plan = make_plan(config, splits, rt)
+    for line in plan.lines():
+        runtime.log(rt, line)
+
+    # 2. Model and optimizer.
+    model_fn = model_fn or functools.partial(
+        build_mlp, hidden=config.hidden, activation=config.activation,
+        dropout=config.dropout, logits=config.logits)
+    tf.keras.utils.set_random_seed(config.seed)
+    model = model_fn(splits.n_features, splits.n_classes)
+    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=config.logits)
+    # Horovod: gradients are averaged across ranks by ring-allreduce before every update.
+    optimizer = hvd.DistributedOptimizer(_make_optimizer(config, plan.scaled_lr))
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    # Horovod: every rank starts from rank 0's weights, whatever model_fn did with randomness.
+    hvd_tf.broadcast_variables(model.variables, root_rank=0)
+
+    callbacks = [
+        # Horovod: rank 0's weights and optimizer state again after the first step, once the
+        # optimizer's slot variables exist.
+        hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+        # Horovod: average the training metrics over ranks before any later callback reads them.
+        hvd.callbacks.MetricAverageCallback(),
+    ]
+    if plan.val_samples:
+        callbacks.append(_GlobalValidation(splits.x_val, splits.y_val, rt, config.logits))
+    if config.warmup_epochs:
+        # Horovod: ramp from scaled_lr / size to scaled_lr over the first epochs (Goyal et al.).
+        callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
+            initial_lr=plan.scaled_lr, warmup_epochs=config.warmup_epochs,
+            steps_per_epoch=plan.steps_per_epoch, verbose=0))
+    callbacks.append(_LearningRateLog())
+    verbose = {"bar": 1, "epoch": 2, "none": 0}[config.progress] if rt.is_rank0 else 0
+    if verbose:
+        # Last in the list, so the bar shows metrics after they have been averaged.
+        callbacks.append(tf.keras.callbacks.ProgbarLogger(count_mode="steps"))
+
+    # 3. Train.
+    batches = ShardedBatches(splits.x_train, splits.y_train, rt.rank, rt.size,
+                             config.batch_size, config.seed, config.shuffle)
+    start = time.perf_counter()
+    history = model.fit(batches, epochs=config.epochs, shuffle=False, callbacks=callbacks, verbose=verbose)
+    train_seconds = time.perf_counter() - start
+    epochs_completed = len(history.epoch)
+
+    # 4. Exact test metrics and a check that every replica ended with the same weights.
+    test = metrics.evaluate(model, splits.x_test, splits.y_test, rt, config.logits)
+    weight_digests = runtime.allgather(_weights_digest(model), "weights_digest")
+    result_metrics = {
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "test_samples": test["samples"],
+        "world_size": rt.size,
+        "global_batch_size": plan.global_batch_size,
+        "scaled_lr": plan.scaled_lr,
+        "epochs_completed": epochs_completed,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "train_seconds": train_seconds,
+        "samples_per_second": plan.train_samples * epochs_completed / train_seconds,
+        "replica_weight_digests": weight_digests,
+        "replicas_identical": len(set(weight_digests)) == 1,
+    }
+    for key in ("val_loss", "val_accuracy"):
+        if key in history.history:
+            result_metrics[key] = history.history[key][-1]
+
+    # 5. Outputs, written once by rank 0.
+    runtime.on_rank0(rt, _write_outputs, config, plan, splits, model, model_fn, history.history, result_metrics)
+    runtime.log(rt, f"test loss {test['loss']:.4f}, test accuracy {test['accuracy']:.4f} "
+                    f"on {test['samples']} samples from {rt.size} processes")
+    runtime.log(rt, f"outputs in {config.output_dir}")
+    return TrainResult(output_dir=config.output_dir, metrics=result_metrics,
+                       history=history.history, plan=plan, model=model)
+
+
+def _load_splits(config: TrainConfig, data: DataArg) -> Splits:
+    if data is None:
+        table = data_mod.load(config.dataset, config.label_column, samples=config.samples,
+                              features=config.features, classes=config.classes, seed=config.seed)
+    elif isinstance(data, Table):
+        table = data
+    elif isinstance(data, tuple) and len(data) == 2:
+        table = data_mod.from_arrays(*data)
+    else:
+        table = _table_from_tf_data(data)
+    return data_mod.split_and_scale(table, config.val_fraction, config.test_fraction, config.seed)
+
+
+def _table_from_tf_data(dataset) -> Table:
+    """A finite tf.data.Dataset of (features, label) elements, materialised (tabular data fits)."""
+    if not isinstance(dataset, tf.data.Dataset):
+        raise DataError(f"data must be None, (x, y) arrays, a Table or a tf.data.Dataset, not {type(dataset).__name__}")
+    if dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
+        raise DataError("the tf.data.Dataset is infinite; pass a finite one (no .repeat())")
+    xs, ys = [], []
+    for element in dataset.unbatch() if _is_batched(dataset) else dataset:
+        if not isinstance(element, tuple) or len(element) != 2:
+            raise DataError("tf.data elements must be (features, label) pairs")
+        xs.append(np.asarray(element[0]))
+        ys.append(np.asarray(element[1]))
+    if not xs:
+        raise DataError("the tf.data.Dataset is empty")
+    return data_mod.from_arrays(np.stack(xs), np.stack(ys).reshape(-1))
+
+
+def _is_batched(dataset) -> bool:
+    spec = dataset.element_spec
+    return isinstance(spec, tuple) and len(spec[0].shape) == 2
+
+
+def _make_optimizer(config: TrainConfig, lr: float):
+    # Keras 2's legacy optimizers: the ones Horovod 0.28's callbacks (warmup, LR schedules) drive.
+    if config.optimizer == "sgd":
+        return tf.keras.optimizers.legacy.SGD(learning_rate=lr, momentum=config.momentum)
+    return tf.keras.optimizers.legacy.Adam(learning_rate=lr)
+
+
+def _weights_digest(model) -> str:
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
+
+
+def _versions() -> Dict[str, str]:
+    import horovod
+    import sklearn
+
+    return {"hvd_train": __version__, "tensorflow": tf.__version__, "horovod": horovod.__version__,
+            "numpy": np.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+
+
+def _write_outputs(config, plan, splits, model, model_fn, history, result_metrics) -> None:
+    d = config.output_dir
+    # A clean copy for tf.keras.models.load_model: the Horovod-wrapped optimizer is not serialisable.
+    clean = model_fn(splits.n_features, splits.n_classes)
+    clean.set_weights(model.get_weights())
+    clean.compile(optimizer=_make_optimizer(config, plan.scaled_lr),
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=config.logits),
+                  metrics=["accuracy"])
+    outputs.save_model(f"{d}/{outputs.MODEL_FILE}", clean)
+    outputs.write_json(f"{d}/{outputs.PREPROCESSING_FILE}", {**splits.preprocessing(), "logits": config.logits})
+    outputs.write_json(f"{d}/{outputs.CONFIG_FILE}",
+                       {"config": config.to_dict(), "plan": asdict(plan), "versions": _versions()})
+    outputs.write_history(f"{d}/{outputs.HISTORY_FILE}", history)
+    outputs.write_json(f"{d}/{outputs.METRICS_FILE}", result_metrics)  # last: marks the run complete
+
+
+class _GlobalValidation(tf.keras.callbacks.Callback):
+    """Collective, on every rank at every epoch end: exact validation loss and accuracy."""
+
+    def __init__(self, x, y, rt, from_logits):
+        super().__init__()
+        self.x, self.y, self.rt, self.from_logits = x, y, rt, from_logits
+
+    def on_epoch_end(self, epoch, logs=None):
+        result = metrics.evaluate(self.model, self.x, self.y, self.rt, self.from_logits)
+        logs["val_loss"], logs["val_accuracy"] = result["loss"], result["accuracy"]
+
+
+class _LearningRateLog(tf.keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        logs["lr"] = float(self.model.optimizer.lr.numpy())

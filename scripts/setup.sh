@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up of everything hvd_train needs on this machine:
+# Open MPI from the distribution (when root), a venv with the pinned TensorFlow,
+# Horovod compiled against that TensorFlow with Gloo and MPI, and hvd_train itself.
+# Safe to re-run after a failure: every step checks whether it is already done.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: scripts/setup.sh
+
+Environment (defaults in brackets):
+  VENV=.venv                 where the virtual environment lives
+  PYTHON=<first of python3.11 python3.10 python3.9 python3 that is 3.9-3.11>
+  TF_PACKAGE=tensorflow-cpu  or "tensorflow" for a GPU-capable build
+  HVD_GPU_OPERATIONS=        set to NCCL to build Horovod's GPU ops (GPU images only)
+EOF
+}
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+  "") ;;
+  *) usage >&2; exit 2 ;;
+esac
+
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+TF_PACKAGE="${TF_PACKAGE:-tensorflow-cpu}"
+CONSTRAINTS="$PWD/constraints.txt"
+HOROVOD_VERSION="$(sed -n 's/^horovod==//p' "$CONSTRAINTS")"
+
+say() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+supported_python() {
+  "$1" -c 'import sys; sys.exit(0 if (3, 9) <= sys.version_info[:2] <= (3, 11) else 1)' 2>/dev/null
+}
+
+pick_python() {
+  if [ -n "${PYTHON:-}" ]; then
+    supported_python "$PYTHON" || die "PYTHON=$PYTHON is not Python 3.9-3.11 (TensorFlow 2.15 has no wheels for others)"
+    echo "$PYTHON"; return
+  fi
+  for candidate in python3.11 python3.10 python3.9 python3; do
+    if command -v "$candidate" >/dev/null && supported_python "$candidate"; then
+      echo "$candidate"; return
+    fi
+  done
+  die "no Python 3.9-3.11 found (TensorFlow 2.15 has no wheels for others); set PYTHON=/path/to/python3.11"
+}
+
+install_distro_packages() {
+  local wanted=()
+  command -v mpirun >/dev/null && command -v mpicc >/dev/null || wanted+=(openmpi-bin libopenmpi-dev)
+  command -v g++ >/dev/null || wanted+=(g++)
+  command -v make >/dev/null || wanted+=(make)
+  [ "${#wanted[@]}" -eq 0 ] && return
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    say "installing distribution packages: ${wanted[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${wanted[@]}" >/dev/null
+  else
+    say "not root (or no apt-get): cannot install ${wanted[*]}"
+  fi
+}
+
+have_mpi() { command -v mpirun >/dev/null && command -v mpicc >/dev/null; }
+
+check_build() {
+  # Prints the frameworks/controllers that are missing from the Horovod build.
+  local out missing=()
+  out="$("$VENV/bin/horovodrun" --check-build 2>/dev/null)" || { echo "horovod"; return; }
+  grep -q '\[X\] TensorFlow' <<<"$out" || missing+=(TensorFlow)
+  grep -q '\[X\] Gloo' <<<"$out" || missing+=(Gloo)
+  if have_mpi; then grep -q '\[X\] MPI' <<<"$out" || missing+=(MPI); fi
+  echo "${missing[*]:-}"
+}
+
+build_horovod() {
+  local cache_flag=("$@")
+  local mpi_flag=HOROVOD_WITHOUT_MPI=1
+  have_mpi && mpi_flag=HOROVOD_WITH_MPI=1
+  say "building horovod==$HOROVOD_VERSION against $TF_PACKAGE (Gloo$(have_mpi && echo ' + MPI'); takes a few minutes)"
+  env HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 "$mpi_flag" \
+      HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
+      ${HVD_GPU_OPERATIONS:+HOROVOD_GPU_OPERATIONS="$HVD_GPU_OPERATIONS"} \
+      "$VENV/bin/pip" install -q --no-build-isolation -c "$CONSTRAINTS" "${cache_flag[@]}" \
+      "horovod==$HOROVOD_VERSION"
+}
+
+install_distro_packages
+if have_mpi; then
+  say "MPI: $(mpirun --version 2>/dev/null | head -n1)"
+else
+  say "no MPI found: building Horovod with Gloo only (horovodrun --gloo works; --mpi and plain mpirun will not)"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  PY="$(pick_python)"
+  say "creating $VENV with $PY ($("$PY" --version))"
+  "$PY" -m venv "$VENV"
+fi
+supported_python "$VENV/bin/python" || die "$VENV uses $("$VENV/bin/python" --version); remove it and re-run"
+
+PIP=("$VENV/bin/pip" install -q -c "$CONSTRAINTS")
+"${PIP[@]}" setuptools wheel cmake numpy "$TF_PACKAGE" scikit-learn pytest
+if have_mpi; then
+  "${PIP[@]}" mpi4py
+fi
+
+missing="$(check_build)"
+if [ -n "$missing" ]; then
+  build_horovod
+  missing="$(check_build)"
+  if [ -n "$missing" ]; then
+    # pip's wheel cache may hold a build made before MPI was installed: rebuild from source.
+    say "cached horovod build lacks: $missing; rebuilding without the wheel cache"
+    build_horovod --no-cache-dir --force-reinstall --no-deps
+    missing="$(check_build)"
+  fi
+  [ -z "$missing" ] || die "horovodrun --check-build does not list: $missing"
+else
+  say "horovod $HOROVOD_VERSION already built with what this machine supports"
+fi
+
+"$VENV/bin/pip" install -q --no-build-isolation --no-deps -e .
+"$VENV/bin/horovodrun" --check-build | sed -n '/Frameworks/,/Tensor Operations/p' | grep -E '\[X\]' | sed 's/^ */[setup] built: /'
+say "done: $VENV/bin/hvd-train, $VENV/bin/horovodrun, $VENV/bin/python"
