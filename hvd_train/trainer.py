@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +25,15 @@ from .config import ConfigError, TrainConfig, scaled_learning_rate
 from .data import DataError, Splits, Table
 from .model import build_mlp
 from .outputs import OutputError
+
+
+class _SkipSlowCallbackWarning(logging.Filter):
+    # Horovod's one-off broadcast after step 1 trips Keras's "callback is slow" check on tiny models.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is slow compared to the batch time" not in record.getMessage()
+
+
+tf.get_logger().addFilter(_SkipSlowCallbackWarning())
 
 ModelFn = Callable[[int, int], Any]  # (n_features, n_classes) -> uncompiled tf.keras.Model
 DataArg = Union[None, Table, Tuple[Any, Any], Any]  # None = config.dataset; (x, y); finite tf.data
@@ -169,7 +179,7 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
     # 5. Outputs, written once by rank 0.
     runtime.on_rank0(rt, _write_outputs, config, plan, splits, model, model_fn, history.history, result_metrics)
     runtime.log(rt, f"test loss {test['loss']:.4f}, test accuracy {test['accuracy']:.4f} "
-                    f"on {test['samples']} samples from {rt.size} processes")
+                    f"on {test['samples']} samples from {rt.size} process(es)")
     runtime.log(rt, f"outputs in {config.output_dir}")
     return TrainResult(output_dir=config.output_dir, metrics=result_metrics,
                        history=history.history, plan=plan, model=model)

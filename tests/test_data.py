@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+
+from hvd_train import data
+from hvd_train.data import DataError
+
+
+@pytest.mark.parametrize("name,n,features,classes", [
+    ("iris", 150, 4, 3), ("wine", 178, 13, 3), ("breast_cancer", 569, 30, 2), ("digits", 1797, 64, 10),
+])
+def test_bundled(name, n, features, classes):
+    t = data.load(name)
+    assert t.x.shape == (n, features) and t.x.dtype == np.float32
+    assert len(t.class_names) == classes and set(np.unique(t.y)) == set(range(classes))
+
+
+def test_synthetic_shape_and_determinism():
+    a = data.load("synthetic", samples=300, features=12, classes=5, seed=1)
+    assert a.x.shape == (300, 12) and len(a.class_names) == 5
+    assert np.array_equal(a.x, data.load("synthetic", samples=300, features=12, classes=5, seed=1).x)
+
+
+def test_split_is_stratified_seeded_and_scaled_on_train_only():
+    t = data.load("iris")
+    s = data.split_and_scale(t, 0.1, 0.2, seed=0)
+    assert (len(s.y_train), len(s.y_val), len(s.y_test)) == (105, 15, 30)
+    assert np.bincount(s.y_test).tolist() == [10, 10, 10]
+    np.testing.assert_allclose(s.x_train.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(s.x_train.std(axis=0), 1, atol=1e-4)
+    assert np.abs(s.x_test.mean(axis=0)).max() > 1e-3, "test data must not be used to fit the scaler"
+    again = data.split_and_scale(t, 0.1, 0.2, seed=0)
+    assert np.array_equal(s.x_test, again.x_test)
+    other = data.split_and_scale(t, 0.1, 0.2, seed=1)
+    assert not np.array_equal(s.x_test, other.x_test)
+
+
+def write(tmp_path, text, name="d.csv"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_csv_string_labels(tmp_path):
+    rows = "a,b,kind\n" + "".join(f"{i},{i * 2},{'cat' if i % 2 else 'dog'}\n" for i in range(20))
+    t = data.load_csv(write(tmp_path, rows), "kind")
+    assert t.feature_names == ("a", "b") and t.class_names == ("cat", "dog")
+    assert t.x.shape == (20, 2) and t.y.tolist()[:2] == [1, 0]
+
+
+def test_csv_numeric_labels_any_position(tmp_path):
+    t = data.load_csv(write(tmp_path, "y,f1,f2\n3,1.5,2\n7,0.5,1\n3,1,1\n"), "y")
+    assert t.class_names == ("3", "7") and t.feature_names == ("f1", "f2")
+
+
+@pytest.mark.parametrize("text,label,message", [
+    ("", "y", "is empty"),
+    ("a,b\n1,2\n", "y", "label column 'y' not found"),
+    ("a,y\n", "y", "no data rows"),
+    ("a,y\n1,x\nfoo,y\n", "y", r"line 3, column 'a': 'foo' is not a number"),
+    ("a,y\n1,x\nnan,y\n", "y", "not finite"),
+    ("a,y\n1,x\ninf,y\n", "y", "not finite"),
+    ("a,y\n1,x\n2\n", "y", "1 fields, header has 2"),
+    ("y\n1\n2\n", "y", "no feature columns"),
+])
+def test_csv_errors(tmp_path, text, label, message):
+    with pytest.raises(DataError, match=message):
+        data.load_csv(write(tmp_path, text), label)
+
+
+def test_missing_and_unreadable_csv(tmp_path):
+    with pytest.raises(DataError, match="cannot read CSV .*No such file"):
+        data.load_csv(str(tmp_path / "nope.csv"), "y")
+    with pytest.raises(DataError, match="cannot read CSV .*directory"):
+        data.load_csv(str(tmp_path), "y")
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DataError, match="cannot parse CSV"):
+        data.load_csv(str(tmp_path / "bin.csv"), "y")
+
+
+def test_class_too_small_for_split():
+    x = np.random.default_rng(0).normal(size=(40, 3))
+    y = np.array([0] * 20 + [1] * 18 + [2] * 2)
+    with pytest.raises(DataError, match="class '2' has 2 sample"):
+        data.split_and_scale(data.from_arrays(x, y), 0.1, 0.2, 0)
+    data.split_and_scale(data.from_arrays(x, y), 0.0, 0.2, 0)  # train/test alone needs only 2
+
+
+def test_from_arrays_rejects_bad_arrays():
+    with pytest.raises(DataError, match="NaN or inf"):
+        data.from_arrays(np.array([[1.0, np.nan]]), [0])
+    with pytest.raises(DataError, match="2-D"):
+        data.from_arrays(np.zeros(3), [0, 1, 2])
+    with pytest.raises(DataError, match="one label per row"):
+        data.from_arrays(np.zeros((3, 2)), [0, 1])
+    with pytest.raises(DataError, match="numeric"):
+        data.from_arrays(np.array([["a", "b"]]), [0])
+
+
+def test_read_features_by_name(tmp_path):
+    path = write(tmp_path, "b,label,a\n2,x,1\n4,y,3\n")
+    assert data.read_features(path, ["a", "b"]).tolist() == [[1, 2], [3, 4]]
+    with pytest.raises(DataError, match="lacks feature column"):
+        data.read_features(path, ["a", "c"])

@@ -1,0 +1,125 @@
+"""Integration: real horovodrun (Gloo and MPI) and plain mpirun, asserting on files and numbers."""
+import hashlib
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import BIN, REPO, horovodrun, mpirun, read_json, requires_mpi, run
+from hvd_train import data
+from hvd_train.config import TrainConfig
+
+pytestmark = pytest.mark.integration
+OUTPUT_FILES = {"model.keras", "preprocessing.json", "config.json", "history.csv", "metrics.json"}
+
+
+def check_run(out_dir, proc, world_size):
+    """What every successful launch must show; returns metrics.json."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p.name for p in out_dir.iterdir()} == OUTPUT_FILES, "exactly the outputs, no temp files"
+    m = read_json(out_dir / "metrics.json")
+    assert m["world_size"] == world_size
+    assert len(m["replica_weight_digests"]) == world_size and m["replicas_identical"] is True
+    assert proc.stdout.count("[hvd_train] outputs in") == 1, "rank 0 alone reports (and writes) outputs"
+    # The saved model is rank 0's final state, and every rank reported the same digest.
+    model = tf.keras.models.load_model(out_dir / "model.keras")
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in model.get_weights())).hexdigest()
+    assert m["replica_weight_digests"] == [digest] * world_size
+    # Test metrics equal a single-process evaluation of the whole test split: exact, not a mean of means.
+    config = TrainConfig.from_dict(read_json(out_dir / "config.json")["config"])
+    table = data.load(config.dataset, config.label_column, samples=config.samples,
+                      features=config.features, classes=config.classes, seed=config.seed)
+    splits = data.split_and_scale(table, config.val_fraction, config.test_fraction, config.seed)
+    # Called directly (not predict) so Keras computes the loss from the softmax's logits, as in training.
+    scores = model(splits.x_test, training=False)
+    loss = float(np.mean(tf.keras.losses.sparse_categorical_crossentropy(splits.y_test, scores).numpy()))
+    scores = scores.numpy()
+    assert m["test_samples"] == len(splits.y_test)
+    assert m["test_loss"] == pytest.approx(loss, rel=1e-5)
+    assert m["test_accuracy"] == pytest.approx(float(np.mean(scores.argmax(1) == splits.y_test)), abs=1e-9)
+    return m
+
+
+@pytest.fixture(scope="module")
+def gloo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gloo") / "run"
+    proc = horovodrun(2, ["--output-dir", out, "--progress", "epoch"], controller="gloo")
+    return out, proc
+
+
+def test_gloo_default_iris_run(gloo_run):
+    out, proc = gloo_run
+    m = check_run(out, proc, 2)
+    assert m["test_accuracy"] >= 0.90, m
+    assert (m["global_batch_size"], m["epochs_completed"], m["steps_per_epoch"]) == (64, 100, 2)
+    assert m["train_seconds"] > 0 and m["samples_per_second"] > 0
+    assert "global batch 64" in proc.stdout and "scaled to 0.02" in proc.stdout
+    # Progress and logs come from rank 0 only (horovodrun prefixes each line with [rank]).
+    assert re.search(r"^\[0\]<stdout>:Epoch 100/100", proc.stdout, re.M)
+    assert not re.search(r"^\[1\]<stdout>:(Epoch|\[hvd_train\])", proc.stdout, re.M)
+    history = (out / "history.csv").read_text().splitlines()
+    assert history[0] == "epoch,accuracy,loss,lr,val_accuracy,val_loss" and len(history) == 101
+    lrs = [float(row.split(",")[3]) for row in history[1:]]
+    assert lrs[0] < lrs[2] == pytest.approx(0.02) == lrs[-1], "warmup ramps to the scaled LR"
+    saved = read_json(out / "config.json")
+    assert saved["plan"]["train_samples_per_rank"] == [53, 52]
+    assert saved["versions"]["tensorflow"] == "2.15.1" and saved["versions"]["horovod"] == "0.28.1"
+    prep = read_json(out / "preprocessing.json")
+    assert prep["class_names"] == ["setosa", "versicolor", "virginica"]
+
+
+def test_predict_on_saved_model(gloo_run, tmp_path):
+    out, _ = gloo_run
+    table = data.load("iris")
+    csv_path = tmp_path / "new.csv"
+    header = ",".join(table.feature_names)
+    csv_path.write_text(header + ",species\n" + "".join(
+        ",".join(f"{v:.1f}" for v in row) + ",?\n" for row in table.x[::10]))
+    proc = run([BIN / "hvd-train", "predict", "--model-dir", out, "--input", csv_path], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = (tmp_path / "new.predictions.csv").read_text().splitlines()
+    assert rows[0] == "predicted_class,prob_setosa,prob_versicolor,prob_virginica"
+    assert len(rows) == 1 + 15
+    predicted = [r.split(",")[0] for r in rows[1:]]
+    truth = [table.class_names[c] for c in table.y[::10]]
+    assert sum(p == t for p, t in zip(predicted, truth)) >= 13
+    for r in rows[1:]:
+        assert sum(float(v) for v in r.split(",")[1:]) == pytest.approx(1.0, abs=1e-5)
+
+
+@requires_mpi
+def test_horovodrun_mpi(tmp_path):
+    out = tmp_path / "run"
+    proc = horovodrun(2, ["--dataset", "wine", "--epochs", "30", "--output-dir", out, "--progress", "none"],
+                      controller="mpi")
+    m = check_run(out, proc, 2)
+    assert m["test_accuracy"] >= 0.9
+
+
+@requires_mpi
+def test_plain_mpirun_uneven_eval_shards(tmp_path):
+    # 45 test samples over 2 ranks (23 + 22): exact metrics need the sample-weighted combination.
+    out = tmp_path / "run"
+    proc = mpirun(2, ["--epochs", "40", "--test-fraction", "0.3", "--output-dir", out, "--progress", "none"])
+    m = check_run(out, proc, 2)
+    assert m["test_samples"] == 45 and m["test_accuracy"] >= 0.9
+
+
+def test_python_api_custom_model(tmp_path):
+    out = tmp_path / "api"
+    proc = run([BIN / "horovodrun", "-np", 2, "-H", "localhost:2", "--gloo", BIN / "python",
+                REPO / "examples" / "custom_model.py", out])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    accuracies = re.findall(r"^\[(\d)\]<stdout>:test accuracy ([\d.]+)", proc.stdout, re.M)
+    assert sorted(r for r, _ in accuracies) == ["0", "1"] and len({a for _, a in accuracies}) == 1
+    assert float(accuracies[0][1]) >= 0.9
+    m = read_json(out / "metrics.json")
+    assert m["replicas_identical"] and read_json(out / "preprocessing.json")["class_names"] == ["negative", "positive"]
+
+
+def test_single_process_without_launcher(tmp_path):
+    out = tmp_path / "run"
+    proc = run([BIN / "hvd-train", "--epochs", "3", "--output-dir", out, "--progress", "none"], timeout=120)
+    m = check_run(out, proc, 1)
+    assert m["global_batch_size"] == 32

@@ -1,0 +1,89 @@
+import math
+
+import numpy as np
+import pytest
+
+from hvd_train import sharding
+
+COUNTS = [1, 2, 3, 7, 8, 9, 31, 33, 64, 65, 97, 100, 127, 1000, 1023]
+BATCHES = [1, 2, 3, 16, 32]
+
+
+def epoch_plan(n, world, batch, order):
+    return [sharding.local_batches(n, r, world, batch, order) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", range(1, 9))
+@pytest.mark.parametrize("n", COUNTS)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_shards_disjoint_complete_equal_steps(world, n, batch):
+    if n < world:
+        with pytest.raises(ValueError, match="cannot be shared"):
+            sharding.global_steps(n, world, batch)
+        return
+    order = sharding.epoch_order(n, epoch=3, seed=7, shuffle=True)
+    plan = epoch_plan(n, world, batch, order)
+    steps = {len(p) for p in plan}
+    assert steps == {sharding.steps_per_epoch(n, world, batch)}, "every rank runs the same number of steps"
+    seen = np.concatenate([rows for p in plan for rows, _ in p])
+    assert len(seen) == n and sorted(seen.tolist()) == list(range(n)), "disjoint and complete"
+    for p in plan:
+        assert all(len(rows) >= 1 for rows, _ in p), "no rank ever gets an empty batch"
+    expected = math.ceil(n / (world * batch))
+    assert steps.pop() in (expected, expected - 1)
+
+
+@pytest.mark.parametrize("world,n,batch", [(2, 105, 32), (3, 100, 7), (4, 33, 8), (8, 1023, 16), (5, 11, 1)])
+def test_loss_weights_make_rank_average_equal_global_mean(world, n, batch):
+    rng = np.random.default_rng(0)
+    per_sample = rng.normal(size=n)
+    order = sharding.epoch_order(n, 0, 1, True)
+    plan = epoch_plan(n, world, batch, order)
+    for step in range(len(plan[0])):
+        # Keras: a rank's loss is mean(weight * loss) over its batch; Horovod averages over ranks.
+        rank_losses = [np.mean(w * per_sample[rows]) for rows, w in (p[step] for p in plan)]
+        global_rows = np.concatenate([p[step][0] for p in plan])
+        assert np.mean(rank_losses) == pytest.approx(np.mean(per_sample[global_rows]), rel=1e-12)
+
+
+def test_uneven_last_step_is_weighted_not_averaged():
+    plan = epoch_plan(5, 2, 4, np.arange(5))  # one step of 5 samples: slices of 3 and 2
+    (rows0, w0), (rows1, w1) = plan[0][0], plan[1][0]
+    assert (len(rows0), len(rows1)) == (3, 2)
+    assert (w0, w1) == (pytest.approx(1.2), pytest.approx(0.8))
+
+
+def test_full_steps_have_unit_weight_and_match_one_process_batches():
+    n, world, batch = 100, 2, 16
+    order = np.arange(n)
+    plan = epoch_plan(n, world, batch, order)
+    single = sharding.local_batches(n, 0, 1, world * batch, order)
+    assert len(single) == len(plan[0])
+    for step, (rows, w) in enumerate(single):
+        union = np.concatenate([p[step][0] for p in plan])
+        assert union.tolist() == rows.tolist(), "N ranks see exactly the samples one process sees"
+        if len(rows) == world * batch:
+            assert all(p[step][1] == 1.0 for p in plan)
+
+
+def test_tiny_remainder_folds_into_previous_step():
+    # 33 samples, 2 ranks, 16 each: a last global batch of 1 would leave rank 1 empty.
+    bounds = sharding.global_steps(33, 2, 16)
+    assert bounds == [(0, 33)]
+    assert sharding.global_steps(34, 2, 16) == [(0, 32), (32, 34)]
+
+
+def test_epoch_order_same_everywhere_and_changes_per_epoch():
+    a = sharding.epoch_order(50, 1, 42, True)
+    assert np.array_equal(a, sharding.epoch_order(50, 1, 42, True))
+    assert not np.array_equal(a, sharding.epoch_order(50, 2, 42, True))
+    assert np.array_equal(sharding.epoch_order(50, 9, 42, False), np.arange(50))
+
+
+@pytest.mark.parametrize("world", range(1, 9))
+@pytest.mark.parametrize("n", [0, 1, 5, 30, 31])
+def test_eval_shards_partition(world, n):
+    parts = [sharding.eval_shard(n, r, world) for r in range(world)]
+    joined = np.concatenate(parts)
+    assert sorted(joined.tolist()) == list(range(n))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
