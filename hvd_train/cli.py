@@ -16,8 +16,7 @@ class _Parser(argparse.ArgumentParser):
         # Every rank parses the same argv: one usage message (rank 0's), every rank exits 2.
         if runtime.launcher_rank() == 0:
             self.print_usage(sys.stderr)
-            print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        runtime.fail(message)
 
 
 def _hidden(text: str) -> tuple:
@@ -113,7 +112,7 @@ def _run(action) -> int:
     try:
         action()
     except runtime.AgreedFailure as err:
-        runtime.fail(str(err))
-    except (DataError, OutputError) as err:
+        runtime.fail_together(str(err))
+    except (DataError, OutputError) as err:  # predict: one process, nothing to agree on
         runtime.fail(str(err))
     return 0

@@ -32,6 +32,12 @@ def prepare_dir(path: Optional[str]) -> str:
     return path
 
 
+def remove_if_empty(path: Optional[str]) -> None:
+    """Undo prepare_dir after a failed start, unless the directory holds anything."""
+    if path and os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)
+
+
 def write_json(path: str, obj: Dict[str, Any]) -> None:
     _atomic_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

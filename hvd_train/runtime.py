@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
+
 # Launchers tell each process its rank before Horovod starts (horovodrun, Open MPI, MPICH/PMI, Slurm).
 _RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+EXIT_GRACE_SECONDS = 5.0
 
 
 class AgreedFailure(RuntimeError):
@@ -109,7 +114,24 @@ def allgather(value: Any, what: str) -> list:
 
 
 def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
-    """Print a user-facing error once (rank 0 of the launch) and exit non-zero on every rank."""
+    """Before Horovod starts (every rank hit the same bad argument): print once, exit on all ranks.
+
+    Launchers kill the remaining ranks as soon as one exits non-zero, so the other ranks give
+    rank 0 a moment to print before they exit; the launcher usually ends them sooner.
+    """
     if launcher_rank() == 0:
         print(f"hvd-train: error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(EXIT_GRACE_SECONDS)
+    sys.exit(code)
+
+
+def fail_together(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+    """After Horovod started and ranks agreed on a failure: rank 0 prints, then all exit."""
+    import horovod.tensorflow as hvd
+
+    if hvd.rank() == 0:
+        print(f"hvd-train: error: {message}", file=sys.stderr, flush=True)
+    # Horovod: a barrier, so no rank exits (and gets the job torn down) before rank 0 has reported.
+    hvd.allreduce(np.zeros(1), op=hvd.Sum, name="fail.barrier")
     sys.exit(code)

@@ -107,7 +107,11 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
         output_dir = runtime.on_rank0(rt, outputs.prepare_dir, config.output_dir)
     except (DataError, OutputError, ConfigError) as err:
         error = str(err)
-    runtime.agree(error, "setup")
+    try:
+        runtime.agree(error, "setup")
+    except runtime.AgreedFailure:
+        runtime.on_rank0(rt, outputs.remove_if_empty, output_dir)  # leave nothing behind
+        raise
     # Horovod: rank 0 chose the directory (its default holds a timestamp); everyone uses it.
     config = config.replace(output_dir=runtime.broadcast(output_dir, "output_dir"))
     plan = make_plan(config, splits, rt)

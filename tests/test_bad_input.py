@@ -1,0 +1,81 @@
+"""Bad input under a real launcher: one clear message, non-zero exit on every rank, no hang, no output."""
+import re
+
+import pytest
+
+from conftest import horovodrun, mpirun, requires_mpi
+
+pytestmark = pytest.mark.integration
+BOUND = 120  # seconds: every case must end well within this, on every rank
+
+
+def csv(tmp_path, text, name="d.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return f"csv:{path}"
+
+
+def good_rows(n=30):
+    return "".join(f"{i % 7},{(i * 3) % 5},{'a' if i % 2 else 'b'}\n" for i in range(n))
+
+
+CASES = {
+    "missing_csv": (lambda t: ["--dataset", f"csv:{t}/absent.csv", "--label-column", "y"],
+                    "cannot read CSV"),
+    "unreadable_csv": (lambda t: ["--dataset", f"csv:{t}", "--label-column", "y"], "cannot read CSV"),
+    "missing_label_column": (lambda t: ["--dataset", csv(t, "f1,f2,y\n" + good_rows()), "--label-column", "kind"],
+                             "label column 'kind' not found"),
+    "non_numeric_feature": (lambda t: ["--dataset", csv(t, "f1,f2,y\n" + good_rows() + "1,abc,a\n"),
+                                       "--label-column", "y"], "'abc' is not a number"),
+    "nan_feature": (lambda t: ["--dataset", csv(t, "f1,f2,y\n" + good_rows() + "nan,1,a\n"), "--label-column", "y"],
+                    "is not finite"),
+    "class_too_small": (lambda t: ["--dataset", csv(t, "f1,f2,y\n" + good_rows() + "1,1,c\n"),
+                                   "--label-column", "y"], "class 'c' has 1 sample"),
+    "unknown_dataset": (lambda t: ["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    "zero_epochs": (lambda t: ["--epochs", "0"], "epochs must be >= 1"),
+    "zero_batch": (lambda t: ["--batch-size", "0"], "batch size must be >= 1"),
+    "bad_flag_value": (lambda t: ["--epochs", "many"], "invalid int value: 'many'"),
+    "unwritable_output": (lambda t: ["--output-dir", str(t / "file.txt" / "run")], "is not writable"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_fails_once_cleanly(tmp_path, case):
+    make_args, message = CASES[case]
+    (tmp_path / "file.txt").write_text("not a directory")
+    out = tmp_path / "out"
+    args = make_args(tmp_path)
+    if "--output-dir" not in args:
+        args += ["--output-dir", str(out)]
+    proc = horovodrun(2, args, timeout=BOUND)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert text.count(message) == 1, text[-4000:]
+    # horovodrun itself may print its own traceback on failure; no rank may.
+    assert not re.search(r"^\[\d+\]<std\w+>:Traceback", text, re.M), "a user error is a message, not a traceback"
+    assert not out.exists(), "nothing written"
+
+
+def test_fewer_training_samples_than_processes(tmp_path):
+    # 6 rows, half for test: 3 training samples cannot be shared by 4 processes.
+    data = csv(tmp_path, "f,y\n1,a\n2,a\n3,a\n4,b\n5,b\n6,b\n")
+    out = tmp_path / "out"
+    proc = horovodrun(4, ["--dataset", data, "--label-column", "y", "--val-fraction", "0",
+                          "--test-fraction", "0.5", "--output-dir", str(out)], timeout=BOUND)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert text.count("3 training samples are fewer than the 4 processes") == 1, text[-4000:]
+    assert not out.exists()
+
+
+@requires_mpi
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "0"], "epochs must be >= 1"),
+    (["--dataset", "csv:/nonexistent/data.csv", "--label-column", "y"], "cannot read CSV"),
+])
+def test_bad_input_under_plain_mpirun(tmp_path, args, message):
+    proc = mpirun(2, args + ["--output-dir", str(tmp_path / "out")], timeout=BOUND)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert text.count(message) == 1, text[-4000:]
+    assert not (tmp_path / "out").exists()
