@@ -10,7 +10,7 @@ DATASETS = ("iris", "wine", "breast_cancer", "digits", "synthetic")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCALINGS = ("linear", "sqrt", "none")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "gelu", "selu", "swish")
-PROGRESS = ("bar", "epoch", "none")
+PROGRESS = ("auto", "bar", "epoch", "none")
 
 
 class ConfigError(ValueError):
@@ -43,7 +43,7 @@ class TrainConfig:
     shuffle: bool = True
     threads: Optional[int] = None  # TF intra-op threads per process; None = cores // local size
     output_dir: Optional[str] = None  # None = runs/<timestamp>, chosen by rank 0
-    progress: str = "bar"
+    progress: str = "auto"  # bar on a terminal, else one line per epoch
 
     def __post_init__(self) -> None:
         self.validate()

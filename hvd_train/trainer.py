@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -146,10 +147,15 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
             initial_lr=plan.scaled_lr, warmup_epochs=config.warmup_epochs,
             steps_per_epoch=plan.steps_per_epoch, verbose=0))
     callbacks.append(_LearningRateLog())
-    verbose = {"bar": 1, "epoch": 2, "none": 0}[config.progress] if rt.is_rank0 else 0
+    progress = config.progress
+    if progress == "auto":
+        progress = "bar" if sys.stdout.isatty() else "epoch"  # launchers pipe output: no live bar
+    verbose = 1 if progress == "bar" and rt.is_rank0 else 0
     if verbose:
         # Last in the list, so the bar shows metrics after they have been averaged.
         callbacks.append(tf.keras.callbacks.ProgbarLogger(count_mode="steps"))
+    elif progress == "epoch" and rt.is_rank0:
+        callbacks.append(_EpochLine(config.epochs))
 
     # 3. Train.
     batches = ShardedBatches(splits.x_train, splits.y_train, rt.rank, rt.size,
@@ -277,3 +283,22 @@ class _GlobalValidation(tf.keras.callbacks.Callback):
 class _LearningRateLog(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs["lr"] = float(self.model.optimizer.lr.numpy())
+
+
+class _EpochLine(tf.keras.callbacks.Callback):
+    """One line per epoch with a bar over the whole run: readable through launcher pipes."""
+
+    WIDTH = 20
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = int(self.WIDTH * (epoch + 1) / self.epochs)
+        values = "  ".join(f"{k} {v:.4g}" for k, v in sorted((logs or {}).items()))
+        print(f"epoch {epoch + 1:>{len(str(self.epochs))}}/{self.epochs} [{'#' * done}{'.' * (self.WIDTH - done)}] "
+              f"{values}  {time.perf_counter() - self.start:.2f}s", flush=True)

@@ -1,5 +1,6 @@
 """Integration: real horovodrun (Gloo and MPI) and plain mpirun, asserting on files and numbers."""
 import hashlib
+import shutil
 import re
 
 import numpy as np
@@ -56,8 +57,9 @@ def test_gloo_default_iris_run(gloo_run):
     assert m["train_seconds"] > 0 and m["samples_per_second"] > 0
     assert "global batch 64" in proc.stdout and "scaled to 0.02" in proc.stdout
     # Progress and logs come from rank 0 only (horovodrun prefixes each line with [rank]).
-    assert re.search(r"^\[0\]<stdout>:Epoch 100/100", proc.stdout, re.M)
-    assert not re.search(r"^\[1\]<stdout>:(Epoch|\[hvd_train\])", proc.stdout, re.M)
+    assert re.search(r"^\[0\]<stdout>:epoch 100/100 \[#{20}\] accuracy [\d.]+  loss ", proc.stdout, re.M)
+    assert len(re.findall(r"^\[0\]<stdout>:epoch ", proc.stdout, re.M)) == 100
+    assert not re.search(r"^\[1\]<stdout>:(epoch|\[hvd_train\])", proc.stdout, re.M)
     history = (out / "history.csv").read_text().splitlines()
     assert history[0] == "epoch,accuracy,loss,lr,val_accuracy,val_loss" and len(history) == 101
     lrs = [float(row.split(",")[3]) for row in history[1:]]
@@ -123,3 +125,20 @@ def test_single_process_without_launcher(tmp_path):
     proc = run([BIN / "hvd-train", "--epochs", "3", "--output-dir", out, "--progress", "none"], timeout=120)
     m = check_run(out, proc, 1)
     assert m["global_batch_size"] == 32
+
+
+def test_setup_left_the_promised_tools():
+    for tool in ("hvd-train", "horovodrun", "python"):
+        assert (BIN / tool).is_file(), tool
+    proc = run([BIN / "horovodrun", "--check-build"], timeout=120)
+    for part in ("TensorFlow", "Gloo") + (("MPI",) if shutil.which("mpirun") else ()):
+        assert re.search(rf"\[X\] {part}", proc.stdout), proc.stdout
+
+
+@requires_mpi
+def test_mpi4py_and_horovod_agree_under_mpirun():
+    script = ("from mpi4py import MPI; import horovod.tensorflow as hvd; hvd.init(); "
+              "c = MPI.COMM_WORLD; print('ranks', c.Get_rank(), hvd.rank(), c.Get_size(), hvd.size(), hvd.mpi_enabled())")
+    proc = run(["mpirun", "--allow-run-as-root", "-np", 2, BIN / "python", "-c", script], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(re.findall(r"ranks .*", proc.stdout)) == ["ranks 0 0 2 2 True", "ranks 1 1 2 2 True"]
