@@ -38,14 +38,26 @@ supported_python() {
 pick_python() {
   if [ -n "${PYTHON:-}" ]; then
     supported_python "$PYTHON" || die "PYTHON=$PYTHON is not Python 3.9-3.11 (TensorFlow 2.15 has no wheels for others)"
+    python_can_build "$PYTHON" || die "PYTHON=$PYTHON lacks venv/ensurepip or its C headers (Debian: python3-venv python3-dev)"
     echo "$PYTHON"; return
   fi
+  find_python || die "no Python 3.9-3.11 with venv and C headers found (TensorFlow 2.15 has no wheels for others); set PYTHON=/path/to/python3.11"
+}
+
+find_python() {
+  local candidate
   for candidate in python3.11 python3.10 python3.9 python3; do
-    if command -v "$candidate" >/dev/null && supported_python "$candidate"; then
-      echo "$candidate"; return
+    if command -v "$candidate" >/dev/null && supported_python "$candidate" && python_can_build "$candidate"; then
+      echo "$candidate"; return 0
     fi
   done
-  die "no Python 3.9-3.11 found (TensorFlow 2.15 has no wheels for others); set PYTHON=/path/to/python3.11"
+  return 1
+}
+
+python_can_build() {
+  # venv needs ensurepip (Debian: python3-venv); compiling Horovod needs Python.h (python3-dev).
+  "$1" -c 'import ensurepip, os, sysconfig
+assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' 2>/dev/null
 }
 
 install_distro_packages() {
@@ -53,6 +65,9 @@ install_distro_packages() {
   command -v mpirun >/dev/null && command -v mpicc >/dev/null || wanted+=(openmpi-bin libopenmpi-dev)
   command -v g++ >/dev/null || wanted+=(g++)
   command -v make >/dev/null || wanted+=(make)
+  if [ ! -x "$VENV/bin/python" ] && [ -z "${PYTHON:-}" ] && ! find_python >/dev/null; then
+    wanted+=(python3 python3-venv python3-dev)
+  fi
   [ "${#wanted[@]}" -eq 0 ] && return
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     say "installing distribution packages: ${wanted[*]}"
