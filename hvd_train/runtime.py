@@ -50,17 +50,22 @@ def init(threads: Optional[int] = None) -> Runtime:
     hvd.init()  # Horovod: must run before any other TensorFlow or Horovod call.
     device = "cpu"
     gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        # Horovod: one GPU per process, chosen by local rank; grow memory instead of grabbing it all.
-        gpu = gpus[hvd.local_rank() % len(gpus)]
-        tf.config.experimental.set_memory_growth(gpu, True)
-        tf.config.set_visible_devices(gpu, "GPU")
-        device = gpu.name
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # Horovod: N processes share this host's cores; TF's default (all cores each) oversubscribes.
     intra = threads or max(1, cores // hvd.local_size())
-    tf.config.threading.set_intra_op_parallelism_threads(intra)
-    tf.config.threading.set_inter_op_parallelism_threads(intra)
+    try:
+        if gpus:
+            # Horovod: one GPU per process, chosen by local rank; grow memory instead of grabbing it all.
+            gpu = gpus[hvd.local_rank() % len(gpus)]
+            tf.config.experimental.set_memory_growth(gpu, True)
+            tf.config.set_visible_devices(gpu, "GPU")
+            device = gpu.name
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(intra)
+    except RuntimeError:
+        # TensorFlow already ran in this process (e.g. a second train() call): placement is fixed.
+        intra = tf.config.threading.get_intra_op_parallelism_threads() or intra
+        device = next((d.name for d in tf.config.get_visible_devices("GPU")), "cpu")
     return Runtime(
         rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank(),
         local_size=hvd.local_size(), intra_op_threads=intra, device=device,

@@ -142,3 +142,21 @@ def test_mpi4py_and_horovod_agree_under_mpirun():
     proc = run(["mpirun", "--allow-run-as-root", "-np", 2, BIN / "python", "-c", script], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert sorted(re.findall(r"ranks \d \d \d \d \w+", proc.stdout)) == ["ranks 0 0 2 2 True", "ranks 1 1 2 2 True"]
+
+
+def test_predict_bad_input(tmp_path):
+    proc = run([BIN / "hvd-train", "predict", "--model-dir", tmp_path, "--input", tmp_path / "x.csv"], timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("is not a finished training run: model.keras is missing") == 1
+
+
+def test_two_train_calls_in_one_process(tmp_path):
+    # API users may train several models in one process: TF's thread pools are set only once.
+    script = ("import sys; from hvd_train import TrainConfig, train\n"
+              "for i in range(2):\n"
+              "    r = train(TrainConfig(epochs=2, progress='none', output_dir=f'{sys.argv[1]}/{i}'))\n"
+              "    print('run', i, r.metrics['epochs_completed'], r.plan.intra_op_threads)\n")
+    proc = run([BIN / "python", "-c", script, tmp_path], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.findall(r"^run \d 2 \d+$", proc.stdout, re.M) and proc.stdout.count("run ") == 2
+    assert (tmp_path / "0" / "metrics.json").exists() and (tmp_path / "1" / "metrics.json").exists()
