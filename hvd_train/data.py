@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -119,17 +119,7 @@ def from_arrays(x: object, y: object, feature_names: Optional[Sequence[str]] = N
 
 def load_csv(path: str, label_column: str) -> Table:
     """A CSV with a header row: one label column (numbers or strings), numeric features."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except OSError as err:
-        raise DataError(f"cannot read CSV {path}: {err.strerror or err}") from None
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"cannot parse CSV {path}: {err}") from None
-    rows = [r for r in rows if r]
-    if not rows:
-        raise DataError(f"CSV {path} is empty (a header row is required)")
-    header, body = [h.strip() for h in rows[0]], rows[1:]
+    header, body = _read_csv(path)
     if label_column not in header:
         raise DataError(f"label column {label_column!r} not found in {path}; columns are: {', '.join(header)}")
     if not body:
@@ -138,15 +128,9 @@ def load_csv(path: str, label_column: str) -> Table:
     feature_at = [i for i in range(len(header)) if i != label_at]
     if not feature_at:
         raise DataError(f"CSV {path} has no feature columns besides {label_column!r}")
-    x = np.empty((len(body), len(feature_at)), np.float32)
-    labels = []
-    for line, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise DataError(f"{path} line {line}: {len(row)} fields, header has {len(header)}")
-        labels.append(row[label_at].strip())
-        for j, i in enumerate(feature_at):
-            x[line - 2, j] = _parse_feature(row[i], path, line, header[i])
-    return from_arrays(x, np.asarray(labels), [header[i] for i in feature_at])
+    x = _parse_features(path, header, body, feature_at)
+    labels = np.asarray([row[label_at].strip() for _, row in body])
+    return from_arrays(x, labels, [header[i] for i in feature_at])
 
 
 def split_and_scale(table: Table, val_fraction: float, test_fraction: float, seed: int) -> Splits:
@@ -186,24 +170,38 @@ def split_and_scale(table: Table, val_fraction: float, test_fraction: float, see
 
 def read_features(path: str, feature_names: Sequence[str]) -> np.ndarray:
     """Feature columns, by name, from a CSV with a header (extra columns are ignored)."""
-    try:
-        with open(path, newline="") as f:
-            rows = [r for r in csv.reader(f) if r]
-    except OSError as err:
-        raise DataError(f"cannot read CSV {path}: {err.strerror or err}") from None
-    if not rows:
-        raise DataError(f"CSV {path} is empty (a header row is required)")
-    header = [h.strip() for h in rows[0]]
+    header, body = _read_csv(path)
     missing = [name for name in feature_names if name not in header]
     if missing:
         raise DataError(f"{path} lacks feature column(s) the model was trained on: {', '.join(missing)}")
-    cols = [header.index(name) for name in feature_names]
-    x = np.empty((len(rows) - 1, len(cols)), np.float32)
-    for line, row in enumerate(rows[1:], start=2):
+    return _parse_features(path, header, body, [header.index(name) for name in feature_names])
+
+
+def _read_csv(path: str) -> Tuple[List[str], List[Tuple[int, List[str]]]]:
+    """(header, [(line number, fields)]) of a CSV; blank lines dropped, rows as long as the header."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, r) for r in reader if r]
+    except OSError as err:
+        raise DataError(f"cannot read CSV {path}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"cannot parse CSV {path}: {err}") from None
+    if not rows:
+        raise DataError(f"CSV {path} is empty (a header row is required)")
+    header, body = [h.strip() for h in rows[0][1]], rows[1:]
+    for line, row in body:
         if len(row) != len(header):
             raise DataError(f"{path} line {line}: {len(row)} fields, header has {len(header)}")
-        for j, i in enumerate(cols):
-            x[line - 2, j] = _parse_feature(row[i], path, line, header[i])
+    return header, body
+
+
+def _parse_features(path: str, header: List[str], body: List[Tuple[int, List[str]]],
+                    columns: List[int]) -> np.ndarray:
+    x = np.empty((len(body), len(columns)), np.float32)
+    for k, (line, row) in enumerate(body):
+        for j, i in enumerate(columns):
+            x[k, j] = _parse_feature(row[i], path, line, header[i])
     return x
 
 

@@ -60,6 +60,7 @@ def test_csv_numeric_labels_any_position(tmp_path):
     ("a,y\n1,x\nnan,y\n", "y", "not finite"),
     ("a,y\n1,x\ninf,y\n", "y", "not finite"),
     ("a,y\n1,x\n2\n", "y", "1 fields, header has 2"),
+    ("a,y\n1,x\n\n\nz,x\n", "y", "line 5, column 'a'"),  # blank lines still count
     ("y\n1\n2\n", "y", "no feature columns"),
 ])
 def test_csv_errors(tmp_path, text, label, message):
