@@ -7,7 +7,14 @@ ARGS ?=
 PYTEST_ARGS ?=
 SETUP_STAMP := $(VENV)/.hvd_train-setup-done
 
-.PHONY: setup train test clean
+.PHONY: help setup train test clean
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make train   set up on first use, then train (NP=$(NP) CONTROLLER=$(CONTROLLER) ARGS='...')"
+	@echo "make test    set up on first use, then run the test suite (PYTEST_ARGS='...')"
+	@echo "make setup   (re)run the idempotent set-up: scripts/setup.sh"
+	@echo "make clean   remove the venv and runs/"
 
 # Re-run set-up only when what it installs from changes; scripts/setup.sh is itself idempotent.
 $(SETUP_STAMP): scripts/setup.sh constraints.txt setup.cfg pyproject.toml

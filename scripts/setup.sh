@@ -24,6 +24,7 @@ esac
 
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 TF_PACKAGE="${TF_PACKAGE:-tensorflow-cpu}"
 CONSTRAINTS="$PWD/constraints.txt"
 HOROVOD_VERSION="$(sed -n 's/^horovod==//p' "$CONSTRAINTS")"
@@ -96,7 +97,9 @@ build_horovod() {
   local mpi_flag=HOROVOD_WITHOUT_MPI=1
   have_mpi && mpi_flag=HOROVOD_WITH_MPI=1
   say "building horovod==$HOROVOD_VERSION against $TF_PACKAGE (Gloo$(have_mpi && echo ' + MPI'); takes a few minutes)"
-  env HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 "$mpi_flag" \
+  # The venv's CMake (< 4, pinned) must be the one Horovod's build finds, not a system one.
+  env PATH="$VENV/bin:$PATH" HOROVOD_CMAKE="$VENV/bin/cmake" \
+      HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 "$mpi_flag" \
       HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
       ${HVD_GPU_OPERATIONS:+HOROVOD_GPU_OPERATIONS="$HVD_GPU_OPERATIONS"} \
       "$VENV/bin/pip" install -q --no-build-isolation -c "$CONSTRAINTS" "${cache_flag[@]}" \
