@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from conftest import horovodrun, mpirun, requires_mpi
+from conftest import BIN, horovodrun, mpirun, requires_mpi, run
 
 pytestmark = pytest.mark.integration
 BOUND = 120  # seconds: every case must end well within this, on every rank
@@ -79,3 +79,18 @@ def test_bad_input_under_plain_mpirun(tmp_path, args, message):
     assert proc.returncode != 0
     assert text.count(message) == 1, text[-4000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_failure_on_one_rank_only_stops_all(tmp_path):
+    # Rank 0 finds its CSV, rank 1 does not (a file missing on one host): the ranks agree to
+    # stop, the message names rank 1, and rank 0's already-created output directory is removed.
+    (tmp_path / "rank0.csv").write_text("f1,f2,y\n" + good_rows())
+    out = tmp_path / "out"
+    cmd = (f'exec "{BIN}/python" -m hvd_train --dataset "csv:{tmp_path}/rank$HOROVOD_RANK.csv" '
+           f'--label-column y --output-dir "{out}"')
+    proc = run([BIN / "horovodrun", "-np", 2, "-H", "localhost:2", "--gloo", "sh", "-c", cmd], timeout=BOUND)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert text.count("hvd-train: error: rank 1: cannot read CSV") == 1, text[-4000:]
+    assert "rank0.csv" not in text.split("hvd-train: error:")[1].splitlines()[0], "rank 0 was fine"
+    assert not out.exists(), "rank 0 removed the directory it had prepared"
