@@ -39,3 +39,17 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, runtime: Runtime, from_logits:
     # Horovod: sum (not average) so ranks with more samples weigh more: exact whole-set metrics.
     totals = hvd.allreduce(totals, op=hvd.Sum, name="eval_sums").numpy()
     return from_sums(totals)
+
+
+def combine_by_count(values: Dict[str, float], count: int, what: str) -> Dict[str, float]:
+    """Collective: per-rank means over ``count`` samples -> means over all ranks' samples.
+
+    Every rank must pass the same keys. Exact for any metric that is a mean over samples.
+    """
+    import horovod.tensorflow as hvd
+
+    keys = sorted(values)
+    local = np.array([float(values[k]) * count for k in keys] + [count], np.float64)
+    # Horovod: sum of count-weighted values, divided by the total count; not a mean of rank means.
+    total = hvd.allreduce(local, op=hvd.Sum, name=f"combine.{what}").numpy()
+    return {k: v / total[-1] for k, v in zip(keys, total[:-1])}

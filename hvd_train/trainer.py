@@ -128,7 +128,9 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
     loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=config.logits)
     # Horovod: gradients are averaged across ranks by ring-allreduce before every update.
     optimizer = hvd.DistributedOptimizer(_make_optimizer(config, plan.scaled_lr))
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    # "xent" is the unweighted per-sample loss; it becomes the exact epoch "loss" (see _ExactTrainMetrics).
+    model.compile(optimizer=optimizer, loss=loss, metrics=[
+        "accuracy", tf.keras.metrics.SparseCategoricalCrossentropy(name="xent", from_logits=config.logits)])
     # Horovod: every rank starts from rank 0's weights, whatever model_fn did with randomness.
     hvd_tf.broadcast_variables(model.variables, root_rank=0)
 
@@ -136,8 +138,8 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
         # Horovod: rank 0's weights and optimizer state again after the first step, once the
         # optimizer's slot variables exist.
         hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-        # Horovod: average the training metrics over ranks before any later callback reads them.
-        hvd.callbacks.MetricAverageCallback(),
+        # Horovod: combine the training metrics over ranks before any later callback reads them.
+        _ExactTrainMetrics(plan.train_samples_per_rank[rt.rank], exact_loss=not model.losses),
     ]
     if plan.val_samples:
         callbacks.append(_GlobalValidation(splits.x_val, splits.y_val, rt, config.logits))
@@ -266,6 +268,26 @@ def _write_outputs(config, plan, splits, model, model_fn, history, result_metric
                        {"config": config.to_dict(), "plan": asdict(plan), "versions": _versions()})
     outputs.write_history(f"{d}/{outputs.HISTORY_FILE}", history)
     outputs.write_json(f"{d}/{outputs.METRICS_FILE}", result_metrics)  # last: marks the run complete
+
+
+class _ExactTrainMetrics(tf.keras.callbacks.Callback):
+    """Collective, every rank, epoch end: training metrics over all ranks' samples.
+
+    Horovod's MetricAverageCallback takes the plain mean of the rank means; this weighs each
+    rank by the samples it trained on. Keras's "loss" carries the uneven-step weights of
+    sharding.py, so "loss" is replaced by the unweighted per-sample cross-entropy ("xent"),
+    unless the model adds its own losses (regularisers), which "xent" would leave out.
+    """
+
+    def __init__(self, samples_this_rank: int, exact_loss: bool):
+        super().__init__()
+        self.samples_this_rank, self.exact_loss = samples_this_rank, exact_loss
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs.update(metrics.combine_by_count(logs, self.samples_this_rank, "train"))
+        xent = logs.pop("xent")
+        if self.exact_loss:
+            logs["loss"] = xent
 
 
 class _GlobalValidation(tf.keras.callbacks.Callback):
