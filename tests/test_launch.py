@@ -150,15 +150,19 @@ def test_predict_bad_input(tmp_path):
     assert proc.stderr.count("is not a finished training run: model.keras is missing") == 1
 
 
-def test_two_train_calls_in_one_process(tmp_path):
+def test_api_twice_in_one_process_with_tf_data(tmp_path):
     # API users may train several models in one process: TF's thread pools are set only once.
-    script = ("import sys; from hvd_train import TrainConfig, train\n"
+    # The second call also takes a batched tf.data.Dataset of (features, label).
+    script = ("import sys, tensorflow as tf; from hvd_train import TrainConfig, train, data\n"
+              "iris = data.load('iris')\n"
+              "inputs = [None, tf.data.Dataset.from_tensor_slices((iris.x, iris.y)).batch(8)]\n"
               "for i in range(2):\n"
-              "    r = train(TrainConfig(epochs=2, progress='none', output_dir=f'{sys.argv[1]}/{i}'))\n"
-              "    print('run', i, r.metrics['epochs_completed'], r.plan.intra_op_threads)\n")
+              "    r = train(TrainConfig(epochs=2, progress='none', output_dir=f'{sys.argv[1]}/{i}'), data=inputs[i])\n"
+              "    print('run', i, r.metrics['epochs_completed'], r.plan.intra_op_threads, r.plan.train_samples)\n")
     proc = run([BIN / "python", "-c", script, tmp_path], timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.findall(r"^run \d 2 \d+$", proc.stdout, re.M) and proc.stdout.count("run ") == 2
+    assert re.findall(r"^run \d 2 \d+ 105$", proc.stdout, re.M) == [
+        line for line in proc.stdout.splitlines() if line.startswith("run ")] and proc.stdout.count("run ") == 2
     assert (tmp_path / "0" / "metrics.json").exists() and (tmp_path / "1" / "metrics.json").exists()
 
 
