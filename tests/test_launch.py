@@ -1,5 +1,6 @@
 """Integration: real horovodrun (Gloo and MPI) and plain mpirun, asserting on files and numbers."""
 import hashlib
+import os
 import shutil
 import re
 
@@ -34,7 +35,9 @@ def check_run(out_dir, proc, world_size):
     splits = data.split_and_scale(table, config.val_fraction, config.test_fraction, config.seed)
     # Called directly (not predict) so Keras computes the loss from the softmax's logits, as in training.
     scores = model(splits.x_test, training=False)
-    loss = float(np.mean(tf.keras.losses.sparse_categorical_crossentropy(splits.y_test, scores).numpy()))
+    logits = read_json(out_dir / "preprocessing.json")["logits"]
+    loss = float(np.mean(tf.keras.losses.sparse_categorical_crossentropy(
+        splits.y_test, scores, from_logits=logits).numpy()))
     scores = scores.numpy()
     assert m["test_samples"] == len(splits.y_test)
     assert m["test_loss"] == pytest.approx(loss, rel=1e-5)
@@ -66,6 +69,8 @@ def test_gloo_default_iris_run(gloo_run):
     assert lrs[0] < lrs[2] == pytest.approx(0.02) == lrs[-1], "warmup ramps to the scaled LR"
     saved = read_json(out / "config.json")
     assert saved["plan"]["train_samples_per_rank"] == [53, 52]
+    # Two processes share this host's cores by default.
+    assert saved["plan"]["intra_op_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     assert saved["versions"]["tensorflow"] == "2.15.1" and saved["versions"]["horovod"] == "0.28.1"
     prep = read_json(out / "preprocessing.json")
     assert prep["class_names"] == ["setosa", "versicolor", "virginica"]
@@ -93,19 +98,26 @@ def test_predict_on_saved_model(gloo_run, tmp_path):
 @requires_mpi
 def test_horovodrun_mpi(tmp_path):
     out = tmp_path / "run"
-    proc = horovodrun(2, ["--dataset", "wine", "--epochs", "30", "--output-dir", out, "--progress", "none"],
-                      controller="mpi")
+    proc = horovodrun(2, ["--dataset", "wine", "--epochs", "30", "--logits", "--dropout", "0.1",
+                          "--lr-scaling", "sqrt", "--output-dir", out, "--progress", "none"], controller="mpi")
     m = check_run(out, proc, 2)
     assert m["test_accuracy"] >= 0.9
+    assert m["scaled_lr"] == pytest.approx(0.01 * 2 ** 0.5)
+    saved = read_json(out / "config.json")["config"]
+    assert (saved["logits"], saved["dropout"]) == (True, 0.1)
 
 
 @requires_mpi
 def test_plain_mpirun_uneven_eval_shards(tmp_path):
     # 45 test samples over 2 ranks (23 + 22): exact metrics need the sample-weighted combination.
     out = tmp_path / "run"
-    proc = mpirun(2, ["--epochs", "40", "--test-fraction", "0.3", "--output-dir", out, "--progress", "none"])
+    proc = mpirun(2, ["--epochs", "40", "--test-fraction", "0.3", "--optimizer", "sgd", "--lr", "0.05",
+                      "--warmup-epochs", "0", "--threads", "2", "--output-dir", out, "--progress", "none"])
     m = check_run(out, proc, 2)
     assert m["test_samples"] == 45 and m["test_accuracy"] >= 0.9
+    plan = read_json(out / "config.json")["plan"]
+    assert plan["intra_op_threads"] == 2, "--threads overrides the cores // local size default"
+    assert "learning rate 0.05 scaled to 0.1, warmup 0 epoch(s)" in proc.stdout
 
 
 def test_python_api_custom_model(tmp_path):
@@ -122,9 +134,11 @@ def test_python_api_custom_model(tmp_path):
 
 def test_single_process_without_launcher(tmp_path):
     out = tmp_path / "run"
-    proc = run([BIN / "hvd-train", "--epochs", "3", "--output-dir", out, "--progress", "none"], timeout=120)
+    proc = run([BIN / "hvd-train", "--dataset", "synthetic", "--samples", "400", "--features", "8", "--classes", "4",
+                "--epochs", "3", "--output-dir", out, "--progress", "none"], timeout=120)
     m = check_run(out, proc, 1)
-    assert m["global_batch_size"] == 32
+    assert m["global_batch_size"] == 32 and m["test_samples"] == 80
+    assert read_json(out / "preprocessing.json")["class_names"] == ["0", "1", "2", "3"]
 
 
 def test_setup_left_the_promised_tools():
