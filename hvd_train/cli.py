@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from . import runtime
 from .config import ACTIVATIONS, DATASETS, LR_SCALINGS, OPTIMIZERS, PROGRESS, ConfigError, TrainConfig
@@ -12,7 +12,7 @@ DEFAULTS = TrainConfig()
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> "NoReturn":  # noqa: F821
+    def error(self, message: str) -> NoReturn:
         # Every rank parses the same argv: one usage message (rank 0's), every rank exits 2.
         if runtime.launcher_rank() == 0:
             self.print_usage(sys.stderr)

@@ -5,7 +5,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import numpy as np
 
@@ -91,10 +91,8 @@ def agree(error: Optional[str], what: str) -> None:
     The message names the ranks that failed when they are not all of them, so a problem on
     one host (a missing file, different data) is visible from rank 0's single message.
     """
-    import horovod.tensorflow as hvd
-
     # Horovod: every rank reaches this allgather; a rank that skipped it would hang the others.
-    errors = hvd.allgather_object(error, name=f"agree.{what}")
+    errors = allgather(error, f"agree.{what}")
     failed = [(rank, msg) for rank, msg in enumerate(errors) if msg]
     if not failed:
         return
@@ -118,7 +116,7 @@ def allgather(value: Any, what: str) -> list:
     return hvd.allgather_object(value, name=f"gather.{what}")
 
 
-def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+def fail(message: str, code: int = 2) -> NoReturn:
     """Before Horovod starts (every rank hit the same bad argument): print once, exit on all ranks.
 
     Launchers kill the remaining ranks as soon as one exits non-zero, so the other ranks give
@@ -131,7 +129,7 @@ def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
     sys.exit(code)
 
 
-def fail_together(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+def fail_together(message: str, code: int = 2) -> NoReturn:
     """After Horovod started and ranks agreed on a failure: rank 0 prints, then all exit."""
     import horovod.tensorflow as hvd
 
