@@ -1,12 +1,13 @@
 """Files a run leaves behind. Called on rank 0 only (via runtime.on_rank0); writes are atomic."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import json
 import os
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 MODEL_FILE = "model.keras"
 PREPROCESSING_FILE = "preprocessing.json"
@@ -36,6 +37,16 @@ def remove_if_empty(path: Optional[str]) -> None:
     """Undo prepare_dir after a failed start, unless the directory holds anything."""
     if path and os.path.isdir(path) and not os.listdir(path):
         os.rmdir(path)
+
+
+@contextlib.contextmanager
+def removed_if_empty_on_failure(path: Optional[str]) -> Iterator[None]:
+    """On any exception inside, remove ``path`` if it is still empty (None: do nothing)."""
+    try:
+        yield
+    except BaseException:
+        remove_if_empty(path)
+        raise
 
 
 def write_json(path: str, obj: Dict[str, Any]) -> None:

@@ -94,10 +94,6 @@ def make_plan(config: TrainConfig, splits: Splits, rt: runtime.Runtime) -> Plan:
 def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn] = None) -> TrainResult:
     """Train on every rank of the current launch; rank 0 writes the outputs. See module doc."""
     rt = runtime.init(config.threads)
-    import horovod.tensorflow as hvd_tf
-    import horovod.tensorflow.keras as hvd
-
-    from .pipeline import ShardedBatches
 
     # 1. Data and output directory. A failure on any rank stops every rank with one message.
     splits, output_dir, error = None, None, None
@@ -108,16 +104,23 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
         output_dir = runtime.on_rank0(rt, outputs.prepare_dir, config.output_dir)
     except (DataError, OutputError, ConfigError) as err:
         error = str(err)
-    try:
+    # Whatever fails from here on, rank 0 removes the directory it made if it is still empty.
+    with outputs.removed_if_empty_on_failure(output_dir):
         runtime.agree(error, "setup")
-    except runtime.AgreedFailure:
-        runtime.on_rank0(rt, outputs.remove_if_empty, output_dir)  # leave nothing behind
-        raise
-    # Horovod: rank 0 chose the directory (its default holds a timestamp); everyone uses it.
-    config = config.replace(output_dir=runtime.broadcast(output_dir, "output_dir"))
-    plan = make_plan(config, splits, rt)
-    for line in plan.lines():
-        runtime.log(rt, line)
+        # Horovod: rank 0 chose the directory (its default holds a timestamp); everyone uses it.
+        config = config.replace(output_dir=runtime.broadcast(output_dir, "output_dir"))
+        plan = make_plan(config, splits, rt)
+        for line in plan.lines():
+            runtime.log(rt, line)
+        return _fit_evaluate_save(rt, config, plan, splits, model_fn)
+
+
+def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
+                       model_fn: Optional[ModelFn]) -> TrainResult:
+    import horovod.tensorflow as hvd_tf
+    import horovod.tensorflow.keras as hvd
+
+    from .pipeline import ShardedBatches
 
     # 2. Model and optimizer.
     model_fn = model_fn or functools.partial(
