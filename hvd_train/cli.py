@@ -69,7 +69,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=d.threads,
                    help="TF intra-op threads per process (default: cores // processes on the host)")
     g.add_argument("--output-dir", default=d.output_dir, help="where outputs go (default: runs/<timestamp>)")
-    g.add_argument("--progress", choices=PROGRESS, default=d.progress, help="rank 0's progress: auto = live bar on a terminal, else one line per epoch")
+    g.add_argument("--progress", choices=PROGRESS, default=d.progress, help="rank 0's progress: auto = live bar on a terminal without a launcher, else one line per epoch")
     return p
 
 

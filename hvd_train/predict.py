@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import data, outputs
+from . import data, outputs, runtime
 from .data import DataError
 
 
@@ -38,5 +38,5 @@ def predict_file(model_dir: str, input_csv: str, output_csv: Optional[str] = Non
         for row in probs:
             writer.writerow([classes[int(np.argmax(row))]] + [f"{p:.6f}" for p in row])
     os.replace(tmp, output_csv)
-    print(f"[hvd_train] wrote {len(probs)} predictions to {output_csv}", flush=True)
+    runtime.write_line(f"[hvd_train] wrote {len(probs)} predictions to {output_csv}")
     return output_csv

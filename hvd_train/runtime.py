@@ -42,6 +42,11 @@ def launcher_rank() -> int:
     return 0
 
 
+def under_launcher() -> bool:
+    """Whether a launcher (horovodrun, mpirun, srun) started this process."""
+    return any(name in os.environ for name in _RANK_VARIABLES)
+
+
 def init(threads: Optional[int] = None) -> Runtime:
     """Start Horovod, pin one GPU per process or size the CPU thread pools. Call once, first."""
     import horovod.tensorflow.keras as hvd
@@ -72,10 +77,18 @@ def init(threads: Optional[int] = None) -> Runtime:
     )
 
 
+def write_line(text: str, stream=None) -> None:
+    """One write per line: launchers prefix every chunk, and print() writes text and newline
+    separately when unbuffered, which splits lines in the launcher's output."""
+    stream = stream or sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def log(runtime: Runtime, message: str) -> None:
     """The one place rank-0-only console output goes through."""
     if runtime.is_rank0:
-        print(f"[hvd_train] {message}", flush=True)
+        write_line(f"[hvd_train] {message}")
 
 
 def on_rank0(runtime: Runtime, action, *args: Any, **kwargs: Any) -> Any:
@@ -123,7 +136,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
     rank 0 a moment to print before they exit; the launcher usually ends them sooner.
     """
     if launcher_rank() == 0:
-        print(f"hvd-train: error: {message}", file=sys.stderr, flush=True)
+        write_line(f"hvd-train: error: {message}", sys.stderr)
     else:
         time.sleep(EXIT_GRACE_SECONDS)
     sys.exit(code)
@@ -134,7 +147,7 @@ def fail_together(message: str, code: int = 2) -> NoReturn:
     import horovod.tensorflow as hvd
 
     if hvd.rank() == 0:
-        print(f"hvd-train: error: {message}", file=sys.stderr, flush=True)
+        write_line(f"hvd-train: error: {message}", sys.stderr)
     # Horovod: a barrier, so no rank exits (and gets the job torn down) before rank 0 has reported.
     hvd.allreduce(np.zeros(1), op=hvd.Sum, name="fail.barrier")
     sys.exit(code)

@@ -154,7 +154,8 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
     callbacks.append(_LearningRateLog())
     progress = config.progress
     if progress == "auto":
-        progress = "bar" if sys.stdout.isatty() else "epoch"  # launchers pipe output: no live bar
+        # Launchers pipe (or pty) and prefix each chunk of output: a live bar only when run alone.
+        progress = "bar" if sys.stdout.isatty() and not runtime.under_launcher() else "epoch"
     verbose = 1 if progress == "bar" and rt.is_rank0 else 0
     if verbose:
         # Last in the list, so the bar shows metrics after they have been averaged.
@@ -325,5 +326,6 @@ class _EpochLine(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         done = int(self.WIDTH * (epoch + 1) / self.epochs)
         values = "  ".join(f"{k} {v:.4g}" for k, v in sorted((logs or {}).items()))
-        print(f"epoch {epoch + 1:>{len(str(self.epochs))}}/{self.epochs} [{'#' * done}{'.' * (self.WIDTH - done)}] "
-              f"{values}  {time.perf_counter() - self.start:.2f}s", flush=True)
+        runtime.write_line(f"epoch {epoch + 1:>{len(str(self.epochs))}}/{self.epochs} "
+                           f"[{'#' * done}{'.' * (self.WIDTH - done)}] {values}  "
+                           f"{time.perf_counter() - self.start:.2f}s")
