@@ -6,6 +6,8 @@ CONTROLLER ?= gloo
 ARGS ?=
 PYTEST_ARGS ?=
 SETUP_STAMP := $(VENV)/.hvd_train-setup-done
+# horovodrun imports TensorFlow itself; keep TF's C++ INFO lines out of the output.
+export TF_CPP_MIN_LOG_LEVEL ?= 1
 
 .PHONY: help setup train test clean
 .DEFAULT_GOAL := help
