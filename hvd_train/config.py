@@ -43,7 +43,7 @@ class TrainConfig:
     shuffle: bool = True
     threads: Optional[int] = None  # TF intra-op threads per process; None = cores // local size
     output_dir: Optional[str] = None  # None = runs/<timestamp>, chosen by rank 0
-    progress: str = "auto"  # bar on a terminal, else one line per epoch
+    progress: str = "auto"  # live bar when run alone on a terminal, else one line per epoch
 
     def __post_init__(self) -> None:
         self.validate()

@@ -34,7 +34,7 @@ def prepare_dir(path: Optional[str]) -> str:
 
 
 def remove_if_empty(path: Optional[str]) -> None:
-    """Undo prepare_dir after a failed start, unless the directory holds anything."""
+    """Undo prepare_dir after a failed run, unless the directory holds anything."""
     if path and os.path.isdir(path) and not os.listdir(path):
         os.rmdir(path)
 

@@ -158,7 +158,7 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
         progress = "bar" if sys.stdout.isatty() and not runtime.under_launcher() else "epoch"
     verbose = 1 if progress == "bar" and rt.is_rank0 else 0
     if verbose:
-        # Last in the list, so the bar shows metrics after they have been averaged.
+        # Last in the list, so the bar shows metrics after they have been combined over ranks.
         callbacks.append(tf.keras.callbacks.ProgbarLogger(count_mode="steps"))
     elif progress == "epoch" and rt.is_rank0:
         callbacks.append(_EpochLine(config.epochs))

@@ -32,14 +32,16 @@ def run(cmd, timeout: int = LAUNCH_TIMEOUT, cwd=None) -> subprocess.CompletedPro
         pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{err.stdout}\n{err.stderr}")
 
 
-def horovodrun(np_: int, args, controller: str = "gloo", timeout: int = LAUNCH_TIMEOUT):
+HVD_TRAIN = (BIN / "python", "-m", "hvd_train")  # what the launchers start unless told otherwise
+
+
+def horovodrun(np_: int, args, controller: str = "gloo", timeout: int = LAUNCH_TIMEOUT, command=HVD_TRAIN):
     return run([BIN / "horovodrun", "-np", np_, "-H", f"localhost:{np_}", f"--{controller}",
-                BIN / "python", "-m", "hvd_train", *args], timeout=timeout)
+                *command, *args], timeout=timeout)
 
 
-def mpirun(np_: int, args, timeout: int = LAUNCH_TIMEOUT):
-    return run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", np_,
-                BIN / "python", "-m", "hvd_train", *args], timeout=timeout)
+def mpirun(np_: int, args, timeout: int = LAUNCH_TIMEOUT, command=HVD_TRAIN):
+    return run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", np_, *command, *args], timeout=timeout)
 
 
 def read_json(path) -> dict:

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from conftest import BIN, horovodrun, mpirun, requires_mpi, run
+from conftest import BIN, horovodrun, mpirun, requires_mpi
 
 pytestmark = pytest.mark.integration
 BOUND = 120  # seconds: every case must end well within this, on every rank
@@ -88,7 +88,7 @@ def test_failure_on_one_rank_only_stops_all(tmp_path):
     out = tmp_path / "out"
     cmd = (f'exec "{BIN}/python" -m hvd_train --dataset "csv:{tmp_path}/rank$HOROVOD_RANK.csv" '
            f'--label-column y --output-dir "{out}"')
-    proc = run([BIN / "horovodrun", "-np", 2, "-H", "localhost:2", "--gloo", "sh", "-c", cmd], timeout=BOUND)
+    proc = horovodrun(2, [], timeout=BOUND, command=["sh", "-c", cmd])
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert text.count("hvd-train: error: rank 1: cannot read CSV") == 1, text[-4000:]

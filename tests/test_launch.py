@@ -122,8 +122,7 @@ def test_plain_mpirun_uneven_eval_shards(tmp_path):
 
 def test_python_api_custom_model(tmp_path):
     out = tmp_path / "api"
-    proc = run([BIN / "horovodrun", "-np", 2, "-H", "localhost:2", "--gloo", BIN / "python",
-                REPO / "examples" / "custom_model.py", out])
+    proc = horovodrun(2, [out], command=[BIN / "python", REPO / "examples" / "custom_model.py"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     accuracies = re.findall(r"^\[(\d)\]<stdout>:test accuracy ([\d.]+)", proc.stdout, re.M)
     assert sorted(r for r, _ in accuracies) == ["0", "1"] and len({a for _, a in accuracies}) == 1
@@ -155,7 +154,7 @@ def test_mpi4py_and_horovod_agree_under_mpirun(tmp_path):
     script = ("import sys; from mpi4py import MPI; import horovod.tensorflow as hvd; hvd.init(); c = MPI.COMM_WORLD\n"
               "open(f'{sys.argv[1]}/rank{c.Get_rank()}', 'w').write("
               "f'{c.Get_rank()} {hvd.rank()} {c.Get_size()} {hvd.size()} {hvd.mpi_enabled()}')\n")
-    proc = run(["mpirun", "--allow-run-as-root", "-np", 2, BIN / "python", "-c", script, tmp_path], timeout=120)
+    proc = mpirun(2, [tmp_path], timeout=120, command=[BIN / "python", "-c", script])
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "rank0").read_text() == "0 0 2 2 True"
     assert (tmp_path / "rank1").read_text() == "1 1 2 2 True"
