@@ -6,7 +6,8 @@ import sys
 from typing import List, NoReturn, Optional
 
 from . import runtime
-from .config import ACTIVATIONS, DATASETS, LR_SCALINGS, OPTIMIZERS, PROGRESS, ConfigError, TrainConfig
+from .config import (ACTIVATIONS, DATASETS, EARLY_STOPPING_METRICS, LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS,
+                     PROGRESS, ConfigError, TrainConfig)
 
 DEFAULTS = TrainConfig()
 
@@ -65,10 +66,29 @@ def train_parser() -> argparse.ArgumentParser:
                    help="scale the base learning rate by world size (linear), its square root, or not")
     g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
                    help="Horovod LR warmup from scaled_lr/size to scaled_lr (0 = off)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help="after warmup: keep the LR, multiply it by --lr-decay-factor every --lr-decay-epochs "
+                        "(step), or decay it along half a cosine to 0 at the last step (cosine)")
+    g.add_argument("--lr-decay-epochs", type=int, default=d.lr_decay_epochs, help="step schedule period")
+    g.add_argument("--lr-decay-factor", type=float, default=d.lr_decay_factor, help="step schedule multiplier")
+    g.add_argument("--early-stopping-patience", type=int, default=d.early_stopping_patience,
+                   help="stop after this many epochs without improvement of the global validation metric (0 = off)")
+    g.add_argument("--early-stopping-metric", choices=EARLY_STOPPING_METRICS, default=d.early_stopping_metric)
+    g.add_argument("--early-stopping-min-delta", type=float, default=d.early_stopping_min_delta,
+                   help="smallest change that counts as an improvement")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-dir", default=d.checkpoint_dir,
+                   help="rank 0 writes ckpt-epoch-NNNNNN.npz here; None = no checkpoints")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="epochs between checkpoints; the last epoch is always saved")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="how many of the newest to keep")
+    g.add_argument("--resume", nargs="?", const="auto", default=d.resume, metavar="auto|FILE",
+                   help="continue from the newest valid checkpoint in --checkpoint-dir (auto; starts afresh "
+                        "if there is none) or from FILE")
     g = p.add_argument_group("run")
     g.add_argument("--threads", type=int, default=d.threads,
-                   help="TF intra-op threads per process (default: cores // processes on the host)")
-    g.add_argument("--output-dir", default=d.output_dir, help="where outputs go (default: runs/<timestamp>)")
+                   help="TF intra-op threads per process; None = cores // processes on the host")
+    g.add_argument("--output-dir", default=d.output_dir, help="where outputs go; None = runs/<timestamp>")
     g.add_argument("--progress", choices=PROGRESS, default=d.progress, help="rank 0's progress: auto = live bar on a terminal without a launcher, else one line per epoch")
     return p
 

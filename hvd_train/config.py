@@ -11,6 +11,14 @@ OPTIMIZERS = ("adam", "sgd")
 LR_SCALINGS = ("linear", "sqrt", "none")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "gelu", "selu", "swish")
 PROGRESS = ("auto", "bar", "epoch", "none")
+LR_SCHEDULES = ("constant", "step", "cosine")
+EARLY_STOPPING_METRICS = ("val_loss", "val_accuracy")
+
+# Fields that define the model, its optimizer state and the data: a checkpoint only resumes a run
+# that agrees on all of them. Everything else (epochs, batch size, learning rate, world size, ...)
+# may change between the interrupted run and the resumed one.
+RESUME_FIXED_FIELDS = ("dataset", "label_column", "samples", "features", "classes", "optimizer",
+                       "hidden", "activation", "dropout", "logits", "seed", "val_fraction", "test_fraction")
 
 
 class ConfigError(ValueError):
@@ -44,6 +52,16 @@ class TrainConfig:
     threads: Optional[int] = None  # TF intra-op threads per process; None = cores // local size
     output_dir: Optional[str] = None  # None = runs/<timestamp>, chosen by rank 0
     progress: str = "auto"  # live bar when run alone on a terminal, else one line per epoch
+    lr_schedule: str = "constant"  # after warmup: constant, step (x lr_decay_factor), cosine (to 0)
+    lr_decay_epochs: int = 30  # step schedule: epochs between decays
+    lr_decay_factor: float = 0.1  # step schedule: multiplier per decay
+    early_stopping_patience: int = 0  # epochs without improvement before stopping (0 = off)
+    early_stopping_metric: str = "val_loss"
+    early_stopping_min_delta: float = 0.0
+    checkpoint_dir: Optional[str] = None  # None = no checkpoints
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
+    keep_checkpoints: int = 3
+    resume: Optional[str] = None  # None, "auto" (newest valid checkpoint, if any) or a checkpoint file
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +97,26 @@ class TrainConfig:
         _require(self.classes >= 2, f"classes must be >= 2 (got {self.classes})")
         _require(self.threads is None or self.threads >= 1, f"threads must be >= 1 (got {self.threads})")
         _require(self.progress in PROGRESS, f"progress must be one of {PROGRESS} (got {self.progress!r})")
+        _require(self.lr_schedule in LR_SCHEDULES,
+                 f"lr schedule must be one of {LR_SCHEDULES} (got {self.lr_schedule!r})")
+        _require(self.lr_decay_epochs >= 1, f"lr decay epochs must be >= 1 (got {self.lr_decay_epochs})")
+        _require(0.0 < self.lr_decay_factor <= 1.0, f"lr decay factor must be in (0, 1] (got {self.lr_decay_factor})")
+        _require(self.lr_schedule == "constant" or self.warmup_epochs < self.epochs,
+                 f"an lr schedule needs epochs after the warmup (epochs {self.epochs}, warmup {self.warmup_epochs})")
+        _require(self.early_stopping_patience >= 0,
+                 f"early stopping patience must be >= 0 (got {self.early_stopping_patience})")
+        _require(self.early_stopping_metric in EARLY_STOPPING_METRICS,
+                 f"early stopping metric must be one of {EARLY_STOPPING_METRICS} (got {self.early_stopping_metric!r})")
+        _require(self.early_stopping_min_delta >= 0,
+                 f"early stopping min delta must be >= 0 (got {self.early_stopping_min_delta})")
+        _require(self.early_stopping_patience == 0 or self.val_fraction > 0,
+                 "early stopping watches a validation metric: it needs --val-fraction > 0")
+        _require(self.checkpoint_every >= 1, f"checkpoint every must be >= 1 (got {self.checkpoint_every})")
+        _require(self.keep_checkpoints >= 1, f"keep checkpoints must be >= 1 (got {self.keep_checkpoints})")
+        _require(self.resume is None or self.resume == "auto" or self.resume.endswith(".npz"),
+                 f"resume must be 'auto' or a checkpoint file (*.npz) (got {self.resume!r})")
+        _require(self.resume != "auto" or bool(self.checkpoint_dir),
+                 "--resume auto looks in --checkpoint-dir: give one")
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":

@@ -1,13 +1,13 @@
 """Files a run leaves behind. Called on rank 0 only (via runtime.on_rank0); writes are atomic."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime
 import json
 import os
+import shutil
 import tempfile
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 MODEL_FILE = "model.keras"
 PREPROCESSING_FILE = "preprocessing.json"
@@ -20,33 +20,27 @@ class OutputError(OSError):
     """The output directory cannot be used."""
 
 
-def prepare_dir(path: Optional[str]) -> str:
-    """Create the output directory (default runs/<timestamp>) and prove it is writable."""
-    path = path or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    path = os.path.abspath(path)
+def check_dir(path: Optional[str]) -> str:
+    """Resolve the output directory (default runs/<timestamp>) and prove it can be created and written.
+
+    Nothing is left behind: the directory is made only when the outputs are written at the end,
+    so a run that fails or is killed part-way leaves no empty or half-filled output directory.
+    """
+    path = os.path.abspath(path or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
+    created = None  # the outermost directory this check creates, removed again afterwards
+    probe = path
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        created, probe = probe, os.path.dirname(probe)
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
             pass
     except OSError as err:
         raise OutputError(f"output directory {path} is not writable: {err.strerror or err}") from None
+    finally:
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
     return path
-
-
-def remove_if_empty(path: Optional[str]) -> None:
-    """Undo prepare_dir after a failed run, unless the directory holds anything."""
-    if path and os.path.isdir(path) and not os.listdir(path):
-        os.rmdir(path)
-
-
-@contextlib.contextmanager
-def removed_if_empty_on_failure(path: Optional[str]) -> Iterator[None]:
-    """On any exception inside, remove ``path`` if it is still empty (None: do nothing)."""
-    try:
-        yield
-    except BaseException:
-        remove_if_empty(path)
-        raise
 
 
 def write_json(path: str, obj: Dict[str, Any]) -> None:

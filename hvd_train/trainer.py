@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
+import os
 import platform
 import sys
 import time
@@ -21,8 +23,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import tensorflow as tf
 
-from . import __version__, data as data_mod, metrics, outputs, runtime, sharding
-from .config import ConfigError, TrainConfig, scaled_learning_rate
+from . import __version__, checkpoint, consensus, data as data_mod, metrics, outputs, runtime, sharding
+from .checkpoint import CheckpointError
+from .config import RESUME_FIXED_FIELDS, ConfigError, TrainConfig, scaled_learning_rate
 from .data import DataError, Splits, Table
 from .model import build_mlp
 from .outputs import OutputError
@@ -91,38 +94,47 @@ def make_plan(config: TrainConfig, splits: Splits, rt: runtime.Runtime) -> Plan:
     )
 
 
-def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn] = None) -> TrainResult:
-    """Train on every rank of the current launch; rank 0 writes the outputs. See module doc."""
+def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn] = None,
+          callbacks: Optional[List[Any]] = None) -> TrainResult:
+    """Train on every rank of the current launch; rank 0 writes the outputs. See module doc.
+
+    ``callbacks`` (extra Keras callbacks) run on every rank after hvd_train's own, so they see
+    metrics already combined over ranks. Keep rank-0-only side effects behind ``hvd.rank() == 0``
+    and never put a collective there.
+    """
     rt = runtime.init(config.threads)
 
-    # 1. Data and output directory. A failure on any rank stops every rank with one message.
+    # 1. Data, output and checkpoint directories. A failure on any rank stops every rank with one message.
     splits, output_dir, error = None, None, None
     try:
         splits = _load_splits(config, data)
         if len(splits.y_train) < rt.size:
             raise DataError(f"{len(splits.y_train)} training samples are fewer than the {rt.size} processes")
-        output_dir = runtime.on_rank0(rt, outputs.prepare_dir, config.output_dir)
-    except (DataError, OutputError, ConfigError) as err:
+        output_dir = runtime.on_rank0(rt, outputs.check_dir, config.output_dir)
+        if config.checkpoint_dir:
+            runtime.on_rank0(rt, checkpoint.check_writable, config.checkpoint_dir)
+    except (DataError, OutputError, ConfigError, CheckpointError) as err:
         error = str(err)
-    # Whatever fails from here on, rank 0 removes the directory it made if it is still empty.
-    with outputs.removed_if_empty_on_failure(output_dir):
-        runtime.agree(error, "setup")
-        # Horovod: rank 0 chose the directory (its default holds a timestamp); everyone uses it.
-        config = config.replace(output_dir=runtime.broadcast(output_dir, "output_dir"))
-        plan = make_plan(config, splits, rt)
-        for line in plan.lines():
-            runtime.log(rt, line)
-        return _fit_evaluate_save(rt, config, plan, splits, model_fn)
+    runtime.agree(error, "setup")
+    # Horovod: rank 0 chose the directory (its default holds a timestamp); everyone uses it.
+    config = config.replace(output_dir=runtime.broadcast(output_dir, "output_dir"))
+    plan = make_plan(config, splits, rt)
+
+    # 2. Consensus: same config, data, plan and versions on every rank, or nobody trains.
+    consensus.check(consensus.fingerprint(config, splits, plan, _versions()))
+    for line in plan.lines():
+        runtime.log(rt, line)
+    return _fit_evaluate_save(rt, config, plan, splits, model_fn, list(callbacks or []))
 
 
 def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
-                       model_fn: Optional[ModelFn]) -> TrainResult:
+                       model_fn: Optional[ModelFn], user_callbacks: List[Any]) -> TrainResult:
     import horovod.tensorflow as hvd_tf
     import horovod.tensorflow.keras as hvd
 
     from .pipeline import ShardedBatches
 
-    # 2. Model and optimizer.
+    # 3. Model and optimizer.
     model_fn = model_fn or functools.partial(
         build_mlp, hidden=config.hidden, activation=config.activation,
         dropout=config.dropout, logits=config.logits)
@@ -134,24 +146,35 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
     # "xent" is the unweighted per-sample loss; it becomes the exact epoch "loss" (see _ExactTrainMetrics).
     model.compile(optimizer=optimizer, loss=loss, metrics=[
         "accuracy", tf.keras.metrics.SparseCategoricalCrossentropy(name="xent", from_logits=config.logits)])
-    # Horovod: every rank starts from rank 0's weights, whatever model_fn did with randomness.
-    hvd_tf.broadcast_variables(model.variables, root_rank=0)
+    # The optimizer's slots exist before the first step, so they can be restored and broadcast.
+    optimizer._create_all_weights(model.trainable_variables)
+
+    # 4. Resume: rank 0 picks and verifies the checkpoint and loads it; the others follow.
+    resumed = _resume(rt, config, plan, splits, model, optimizer)
+    # Horovod: every rank starts from rank 0's weights and optimizer state (fresh or restored),
+    # whatever model_fn did with randomness.
+    hvd_tf.broadcast_variables(model.variables + optimizer.variables(), root_rank=0)
 
     callbacks = [
-        # Horovod: rank 0's weights and optimizer state again after the first step, once the
-        # optimizer's slot variables exist.
+        # Horovod: rank 0's weights and optimizer state again after the first step (Horovod's
+        # standard guard for state created lazily inside the first step).
         hvd.callbacks.BroadcastGlobalVariablesCallback(0),
         # Horovod: combine the training metrics over ranks before any later callback reads them.
         _ExactTrainMetrics(plan.train_samples_per_rank[rt.rank], exact_loss=not model.losses),
     ]
     if plan.val_samples:
         callbacks.append(_GlobalValidation(splits.x_val, splits.y_val, rt, config.logits))
-    if config.warmup_epochs:
-        # Horovod: ramp from scaled_lr / size to scaled_lr over the first epochs (Goyal et al.).
-        callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
-            initial_lr=plan.scaled_lr, warmup_epochs=config.warmup_epochs,
-            steps_per_epoch=plan.steps_per_epoch, verbose=0))
+    callbacks += _lr_callbacks(hvd, config, plan)
     callbacks.append(_LearningRateLog())
+    early_stopping = None
+    if config.early_stopping_patience:
+        early_stopping = _EarlyStopping(rt, config, resumed.get("early_stopping"))
+        callbacks.append(early_stopping)
+    history_so_far = {k: list(v) for k, v in resumed.get("history", {}).items()}
+    if config.checkpoint_dir:
+        callbacks.append(_Checkpointer(rt, config, plan, consensus.data_fingerprint(splits),
+                                       history_so_far, early_stopping))
+    callbacks += user_callbacks
     progress = config.progress
     if progress == "auto":
         # Launchers pipe (or pty) and prefix each chunk of output: a live bar only when run alone.
@@ -163,15 +186,21 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
     elif progress == "epoch" and rt.is_rank0:
         callbacks.append(_EpochLine(config.epochs))
 
-    # 3. Train.
+    # 5. Train, from the first epoch not yet done, to the requested total.
+    initial_epoch = resumed.get("epoch", 0)
+    if resumed.get("stopped_early"):
+        initial_epoch = config.epochs  # the checkpointed run had already stopped early: nothing to add
     batches = ShardedBatches(splits.x_train, splits.y_train, rt.rank, rt.size,
-                             config.batch_size, config.seed, config.shuffle)
+                             config.batch_size, config.seed, config.shuffle, epoch=initial_epoch)
     start = time.perf_counter()
-    history = model.fit(batches, epochs=config.epochs, shuffle=False, callbacks=callbacks, verbose=verbose)
+    history = model.fit(batches, epochs=config.epochs, initial_epoch=initial_epoch, shuffle=False,
+                        callbacks=callbacks, verbose=verbose)
     train_seconds = time.perf_counter() - start
-    epochs_completed = len(history.epoch)
+    epochs_trained = len(history.epoch)
+    full_history = _concat_history(resumed.get("history", {}), history.history)
+    epochs_completed = initial_epoch + epochs_trained if epochs_trained else resumed.get("epoch", 0)
 
-    # 4. Exact test metrics and a check that every replica ended with the same weights.
+    # 6. Exact test metrics and a check that every replica ended with the same weights.
     test = metrics.evaluate(model, splits.x_test, splits.y_test, rt, config.logits)
     weight_digests = runtime.allgather(_weights_digest(model), "weights_digest")
     result_metrics = {
@@ -182,23 +211,128 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
         "global_batch_size": plan.global_batch_size,
         "scaled_lr": plan.scaled_lr,
         "epochs_completed": epochs_completed,
+        "epochs_trained_this_run": epochs_trained,
+        "resumed_from_epoch": resumed.get("epoch"),
+        "stopped_early": bool(resumed.get("stopped_early")) or bool(early_stopping and early_stopping.stopped),
         "steps_per_epoch": plan.steps_per_epoch,
         "train_seconds": train_seconds,
-        "samples_per_second": plan.train_samples * epochs_completed / train_seconds,
+        "samples_per_second": plan.train_samples * epochs_trained / train_seconds if epochs_trained else 0.0,
         "replica_weight_digests": weight_digests,
         "replicas_identical": len(set(weight_digests)) == 1,
     }
     for key in ("val_loss", "val_accuracy"):
-        if key in history.history:
-            result_metrics[key] = history.history[key][-1]
+        if full_history.get(key):
+            result_metrics[key] = full_history[key][-1]
 
-    # 5. Outputs, written once by rank 0.
-    runtime.on_rank0(rt, _write_outputs, config, plan, splits, model, model_fn, history.history, result_metrics)
+    # 7. Outputs, written once by rank 0.
+    runtime.on_rank0(rt, _write_outputs, config, plan, splits, model, model_fn, full_history, result_metrics)
     runtime.log(rt, f"test loss {test['loss']:.4f}, test accuracy {test['accuracy']:.4f} "
                     f"on {test['samples']} samples from {rt.size} process(es)")
     runtime.log(rt, f"outputs in {config.output_dir}")
     return TrainResult(output_dir=config.output_dir, metrics=result_metrics,
-                       history=history.history, plan=plan, model=model)
+                       history=full_history, plan=plan, model=model)
+
+
+def _resume(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits, model, optimizer) -> Dict[str, Any]:
+    """Collective. Rank 0 finds, verifies and loads the checkpoint; every rank gets the decision.
+
+    Returns {} for a fresh start, else the epoch to continue from, the history so far, the
+    early-stopping state and the learning rate at the checkpoint. The weights themselves reach
+    the other ranks by the broadcast that follows.
+    """
+    if not config.resume:
+        return {}
+    decision, error = runtime.on_rank0(rt, _load_resume_point, config, plan, splits, model, optimizer) or (None, None)
+    runtime.agree(error, "resume")
+    # Horovod: rank 0 decided where to resume; every rank follows (ranks never race on the files).
+    decision = runtime.broadcast(decision, "resume")
+    if decision.get("lr") is not None:
+        tf.keras.backend.set_value(optimizer.lr, decision["lr"])
+    return decision
+
+
+def _load_resume_point(config, plan, splits, model, optimizer) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """Rank 0 only (no collectives): choose the checkpoint, check it fits this run, load it."""
+    try:
+        if config.resume == "auto":
+            ckpt, skipped = checkpoint.newest_valid(config.checkpoint_dir)
+        else:
+            ckpt, skipped = checkpoint.load(config.resume), []
+        for note in skipped:
+            runtime.write_line(f"[hvd_train] {note}")
+        if ckpt is None:
+            runtime.write_line(f"[hvd_train] no usable checkpoint in {config.checkpoint_dir}: starting at epoch 1")
+            return {}, None
+        _check_compatible(ckpt, config, splits)
+        try:
+            model.set_weights(ckpt.model_weights)
+            optimizer.set_weights(ckpt.optimizer_weights)
+        except ValueError as err:
+            raise CheckpointError(f"{ckpt.path} does not fit this model: {err}") from None
+    except CheckpointError as err:
+        return None, str(err)
+    meta = ckpt.meta
+    was = meta["plan"]
+    runtime.write_line(
+        f"[hvd_train] resuming from {ckpt.path}: {ckpt.epoch} of {config.epochs} epoch(s) done"
+        + (" (that run had stopped early)" if meta.get("stopped_early") else ""))
+    runtime.write_line(
+        f"[hvd_train] it was written by {was['world_size']} process(es) (global batch {was['global_batch_size']}, "
+        f"lr {was['scaled_lr']:g}); now {plan.world_size} process(es): global batch {plan.global_batch_size}, "
+        f"lr {plan.scaled_lr:g}")
+    same_world = was["world_size"] == plan.world_size and was["scaled_lr"] == plan.scaled_lr
+    return {
+        "epoch": ckpt.epoch,
+        "history": meta["history"],
+        "early_stopping": meta.get("early_stopping"),
+        "stopped_early": meta.get("stopped_early", False),
+        # The learning rate schedules set next: carry the exact value only if the scale is unchanged.
+        "lr": meta.get("lr") if same_world else None,
+    }, None
+
+
+def _check_compatible(ckpt, config: TrainConfig, splits: Splits) -> None:
+    saved = ckpt.meta["config"]
+    now = config.to_dict()
+    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_FIXED_FIELDS if saved.get(k) != now[k]]
+    if changed:
+        raise CheckpointError(f"{ckpt.path} was written by a different run ({', '.join(changed)}); "
+                              f"resume with the same model and data settings or start afresh without --resume")
+    if ckpt.meta.get("data") != consensus.data_fingerprint(splits):
+        raise CheckpointError(f"{ckpt.path} was trained on different data than this run loads")
+
+
+def _concat_history(before: Dict[str, List[float]], after: Dict[str, List[float]]) -> Dict[str, List[float]]:
+    keys = list(dict.fromkeys([*before, *after]))
+    return {k: [float(v) for v in before.get(k, [])] + [float(v) for v in after.get(k, [])] for k in keys}
+
+
+def _lr_callbacks(hvd, config: TrainConfig, plan: Plan) -> List[Any]:
+    """Warmup, then the schedule: functions of the epoch alone, so every rank (and a resumed run) agrees."""
+    callbacks = []
+    if config.warmup_epochs:
+        # Horovod: ramp from scaled_lr / size to scaled_lr over the first epochs (Goyal et al.).
+        callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
+            initial_lr=plan.scaled_lr, warmup_epochs=config.warmup_epochs,
+            steps_per_epoch=plan.steps_per_epoch, verbose=0))
+    warm, total = config.warmup_epochs, config.epochs
+    if config.lr_schedule == "step":
+        # Horovod: multiply by the factor every lr_decay_epochs after warmup, at epoch starts.
+        callbacks.append(hvd.callbacks.LearningRateScheduleCallback(
+            initial_lr=plan.scaled_lr, start_epoch=warm, staircase=True,
+            multiplier=lambda epoch: config.lr_decay_factor ** ((epoch - warm) // config.lr_decay_epochs)))
+    elif config.lr_schedule == "cosine":
+        # Horovod: half a cosine from scaled_lr to 0 between the end of warmup and the last step, per batch.
+        callbacks.append(hvd.callbacks.LearningRateScheduleCallback(
+            initial_lr=plan.scaled_lr, start_epoch=warm, staircase=False, steps_per_epoch=plan.steps_per_epoch,
+            multiplier=lambda epoch: cosine_multiplier(epoch, warm, total)))
+    return callbacks
+
+
+def cosine_multiplier(epoch: float, warmup_epochs: int, epochs: int) -> float:
+    """The cosine schedule's factor at a (fractional) epoch: 1 at the end of warmup, 0 at the end."""
+    progress = (epoch - warmup_epochs) / (epochs - warmup_epochs)
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
 def _load_splits(config: TrainConfig, data: DataArg) -> Splits:
@@ -260,6 +394,7 @@ def _versions() -> Dict[str, str]:
 
 def _write_outputs(config, plan, splits, model, model_fn, history, result_metrics) -> None:
     d = config.output_dir
+    os.makedirs(d, exist_ok=True)  # only now: a failed or killed run leaves no output directory
     # A clean copy for tf.keras.models.load_model: the Horovod-wrapped optimizer is not serialisable.
     clean = model_fn(splits.n_features, splits.n_classes)
     clean.set_weights(model.get_weights())
@@ -329,3 +464,75 @@ class _EpochLine(tf.keras.callbacks.Callback):
         runtime.write_line(f"epoch {epoch + 1:>{len(str(self.epochs))}}/{self.epochs} "
                            f"[{'#' * done}{'.' * (self.WIDTH - done)}] {values}  "
                            f"{time.perf_counter() - self.start:.2f}s")
+
+
+class _EarlyStopping(tf.keras.callbacks.Callback):
+    """Collective, every rank, epoch end: stop when the global validation metric stops improving.
+
+    The metric is the exact cross-rank value from _GlobalValidation, so every rank sees the same
+    number; rank 0's state and decision are broadcast anyway, so no rounding can split the ranks.
+    The state is checkpointed, so a resumed run keeps counting where the interrupted one was.
+    """
+
+    def __init__(self, rt: runtime.Runtime, config: TrainConfig, state: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.rt, self.metric = rt, config.early_stopping_metric
+        self.patience, self.min_delta = config.early_stopping_patience, config.early_stopping_min_delta
+        self.lower_is_better = self.metric.endswith("loss")
+        self.state = dict(state or {"best": None, "best_epoch": None, "wait": 0})
+        self.stopped = False
+
+    def _improved(self, value: float) -> bool:
+        best = self.state["best"]
+        if best is None:
+            return True
+        return value < best - self.min_delta if self.lower_is_better else value > best + self.min_delta
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = float(logs[self.metric])
+        if self._improved(value):
+            self.state.update(best=value, best_epoch=epoch + 1, wait=0)
+        else:
+            self.state["wait"] += 1
+        # Horovod: rank 0 decides, every rank follows in the same epoch.
+        self.state = runtime.broadcast(self.state, "early_stopping")
+        if self.state["wait"] >= self.patience:
+            self.stopped = self.model.stop_training = True
+            runtime.log(self.rt, f"early stopping after epoch {epoch + 1}: {self.metric} has not improved by more "
+                                 f"than {self.min_delta:g} for {self.patience} epoch(s); best "
+                                 f"{self.state['best']:.4f} at epoch {self.state['best_epoch']}")
+
+
+class _Checkpointer(tf.keras.callbacks.Callback):
+    """Every rank, epoch end: rank 0 writes a checkpoint every N epochs and at the end; all ranks
+    then agree that it was written, so a full disk stops the job with one message, not a hang."""
+
+    def __init__(self, rt, config: TrainConfig, plan: Plan, data_fingerprint, history, early_stopping):
+        super().__init__()
+        self.rt, self.config, self.plan, self.data_fingerprint = rt, config, plan, data_fingerprint
+        self.history, self.early_stopping = history, early_stopping
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        done = epoch + 1
+        if done % self.config.checkpoint_every and done != self.config.epochs and not self.model.stop_training:
+            return
+        error = runtime.on_rank0(self.rt, self._save, done)
+        runtime.agree(error, "checkpoint")
+
+    def _save(self, epoch: int) -> Optional[str]:
+        meta = {
+            "config": self.config.to_dict(), "plan": asdict(self.plan), "versions": _versions(),
+            "history": self.history, "data": self.data_fingerprint,
+            "early_stopping": self.early_stopping.state if self.early_stopping else None,
+            "stopped_early": bool(self.model.stop_training),
+            "lr": float(tf.keras.backend.get_value(self.model.optimizer.lr)),
+        }
+        try:
+            path = checkpoint.save(self.config.checkpoint_dir, epoch, self.model.get_weights(),
+                                   self.model.optimizer.get_weights(), meta, self.config.keep_checkpoints)
+        except OSError as err:
+            return f"could not write the checkpoint for epoch {epoch} in {self.config.checkpoint_dir}: {err}"
+        runtime.write_line(f"[hvd_train] checkpoint {path}")
+        return None
