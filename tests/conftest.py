@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,18 +18,18 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT = 240  # seconds; a hang anywhere fails the test instead of the CI run
 
 
-def _env() -> dict:
-    env = dict(os.environ)
+def _env(extra=None) -> dict:
+    env = dict(os.environ, **(extra or {}))
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.pop("PYTHONPATH", None)
     return env
 
 
-def run(cmd, timeout: int = LAUNCH_TIMEOUT, cwd=None) -> subprocess.CompletedProcess:
+def run(cmd, timeout: int = LAUNCH_TIMEOUT, cwd=None, env=None) -> subprocess.CompletedProcess:
     """Run a command, fail the test (not hang) if it outlives the timeout."""
     try:
-        return subprocess.run([str(c) for c in cmd], cwd=cwd or REPO, env=_env(), stdin=subprocess.DEVNULL,
+        return subprocess.run([str(c) for c in cmd], cwd=cwd or REPO, env=_env(env), stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{err.stdout}\n{err.stderr}")
@@ -35,13 +38,95 @@ def run(cmd, timeout: int = LAUNCH_TIMEOUT, cwd=None) -> subprocess.CompletedPro
 HVD_TRAIN = (BIN / "python", "-m", "hvd_train")  # what the launchers start unless told otherwise
 
 
-def horovodrun(np_: int, args, controller: str = "gloo", timeout: int = LAUNCH_TIMEOUT, command=HVD_TRAIN):
-    return run([BIN / "horovodrun", "-np", np_, "-H", f"localhost:{np_}", f"--{controller}",
-                *command, *args], timeout=timeout)
+def horovodrun_cmd(np_: int, controller: str = "gloo") -> list:
+    return [BIN / "horovodrun", "-np", np_, "-H", f"localhost:{np_}", f"--{controller}"]
 
 
-def mpirun(np_: int, args, timeout: int = LAUNCH_TIMEOUT, command=HVD_TRAIN):
-    return run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", np_, *command, *args], timeout=timeout)
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
+
+
+def horovodrun(np_: int, args, controller: str = "gloo", timeout: int = LAUNCH_TIMEOUT, command=HVD_TRAIN, env=None):
+    return run([*horovodrun_cmd(np_, controller), *command, *args], timeout=timeout, env=env)
+
+
+def mpirun(np_: int, args, timeout: int = LAUNCH_TIMEOUT, command=HVD_TRAIN, env=None):
+    return run([*MPIRUN, "-np", np_, *command, *args], timeout=timeout, env=env)
+
+
+class Background:
+    """A launcher running in its own process group, its output collected while it runs."""
+
+    def __init__(self, cmd, env=None):
+        self.proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=_env(env), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.lines = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self._reader.start()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_until(self, condition, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                pytest.fail(f"ended (exit {self.proc.returncode}) before {what}:\n{self.output[-4000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"no {what} within {timeout}s:\n{self.output[-4000:]}")
+            time.sleep(0.02)
+
+    def rank_pid(self, rank: int) -> int:
+        """The PID of the training process with this global rank, among the launcher's descendants."""
+        for pid in _descendants(self.proc.pid):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            value = env.get(b"HOROVOD_RANK", env.get(b"OMPI_COMM_WORLD_RANK"))
+            if value == str(rank).encode() and b"hvd_train" in cmdline:
+                return pid
+        pytest.fail(f"no process with rank {rank} under launcher {self.proc.pid}")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"still running {timeout}s later:\n{self.output[-4000:]}")
+        self._reader.join(10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the launcher and every process it started (the whole job, as a crash would)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
+
+
+def _descendants(root: int) -> list:
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def read_json(path) -> dict:
@@ -50,3 +135,12 @@ def read_json(path) -> dict:
 
 
 requires_mpi = pytest.mark.skipif(shutil.which("mpirun") is None, reason="no MPI on this machine (Gloo-only set-up)")
+
+
+def rank_reports(np_: int, args, report_dir, timeout: int = LAUNCH_TIMEOUT):
+    """Run tests/programs/rank_report.py (the Python API) under horovodrun; every rank's report."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    proc = horovodrun(np_, args, command=[BIN / "python", REPO / "tests" / "programs" / "rank_report.py"],
+                      env={"REPORT_DIR": str(report_dir)}, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [read_json(report_dir / f"rank-{rank}.json") for rank in range(np_)], proc

@@ -1,0 +1,89 @@
+"""N processes with batch b compute what 1 process computes with batch N*b: the core promise.
+
+Shard layout (sharding.py): each step's global batch is the next N*b samples of the epoch
+order, cut into N contiguous slices. Without shuffling the epoch order is 0..n-1 for every
+world size, so 1 process with batch N*b takes exactly the same samples in every step as the N
+processes together. Horovod averages the N slice-mean gradients; with the uneven-slice loss
+weights that is the global-batch mean gradient, so the updates are equal up to float rounding.
+iris here: 105 training samples, global batch 16 -> 7 steps per epoch, the last one 9 samples
+(uneven: 5/4 on 2 ranks, 3/2/2/2 on 4), and 9 >= N, so no step is folded on any world size.
+"""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import horovodrun, rank_reports, read_json
+
+pytestmark = pytest.mark.integration
+
+GLOBAL_BATCH = 16
+EPOCHS = 5
+COMMON = ["--no-shuffle", "--lr-scaling", "none", "--warmup-epochs", "0", "--seed", "7",
+          "--epochs", str(EPOCHS), "--progress", "none"]
+# Float32 rounding differs between one mean over 16 samples and the average of N slice means.
+# SGD carries that difference linearly; Adam divides by sqrt(v), which amplifies it where a
+# gradient is near zero, so its bound is looser (measured max differences are in the README).
+TOLERANCE = {"sgd": 1e-5, "adam": 1e-4}
+LR = {"sgd": "0.05", "adam": "0.01"}
+
+
+def final_weights(out_dir):
+    return tf.keras.models.load_model(out_dir / "model.keras").get_weights()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    cache = {}
+
+    def get(optimizer, world_size):
+        key = (optimizer, world_size)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"{optimizer}-np{world_size}") / "run"
+            proc = horovodrun(world_size, [*COMMON, "--optimizer", optimizer, "--lr", LR[optimizer],
+                                           "--batch-size", str(GLOBAL_BATCH // world_size), "--output-dir", out])
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            cache[key] = out
+        return cache[key]
+    return get
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_n_processes_equal_one_process_with_n_times_the_batch(runs, optimizer, world_size):
+    one, many = runs(optimizer, 1), runs(optimizer, world_size)
+    m1, mn = read_json(one / "metrics.json"), read_json(many / "metrics.json")
+    assert m1["global_batch_size"] == mn["global_batch_size"] == GLOBAL_BATCH
+    assert m1["steps_per_epoch"] == mn["steps_per_epoch"] == 7  # K = 35 steps in all
+    assert mn["replicas_identical"] is True
+    w1, wn = final_weights(one), final_weights(many)
+    assert [w.shape for w in w1] == [w.shape for w in wn]
+    max_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(w1, wn))
+    moved = max(float(np.max(np.abs(a))) for a in w1)
+    print(f"{optimizer} np={world_size} vs np=1: max |w_N - w_1| = {max_diff:.2e}")
+    assert moved > 0.1, "the weights must have trained for the comparison to mean anything"
+    assert max_diff <= TOLERANCE[optimizer]
+
+
+def test_a_different_global_batch_does_not_match(runs, tmp_path):
+    """The comparison can fail: 2 processes with batch 16 (global 32) end elsewhere."""
+    out = tmp_path / "run"
+    proc = horovodrun(2, [*COMMON, "--optimizer", "sgd", "--lr", LR["sgd"], "--batch-size", "16", "--output-dir", out])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w1, w2 = final_weights(runs("sgd", 1)), final_weights(out)
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2)) > 100 * TOLERANCE["sgd"]
+
+
+def test_rank0_weights_and_optimizer_state_reach_every_rank(tmp_path):
+    # Each rank builds its model from a different seed on purpose.
+    reports, _ = rank_reports(2, ["--different-init", "--epochs", "1", "--output-dir", tmp_path / "out"],
+                              tmp_path / "reports")
+    r0, r1 = reports
+    assert r0["built"] != r1["built"], "the ranks really started from different weights"
+    # Before the first step every rank holds rank 0's initial weights and optimizer state ...
+    assert r0["train_begin"] == r1["train_begin"] == r0["built"]
+    assert r0["train_begin_optimizer"] == r1["train_begin_optimizer"]
+    # ... and after it, the same updated weights and Adam slots.
+    assert r0["after_first_step"] == r1["after_first_step"] != r0["built"]
+    assert r0["after_first_step_optimizer"] == r1["after_first_step_optimizer"]
+    assert r0["optimizer_iterations"] == r1["optimizer_iterations"] == 1
+    assert r0["final"] == r1["final"]
