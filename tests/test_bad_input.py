@@ -36,6 +36,11 @@ CASES = {
     "zero_batch": (lambda t: ["--batch-size", "0"], "batch size must be >= 1"),
     "bad_flag_value": (lambda t: ["--epochs", "many"], "invalid int value: 'many'"),
     "unwritable_output": (lambda t: ["--output-dir", str(t / "file.txt" / "run")], "is not writable"),
+    "unwritable_checkpoint_dir": (lambda t: ["--checkpoint-dir", str(t / "file.txt" / "ckpt")],
+                                  "checkpoint directory"),
+    "missing_resume_file": (lambda t: ["--resume", str(t / "ckpt-epoch-000003.npz")], "does not exist"),
+    "corrupt_resume_file": (lambda t: ["--resume", str(t / "file.txt")[:-4] + ".npz"], "is truncated or corrupt"),
+    "resume_auto_without_dir": (lambda t: ["--resume"], "--resume auto looks in --checkpoint-dir"),
 }
 
 
@@ -43,6 +48,7 @@ CASES = {
 def test_bad_input_fails_once_cleanly(tmp_path, case):
     make_args, message = CASES[case]
     (tmp_path / "file.txt").write_text("not a directory")
+    (tmp_path / "file.npz").write_text("not a checkpoint")
     out = tmp_path / "out"
     args = make_args(tmp_path)
     if "--output-dir" not in args:

@@ -27,6 +27,17 @@ def test_defaults_are_valid_and_frozen():
     ({"test_fraction": 0.0}, "test fraction"),
     ({"optimizer": "lamb"}, "optimizer must be one of"),
     ({"threads": 0}, "threads must be >= 1"),
+    ({"lr_schedule": "poly"}, "lr schedule must be one of"),
+    ({"lr_schedule": "cosine", "epochs": 3, "warmup_epochs": 3}, "needs epochs after the warmup"),
+    ({"lr_decay_factor": 0.0}, "lr decay factor must be in"),
+    ({"lr_decay_epochs": 0}, "lr decay epochs must be >= 1"),
+    ({"early_stopping_patience": -1}, "patience must be >= 0"),
+    ({"early_stopping_patience": 2, "val_fraction": 0.0}, "needs --val-fraction > 0"),
+    ({"early_stopping_metric": "loss"}, "early stopping metric must be one of"),
+    ({"checkpoint_every": 0}, "checkpoint every must be >= 1"),
+    ({"keep_checkpoints": 0}, "keep checkpoints must be >= 1"),
+    ({"resume": "auto"}, "--resume auto looks in --checkpoint-dir"),
+    ({"resume": "ckpt.bin", "checkpoint_dir": "c"}, "resume must be 'auto' or a checkpoint file"),
 ])
 def test_validation(changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -59,3 +70,15 @@ def test_cli_maps_every_flag():
                             lr_scaling="sqrt", warmup_epochs=0, hidden=(16, 8, 4), activation="tanh", dropout=0.1,
                             seed=3, val_fraction=0.0, test_fraction=0.3, shuffle=False, threads=1,
                             output_dir="out", logits=True, progress="none")
+
+
+def test_cli_checkpoint_and_schedule_flags():
+    c = config_from_args(["--checkpoint-dir", "ck", "--checkpoint-every", "5", "--keep-checkpoints", "2", "--resume",
+                          "--lr-schedule", "step", "--lr-decay-epochs", "10", "--lr-decay-factor", "0.5",
+                          "--early-stopping-patience", "4", "--early-stopping-metric", "val_accuracy",
+                          "--early-stopping-min-delta", "0.01"])
+    assert (c.checkpoint_dir, c.checkpoint_every, c.keep_checkpoints, c.resume) == ("ck", 5, 2, "auto")
+    assert (c.lr_schedule, c.lr_decay_epochs, c.lr_decay_factor) == ("step", 10, 0.5)
+    assert (c.early_stopping_patience, c.early_stopping_metric, c.early_stopping_min_delta) == (4, "val_accuracy", 0.01)
+    assert config_from_args(["--resume", "ck/ckpt-epoch-000003.npz"]).resume == "ck/ckpt-epoch-000003.npz"
+    assert TrainConfig.from_dict(c.to_dict()) == c

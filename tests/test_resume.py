@@ -1,0 +1,170 @@
+"""Checkpoints, resume after a crash, early stopping and LR schedules, all across real ranks."""
+import math
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import HVD_TRAIN, Background, horovodrun, horovodrun_cmd, rank_reports, read_json
+from hvd_train import checkpoint
+from hvd_train.trainer import cosine_multiplier
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 40
+SLOW = ["--dataset", "synthetic", "--samples", "4000", "--epochs", str(EPOCHS), "--progress", "epoch",
+        "--lr-schedule", "step", "--lr-decay-epochs", "15", "--lr-decay-factor", "0.5"]
+
+
+def weights(out_dir):
+    return tf.keras.models.load_model(out_dir / "model.keras").get_weights()
+
+
+def history_rows(out_dir):
+    return (out_dir / "history.csv").read_text().splitlines()[1:]
+
+
+def test_kill_the_whole_job_then_resume(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    job = Background([*horovodrun_cmd(2), *HVD_TRAIN, *SLOW, "--checkpoint-dir", ckpt,
+                      "--output-dir", tmp_path / "killed"])
+    job.wait_until(lambda: len(checkpoint.listed(str(ckpt))) >= 1 and checkpoint.listed(str(ckpt))[0][0] >= 5,
+                   240, "a checkpoint at epoch 5")
+    job.kill()  # SIGKILL to the launcher and every rank: nothing gets to clean up
+    saved = checkpoint.listed(str(ckpt))
+    done = saved[0][0]
+    assert 5 <= done < EPOCHS, "killed mid-run"
+    assert len(saved) <= 3, "only the newest --keep-checkpoints (3) are kept"
+    assert not (tmp_path / "killed").exists()
+
+    resumed = tmp_path / "resumed"
+    proc = horovodrun(2, [*SLOW, "--checkpoint-dir", ckpt, "--output-dir", resumed, "--resume"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resuming from {ckpt}/ckpt-epoch-{done:06d}.npz: {done} of {EPOCHS} epoch(s) done" in proc.stdout
+    assert len(re.findall(r"^\[0\]<stdout>:epoch +\d+/", proc.stdout, re.M)) == EPOCHS - done
+    m = read_json(resumed / "metrics.json")
+    assert (m["epochs_completed"], m["epochs_trained_this_run"], m["resumed_from_epoch"]) == (EPOCHS, EPOCHS - done, done)
+    assert [int(row.split(",")[0]) for row in history_rows(resumed)] == list(range(1, EPOCHS + 1))
+
+    # The same run without the crash: resuming at the same world size continues the same
+    # trajectory (weights, optimizer slots, sample order and LR are all restored).
+    straight = tmp_path / "straight"
+    proc = horovodrun(2, [*SLOW, "--output-dir", straight])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m_straight = read_json(straight / "metrics.json")
+    assert m["test_accuracy"] == pytest.approx(m_straight["test_accuracy"], abs=0.01)
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(weights(resumed), weights(straight)))
+    print(f"resumed from epoch {done}: test accuracy {m['test_accuracy']:.4f} vs uninterrupted "
+          f"{m_straight['test_accuracy']:.4f}; max weight difference {diff:.2e}")
+    assert diff <= 1e-5
+    assert history_rows(resumed)[:done] == history_rows(straight)[:done], "history before the crash is kept"
+
+
+@pytest.fixture(scope="module")
+def iris_checkpoints(tmp_path_factory):
+    """6 epochs of iris on 2 processes, checkpointed every epoch (the newest 3 kept)."""
+    base = tmp_path_factory.mktemp("iris-ckpt")
+    proc = horovodrun(2, ["--epochs", "6", "--checkpoint-dir", base / "ckpt", "--output-dir", base / "out"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [e for e, _ in checkpoint.listed(str(base / "ckpt"))] == [6, 5, 4]
+    assert not list((base / "ckpt").glob("*.tmp")), "no temp files left"
+    return base / "ckpt"
+
+
+def copy_dir(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_corrupt_and_truncated_checkpoints_are_skipped(iris_checkpoints, tmp_path):
+    ckpt = copy_dir(iris_checkpoints, tmp_path / "ckpt")
+    newest = ckpt / "ckpt-epoch-000006.npz"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte somewhere in the arrays
+    newest.write_bytes(bytes(data))
+    middle = ckpt / "ckpt-epoch-000005.npz"
+    middle.write_bytes(middle.read_bytes()[:1000])  # truncated, as by a full disk
+    out = tmp_path / "out"
+    proc = horovodrun(2, ["--epochs", "8", "--checkpoint-dir", ckpt, "--output-dir", out, "--resume"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"skipping checkpoint: \S+ckpt-epoch-000006.npz is (corrupt|truncated or corrupt)", proc.stdout)
+    assert re.search(r"skipping checkpoint: \S+ckpt-epoch-000005.npz is truncated or corrupt", proc.stdout)
+    assert "resuming from " + str(ckpt / "ckpt-epoch-000004.npz") + ": 4 of 8 epoch(s) done" in proc.stdout
+    assert read_json(out / "metrics.json")["epochs_completed"] == 8
+    assert len(history_rows(out)) == 8
+
+
+def test_resume_on_a_different_world_size(iris_checkpoints, tmp_path):
+    ckpt = copy_dir(iris_checkpoints, tmp_path / "ckpt")
+    out = tmp_path / "out"
+    proc = horovodrun(1, ["--epochs", "30", "--checkpoint-dir", ckpt, "--output-dir", out, "--resume"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("it was written by 2 process(es) (global batch 64, lr 0.02); "
+            "now 1 process(es): global batch 32, lr 0.01") in proc.stdout
+    m = read_json(out / "metrics.json")
+    assert (m["world_size"], m["global_batch_size"], m["scaled_lr"]) == (1, 32, 0.01)
+    assert (m["epochs_completed"], m["resumed_from_epoch"]) == (30, 6)
+    assert m["test_accuracy"] >= 0.8, m
+    history = history_rows(out)
+    assert len(history) == 30 and float(history[-1].split(",")[3]) == pytest.approx(0.01), "LR rescaled for 1 process"
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(iris_checkpoints, tmp_path):
+    out = tmp_path / "out"
+    proc = horovodrun(2, ["--epochs", "8", "--hidden", "16", "--checkpoint-dir", iris_checkpoints,
+                          "--output-dir", out, "--resume"], timeout=120)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = re.findall(r"hvd-train: error: .*", text)
+    assert len(errors) == 1 and "was written by a different run (hidden [64, 32] -> [16])" in errors[0], text[-3000:]
+    assert not out.exists()
+
+
+def test_resume_auto_without_checkpoints_starts_afresh(tmp_path):
+    out = tmp_path / "out"
+    proc = horovodrun(2, ["--epochs", "2", "--checkpoint-dir", tmp_path / "none-yet", "--output-dir", out, "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no usable checkpoint in " in proc.stdout and "starting at epoch 1" in proc.stdout
+    assert read_json(out / "metrics.json")["resumed_from_epoch"] is None
+
+
+def test_early_stopping_stops_every_rank_at_the_same_epoch(tmp_path):
+    patience = 3
+    reports, proc = rank_reports(2, ["--epochs", "200", "--early-stopping-patience", str(patience),
+                                     "--early-stopping-metric", "val_loss", "--lr", "0.05",
+                                     "--output-dir", tmp_path / "out"], tmp_path / "reports")
+    stops = [r["epochs_completed"] for r in reports]
+    assert stops[0] == stops[1] < 200 and all(r["stopped_early"] for r in reports)
+    assert len(reports[0]["history"]["val_loss"]) == len(reports[1]["history"]["val_loss"]) == stops[0]
+    assert reports[0]["history"] == reports[1]["history"], "the same global metrics on every rank"
+    assert reports[0]["final"] == reports[1]["final"]
+    # The rule, recomputed from the global validation losses: stop `patience` epochs after the best.
+    val = reports[0]["history"]["val_loss"]
+    best_epoch = int(np.argmin(val)) + 1
+    assert stops[0] == best_epoch + patience
+    assert f"early stopping after epoch {stops[0]}" in proc.stdout
+
+
+@pytest.mark.parametrize("schedule", ["step", "cosine"])
+def test_lr_schedule_is_the_same_on_every_rank(tmp_path, schedule):
+    epochs, warmup = 8, 2
+    reports, _ = rank_reports(2, ["--epochs", str(epochs), "--warmup-epochs", str(warmup), "--lr-schedule", schedule,
+                                  "--lr-decay-epochs", "2", "--lr-decay-factor", "0.5",
+                                  "--output-dir", tmp_path / "out"], tmp_path / "reports")
+    lrs = [r["history"]["lr"] for r in reports]
+    assert lrs[0] == lrs[1]
+    scaled = 0.02  # 0.01 x 2 processes
+    steps = read_json(tmp_path / "out" / "metrics.json")["steps_per_epoch"]
+    if schedule == "step":
+        # Logged at each epoch's end: warmup reaches 0.02, then halves every 2 epochs.
+        expected = [scaled * 0.5 ** max(0, (e - warmup) // 2) for e in range(epochs)]
+    else:
+        # Set before each batch: the epoch's last batch starts at e + (steps - 1) / steps.
+        expected = [scaled if e < warmup else scaled * cosine_multiplier(e + (steps - 1) / steps, warmup, epochs)
+                    for e in range(epochs)]
+    assert lrs[0][warmup - 1:] == pytest.approx(expected[warmup - 1:], rel=1e-5)
+    assert lrs[0][0] < scaled, "warmup starts below the scaled LR"
+    assert min(lrs[0]) < scaled / 3 and math.isfinite(sum(lrs[0]))
