@@ -35,7 +35,8 @@ def train_parser() -> argparse.ArgumentParser:
         prog="hvd-train",
         description="Train a Keras classifier data-parallel with Horovod. Launch it with "
                     "horovodrun/mpirun (e.g. horovodrun -np 2 hvd-train ...); alone it runs one process. "
-                    "'hvd-train predict --help' for predictions from a saved run.",
+                    "'hvd-train predict --help' for predictions from a saved run; "
+                    "'hvd-train versions' prints the installed versions.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = DEFAULTS
@@ -114,6 +115,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         args = predict_parser().parse_args(argv[1:])
         return _run(lambda: predict_file(args.model_dir, args.input, args.output))
+    if argv[:1] == ["versions"]:
+        # Fast (no TensorFlow import): launch/hosts.sh compares this line across hosts.
+        runtime.write_line(versions_line())
+        return 0
     if argv[:1] == ["train"]:
         argv = argv[1:]
     try:
@@ -123,6 +128,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .trainer import train
 
     return _run(lambda: train(config))
+
+
+def versions_line() -> str:
+    from importlib import metadata
+
+    def version(*names: str) -> str:
+        for name in names:
+            try:
+                return metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+        return "missing"
+
+    return (f"hvd_train {version('hvd_train')} tensorflow {version('tensorflow', 'tensorflow-cpu')} "
+            f"horovod {version('horovod')} python {sys.version.split()[0]}")
 
 
 def _run(action) -> int:

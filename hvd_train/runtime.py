@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +46,13 @@ def launcher_rank() -> int:
 def under_launcher() -> bool:
     """Whether a launcher (horovodrun, mpirun, srun) started this process."""
     return any(name in os.environ for name in _RANK_VARIABLES)
+
+
+def host_name() -> str:
+    """The host this rank runs on: horovodrun's -H name for it; else, for a rank started over
+    ssh (mpirun's remote daemons), the address ssh reached; else the hostname."""
+    ssh_server = os.environ.get("SSH_CONNECTION", "").split()[2:3]
+    return os.environ.get("HOROVOD_HOSTNAME") or (ssh_server[0] if ssh_server else socket.gethostname())
 
 
 def init(threads: Optional[int] = None) -> Runtime:

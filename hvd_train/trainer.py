@@ -59,10 +59,13 @@ class Plan:
     test_samples: int
     train_samples_per_rank: List[int]
     intra_op_threads: int
+    hosts: List[str]  # the host of each rank, in rank order
 
     def lines(self) -> List[str]:
         return [
-            f"world size {self.world_size}, {self.intra_op_threads} intra-op thread(s) per process",
+            f"world size {self.world_size}, {self.intra_op_threads} intra-op thread(s) per process; "
+            + "; ".join(f"{host}: rank(s) {','.join(str(r) for r, h in enumerate(self.hosts) if h == host)}"
+                        for host in dict.fromkeys(self.hosts)),
             f"batch {self.batch_size_per_process} per process x {self.world_size} = global batch {self.global_batch_size}",
             f"learning rate {self.base_lr:g} scaled to {self.scaled_lr:g}, warmup {self.warmup_epochs} epoch(s)",
             f"samples train/val/test {self.train_samples}/{self.val_samples}/{self.test_samples}; "
@@ -79,7 +82,7 @@ class TrainResult:
     model: Any  # the trained tf.keras.Model (identical on every rank)
 
 
-def make_plan(config: TrainConfig, splits: Splits, rt: runtime.Runtime) -> Plan:
+def make_plan(config: TrainConfig, splits: Splits, rt: runtime.Runtime, hosts: List[str]) -> Plan:
     n = len(splits.y_train)
     order = np.arange(n)
     per_rank = [sum(len(rows) for rows, _ in sharding.local_batches(n, r, rt.size, config.batch_size, order))
@@ -90,7 +93,7 @@ def make_plan(config: TrainConfig, splits: Splits, rt: runtime.Runtime) -> Plan:
         scaled_lr=scaled_learning_rate(config.lr, rt.size, config.lr_scaling),
         warmup_epochs=config.warmup_epochs, steps_per_epoch=sharding.steps_per_epoch(n, rt.size, config.batch_size),
         train_samples=n, val_samples=len(splits.y_val), test_samples=len(splits.y_test),
-        train_samples_per_rank=per_rank, intra_op_threads=rt.intra_op_threads,
+        train_samples_per_rank=per_rank, intra_op_threads=rt.intra_op_threads, hosts=hosts,
     )
 
 
@@ -118,7 +121,7 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
     runtime.agree(error, "setup")
     # Horovod: rank 0 chose the directory (its default holds a timestamp); everyone uses it.
     config = config.replace(output_dir=runtime.broadcast(output_dir, "output_dir"))
-    plan = make_plan(config, splits, rt)
+    plan = make_plan(config, splits, rt, runtime.allgather(runtime.host_name(), "host"))
 
     # 2. Consensus: same config, data, plan and versions on every rank, or nobody trains.
     consensus.check(consensus.fingerprint(config, splits, plan, _versions()))
