@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# N hvd-train processes on this machine through horovodrun.
+set -euo pipefail
+
+usage() {
+  cat <<USAGE
+Usage: launch/local.sh [-n NP] [--mpi|--gloo] [-- HVD_TRAIN_ARGS...]
+
+Runs NP processes of hvd-train on this machine with horovodrun.
+  -n, --np NP   processes (default: \$NP, else one per GPU, else 2)
+  --gloo        Gloo controller (default, or \$CONTROLLER=gloo)
+  --mpi         MPI controller (\$CONTROLLER=mpi)
+  -h, --help    this text
+Everything after -- goes to hvd-train (see: hvd-train --help).
+Environment: VENV (default: the repository's .venv), NP, CONTROLLER.
+Example: launch/local.sh -n 2 -- --dataset wine --epochs 50 --output-dir runs/wine
+USAGE
+}
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+venv="${VENV:-$here/../.venv}"
+controller="${CONTROLLER:-gloo}"
+np="${NP:-}"
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -n|--np) np="${2:?--np needs a number}"; shift 2 ;;
+    --mpi) controller=mpi; shift ;;
+    --gloo) controller=gloo; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) echo "local.sh: unknown option $1 (hvd-train options go after --)" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
+if [[ -z "$np" ]]; then
+  gpus=0
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+  fi
+  np=$(( gpus > 0 ? gpus : 2 ))
+fi
+[[ "$np" =~ ^[1-9][0-9]*$ ]] || { echo "local.sh: --np must be a positive integer, got '$np'" >&2; exit 2; }
+[[ "$controller" == gloo || "$controller" == mpi ]] || { echo "local.sh: CONTROLLER must be gloo or mpi" >&2; exit 2; }
+[[ -x "$venv/bin/horovodrun" ]] || { echo "local.sh: no horovodrun in $venv (run 'make setup' or set VENV)" >&2; exit 2; }
+
+exec "$venv/bin/horovodrun" -np "$np" -H "localhost:$np" "--$controller" "$venv/bin/hvd-train" "$@"

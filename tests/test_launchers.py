@@ -1,0 +1,136 @@
+"""launch/: every launcher is strict and documented; the ones that can run here, run for real."""
+import os
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import BIN, REPO, read_json, requires_mpi, run
+from test_launch import check_run
+
+LAUNCH = REPO / "launch"
+SCRIPTS = ["local.sh", "hosts.sh", "mpirun.sh", "docker.sh", "slurm.sbatch"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launcher_is_strict_and_has_help(script):
+    path = LAUNCH / script
+    text = path.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+    assert os.access(path, os.X_OK)
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    proc = run(["bash", path, "--help"], timeout=30)
+    assert proc.returncode == 0 and proc.stdout.startswith("Usage:"), proc.stderr
+    assert "HVD_TRAIN_ARGS" in proc.stdout, "says how arguments reach hvd-train"
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("local.sh", ["--np", "0"], "--np must be a positive integer"),
+    ("local.sh", ["--epochs", "3"], "unknown option --epochs (hvd-train options go after --)"),
+    ("hosts.sh", [], "no hosts"),
+    ("hosts.sh", ["-H", "node1"], "bad host entry 'node1' (want host:slots)"),
+    ("mpirun.sh", ["-n", "x"], "--np must be a positive integer"),
+    ("docker.sh", ["launcher"], "launcher needs -H"),
+    ("docker.sh", ["worker"], "worker needs --authorized-keys"),
+    ("slurm.sbatch", [], "not inside a Slurm allocation"),
+])
+def test_launcher_rejects_bad_arguments(script, args, message):
+    proc = run(["bash", LAUNCH / script, *args], timeout=30)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.integration
+def test_local_sh_trains_with_arguments_after_the_separator(tmp_path):
+    out = tmp_path / "out"
+    proc = run([LAUNCH / "local.sh", "-n", "2", "--", "--epochs", "40", "--output-dir", out, "--progress", "epoch"])
+    m = check_run(out, proc, 2)
+    assert m["epochs_completed"] == 40 and "[0]<stdout>:epoch 40/40" in proc.stdout  # horovodrun's prefix
+
+
+@pytest.mark.integration
+@requires_mpi
+def test_local_sh_mpi_and_mpirun_sh_train(tmp_path):
+    out = tmp_path / "a"
+    proc = run([LAUNCH / "local.sh", "--mpi", "--", "--epochs", "5", "--output-dir", out])
+    check_run(out, proc, 2)
+    assert "[1,0]<stdout>:" in proc.stdout, "horovodrun --mpi ran it"
+    out = tmp_path / "b"
+    proc = run([LAUNCH / "mpirun.sh", "-n", "2", "--", "--epochs", "5", "--output-dir", out])
+    check_run(out, proc, 2)
+
+
+def test_slurm_script_turns_the_allocation_into_a_launch(tmp_path):
+    # scontrol is Slurm's; this stand-in expands the node list the way it does, to check the shape
+    # of the command the batch script builds (Slurm itself is not available here).
+    (tmp_path / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "node1\\nnode2\\n"\n')
+    (tmp_path / "scontrol").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NTASKS": "4",
+           "SLURM_NTASKS_PER_NODE": "2(x2)", "SLURM_CPUS_PER_TASK": "3", "SLURM_SUBMIT_DIR": "/work/proj",
+           "DRY_RUN": "1"}
+    proc = run(["bash", LAUNCH / "slurm.sbatch", "--", "--epochs", "5"], env={**env, "LAUNCH_MODE": "horovodrun"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["/work/proj/.venv/bin/horovodrun", "-np", "4", "-H", r"node1:2\,node2:2", "--gloo",
+                                   "/work/proj/.venv/bin/hvd-train", "--threads", "3", "--epochs", "5"]
+    proc = run(["bash", LAUNCH / "slurm.sbatch", "--epochs", "5"], env=env)
+    assert proc.stdout.split() == ["srun", "--mpi=pmix", "--cpu-bind=none", "/work/proj/.venv/bin/hvd-train",
+                                   "--threads", "3", "--epochs", "5"]
+    directives = re.findall(r"^#SBATCH --([\w-]+)=", (LAUNCH / "slurm.sbatch").read_text(), re.M)
+    assert {"job-name", "nodes", "ntasks-per-node", "cpus-per-task", "time", "output"} <= set(directives)
+
+
+def test_mpijob_has_what_the_mpi_operator_requires():
+    job = yaml.safe_load((LAUNCH / "k8s" / "mpijob.yaml").read_text())
+    assert job["apiVersion"] == "kubeflow.org/v2beta1" and job["kind"] == "MPIJob"
+    assert job["metadata"]["name"]
+    spec = job["spec"]
+    assert isinstance(spec["slotsPerWorker"], int) and spec["slotsPerWorker"] >= 1
+    assert spec["mpiImplementation"] == "OpenMPI" and spec["runPolicy"]["cleanPodPolicy"]
+    replicas = spec["mpiReplicaSpecs"]
+    assert set(replicas) == {"Launcher", "Worker"} and replicas["Launcher"]["replicas"] == 1
+    for role in replicas.values():
+        containers = role["template"]["spec"]["containers"]
+        assert len(containers) == 1 and containers[0]["name"] and containers[0]["image"]
+    launcher = replicas["Launcher"]["template"]["spec"]["containers"][0]
+    args = launcher["args"]
+    assert launcher["command"] == ["mpirun"]
+    assert int(args[args.index("-np") + 1]) == replicas["Worker"]["replicas"] * spec["slotsPerWorker"]
+    assert "/opt/hvd_train/venv/bin/hvd-train" in args, "the image's entry point (see Dockerfile)"
+    worker = replicas["Worker"]["template"]["spec"]["containers"][0]
+    assert "sshd" in " ".join(worker["command"]), "workers serve the launcher's ssh"
+
+
+def test_docker_sh_mounts_keys_at_run_time(tmp_path):
+    key, pub = tmp_path / "id", tmp_path / "id.pub"
+    key.write_text("private")
+    pub.write_text("public")
+    env = {"DRY_RUN": "1"}
+    local = run(["bash", LAUNCH / "docker.sh", "--runs", tmp_path / "runs", "--", "--epochs", "3"], env=env).stdout
+    assert local.split()[:5] == ["docker", "run", "--rm", "--network", "host"]
+    assert "horovodrun -np 2 -H localhost:2 --gloo /opt/hvd_train/venv/bin/hvd-train --epochs 3" in local
+    worker = run(["bash", LAUNCH / "docker.sh", "worker", "--authorized-keys", pub, "-p", "2233",
+                  "--runs", tmp_path / "runs"], env=env).stdout
+    assert f"{pub}:/home/trainer/.ssh/authorized_keys:ro" in worker and "--network host" in worker
+    assert worker.rstrip().endswith("sshd 2233")
+    launcher = run(["bash", LAUNCH / "docker.sh", "launcher", "-H", "a:2,b:1", "--identity", key,
+                    "--runs", tmp_path / "runs", "--", "--epochs", "3"], env=env).stdout
+    assert f"{key}:/home/trainer/.ssh/id:ro" in launcher
+    assert "horovodrun -np 3 -H a:2\\,b:1 --gloo --ssh-port 2222 --ssh-identity-file /home/trainer/.ssh/id" in launcher
+
+
+def test_dockerfile_matches_the_pins_and_caches_well():
+    text = (REPO / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(.*)$", text, re.M))
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().split()
+                if "==" in line and not line.startswith("#"))
+    assert args["BASE_IMAGE"] == "debian:bookworm-slim"
+    assert args["TENSORFLOW_PACKAGE"] == "tensorflow-cpu"
+    assert args["TENSORFLOW_VERSION"] == pins["tensorflow-cpu"] == pins["tensorflow"]
+    assert args["HOROVOD_VERSION"] == pins["horovod"]
+    assert 'SHELL ["/bin/bash", "-euo", "pipefail", "-c"]' in text
+    # Layer order: TF and Horovod before the package source, so source edits reuse them.
+    assert text.index("horovod==") < text.index("COPY hvd_train") and "horovodrun --check-build" in text
+    assert "USER trainer" in text and "openssh-server" in text and "openmpi-bin" in text
+    assert not re.search(r"^(COPY|ADD) .*(\.ssh|id_|\.pem)", text, re.M), "no keys baked into the image"
+    ignore = (REPO / ".dockerignore").read_text().split()
+    assert "*" in ignore and "!hvd_train/" in ignore, "the build context is only what the image needs"
