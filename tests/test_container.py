@@ -1,0 +1,40 @@
+"""The project's Dockerfile, built and run for real (podman/buildah; see tests/container/)."""
+import os
+import re
+import shutil
+
+import pytest
+
+from conftest import REPO, read_json, run
+
+TOOLS = ("podman", "buildah")
+pytestmark = [
+    pytest.mark.container,
+    pytest.mark.skipif(not all(shutil.which(t) for t in TOOLS), reason="needs podman and buildah (make test-deps)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="rootful podman with chroot isolation (see README, Docker)"),
+]
+BUILD_TIMEOUT = 3600  # a first build compiles Horovod; cached rebuilds take seconds
+
+
+def test_image_builds_and_trains_with_two_processes(tmp_path):
+    proc = run(["bash", REPO / "tests" / "container" / "build_and_run.sh", tmp_path, "--", "--epochs", "60",
+                "--progress", "epoch"], timeout=BUILD_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    build = (tmp_path / "build.log").read_text()
+    # The image checked its own Horovod build.
+    assert re.search(r"\[X\] TensorFlow", build) and re.search(r"\[X\] Gloo", build) and re.search(r"\[X\] MPI", build)
+    train = (tmp_path / "train.log").read_text()
+    assert "[0]<stdout>:[hvd_train] world size 2" in train and "[0]<stdout>:epoch 60/60" in train
+    printed = re.search(r"test accuracy ([\d.]+) on (\d+) samples from 2 process\(es\)", train)
+    assert printed, train[-3000:]
+    run_dir = tmp_path / "run"
+    assert {p.name for p in run_dir.iterdir()} == {"model.keras", "preprocessing.json", "config.json",
+                                                    "history.csv", "metrics.json"}
+    m = read_json(run_dir / "metrics.json")
+    assert m["world_size"] == 2 and m["replicas_identical"] is True and m["epochs_completed"] == 60
+    assert m["test_accuracy"] == pytest.approx(float(printed.group(1)), abs=1e-4) and m["test_accuracy"] >= 0.85
+    saved = read_json(run_dir / "config.json")
+    # The image carries the same pinned stack as the set-up (the versions the run recorded).
+    assert saved["versions"]["tensorflow"] == "2.15.1" and saved["versions"]["horovod"] == "0.28.1"
+    assert saved["plan"]["hosts"] == ["localhost", "localhost"]
+    assert (tmp_path / "versions.txt").read_text().startswith("hvd_train 0.1.0 tensorflow 2.15.1 horovod 0.28.1")
