@@ -9,13 +9,14 @@ SETUP_STAMP := $(VENV)/.hvd_train-setup-done
 # horovodrun imports TensorFlow itself; keep TF's C++ INFO lines out of the output.
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
-.PHONY: help setup train test clean
+.PHONY: help setup train test test-deps clean
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make train   set up on first use, then train (NP=$(NP) CONTROLLER=$(CONTROLLER) ARGS='...')"
 	@echo "make test    set up on first use, then run the test suite (PYTEST_ARGS='...')"
 	@echo "make setup   (re)run the idempotent set-up: scripts/setup.sh"
+	@echo "make test-deps  (root) install what the multi-host and container tests need; they skip without it"
 	@echo "make clean   remove the venv and runs/"
 
 # Re-run set-up only when what it installs from changes; scripts/setup.sh is itself idempotent.
@@ -30,6 +31,11 @@ train: $(SETUP_STAMP)
 
 test: $(SETUP_STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Test-only tools: an sshd to play a second host, podman/buildah/debootstrap for the image.
+# Not part of set-up: installing openssh-server starts an ssh service on systemd machines.
+test-deps:
+	bash scripts/test-deps.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache *.egg-info
