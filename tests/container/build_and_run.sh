@@ -8,7 +8,7 @@ usage() {
   cat <<USAGE
 Usage: tests/container/build_and_run.sh OUT_DIR [-- HVD_TRAIN_ARGS...]
 
-Writes OUT_DIR/build.log, OUT_DIR/train.log and OUT_DIR/run/ (the run's output directory).
+Writes OUT_DIR/build.log, train.log, versions.txt, check-build.txt and run/ (the run's output directory).
 Environment:
   IMAGE        tag to build (default: localhost/hvd_train:test)
   BASE_IMAGE   base image (default: localhost/debian:bookworm-slim, made once with debootstrap
@@ -49,7 +49,9 @@ if ! podman image exists "$base"; then
 fi
 
 # 2. The project's Dockerfile. Only BASE_IMAGE differs from a plain 'docker build .'.
-build_args=(--isolation chroot --network host --cgroup-manager cgroupfs --build-arg "BASE_IMAGE=$base" -t "$image")
+# --format docker: OCI images have no SHELL instruction, and the Dockerfile relies on bash.
+build_args=(--format docker --isolation chroot --network host --cgroup-manager cgroupfs
+            --build-arg "BASE_IMAGE=$base" -t "$image")
 # Local CAs (e.g. a TLS-inspecting egress proxy) must be trusted inside the build too: the
 # image's ca-certificates package adds every *.crt of this directory to its bundle, so pip trusts them.
 local_ca=/usr/local/share/ca-certificates
@@ -66,10 +68,12 @@ ctr="$(buildah from "$image")"
 trap 'buildah rm "$ctr" >/dev/null 2>&1 || true' EXIT
 args=("$@")
 [[ ${#args[@]} -gt 0 ]] || args=(--epochs 30)
-buildah run --isolation chroot --network host --user trainer "$ctr" -- \
+# --uts host with --network host, as docker run --network host does: Gloo resolves the hostname.
+buildah run --isolation chroot --network host --uts host --user trainer "$ctr" -- \
   horovodrun -np 2 -H localhost:2 --gloo hvd-train "${args[@]}" --output-dir /home/trainer/runs/test \
   > "$out/train.log" 2>&1 || { tail -40 "$out/train.log" >&2; exit 1; }
 buildah run --isolation chroot --user trainer "$ctr" -- hvd-train versions > "$out/versions.txt"
+buildah run --isolation chroot --user trainer "$ctr" -- horovodrun --check-build > "$out/check-build.txt"
 
 # 4. The outputs, copied out of the container's filesystem.
 mnt="$(buildah mount "$ctr")"
