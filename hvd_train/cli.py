@@ -67,6 +67,11 @@ def train_parser() -> argparse.ArgumentParser:
                    help="scale the base learning rate by world size (linear), its square root, or not")
     g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
                    help="Horovod LR warmup from scaled_lr/size to scaled_lr (0 = off)")
+    g.add_argument("--fp16-allreduce", action="store_true",
+                   help="Horovod: compress gradients to float16 for the allreduce (half the bytes on the wire)")
+    g.add_argument("--backward-passes-per-step", type=int, default=d.backward_passes_per_step,
+                   help="Horovod: accumulate this many local gradients before each allreduce "
+                        "(fewer allreduces; the effective global batch grows by this factor)")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                    help="after warmup: keep the LR, multiply it by --lr-decay-factor every --lr-decay-epochs "
                         "(step), or decay it along half a cosine to 0 at the last step (cosine)")

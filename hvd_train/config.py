@@ -58,6 +58,8 @@ class TrainConfig:
     early_stopping_patience: int = 0  # epochs without improvement before stopping (0 = off)
     early_stopping_metric: str = "val_loss"
     early_stopping_min_delta: float = 0.0
+    fp16_allreduce: bool = False  # Horovod fp16 compression of gradients on the wire
+    backward_passes_per_step: int = 1  # Horovod local gradient accumulation before each allreduce
     checkpoint_dir: Optional[str] = None  # None = no checkpoints
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
     keep_checkpoints: int = 3
@@ -111,6 +113,8 @@ class TrainConfig:
                  f"early stopping min delta must be >= 0 (got {self.early_stopping_min_delta})")
         _require(self.early_stopping_patience == 0 or self.val_fraction > 0,
                  "early stopping watches a validation metric: it needs --val-fraction > 0")
+        _require(self.backward_passes_per_step >= 1,
+                 f"backward passes per step must be >= 1 (got {self.backward_passes_per_step})")
         _require(self.checkpoint_every >= 1, f"checkpoint every must be >= 1 (got {self.checkpoint_every})")
         _require(self.keep_checkpoints >= 1, f"keep checkpoints must be >= 1 (got {self.keep_checkpoints})")
         _require(self.resume is None or self.resume == "auto" or self.resume.endswith(".npz"),

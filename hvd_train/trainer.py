@@ -145,7 +145,11 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
     model = model_fn(splits.n_features, splits.n_classes)
     loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=config.logits)
     # Horovod: gradients are averaged across ranks by ring-allreduce before every update.
-    optimizer = hvd.DistributedOptimizer(_make_optimizer(config, plan.scaled_lr))
+    optimizer = hvd.DistributedOptimizer(
+        _make_optimizer(config, plan.scaled_lr),
+        # Horovod: optional fp16 on the wire, and local accumulation to allreduce less often.
+        compression=hvd.Compression.fp16 if config.fp16_allreduce else hvd.Compression.none,
+        backward_passes_per_step=config.backward_passes_per_step)
     # "xent" is the unweighted per-sample loss; it becomes the exact epoch "loss" (see _ExactTrainMetrics).
     model.compile(optimizer=optimizer, loss=loss, metrics=[
         "accuracy", tf.keras.metrics.SparseCategoricalCrossentropy(name="xent", from_logits=config.logits)])
