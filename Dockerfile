@@ -32,7 +32,7 @@ RUN apt-get update \
 COPY constraints.txt /opt/hvd_train/constraints.txt
 RUN "${PYTHON}" -m venv "${VENV}" \
  && pip install --no-cache-dir -c /opt/hvd_train/constraints.txt setuptools wheel cmake numpy \
-      "${TENSORFLOW_PACKAGE}==${TENSORFLOW_VERSION}" scikit-learn mpi4py
+      "${TENSORFLOW_PACKAGE}==${TENSORFLOW_VERSION}" scikit-learn matplotlib mpi4py
 
 RUN gpu_env=() \
  && if [[ -n "${HOROVOD_GPU_OPERATIONS}" ]]; then gpu_env=("HOROVOD_GPU_OPERATIONS=${HOROVOD_GPU_OPERATIONS}"); fi \

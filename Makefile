@@ -5,16 +5,18 @@ NP ?= 2
 CONTROLLER ?= gloo
 ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 SETUP_STAMP := $(VENV)/.hvd_train-setup-done
 # horovodrun imports TensorFlow itself; keep TF's C++ INFO lines out of the output.
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
-.PHONY: help setup train test test-deps clean
+.PHONY: help setup train test test-deps bench clean
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make train   set up on first use, then train (NP=$(NP) CONTROLLER=$(CONTROLLER) ARGS='...')"
 	@echo "make test    set up on first use, then run the test suite (PYTEST_ARGS='...')"
+	@echo "make bench   set up on first use, then the benchmark suite into bench/latest (BENCH_ARGS='...')"
 	@echo "make setup   (re)run the idempotent set-up: scripts/setup.sh"
 	@echo "make test-deps  (root) install what the multi-host and container tests need; they skip without it"
 	@echo "make clean   remove the venv and runs/"
@@ -31,6 +33,9 @@ train: $(SETUP_STAMP)
 
 test: $(SETUP_STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(SETUP_STAMP)
+	$(VENV)/bin/hvd-bench --out bench/latest $(BENCH_ARGS)
 
 # Test-only tools: an sshd to play a second host, podman/buildah/debootstrap for the image.
 # Not part of set-up: installing openssh-server starts an ssh service on systemd machines.

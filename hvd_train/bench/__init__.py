@@ -1,0 +1,1 @@
+"""hvd-bench: measure hvd_train's scaling, overhead, its peer, the wire and the knobs (see driver)."""

@@ -1,0 +1,234 @@
+"""hvd-bench: scaling, overhead, the peer (MultiWorkerMirroredStrategy), the wire and the knobs.
+
+Every figure is a ratio of runs made in this one invocation, with the variants interleaved
+repeat by repeat (a noisy neighbour slows all of them, not one) and medians taken. Each run is
+a fresh set of processes started by the real launcher. Writes results.json, results.md,
+scaling.png and wire.png into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from . import report
+
+BIN = Path(sys.executable).parent
+
+# Compute-bound default: one step is ~0.1 s of matrix products on one core.
+FULL = {"features": 256, "hidden": [1024, 1024], "classes": 10, "batch": 1024, "steps": 12, "epochs": 4,
+        "sizes": [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20],
+        "min_iters": 5, "min_seconds": 0.3, "repeats": 3}
+# For the test suite: the same code paths at toy sizes.
+QUICK = {"features": 16, "hidden": [32], "classes": 3, "batch": 32, "steps": 3, "epochs": 2,
+         "sizes": [4 << 10, 64 << 10], "min_iters": 2, "min_seconds": 0.0, "repeats": 1,
+         "quick_knobs": ["baseline", "fp16_allreduce", "backward_passes_2", "mpi"]}
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONUNBUFFERED="1")
+    env.update(extra or {})
+    return env
+
+
+class Runner:
+    def __init__(self, workdir: Path, timeout: int, log):
+        self.workdir, self.timeout, self.log = workdir, timeout, log
+        self.count = 0
+
+    def _result_file(self) -> Path:
+        self.count += 1
+        return self.workdir / f"result-{self.count}.json"
+
+    def _finish(self, procs: List[subprocess.Popen], result: Path, what: str) -> Dict[str, Any]:
+        deadline = time.monotonic() + self.timeout
+        outputs = []
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for p in procs:
+                    p.kill()
+                raise BenchError(f"{what}: no result within {self.timeout}s") from None
+            outputs.append(out)
+        if any(p.returncode for p in procs) or not result.exists():
+            raise BenchError(f"{what} failed:\n" + "\n".join(o[-2000:] for o in outputs))
+        return json.loads(result.read_text())
+
+    def horovod(self, task: str, np_: int, params: Dict[str, Any], controller: str = "gloo",
+                env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        result = self._result_file()
+        params = {**params, "output_dir": str(self.workdir / f"run-{self.count}")}
+        cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", f"--{controller}",
+               str(BIN / "python"), "-m", "hvd_train.bench.workers", task, json.dumps(params), str(result)]
+        proc = subprocess.Popen(cmd, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return self._finish([proc], result, f"{task} np={np_} {controller}")
+
+    def single(self, task: str, params: Dict[str, Any]) -> Dict[str, Any]:
+        result = self._result_file()
+        params = {**params, "output_dir": str(self.workdir / f"run-{self.count}")}
+        cmd = [str(BIN / "python"), "-m", "hvd_train.bench.workers", task, json.dumps(params), str(result)]
+        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return self._finish([proc], result, task)
+
+    def mwms(self, workers: int, params: Dict[str, Any]) -> Dict[str, Any]:
+        """MultiWorkerMirroredStrategy on localhost: one process per worker, told apart by TF_CONFIG."""
+        result = self._result_file()
+        params = {**params, "output_dir": str(self.workdir / f"run-{self.count}")}
+        hosts = [f"localhost:{_free_port()}" for _ in range(workers)]
+        procs = []
+        for index in range(workers):
+            tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+            cmd = [str(BIN / "python"), "-m", "hvd_train.bench.workers", "mwms", json.dumps(params), str(result)]
+            procs.append(subprocess.Popen(cmd, env=_env({"TF_CONFIG": json.dumps(tf_config), "BENCH_RANK": str(index)}),
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        return self._finish(procs, result, f"mwms x{workers}")
+
+
+def _median(runs: List[Dict[str, Any]], key: str = "samples_per_second") -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def scaling_section(runner: Runner, p: Dict[str, Any], repeats: int, log) -> Dict[str, Any]:
+    """Sections 1-3 interleaved: hvd_train np=1/np=2, one process on both cores, plain Keras, MWMS."""
+    one = {**p, "threads": 1}
+    variants = {
+        "hvd_np1": lambda: runner.horovod("hvd_train", 1, one),
+        "hvd_np2": lambda: runner.horovod("hvd_train", 2, one),
+        "hvd_np1_2threads": lambda: runner.horovod("hvd_train", 1, {**p, "threads": 2}),
+        "keras_np1": lambda: runner.single("keras", one),
+        "mwms_np2": lambda: runner.mwms(2, one),
+    }
+    runs: Dict[str, List[Dict[str, Any]]] = {k: [] for k in variants}
+    for repeat in range(repeats):
+        for name, launch in variants.items():
+            runs[name].append(launch())
+            log(f"repeat {repeat + 1}/{repeats} {name}: {runs[name][-1]['samples_per_second']:.0f} samples/s")
+    med = {k: _median(v) for k, v in runs.items()}
+    return {
+        "throughput": med,
+        "runs": runs,
+        "scaling_efficiency_np2": med["hvd_np2"] / (2 * med["hvd_np1"]),
+        "np2_vs_one_process_two_threads": med["hvd_np2"] / med["hvd_np1_2threads"],
+        "overhead_np1_vs_keras": 1 - med["hvd_np1"] / med["keras_np1"],
+        "hvd_vs_mwms_np2": med["hvd_np2"] / med["mwms_np2"],
+    }
+
+
+def wire_section(runner: Runner, p: Dict[str, Any], controllers: List[str], log) -> Dict[str, Any]:
+    out = {}
+    for controller in controllers:
+        out[controller] = runner.horovod("wire", 2, p, controller=controller)
+        log(f"wire {controller}: {len(out[controller]['allreduce'])} points")
+    return out
+
+
+def knobs_section(runner: Runner, p: Dict[str, Any], controllers: List[str], repeats: int, log) -> Dict[str, Any]:
+    """np=2 variants of the scaling workload; each is compared with the baseline of its repeat."""
+    one = {**p, "threads": 1}
+    variants = {
+        "baseline": (one, "gloo", None),
+        "batch_x0.25": ({**one, "batch": max(1, p["batch"] // 4), "steps": p["steps"] * 4}, "gloo", None),
+        "batch_x4": ({**one, "batch": p["batch"] * 4, "steps": max(1, p["steps"] // 4)}, "gloo", None),
+        "fp16_allreduce": ({**one, "fp16_allreduce": True}, "gloo", None),
+        "backward_passes_2": ({**one, "backward_passes_per_step": 2, "steps": max(1, p["steps"] // 2)}, "gloo", None),
+        "fusion_off": (one, "gloo", {"HOROVOD_FUSION_THRESHOLD": "0"}),
+        "cycle_time_10ms": (one, "gloo", {"HOROVOD_CYCLE_TIME": "10"}),
+    }
+    if "mpi" in controllers:
+        variants["mpi"] = (one, "mpi", None)
+    if p.get("quick_knobs"):
+        variants = {k: v for k, v in variants.items() if k in p["quick_knobs"]}
+    runs: Dict[str, List[Dict[str, Any]]] = {k: [] for k in variants}
+    for repeat in range(repeats):
+        for name, (params, controller, env) in variants.items():
+            runs[name].append(runner.horovod("hvd_train", 2, params, controller=controller, env=env))
+            log(f"knobs {repeat + 1}/{repeats} {name}: {runs[name][-1]['samples_per_second']:.0f} samples/s")
+    base = _median(runs["baseline"])
+    return {name: {"samples_per_second": _median(r), "vs_baseline": _median(r) / base,
+                   "test_accuracy": statistics.median(x["test_accuracy"] for x in r)}
+            for name, r in runs.items()}
+
+
+def machine() -> Dict[str, Any]:
+    import horovod
+    import tensorflow as tf
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cores": len(os.sched_getaffinity(0)), "cpu": cpu, "python": platform.python_version(),
+            "tensorflow": tf.__version__, "horovod": horovod.__version__, "platform": platform.platform(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="hvd-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/latest", help="directory for results.json, results.md and PNGs")
+    parser.add_argument("--quick", action="store_true", help="toy sizes (for tests): checks the machinery only")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per variant (default 3)")
+    parser.add_argument("--sections", default="scaling,wire,knobs", help="comma-separated subset of scaling,wire,knobs")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per launched run")
+    args = parser.parse_args(argv)
+    p = dict(QUICK if args.quick else FULL)
+    repeats = args.repeats or p.pop("repeats")
+    p.pop("repeats", None)
+    sections = set(args.sections.split(","))
+    unknown = sections - {"scaling", "wire", "knobs"}
+    if unknown or repeats < 1:
+        parser.error(f"unknown sections {sorted(unknown)}" if unknown else "--repeats must be >= 1")
+    controllers = ["gloo"] + (["mpi"] if shutil.which("mpirun") else [])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        sys.stdout.write(f"[hvd-bench {time.monotonic() - started:6.1f}s] {message}\n")
+        sys.stdout.flush()
+
+    results: Dict[str, Any] = {"machine": machine(), "workload": p, "repeats": repeats, "quick": args.quick}
+    with tempfile.TemporaryDirectory(prefix="hvd-bench-") as work:
+        runner = Runner(Path(work), args.timeout, log)
+        try:
+            if "scaling" in sections:
+                results["scaling"] = scaling_section(runner, p, repeats, log)
+            if "wire" in sections:
+                results["wire"] = wire_section(runner, p, controllers, log)
+            if "knobs" in sections:
+                results["knobs"] = knobs_section(runner, p, controllers, max(1, repeats - 1), log)
+        except BenchError as err:
+            sys.stderr.write(f"hvd-bench: error: {err}\n")
+            return 1
+    results["seconds"] = time.monotonic() - started
+    report.write_all(results, out)
+    log(f"wrote {out}/results.json, results.md, " + ", ".join(sorted(p.name for p in out.glob("*.png"))))
+    sys.stdout.write((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""hvd-bench's outputs: results.json, results.md (tables) and PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+
+def write_all(results: Dict[str, Any], out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    for stale in out.glob("*.png"):
+        stale.unlink()
+    if "scaling" in results:
+        plot_scaling(results, out / "scaling.png")
+    if "wire" in results:
+        plot_wire(results, out / "wire.png")
+
+
+def _size(nbytes: int) -> str:
+    for unit, factor in (("MB", 1 << 20), ("KB", 1 << 10)):
+        if nbytes >= factor:
+            return f"{nbytes // factor} {unit}"
+    return f"{nbytes} B"
+
+
+def markdown(r: Dict[str, Any]) -> str:
+    m = r["machine"]
+    w = r["workload"]
+    lines = [f"# hvd-bench results{' (quick: toy sizes, figures meaningless)' if r.get('quick') else ''}", "",
+             f"Machine: {m['cores']} cores, {m['cpu'] or 'unknown CPU'}; Python {m['python']}, "
+             f"TensorFlow {m['tensorflow']}, Horovod {m['horovod']}; {m['date']}; "
+             f"{r['repeats']} interleaved repeat(s), medians; {r['seconds']:.0f} s in all.", "",
+             f"Workload: MLP {w['features']}-{'-'.join(map(str, w['hidden']))}-{w['classes']} on synthetic data, "
+             f"{w['batch']} samples per process per step, {w['steps']} steps per epoch, {w['epochs']} epochs "
+             f"(the first, which traces the graph, is not timed), 1 intra-op thread per process.", ""]
+    if "scaling" in r:
+        s = r["scaling"]
+        t = s["throughput"]
+        lines += ["## Scaling, overhead, peer", "",
+                  "| run | samples/s (all ranks) |", "| --- | ---: |",
+                  f"| hvd_train, 1 process | {t['hvd_np1']:.0f} |",
+                  f"| hvd_train, 2 processes | {t['hvd_np2']:.0f} |",
+                  f"| hvd_train, 1 process with 2 threads | {t['hvd_np1_2threads']:.0f} |",
+                  f"| plain Keras fit, 1 process | {t['keras_np1']:.0f} |",
+                  f"| MultiWorkerMirroredStrategy, 2 workers | {t['mwms_np2']:.0f} |", "",
+                  "| figure | value | target |", "| --- | ---: | ---: |",
+                  f"| scaling efficiency T(2) / (2 x T(1)) | {s['scaling_efficiency_np2']:.3f} | >= 0.90 |",
+                  f"| 2 processes vs 1 process on both cores | {s['np2_vs_one_process_two_threads']:.3f} | |",
+                  f"| hvd_train overhead vs plain Keras at np=1 | {100 * s['overhead_np1_vs_keras']:+.1f}% | <= 2% |",
+                  f"| hvd_train / MultiWorkerMirroredStrategy at np=2 | {s['hvd_vs_mwms_np2']:.2f}x | >= 1.5x |", ""]
+    if "wire" in r:
+        lines += ["## The wire: hvd.allreduce between 2 processes", "",
+                  "Bus bandwidth in GB/s (bytes x 2(n-1)/n / time, the convention of NCCL's tests); fp16 "
+                  "counts the float32 bytes it stands for. memcpy: one thread's numpy copy, same sizes.", ""]
+        controllers = list(r["wire"])
+        header = ["size"] + [f"{c} {comp}" for c in controllers for comp in ("none", "fp16")] + ["memcpy"]
+        lines += ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
+        first = r["wire"][controllers[0]]
+        for i, copy in enumerate(first["memcpy"]):
+            cells = [_size(copy["bytes"])]
+            for c in controllers:
+                rows = {(x["bytes"], x["compression"]): x for x in r["wire"][c]["allreduce"]}
+                cells += [f"{rows[(copy['bytes'], comp)]['bus_gbps']:.2f}" for comp in ("none", "fp16")]
+            cells.append(f"{copy['gbps']:.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if "knobs" in r:
+        lines += ["## Knobs (2 processes; throughput relative to the baseline)", "",
+                  "| variant | samples/s | vs baseline | test accuracy |", "| --- | ---: | ---: | ---: |"]
+        for name, k in r["knobs"].items():
+            lines.append(f"| {name} | {k['samples_per_second']:.0f} | {k['vs_baseline']:.2f} | {k['test_accuracy']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scaling(r: Dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    t = r["scaling"]["throughput"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot([1, 2], [t["hvd_np1"], t["hvd_np2"]], "o-", label="hvd_train")
+    ax.plot([1, 2], [t["hvd_np1"], 2 * t["hvd_np1"]], "--", color="grey", label="ideal (linear)")
+    ax.plot([2], [t["mwms_np2"]], "s", label="MultiWorkerMirroredStrategy")
+    ax.plot([1], [t["keras_np1"]], "^", label="plain Keras")
+    ax.plot([1], [t["hvd_np1_2threads"]], "v", label="1 process, 2 threads")
+    ax.set_xlabel("processes")
+    ax.set_ylabel("samples / second (all ranks)")
+    ax.set_xticks([1, 2])
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"Throughput vs processes (efficiency {r['scaling']['scaling_efficiency_np2']:.2f})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_wire(r: Dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for controller, data in r["wire"].items():
+        for comp, style in (("none", "o-"), ("fp16", "x--")):
+            rows: List[Dict[str, Any]] = [x for x in data["allreduce"] if x["compression"] == comp]
+            ax.plot([x["bytes"] for x in rows], [x["bus_gbps"] for x in rows], style, label=f"{controller} {comp}")
+    copies = next(iter(r["wire"].values()))["memcpy"]
+    ax.plot([c["bytes"] for c in copies], [c["gbps"] for c in copies], ":", color="black", label="memcpy (1 thread)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tensor size (bytes)")
+    ax.set_ylabel("bus bandwidth (GB/s)")
+    ax.set_title("hvd.allreduce, 2 processes on one machine")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

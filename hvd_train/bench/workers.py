@@ -1,0 +1,214 @@
+"""What each benchmark process runs, under a launcher (or alone). One JSON result per run.
+
+Usage: python -m hvd_train.bench.workers TASK PARAMS_JSON RESULT_FILE
+
+Tasks:
+- ``hvd_train``: the real hvd_train.train() on the synthetic workload; throughput from epoch
+  timings taken on every rank (first epoch skipped: it traces the graph).
+- ``keras``: plain Keras fit, no Horovod, on the same model and the same batches.
+- ``mwms``: tf.distribute.MultiWorkerMirroredStrategy, one worker per process (TF_CONFIG).
+- ``wire``: hvd.allreduce bandwidth over tensor sizes, with and without fp16 compression,
+  and a single-threaded memory copy of the same sizes as the physical baseline.
+Total throughput is sum(samples over ranks) / max(seconds over ranks): an allreduce of each
+rank's count and time, not rank 0's figure times N.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+
+
+class EpochTimer:
+    """Keras callback factory: wall time of every epoch on this rank."""
+
+    @staticmethod
+    def make():
+        import tensorflow as tf
+
+        class _Timer(tf.keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.seconds: List[float] = []
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.seconds.append(time.perf_counter() - self.start)
+
+        return _Timer()
+
+
+def workload_config(p: Dict[str, Any], world_size: int):
+    """The synthetic MLP workload: ``steps`` steps per epoch of ``batch`` samples per process."""
+    from ..config import TrainConfig
+
+    test_fraction = 0.05
+    train_samples = p["steps"] * p["batch"] * world_size * p.get("backward_passes_per_step", 1)
+    samples = int(np.ceil(train_samples / (1 - test_fraction))) + 2
+    return TrainConfig(
+        dataset="synthetic", samples=samples, features=p["features"], classes=p["classes"],
+        hidden=tuple(p["hidden"]), epochs=p["epochs"], batch_size=p["batch"], lr=0.001,
+        warmup_epochs=0, val_fraction=0.0, test_fraction=test_fraction, threads=p["threads"],
+        fp16_allreduce=p.get("fp16_allreduce", False),
+        backward_passes_per_step=p.get("backward_passes_per_step", 1),
+        output_dir=p["output_dir"], progress="none", seed=p.get("seed", 1),
+    )
+
+
+def _combine(samples_per_epoch: int, seconds: List[float]) -> Dict[str, float]:
+    """Collective: total samples/s over all ranks, the job as slow as its slowest rank."""
+    import horovod.tensorflow as hvd
+
+    timed = seconds[1:] or seconds  # the first epoch traces and warms up
+    local = np.array([samples_per_epoch * len(timed), sum(timed)], np.float64)
+    # Horovod: every rank's count summed, every rank's time maxed: no rank-0-times-N shortcut.
+    count = hvd.allreduce(local[:1], op=hvd.Sum, name="bench.count").numpy()[0]
+    slowest = hvd.allreduce(local[1:], op=hvd.Max, name="bench.time").numpy()[0]
+    return {"samples_per_second": count / slowest, "seconds": slowest, "samples": count}
+
+
+def run_hvd_train(p: Dict[str, Any]) -> Dict[str, Any]:
+    import horovod.tensorflow as hvd
+
+    from ..trainer import train
+
+    hvd.init()
+    timer = EpochTimer.make()
+    result = train(workload_config(p, hvd.size()), callbacks=[timer])
+    samples = result.plan.train_samples_per_rank[hvd.rank()]
+    out = _combine(samples, timer.seconds)
+    out.update(world_size=hvd.size(), test_accuracy=result.metrics["test_accuracy"],
+               train_samples=result.plan.train_samples,
+               steps_per_epoch=result.plan.steps_per_epoch, epoch_seconds=timer.seconds)
+    return out
+
+
+def run_keras(p: Dict[str, Any]) -> Dict[str, Any]:
+    """Plain Keras on one process: the same model, batches and optimizer, without Horovod."""
+    import tensorflow as tf
+
+    from .. import data as data_mod
+    from ..model import build_mlp
+    from ..pipeline import ShardedBatches
+
+    tf.config.threading.set_intra_op_parallelism_threads(p["threads"])
+    tf.config.threading.set_inter_op_parallelism_threads(p["threads"])
+    config = workload_config(p, 1)
+    table = data_mod.load("synthetic", samples=config.samples, features=config.features,
+                          classes=config.classes, seed=config.seed)
+    splits = data_mod.split_and_scale(table, config.val_fraction, config.test_fraction, config.seed)
+    tf.keras.utils.set_random_seed(config.seed)
+    model = build_mlp(splits.n_features, splits.n_classes, hidden=config.hidden)
+    model.compile(optimizer=tf.keras.optimizers.legacy.Adam(config.lr),
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(),
+                  metrics=["accuracy", tf.keras.metrics.SparseCategoricalCrossentropy(name="xent")])
+    batches = ShardedBatches(splits.x_train, splits.y_train, 0, 1, config.batch_size, config.seed, config.shuffle)
+    timer = EpochTimer.make()
+    model.fit(batches, epochs=config.epochs, shuffle=False, callbacks=[timer], verbose=0)
+    timed = timer.seconds[1:] or timer.seconds
+    n = len(splits.y_train)
+    return {"samples_per_second": n * len(timed) / sum(timed), "seconds": sum(timed), "samples": n * len(timed),
+            "world_size": 1, "epoch_seconds": timer.seconds}
+
+
+def run_mwms(p: Dict[str, Any]) -> Dict[str, Any]:
+    """MultiWorkerMirroredStrategy: TF_CONFIG names the workers; same model and global batch."""
+    import tensorflow as tf
+
+    from .. import data as data_mod
+    from ..model import build_mlp
+
+    tf.config.threading.set_intra_op_parallelism_threads(p["threads"])
+    tf.config.threading.set_inter_op_parallelism_threads(p["threads"])
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    workers = strategy.num_replicas_in_sync
+    config = workload_config(p, workers)
+    table = data_mod.load("synthetic", samples=config.samples, features=config.features,
+                          classes=config.classes, seed=config.seed)
+    splits = data_mod.split_and_scale(table, config.val_fraction, config.test_fraction, config.seed)
+    global_batch = config.batch_size * workers
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dataset = (tf.data.Dataset.from_tensor_slices((splits.x_train, splits.y_train))
+               .batch(global_batch, drop_remainder=True).with_options(options).prefetch(2))
+    with strategy.scope():
+        tf.keras.utils.set_random_seed(config.seed)
+        model = build_mlp(splits.n_features, splits.n_classes, hidden=config.hidden)
+        model.compile(optimizer=tf.keras.optimizers.legacy.Adam(config.lr),
+                      loss=tf.keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    timer = EpochTimer.make()
+    model.fit(dataset, epochs=config.epochs, callbacks=[timer], verbose=0)
+    timed = timer.seconds[1:] or timer.seconds
+    steps = len(splits.y_train) // global_batch
+    total = steps * global_batch * len(timed)
+    seconds = sum(timed)
+    return {"samples_per_second": total / seconds, "seconds": seconds, "samples": total,
+            "world_size": workers, "epoch_seconds": timer.seconds}
+
+
+def run_wire(p: Dict[str, Any]) -> Dict[str, Any]:
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    hvd.init()
+    n = hvd.size()
+    rows = []
+    for size in p["sizes"]:
+        x = tf.constant(np.ones(size // 4, np.float32))
+        for compression in ("none", "fp16"):
+            comp = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
+            name = f"wire.{size}.{compression}"
+            for _ in range(2):  # warm up: negotiation, buffers
+                hvd.allreduce(x, op=hvd.Sum, compression=comp, name=name)
+            iters, start = 0, time.perf_counter()
+            while True:
+                hvd.allreduce(x, op=hvd.Sum, compression=comp, name=name)
+                iters += 1
+                # Every rank must run the same number of iterations: rank 0 decides when to stop.
+                elapsed = time.perf_counter() - start
+                done = hvd.broadcast_object(iters >= p["min_iters"] and elapsed >= p["min_seconds"],
+                                            root_rank=0, name=f"{name}.done")
+                if done:
+                    break
+            seconds = hvd.allreduce(np.array([(time.perf_counter() - start) / iters]), op=hvd.Max,
+                                    name=f"{name}.t").numpy()[0]
+            # Bus bandwidth (NCCL-tests' convention): what each link carries in a ring allreduce.
+            rows.append({"bytes": size, "compression": compression, "seconds": seconds,
+                         "bus_gbps": size * 2 * (n - 1) / n / seconds / 1e9 if n > 1 else 0.0,
+                         "algo_gbps": size / seconds / 1e9})
+    copies = []
+    for size in p["sizes"]:
+        src, dst = np.ones(size // 4, np.float32), np.empty(size // 4, np.float32)
+        iters, start = 0, time.perf_counter()
+        while iters < p["min_iters"] or time.perf_counter() - start < p["min_seconds"] / 2:
+            np.copyto(dst, src)
+            iters += 1
+        copies.append({"bytes": size, "seconds": (time.perf_counter() - start) / iters,
+                       "gbps": size / ((time.perf_counter() - start) / iters) / 1e9})
+    return {"world_size": n, "allreduce": rows, "memcpy": copies}
+
+
+TASKS = {"hvd_train": run_hvd_train, "keras": run_keras, "mwms": run_mwms, "wire": run_wire}
+
+
+def main(argv=None) -> int:
+    task, params, result_file = (argv or sys.argv[1:])[:3]
+    p = json.loads(params)
+    result = TASKS[task](p)
+    rank = int(os.environ.get("HOROVOD_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK")
+               or os.environ.get("BENCH_RANK") or 0)
+    if rank == 0:
+        with open(result_file + ".tmp", "w") as f:
+            json.dump(result, f)
+        os.replace(result_file + ".tmp", result_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

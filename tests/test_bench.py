@@ -1,0 +1,65 @@
+"""hvd-bench at toy sizes: every section runs through the real launchers and writes well-formed
+JSON, markdown and PNGs. No timing assertions: figures are only checked to be positive and finite."""
+import json
+import math
+
+import pytest
+
+from conftest import BIN, run
+
+pytestmark = pytest.mark.integration
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = run([BIN / "hvd-bench", "--quick", "--out", out], timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_results_json(bench):
+    out, _ = bench
+    r = json.loads((out / "results.json").read_text())
+    assert r["quick"] is True and r["machine"]["cores"] >= 1 and r["machine"]["tensorflow"] == "2.15.1"
+    s = r["scaling"]
+    assert set(s["throughput"]) == {"hvd_np1", "hvd_np2", "hvd_np1_2threads", "keras_np1", "mwms_np2"}
+    assert all(positive(v) for v in s["throughput"].values())
+    for key in ("scaling_efficiency_np2", "np2_vs_one_process_two_threads", "hvd_vs_mwms_np2"):
+        assert positive(s[key])
+    assert math.isfinite(s["overhead_np1_vs_keras"])
+    # Throughput is summed over ranks from every rank's own count: np=2 counts both shards.
+    np2 = s["runs"]["hvd_np2"][0]
+    assert np2["world_size"] == 2 and np2["samples"] == np2["train_samples"] * (r["workload"]["epochs"] - 1)
+    assert s["runs"]["mwms_np2"][0]["world_size"] == 2
+    for controller, wire in r["wire"].items():
+        assert wire["world_size"] == 2
+        assert {(x["bytes"], x["compression"]) for x in wire["allreduce"]} == {
+            (b, c) for b in r["workload"]["sizes"] for c in ("none", "fp16")}
+        assert all(positive(x["bus_gbps"]) and positive(x["seconds"]) for x in wire["allreduce"])
+        assert all(positive(c["gbps"]) for c in wire["memcpy"])
+    assert "gloo" in r["wire"]
+    assert r["knobs"]["baseline"]["vs_baseline"] == 1.0 and {"fp16_allreduce", "backward_passes_2"} <= set(r["knobs"])
+    assert all(positive(k["samples_per_second"]) and 0 <= k["test_accuracy"] <= 1 for k in r["knobs"].values())
+
+
+def test_markdown_and_plots(bench):
+    out, proc = bench
+    md = (out / "results.md").read_text()
+    assert md.startswith("# hvd-bench results") and "| scaling efficiency T(2) / (2 x T(1)) |" in md
+    assert "## The wire" in md and "## Knobs" in md and md in proc.stdout
+    for name in ("scaling.png", "wire.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert (width, height) == (600, 400)
+
+
+def test_bad_arguments():
+    proc = run([BIN / "hvd-bench", "--sections", "nope"], timeout=60)
+    assert proc.returncode == 2 and "unknown sections ['nope']" in proc.stderr
