@@ -48,7 +48,9 @@ args=(-np "$np" -bind-to none -map-by slot -x PATH="$venv/bin:$PATH" -x LD_LIBRA
 (( EUID == 0 )) && args+=(--allow-run-as-root)
 [[ -n "$hosts" ]] && args+=(-H "$hosts")
 [[ -n "$hostfile" ]] && args+=(--hostfile "$hostfile")
-[[ -z "$hosts" && -z "$hostfile" ]] && args+=(--oversubscribe)
+# One machine: ranks may exceed cores; and with every core computing, Open MPI's busy-polling
+# costs throughput (measured, README Performance), so ranks yield while they wait.
+[[ -z "$hosts" && -z "$hostfile" ]] && args+=(--oversubscribe -mca mpi_yield_when_idle "${OMPI_MCA_mpi_yield_when_idle:-1}")
 rsh_args="${ssh_port:+-p $ssh_port }${ssh_key:+-i $ssh_key }${SSH_OPTS:-}"
 [[ -n "${rsh_args// /}" ]] && args+=(-mca plm_rsh_args "$rsh_args")
 # shellcheck disable=SC2206  # MPIRUN_OPTS is a list of options, split on purpose

@@ -158,6 +158,8 @@ def knobs_section(runner: Runner, p: Dict[str, Any], controllers: List[str], rep
     }
     if "mpi" in controllers:
         variants["mpi"] = (one, "mpi", None)
+        # Open MPI busy-polls while waiting; on a host whose cores all compute, that steals cycles.
+        variants["mpi_yield_when_idle"] = (one, "mpi", {"OMPI_MCA_mpi_yield_when_idle": "1"})
     if p.get("quick_knobs"):
         variants = {k: v for k, v in variants.items() if k in p["quick_knobs"]}
     runs: Dict[str, List[Dict[str, Any]]] = {k: [] for k in variants}

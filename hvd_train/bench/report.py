@@ -114,7 +114,8 @@ def plot_wire(r: Dict[str, Any], path: Path) -> None:
     ax.plot([c["bytes"] for c in copies], [c["gbps"] for c in copies], ":", color="black", label="memcpy (1 thread)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tensor size (bytes)")
-    ax.set_ylabel("bus bandwidth (GB/s)")
+    ax.set_yscale("log")  # allreduce and memcpy differ by orders of magnitude
+    ax.set_ylabel("bus bandwidth (GB/s, log scale)")
     ax.set_title("hvd.allreduce, 2 processes on one machine")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -166,16 +166,16 @@ def run_wire(p: Dict[str, Any]) -> Dict[str, Any]:
             name = f"wire.{size}.{compression}"
             for _ in range(2):  # warm up: negotiation, buffers
                 hvd.allreduce(x, op=hvd.Sum, compression=comp, name=name)
-            iters, start = 0, time.perf_counter()
-            while True:
+            # Rank 0 sizes the timed loop from a probe, so every rank runs the same iterations and
+            # no extra collective sits inside the timed loop.
+            start = time.perf_counter()
+            hvd.allreduce(x, op=hvd.Sum, compression=comp, name=name)
+            probe = time.perf_counter() - start
+            iters = hvd.broadcast_object(max(p["min_iters"], int(p["min_seconds"] / max(probe, 1e-6))),
+                                         root_rank=0, name=f"{name}.iters")
+            start = time.perf_counter()
+            for _ in range(iters):
                 hvd.allreduce(x, op=hvd.Sum, compression=comp, name=name)
-                iters += 1
-                # Every rank must run the same number of iterations: rank 0 decides when to stop.
-                elapsed = time.perf_counter() - start
-                done = hvd.broadcast_object(iters >= p["min_iters"] and elapsed >= p["min_seconds"],
-                                            root_rank=0, name=f"{name}.done")
-                if done:
-                    break
             seconds = hvd.allreduce(np.array([(time.perf_counter() - start) / iters]), op=hvd.Max,
                                     name=f"{name}.t").numpy()[0]
             # Bus bandwidth (NCCL-tests' convention): what each link carries in a ring allreduce.
