@@ -249,7 +249,7 @@ def _resume(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits
     """
     if not config.resume:
         return {}
-    decision, error = runtime.on_rank0(rt, _load_resume_point, config, plan, splits, model, optimizer) or (None, None)
+    decision, error = runtime.on_rank0(rt, _load_resume_point, rt, config, plan, splits, model, optimizer) or (None, None)
     runtime.agree(error, "resume")
     # Horovod: rank 0 decided where to resume; every rank follows (ranks never race on the files).
     decision = runtime.broadcast(decision, "resume")
@@ -258,7 +258,7 @@ def _resume(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits
     return decision
 
 
-def _load_resume_point(config, plan, splits, model, optimizer) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+def _load_resume_point(rt, config, plan, splits, model, optimizer) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     """Rank 0 only (no collectives): choose the checkpoint, check it fits this run, load it."""
     try:
         if config.resume == "auto":
@@ -266,9 +266,9 @@ def _load_resume_point(config, plan, splits, model, optimizer) -> Tuple[Optional
         else:
             ckpt, skipped = checkpoint.load(config.resume), []
         for note in skipped:
-            runtime.write_line(f"[hvd_train] {note}")
+            runtime.log(rt, note)
         if ckpt is None:
-            runtime.write_line(f"[hvd_train] no usable checkpoint in {config.checkpoint_dir}: starting at epoch 1")
+            runtime.log(rt, f"no usable checkpoint in {config.checkpoint_dir}: starting at epoch 1")
             return {}, None
         _check_compatible(ckpt, config, splits)
         try:
@@ -280,11 +280,11 @@ def _load_resume_point(config, plan, splits, model, optimizer) -> Tuple[Optional
         return None, str(err)
     meta = ckpt.meta
     was = meta["plan"]
-    runtime.write_line(
-        f"[hvd_train] resuming from {ckpt.path}: {ckpt.epoch} of {config.epochs} epoch(s) done"
+    runtime.log(
+        rt, f"resuming from {ckpt.path}: {ckpt.epoch} of {config.epochs} epoch(s) done"
         + (" (that run had stopped early)" if meta.get("stopped_early") else ""))
-    runtime.write_line(
-        f"[hvd_train] it was written by {was['world_size']} process(es) (global batch {was['global_batch_size']}, "
+    runtime.log(
+        rt, f"it was written by {was['world_size']} process(es) (global batch {was['global_batch_size']}, "
         f"lr {was['scaled_lr']:g}); now {plan.world_size} process(es): global batch {plan.global_batch_size}, "
         f"lr {plan.scaled_lr:g}")
     same_world = was["world_size"] == plan.world_size and was["scaled_lr"] == plan.scaled_lr
@@ -541,5 +541,5 @@ class _Checkpointer(tf.keras.callbacks.Callback):
                                    self.model.optimizer.get_weights(), meta, self.config.keep_checkpoints)
         except OSError as err:
             return f"could not write the checkpoint for epoch {epoch} in {self.config.checkpoint_dir}: {err}"
-        runtime.write_line(f"[hvd_train] checkpoint {path}")
+        runtime.log(self.rt, f"checkpoint {path}")
         return None
