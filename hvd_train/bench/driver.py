@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import report
 
@@ -53,13 +53,20 @@ def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 
 class Runner:
-    def __init__(self, workdir: Path, timeout: int, log):
-        self.workdir, self.timeout, self.log = workdir, timeout, log
+    def __init__(self, workdir: Path, timeout: int):
+        self.workdir, self.timeout = workdir, timeout
         self.count = 0
 
-    def _result_file(self) -> Path:
+    def _job(self, task: str, params: Dict[str, Any]) -> Tuple[Path, List[str]]:
+        """A fresh result file and output directory, and the worker command that fills them."""
         self.count += 1
-        return self.workdir / f"result-{self.count}.json"
+        result = self.workdir / f"result-{self.count}.json"
+        params = {**params, "output_dir": str(self.workdir / f"run-{self.count}")}
+        return result, [str(BIN / "python"), "-m", "hvd_train.bench.workers", task, json.dumps(params), str(result)]
+
+    @staticmethod
+    def _start(cmd: List[str], env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+        return subprocess.Popen(cmd, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def _finish(self, procs: List[subprocess.Popen], result: Path, what: str) -> Dict[str, Any]:
         deadline = time.monotonic() + self.timeout
@@ -78,31 +85,22 @@ class Runner:
 
     def horovod(self, task: str, np_: int, params: Dict[str, Any], controller: str = "gloo",
                 env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-        result = self._result_file()
-        params = {**params, "output_dir": str(self.workdir / f"run-{self.count}")}
-        cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", f"--{controller}",
-               str(BIN / "python"), "-m", "hvd_train.bench.workers", task, json.dumps(params), str(result)]
-        proc = subprocess.Popen(cmd, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        return self._finish([proc], result, f"{task} np={np_} {controller}")
+        result, worker = self._job(task, params)
+        launcher = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", f"--{controller}"]
+        return self._finish([self._start(launcher + worker, env)], result, f"{task} np={np_} {controller}")
 
     def single(self, task: str, params: Dict[str, Any]) -> Dict[str, Any]:
-        result = self._result_file()
-        params = {**params, "output_dir": str(self.workdir / f"run-{self.count}")}
-        cmd = [str(BIN / "python"), "-m", "hvd_train.bench.workers", task, json.dumps(params), str(result)]
-        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        return self._finish([proc], result, task)
+        result, worker = self._job(task, params)
+        return self._finish([self._start(worker)], result, task)
 
     def mwms(self, workers: int, params: Dict[str, Any]) -> Dict[str, Any]:
         """MultiWorkerMirroredStrategy on localhost: one process per worker, told apart by TF_CONFIG."""
-        result = self._result_file()
-        params = {**params, "output_dir": str(self.workdir / f"run-{self.count}")}
+        result, worker = self._job("mwms", params)
         hosts = [f"localhost:{_free_port()}" for _ in range(workers)]
-        procs = []
-        for index in range(workers):
-            tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
-            cmd = [str(BIN / "python"), "-m", "hvd_train.bench.workers", "mwms", json.dumps(params), str(result)]
-            procs.append(subprocess.Popen(cmd, env=_env({"TF_CONFIG": json.dumps(tf_config), "BENCH_RANK": str(index)}),
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs = [self._start(worker, {"TF_CONFIG": json.dumps({"cluster": {"worker": hosts},
+                                                               "task": {"type": "worker", "index": index}}),
+                                      "BENCH_RANK": str(index)})
+                 for index in range(workers)]
         return self._finish(procs, result, f"mwms x{workers}")
 
 
@@ -214,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     results: Dict[str, Any] = {"machine": machine(), "workload": p, "repeats": repeats, "quick": args.quick}
     with tempfile.TemporaryDirectory(prefix="hvd-bench-") as work:
-        runner = Runner(Path(work), args.timeout, log)
+        runner = Runner(Path(work), args.timeout)
         try:
             if "scaling" in sections:
                 results["scaling"] = scaling_section(runner, p, repeats, log)

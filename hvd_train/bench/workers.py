@@ -22,6 +22,8 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from ..trainer import _load_splits  # the data path train() uses, for the runs that bypass train()
+
 
 class EpochTimer:
     """Keras callback factory: wall time of every epoch on this rank."""
@@ -61,6 +63,14 @@ def workload_config(p: Dict[str, Any], world_size: int):
     )
 
 
+def _set_threads(threads: int) -> None:
+    """The same thread pools runtime.init gives an hvd_train process, for the runs without Horovod."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
 def _combine(samples_per_epoch: int, seconds: List[float]) -> Dict[str, float]:
     """Collective: total samples/s over all ranks, the job as slow as its slowest rank."""
     import horovod.tensorflow as hvd
@@ -93,16 +103,12 @@ def run_keras(p: Dict[str, Any]) -> Dict[str, Any]:
     """Plain Keras on one process: the same model, batches and optimizer, without Horovod."""
     import tensorflow as tf
 
-    from .. import data as data_mod
     from ..model import build_mlp
     from ..pipeline import ShardedBatches
 
-    tf.config.threading.set_intra_op_parallelism_threads(p["threads"])
-    tf.config.threading.set_inter_op_parallelism_threads(p["threads"])
+    _set_threads(p["threads"])
     config = workload_config(p, 1)
-    table = data_mod.load("synthetic", samples=config.samples, features=config.features,
-                          classes=config.classes, seed=config.seed)
-    splits = data_mod.split_and_scale(table, config.val_fraction, config.test_fraction, config.seed)
+    splits = _load_splits(config, None)
     tf.keras.utils.set_random_seed(config.seed)
     model = build_mlp(splits.n_features, splits.n_classes, hidden=config.hidden)
     model.compile(optimizer=tf.keras.optimizers.legacy.Adam(config.lr),
@@ -121,17 +127,13 @@ def run_mwms(p: Dict[str, Any]) -> Dict[str, Any]:
     """MultiWorkerMirroredStrategy: TF_CONFIG names the workers; same model and global batch."""
     import tensorflow as tf
 
-    from .. import data as data_mod
     from ..model import build_mlp
 
-    tf.config.threading.set_intra_op_parallelism_threads(p["threads"])
-    tf.config.threading.set_inter_op_parallelism_threads(p["threads"])
+    _set_threads(p["threads"])
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     workers = strategy.num_replicas_in_sync
     config = workload_config(p, workers)
-    table = data_mod.load("synthetic", samples=config.samples, features=config.features,
-                          classes=config.classes, seed=config.seed)
-    splits = data_mod.split_and_scale(table, config.val_fraction, config.test_fraction, config.seed)
+    splits = _load_splits(config, None)
     global_batch = config.batch_size * workers
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -189,8 +191,8 @@ def run_wire(p: Dict[str, Any]) -> Dict[str, Any]:
         while iters < p["min_iters"] or time.perf_counter() - start < p["min_seconds"] / 2:
             np.copyto(dst, src)
             iters += 1
-        copies.append({"bytes": size, "seconds": (time.perf_counter() - start) / iters,
-                       "gbps": size / ((time.perf_counter() - start) / iters) / 1e9})
+        seconds = (time.perf_counter() - start) / iters
+        copies.append({"bytes": size, "seconds": seconds, "gbps": size / seconds / 1e9})
     return {"world_size": n, "allreduce": rows, "memcpy": copies}
 
 
