@@ -1,6 +1,8 @@
 """Checkpoints, resume after a crash, early stopping and LR schedules, all across real ranks."""
 import math
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,15 +74,8 @@ def iris_checkpoints(tmp_path_factory):
     return base / "ckpt"
 
 
-def copy_dir(src, dst):
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
-
-
 def test_corrupt_and_truncated_checkpoints_are_skipped(iris_checkpoints, tmp_path):
-    ckpt = copy_dir(iris_checkpoints, tmp_path / "ckpt")
+    ckpt = Path(shutil.copytree(iris_checkpoints, tmp_path / "ckpt"))
     newest = ckpt / "ckpt-epoch-000006.npz"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte somewhere in the arrays
@@ -98,7 +93,7 @@ def test_corrupt_and_truncated_checkpoints_are_skipped(iris_checkpoints, tmp_pat
 
 
 def test_resume_on_a_different_world_size(iris_checkpoints, tmp_path):
-    ckpt = copy_dir(iris_checkpoints, tmp_path / "ckpt")
+    ckpt = Path(shutil.copytree(iris_checkpoints, tmp_path / "ckpt"))
     out = tmp_path / "out"
     proc = horovodrun(1, ["--epochs", "30", "--checkpoint-dir", ckpt, "--output-dir", out, "--resume"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
