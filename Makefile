@@ -2,7 +2,8 @@
 SHELL := /bin/bash
 VENV ?= .venv
 NP ?= 2
-CONTROLLER ?= gloo
+# Empty: launch/local.sh picks MPI when mpirun is installed, else Gloo (see README, Performance).
+CONTROLLER ?=
 ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
@@ -14,7 +15,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 1
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make train   set up on first use, then train (NP=$(NP) CONTROLLER=$(CONTROLLER) ARGS='...')"
+	@echo "make train   set up on first use, then train (NP=$(NP) CONTROLLER=mpi|gloo ARGS='...')"
 	@echo "make test    set up on first use, then run the test suite (PYTEST_ARGS='...')"
 	@echo "make bench   set up on first use, then the benchmark suite into bench/latest (BENCH_ARGS='...')"
 	@echo "make setup   (re)run the idempotent set-up: scripts/setup.sh"
@@ -29,7 +30,7 @@ $(SETUP_STAMP): scripts/setup.sh constraints.txt setup.cfg pyproject.toml
 setup: $(SETUP_STAMP)
 
 train: $(SETUP_STAMP)
-	$(VENV)/bin/horovodrun -np $(NP) -H localhost:$(NP) --$(CONTROLLER) $(VENV)/bin/hvd-train $(ARGS)
+	VENV=$(abspath $(VENV)) CONTROLLER=$(CONTROLLER) launch/local.sh -n $(NP) -- $(ARGS)
 
 test: $(SETUP_STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -28,10 +28,17 @@ def test_results_json(bench):
     r = json.loads((out / "results.json").read_text())
     assert r["quick"] is True and r["machine"]["cores"] >= 1 and r["machine"]["tensorflow"] == "2.15.1"
     s = r["scaling"]
-    assert set(s["throughput"]) == {"hvd_np1", "hvd_np2", "hvd_np1_2threads", "keras_np1", "mwms_np2"}
+    expected = {"hvd_np1", "hvd_np2", "independent_np1_x2", "hvd_np1_2threads", "keras_np1", "mwms_np2"}
+    assert set(s["throughput"]) == expected | ({"hvd_np2_mpi"} if "mpi" in r["wire"] else set())
     assert all(positive(v) for v in s["throughput"].values())
-    for key in ("scaling_efficiency_np2", "np2_vs_one_process_two_threads", "hvd_vs_mwms_np2"):
+    for key in ("scaling_efficiency_np2", "scaling_efficiency_np2_gloo", "ceiling_efficiency_np2", "np2_vs_ceiling",
+                "np2_vs_one_process_two_threads", "hvd_vs_mwms_np2"):
         assert positive(s[key])
+    # The headline figure is the faster controller's, and the ceiling is two real 1-process runs.
+    assert s["throughput"][s["best_np2"]] == max(s["throughput"][k] for k in ("hvd_np2", "hvd_np2_mpi")
+                                                 if k in s["throughput"])
+    copies = s["runs"]["independent_np1_x2"][0]["copies"]
+    assert len(copies) == 2 and all(c["world_size"] == 1 for c in copies)
     assert math.isfinite(s["overhead_np1_vs_keras"])
     # Throughput is summed over ranks from every rank's own count: np=2 counts both shards.
     np2 = s["runs"]["hvd_np2"][0]
@@ -51,7 +58,7 @@ def test_results_json(bench):
 def test_markdown_and_plots(bench):
     out, proc = bench
     md = (out / "results.md").read_text()
-    assert md.startswith("# hvd-bench results") and "| scaling efficiency T(2) / (2 x T(1)) |" in md
+    assert md.startswith("# hvd-bench results") and "| scaling efficiency T(2) / (2 x T(1)), best controller (" in md
     assert "## The wire" in md and "## Knobs" in md and md in proc.stdout
     for name in ("scaling.png", "wire.png"):
         data = (out / name).read_bytes()

@@ -40,12 +40,20 @@ def markdown(r: Dict[str, Any]) -> str:
         lines += ["## Scaling, overhead, peer", "",
                   "| run | samples/s (all ranks) |", "| --- | ---: |",
                   f"| hvd_train, 1 process | {t['hvd_np1']:.0f} |",
-                  f"| hvd_train, 2 processes | {t['hvd_np2']:.0f} |",
+                  f"| hvd_train, 2 processes, Gloo | {t['hvd_np2']:.0f} |",
+                  *([f"| hvd_train, 2 processes, MPI (yield when idle) | {t['hvd_np2_mpi']:.0f} |"]
+                    if "hvd_np2_mpi" in t else []),
+                  f"| 2 independent 1-process jobs at once (no communication: the ceiling) "
+                  f"| {t['independent_np1_x2']:.0f} |",
                   f"| hvd_train, 1 process with 2 threads | {t['hvd_np1_2threads']:.0f} |",
                   f"| plain Keras fit, 1 process | {t['keras_np1']:.0f} |",
                   f"| MultiWorkerMirroredStrategy, 2 workers | {t['mwms_np2']:.0f} |", "",
                   "| figure | value | target |", "| --- | ---: | ---: |",
-                  f"| scaling efficiency T(2) / (2 x T(1)) | {s['scaling_efficiency_np2']:.3f} | >= 0.90 |",
+                  f"| scaling efficiency T(2) / (2 x T(1)), best controller ({_controller(s['best_np2'])}) "
+                  f"| {s['scaling_efficiency_np2']:.3f} | >= 0.90 |",
+                  f"| the same with Gloo | {s['scaling_efficiency_np2_gloo']:.3f} | |",
+                  f"| the ceiling: 2 independent jobs / (2 x T(1)) | {s['ceiling_efficiency_np2']:.3f} | |",
+                  f"| 2 processes vs the ceiling (cost of synchronising) | {s['np2_vs_ceiling']:.3f} | |",
                   f"| 2 processes vs 1 process on both cores | {s['np2_vs_one_process_two_threads']:.3f} | |",
                   f"| hvd_train overhead vs plain Keras at np=1 | {100 * s['overhead_np1_vs_keras']:+.1f}% | <= 2% |",
                   f"| hvd_train / MultiWorkerMirroredStrategy at np=2 | {s['hvd_vs_mwms_np2']:.2f}x | >= 1.5x |", ""]
@@ -74,6 +82,10 @@ def markdown(r: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _controller(variant: str) -> str:
+    return "MPI" if variant.endswith("_mpi") else "Gloo"
+
+
 def _pyplot():
     import matplotlib
 
@@ -87,7 +99,10 @@ def plot_scaling(r: Dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     t = r["scaling"]["throughput"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot([1, 2], [t["hvd_np1"], t["hvd_np2"]], "o-", label="hvd_train")
+    ax.plot([1, 2], [t["hvd_np1"], t["hvd_np2"]], "o-", label="hvd_train, Gloo")
+    if "hvd_np2_mpi" in t:
+        ax.plot([1, 2], [t["hvd_np1"], t["hvd_np2_mpi"]], "o-", label="hvd_train, MPI")
+    ax.plot([2], [t["independent_np1_x2"]], "D", label="2 independent jobs (ceiling)")
     ax.plot([1, 2], [t["hvd_np1"], 2 * t["hvd_np1"]], "--", color="grey", label="ideal (linear)")
     ax.plot([2], [t["mwms_np2"]], "s", label="MultiWorkerMirroredStrategy")
     ax.plot([1], [t["keras_np1"]], "^", label="plain Keras")

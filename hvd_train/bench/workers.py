@@ -52,7 +52,11 @@ def workload_config(p: Dict[str, Any], world_size: int):
 
     test_fraction = 0.05
     train_samples = p["steps"] * p["batch"] * world_size * p.get("backward_passes_per_step", 1)
-    samples = int(np.ceil(train_samples / (1 - test_fraction))) + 2
+    # sklearn's split keeps ceil(fraction * n) for the test set: pick n so that exactly
+    # train_samples remain, i.e. every step is a full batch (no 1-sample tail step).
+    samples = train_samples
+    while samples - int(np.ceil(test_fraction * samples)) < train_samples:
+        samples += 1
     return TrainConfig(
         dataset="synthetic", samples=samples, features=p["features"], classes=p["classes"],
         hidden=tuple(p["hidden"]), epochs=p["epochs"], batch_size=p["batch"], lr=0.001,
