@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 # TensorFlow's C++ INFO lines (oneDNN, CPU features) repeat once per rank; keep warnings and errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-__all__ = ["TrainConfig", "ConfigError", "DataError", "Table", "train", "build_mlp", "__version__"]
+__all__ = ["TrainConfig", "ConfigError", "DataError", "Table", "train", "dry_run", "build_mlp", "__version__"]
 
 
 def __getattr__(name):
@@ -17,9 +17,9 @@ def __getattr__(name):
     if name in ("DataError", "Table"):
         from . import data
         return getattr(data, name)
-    if name == "train":
-        from .trainer import train
-        return train
+    if name in ("train", "dry_run"):
+        from . import trainer
+        return getattr(trainer, name)
     if name == "build_mlp":
         from .model import build_mlp
         return build_mlp

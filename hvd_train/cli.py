@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, NoReturn, Optional
+from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
-from . import runtime
+from . import configfile, runtime
 from .config import (ACTIVATIONS, DATASETS, EARLY_STOPPING_METRICS, LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS,
                      PROGRESS, ConfigError, TrainConfig)
 
@@ -30,15 +30,30 @@ def _hidden(text: str) -> tuple:
     return sizes
 
 
-def train_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="hvd-train",
-        description="Train a Keras classifier data-parallel with Horovod. Launch it with "
-                    "horovodrun/mpirun (e.g. horovodrun -np 2 hvd-train ...); alone it runs one process. "
-                    "'hvd-train predict --help' for predictions from a saved run; "
-                    "'hvd-train versions' prints the installed versions.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def train_parser(plan: bool = False) -> argparse.ArgumentParser:
+    if plan:
+        p = _Parser(prog="hvd-train plan", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    description="Print the resolved run without training: world size, per-process and global "
+                                "batch, scaled learning rate and warmup, steps per epoch, samples per shard and "
+                                "what each rank sees. Same set-up code as a real run. Takes every training option.")
+        g = p.add_argument_group("plan")
+        g.add_argument("--np", type=int, default=None,
+                       help="plan for this many processes (alone; under a launcher the world is the launcher's)")
+        g.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    else:
+        p = _Parser(
+            prog="hvd-train",
+            description="Train a Keras classifier data-parallel with Horovod. Launch it with "
+                        "horovodrun/mpirun (e.g. horovodrun -np 2 hvd-train ...); alone it runs one process. "
+                        "'hvd-train plan --help' shows the resolved run without training; "
+                        "'hvd-train predict --help' for predictions from a saved run; "
+                        "'hvd-train versions' prints the installed versions.",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        p.add_argument("--dry-run", action="store_true", help="print the plan (as 'hvd-train plan') and exit")
+    p.add_argument("--config", default=None, metavar="FILE.toml",
+                   help="read options from a TOML file (keys: these options with _ for -); "
+                        "options on the command line override it")
     d = DEFAULTS
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset, help=f"{', '.join(DATASETS)}, or csv:PATH (header row)")
@@ -55,7 +70,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden layer sizes, e.g. 64,32")
     g.add_argument("--activation", choices=ACTIVATIONS, default=d.activation)
     g.add_argument("--dropout", type=float, default=d.dropout)
-    g.add_argument("--logits", action="store_true", help="output logits instead of softmax probabilities")
+    g.add_argument("--logits", action=argparse.BooleanOptionalAction, default=d.logits,
+                   help="output logits instead of softmax probabilities")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch-size", type=int, default=d.batch_size,
@@ -67,7 +83,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="scale the base learning rate by world size (linear), its square root, or not")
     g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
                    help="Horovod LR warmup from scaled_lr/size to scaled_lr (0 = off)")
-    g.add_argument("--fp16-allreduce", action="store_true",
+    g.add_argument("--fp16-allreduce", action=argparse.BooleanOptionalAction, default=d.fp16_allreduce,
                    help="Horovod: compress gradients to float16 for the allreduce (half the bytes on the wire)")
     g.add_argument("--backward-passes-per-step", type=int, default=d.backward_passes_per_step,
                    help="Horovod: accumulate this many local gradients before each allreduce "
@@ -96,6 +112,21 @@ def train_parser() -> argparse.ArgumentParser:
                    help="TF intra-op threads per process; None = cores // processes on the host")
     g.add_argument("--output-dir", default=d.output_dir, help="where outputs go; None = runs/<timestamp>")
     g.add_argument("--progress", choices=PROGRESS, default=d.progress, help="rank 0's progress: auto = live bar on a terminal without a launcher, else one line per epoch")
+    g.add_argument("--verbose-ranks", action=argparse.BooleanOptionalAction, default=d.verbose_ranks,
+                   help="ranks other than 0 print their log lines and TensorFlow/Horovod warnings too "
+                        "(default: errors only)")
+    g = p.add_argument_group("observability")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=d.tensorboard,
+                   help="rank 0 writes per-epoch TensorBoard scalars to <output-dir>/tensorboard")
+    g.add_argument("--timeline", "--timeline-file", default=d.timeline, metavar="FILE",
+                   help="Horovod timeline of every collective (rank 0 writes it): open in chrome://tracing "
+                        "or https://ui.perfetto.dev. Under horovodrun spell it --timeline-file: horovodrun "
+                        "rejects --timeline anywhere on its command line as an ambiguous abbreviation of its "
+                        "own --timeline-filename")
+    g.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=d.autotune,
+                   help="Horovod autotuning of fusion threshold, cycle time, ... while training")
+    g.add_argument("--autotune-log", default=d.autotune_log, metavar="FILE",
+                   help="Horovod's autotune log; None = <output-dir>/autotune.csv")
     return p
 
 
@@ -108,9 +139,24 @@ def predict_parser() -> argparse.ArgumentParser:
     return p
 
 
+RUN_ONLY = ("dry_run", "np", "json", "config")  # options of the command, not of the run
+
+
+def parse(argv: Optional[List[str]] = None, plan: bool = False) -> Tuple[TrainConfig, Dict[str, Any]]:
+    """argv (and its --config file, which argv overrides) -> (TrainConfig, the command's own options)."""
+    parser = train_parser(plan)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    config_file = pre.parse_known_args(argv)[0].config
+    if config_file:
+        parser.set_defaults(**configfile.load(config_file))
+    args = vars(parser.parse_args(argv))
+    command = {k: args.pop(k) for k in RUN_ONLY if k in args}
+    return TrainConfig(**args), command
+
+
 def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
-    args = vars(train_parser().parse_args(argv))
-    return TrainConfig(**args)
+    return parse(argv)[0]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -124,14 +170,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Fast (no TensorFlow import): launch/hosts.sh compares this line across hosts.
         runtime.write_line(versions_line())
         return 0
-    if argv[:1] == ["train"]:
+    plan = argv[:1] == ["plan"]
+    if argv[:1] in (["train"], ["plan"]):
         argv = argv[1:]
     try:
-        config = config_from_args(argv)
+        config, command = parse(argv, plan)
+        if command.get("np") is not None and command["np"] < 1:
+            raise ConfigError(f"--np must be >= 1 (got {command['np']})")
     except ConfigError as err:
         runtime.fail(str(err))
-    from .trainer import train
+    # Before TensorFlow is imported: ranks other than 0 keep to errors unless --verbose-ranks.
+    runtime.quiet_other_ranks(config.verbose_ranks)
+    from .trainer import dry_run, train
 
+    if plan or command.get("dry_run"):
+        return _run(lambda: dry_run(config, world_size=command.get("np"), as_json=command.get("json", False)))
     return _run(lambda: train(config))
 
 
@@ -160,4 +213,6 @@ def _run(action) -> int:
         runtime.fail_together(str(err))
     except (DataError, OutputError) as err:  # predict: one process, nothing to agree on
         runtime.fail(str(err))
+    except ConfigError as err:  # the same on every rank (e.g. plan --np against the launcher's world)
+        runtime.fail_together(str(err))
     return 0

@@ -64,6 +64,11 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
     keep_checkpoints: int = 3
     resume: Optional[str] = None  # None, "auto" (newest valid checkpoint, if any) or a checkpoint file
+    tensorboard: bool = False  # rank 0 writes TensorBoard scalars to <output_dir>/tensorboard
+    timeline: Optional[str] = None  # Horovod timeline file (rank 0 writes it; chrome://tracing, Perfetto)
+    autotune: bool = False  # Horovod autotuning of fusion threshold, cycle time, ...
+    autotune_log: Optional[str] = None  # its log; None = <output_dir>/autotune.csv
+    verbose_ranks: bool = False  # ranks other than 0 also print their log lines and library warnings
 
     def __post_init__(self) -> None:
         self.validate()
@@ -121,6 +126,10 @@ class TrainConfig:
                  f"resume must be 'auto' or a checkpoint file (*.npz) (got {self.resume!r})")
         _require(self.resume != "auto" or bool(self.checkpoint_dir),
                  "--resume auto looks in --checkpoint-dir: give one")
+        _require(self.autotune_log is None or self.autotune,
+                 "--autotune-log is the log of --autotune: give both")
+        _require(self.timeline is None or (bool(self.timeline) and not self.timeline.endswith("/")),
+                 f"timeline must be a file path (got {self.timeline!r})")
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":

@@ -53,3 +53,48 @@ def combine_by_count(values: Dict[str, float], count: int, what: str) -> Dict[st
     # Horovod: sum of count-weighted values, divided by the total count; not a mean of rank means.
     total = hvd.allreduce(local, op=hvd.Sum, name=f"combine.{what}").numpy()
     return {k: v / total[-1] for k, v in zip(keys, total[:-1])}
+
+
+def confusion_matrix(model, x: np.ndarray, y: np.ndarray, runtime: Runtime, n_classes: int,
+                     batch_size: int = 4096) -> np.ndarray:
+    """Collective: counts[true class, predicted class] over the whole set, from every rank's shard."""
+    import horovod.tensorflow as hvd
+
+    rows = sharding.eval_shard(len(y), runtime.rank, runtime.size)
+    counts = np.zeros((n_classes, n_classes), np.float64)
+    for start in range(0, len(rows), batch_size):
+        part = rows[start:start + batch_size]
+        predicted = np.argmax(model(x[part], training=False).numpy(), axis=1)
+        np.add.at(counts, (y[part], predicted), 1)
+    # Horovod: sum the per-rank counts: the matrix of the whole set, identical on every rank.
+    return hvd.allreduce(counts, op=hvd.Sum, name="confusion").numpy().astype(np.int64)
+
+
+def classification_report(counts: np.ndarray, class_names) -> Dict[str, object]:
+    """Per-class precision, recall, F1 and support from a confusion matrix (rows: true classes),
+    with accuracy and macro/weighted averages. A 0/0 ratio is reported as 0.0, as scikit-learn does."""
+    counts = np.asarray(counts, np.float64)
+    true_pos = np.diag(counts)
+    support, predicted = counts.sum(axis=1), counts.sum(axis=0)
+    precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
+    recall = np.divide(true_pos, support, out=np.zeros_like(true_pos), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(true_pos), where=both > 0)
+    total = counts.sum()
+    per_class = {str(name): {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                 for name, p, r, f, s in zip(class_names, precision, recall, f1, support)}
+
+    def average(weights: np.ndarray) -> Dict[str, float]:
+        w = weights / weights.sum() if weights.sum() else weights
+        return {"precision": float(w @ precision), "recall": float(w @ recall), "f1": float(w @ f1),
+                "support": int(total)}
+
+    return {
+        "classes": [str(name) for name in class_names],
+        "confusion_matrix": counts.astype(np.int64).tolist(),
+        "per_class": per_class,
+        "accuracy": float(true_pos.sum() / total) if total else float("nan"),
+        "macro_avg": average(np.ones_like(support)),
+        "weighted_avg": average(support),
+        "samples": int(total),
+    }

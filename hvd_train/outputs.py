@@ -14,6 +14,9 @@ PREPROCESSING_FILE = "preprocessing.json"
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
+CONFIG_TOML_FILE = "config.toml"
+REPORT_FILE = "report.json"
+AUTOTUNE_FILE = "autotune.csv"
 
 
 class OutputError(OSError):
@@ -23,8 +26,8 @@ class OutputError(OSError):
 def check_dir(path: Optional[str]) -> str:
     """Resolve the output directory (default runs/<timestamp>) and prove it can be created and written.
 
-    Nothing is left behind: the directory is made only when the outputs are written at the end,
-    so a run that fails or is killed part-way leaves no empty or half-filled output directory.
+    Nothing is left behind: the directory is made only when training starts (after every set-up
+    check passed on every rank), so bad input leaves no output directory at all.
     """
     path = os.path.abspath(path or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
     created = None  # the outermost directory this check creates, removed again afterwards
@@ -43,8 +46,20 @@ def check_dir(path: Optional[str]) -> str:
     return path
 
 
+def check_file(path: str) -> None:
+    """A file the run will write (timeline, autotune log): its directory exists or can be made, and is writable."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise OutputError(f"{path} is a directory; give a file path")
+    check_dir(os.path.dirname(path))
+
+
 def write_json(path: str, obj: Dict[str, Any]) -> None:
     _atomic_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_text(path: str, text: str) -> None:
+    _atomic_text(path, text)
 
 
 def write_history(path: str, history: Dict[str, List[float]]) -> None:

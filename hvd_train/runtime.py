@@ -1,12 +1,15 @@
 """Horovod start-up, device and thread placement, rank-0 side effects, collective agreement."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Any, NoReturn, Optional
+from typing import Any, Dict, NoReturn, Optional
 
 import numpy as np
 
@@ -28,6 +31,7 @@ class Runtime:
     local_size: int
     intra_op_threads: int
     device: str
+    planned: bool = False  # a dry run's imagined world (runtime.planned), not the launcher's
 
     @property
     def is_rank0(self) -> bool:
@@ -55,17 +59,52 @@ def host_name() -> str:
     return os.environ.get("HOROVOD_HOSTNAME") or (ssh_server[0] if ssh_server else socket.gethostname())
 
 
-def init(threads: Optional[int] = None) -> Runtime:
-    """Start Horovod, pin one GPU per process or size the CPU thread pools. Call once, first."""
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_per_process(threads: Optional[int], local_size: int) -> int:
+    # Horovod: N processes share this host's cores; TF's default (all cores each) oversubscribes.
+    return threads or max(1, cores() // local_size)
+
+
+# Set by init(): whether ranks other than 0 print their log lines and library warnings.
+_verbose_ranks = False
+
+
+def quiet_other_ranks(verbose: bool) -> None:
+    """Before TensorFlow is imported: ranks other than 0 print errors only, unless ``verbose``.
+
+    N copies of the same TensorFlow/Horovod warnings drown rank 0's lines; errors still show.
+    """
+    global _verbose_ranks
+    _verbose_ranks = verbose
+    if verbose or launcher_rank() == 0:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # TensorFlow's C++ INFO and WARNING lines
+    warnings.filterwarnings("ignore")
+    for name in ("tensorflow", "absl", "horovod", "h5py", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def init(threads: Optional[int] = None, verbose_ranks: bool = False,
+         horovod_env: Optional[Dict[str, str]] = None) -> Runtime:
+    """Start Horovod, pin one GPU per process or size the CPU thread pools. Call once, first.
+
+    ``horovod_env``: Horovod settings read at hvd.init() (timeline, autotuning); they are set on
+    every rank except ``HOROVOD_AUTOTUNE_LOG``, which only rank 0 writes.
+    """
+    quiet_other_ranks(verbose_ranks)
+    for name, value in (horovod_env or {}).items():
+        if name != "HOROVOD_AUTOTUNE_LOG" or launcher_rank() == 0:
+            os.environ[name] = value
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
     hvd.init()  # Horovod: must run before any other TensorFlow or Horovod call.
     device = "cpu"
     gpus = tf.config.list_physical_devices("GPU")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # Horovod: N processes share this host's cores; TF's default (all cores each) oversubscribes.
-    intra = threads or max(1, cores // hvd.local_size())
+    intra = threads_per_process(threads, hvd.local_size())
     try:
         if gpus:
             # Horovod: one GPU per process, chosen by local rank; grow memory instead of grabbing it all.
@@ -85,6 +124,12 @@ def init(threads: Optional[int] = None) -> Runtime:
     )
 
 
+def planned(rt: Runtime, world_size: int, threads: Optional[int]) -> Runtime:
+    """For a dry run alone: this process as rank 0 of ``world_size`` processes on this host."""
+    return dataclasses.replace(rt, size=world_size, local_size=world_size,
+                               intra_op_threads=threads_per_process(threads, world_size), planned=True)
+
+
 def write_line(text: str, stream=None) -> None:
     """One write per line: launchers prefix every chunk, and print() writes text and newline
     separately when unbuffered, which splits lines in the launcher's output."""
@@ -97,6 +142,8 @@ def log(runtime: Runtime, message: str) -> None:
     """The one place rank-0-only console output goes through."""
     if runtime.is_rank0:
         write_line(f"[hvd_train] {message}")
+    elif _verbose_ranks:
+        write_line(f"[hvd_train rank {runtime.rank}] {message}")
 
 
 def on_rank0(runtime: Runtime, action, *args: Any, **kwargs: Any) -> Any:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +25,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import tensorflow as tf
 
-from . import __version__, checkpoint, consensus, data as data_mod, metrics, outputs, runtime, sharding
+from . import __version__, checkpoint, configfile, consensus, data as data_mod, events, metrics, outputs, plots, runtime
+from . import plan as plan_mod
+from .plan import Plan, make_plan
 from .checkpoint import CheckpointError
 from .config import RESUME_FIXED_FIELDS, ConfigError, TrainConfig, scaled_learning_rate
 from .data import DataError, Splits, Table
@@ -44,57 +48,12 @@ DataArg = Union[None, Table, Tuple[Any, Any], Any]  # None = config.dataset; (x,
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Global quantities derived once from the config, the data and the world; printed and saved."""
-
-    world_size: int
-    batch_size_per_process: int
-    global_batch_size: int
-    base_lr: float
-    scaled_lr: float
-    warmup_epochs: int
-    steps_per_epoch: int
-    train_samples: int
-    val_samples: int
-    test_samples: int
-    train_samples_per_rank: List[int]
-    intra_op_threads: int
-    hosts: List[str]  # the host of each rank, in rank order
-
-    def lines(self) -> List[str]:
-        return [
-            f"world size {self.world_size}, {self.intra_op_threads} intra-op thread(s) per process; "
-            + "; ".join(f"{host}: rank(s) {','.join(str(r) for r, h in enumerate(self.hosts) if h == host)}"
-                        for host in dict.fromkeys(self.hosts)),
-            f"batch {self.batch_size_per_process} per process x {self.world_size} = global batch {self.global_batch_size}",
-            f"learning rate {self.base_lr:g} scaled to {self.scaled_lr:g}, warmup {self.warmup_epochs} epoch(s)",
-            f"samples train/val/test {self.train_samples}/{self.val_samples}/{self.test_samples}; "
-            f"train samples per rank {self.train_samples_per_rank}; {self.steps_per_epoch} steps per epoch",
-        ]
-
-
-@dataclass(frozen=True)
 class TrainResult:
     output_dir: str
     metrics: Dict[str, Any]
     history: Dict[str, List[float]]
     plan: Plan
     model: Any  # the trained tf.keras.Model (identical on every rank)
-
-
-def make_plan(config: TrainConfig, splits: Splits, rt: runtime.Runtime, hosts: List[str]) -> Plan:
-    n = len(splits.y_train)
-    order = np.arange(n)
-    per_rank = [sum(len(rows) for rows, _ in sharding.local_batches(n, r, rt.size, config.batch_size, order))
-                for r in range(rt.size)]
-    return Plan(
-        world_size=rt.size, batch_size_per_process=config.batch_size,
-        global_batch_size=config.batch_size * rt.size, base_lr=config.lr,
-        scaled_lr=scaled_learning_rate(config.lr, rt.size, config.lr_scaling),
-        warmup_epochs=config.warmup_epochs, steps_per_epoch=sharding.steps_per_epoch(n, rt.size, config.batch_size),
-        train_samples=n, val_samples=len(splits.y_val), test_samples=len(splits.y_test),
-        train_samples_per_rank=per_rank, intra_op_threads=rt.intra_op_threads, hosts=hosts,
-    )
 
 
 def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn] = None,
@@ -105,8 +64,38 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
     metrics already combined over ranks. Keep rank-0-only side effects behind ``hvd.rank() == 0``
     and never put a collective there.
     """
-    rt = runtime.init(config.threads)
+    rt = runtime.init(config.threads, config.verbose_ranks, horovod_env(config))
+    config, splits, plan = prepare(rt, config, data)
+    for line in plan.lines():
+        runtime.log(rt, line)
+    return _fit_evaluate_save(rt, config, plan, splits, model_fn, list(callbacks or []))
 
+
+def dry_run(config: TrainConfig, data: DataArg = None, world_size: Optional[int] = None,
+            as_json: bool = False) -> Plan:
+    """What train() would do, without training: the same set-up checks and plan, printed by rank 0.
+
+    Under a launcher the world is the launcher's. Run alone, ``world_size`` plans for that many
+    processes on this host (the plan is pure arithmetic on the data and the config).
+    """
+    rt = runtime.init(config.threads, config.verbose_ranks)
+    world = rt
+    if world_size is not None and world_size != rt.size:
+        if rt.size > 1:
+            raise ConfigError(f"--np {world_size} disagrees with the launcher, which started {rt.size} processes")
+        world = runtime.planned(rt, world_size, config.threads)
+    config, _, plan = prepare(world, config, data)
+    if as_json:
+        runtime.on_rank0(rt, runtime.write_line, json.dumps(plan_mod.report(plan, config), indent=2))
+    else:
+        for line in plan_mod.report_lines(plan, config):
+            runtime.log(rt, line)
+        runtime.log(rt, f"dry run: nothing trained, nothing written (outputs would go to {config.output_dir})")
+    return plan
+
+
+def prepare(rt: runtime.Runtime, config: TrainConfig, data: DataArg) -> Tuple[TrainConfig, Splits, Plan]:
+    """Collective: load and check the data and directories on every rank, agree, plan, check consensus."""
     # 1. Data, output and checkpoint directories. A failure on any rank stops every rank with one message.
     splits, output_dir, error = None, None, None
     try:
@@ -114,6 +103,8 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
         if len(splits.y_train) < rt.size:
             raise DataError(f"{len(splits.y_train)} training samples are fewer than the {rt.size} processes")
         output_dir = runtime.on_rank0(rt, outputs.check_dir, config.output_dir)
+        for path in filter(None, (config.timeline, config.autotune_log)):
+            runtime.on_rank0(rt, outputs.check_file, path)
         if config.checkpoint_dir:
             runtime.on_rank0(rt, checkpoint.check_writable, config.checkpoint_dir)
     except (DataError, OutputError, ConfigError, CheckpointError) as err:
@@ -121,13 +112,28 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
     runtime.agree(error, "setup")
     # Horovod: rank 0 chose the directory (its default holds a timestamp); everyone uses it.
     config = config.replace(output_dir=runtime.broadcast(output_dir, "output_dir"))
-    plan = make_plan(config, splits, rt, runtime.allgather(runtime.host_name(), "host"))
+    hosts = runtime.allgather(runtime.host_name(), "host")
+    if rt.planned:  # dry run for a world this process only imagines: every rank on this host
+        hosts = hosts * rt.size
+    plan = make_plan(config, len(splits.y_train), len(splits.y_val), len(splits.y_test),
+                     rt.size, rt.intra_op_threads, hosts)
 
     # 2. Consensus: same config, data, plan and versions on every rank, or nobody trains.
     consensus.check(consensus.fingerprint(config, splits, plan, _versions()))
-    for line in plan.lines():
-        runtime.log(rt, line)
-    return _fit_evaluate_save(rt, config, plan, splits, model_fn, list(callbacks or []))
+    return config, splits, plan
+
+
+def horovod_env(config: TrainConfig) -> Dict[str, str]:
+    """Horovod settings that must be in the environment before hvd.init()."""
+    env = {}
+    if config.timeline:
+        # Horovod: a timeline started later (hvd.start_timeline), once the set-up checks have passed.
+        env["HOROVOD_TIMELINE"] = "DYNAMIC"
+    if config.autotune:
+        # Horovod: Bayesian search of fusion threshold, cycle time, ... while training.
+        env["HOROVOD_AUTOTUNE"] = "1"
+        env["HOROVOD_AUTOTUNE_LOG"] = os.path.abspath(config.autotune_log or events.autotune_scratch())
+    return env
 
 
 def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
@@ -173,14 +179,19 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
         callbacks.append(_GlobalValidation(splits.x_val, splits.y_val, rt, config.logits))
     callbacks += _lr_callbacks(hvd, config, plan)
     callbacks.append(_LearningRateLog())
+    log = events.EventLog(rt, config.output_dir)
+    callbacks.append(log.callback(config.epochs))
+    if config.tensorboard and rt.is_rank0:
+        # Rank 0 only, and free of collectives: it writes files from values already global.
+        callbacks.append(events.TensorBoardScalars(os.path.join(config.output_dir, events.TENSORBOARD_DIR)))
     early_stopping = None
     if config.early_stopping_patience:
-        early_stopping = _EarlyStopping(rt, config, resumed.get("early_stopping"))
+        early_stopping = _EarlyStopping(rt, config, log, resumed.get("early_stopping"))
         callbacks.append(early_stopping)
     history_so_far = {k: list(v) for k, v in resumed.get("history", {}).items()}
     if config.checkpoint_dir:
         callbacks.append(_Checkpointer(rt, config, plan, consensus.data_fingerprint(splits),
-                                       history_so_far, early_stopping))
+                                       history_so_far, early_stopping, log))
     callbacks += user_callbacks
     progress = config.progress
     if progress == "auto":
@@ -199,9 +210,20 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
         initial_epoch = config.epochs  # the checkpointed run had already stopped early: nothing to add
     batches = ShardedBatches(splits.x_train, splits.y_train, rt.rank, rt.size,
                              config.batch_size, config.seed, config.shuffle, epoch=initial_epoch)
+    # Every set-up check has passed on every rank: rank 0 makes the output directory and starts the event log.
+    log.start(config=config.to_dict(), plan=asdict(plan), versions=_versions(), initial_epoch=initial_epoch)
+    if config.timeline:
+        timeline = os.path.abspath(config.timeline)
+        runtime.on_rank0(rt, os.makedirs, os.path.dirname(timeline), exist_ok=True)
+        # Horovod: every rank turns recording on; rank 0, the coordinator, writes the file.
+        hvd_tf.start_timeline(timeline)
     start = time.perf_counter()
-    history = model.fit(batches, epochs=config.epochs, initial_epoch=initial_epoch, shuffle=False,
-                        callbacks=callbacks, verbose=verbose)
+    try:
+        history = model.fit(batches, epochs=config.epochs, initial_epoch=initial_epoch, shuffle=False,
+                            callbacks=callbacks, verbose=verbose)
+    except Exception as err:
+        log.emit("run_failed", error=f"{type(err).__name__}: {err}")
+        raise
     train_seconds = time.perf_counter() - start
     epochs_trained = len(history.epoch)
     full_history = _concat_history(resumed.get("history", {}), history.history)
@@ -209,7 +231,11 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
 
     # 6. Exact test metrics and a check that every replica ended with the same weights.
     test = metrics.evaluate(model, splits.x_test, splits.y_test, rt, config.logits)
+    report = metrics.classification_report(
+        metrics.confusion_matrix(model, splits.x_test, splits.y_test, rt, splits.n_classes), splits.class_names)
     weight_digests = runtime.allgather(_weights_digest(model), "weights_digest")
+    if config.timeline:
+        hvd_tf.stop_timeline()  # Horovod: closes the file, on every rank
     result_metrics = {
         "test_loss": test["loss"],
         "test_accuracy": test["accuracy"],
@@ -232,7 +258,8 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
             result_metrics[key] = full_history[key][-1]
 
     # 7. Outputs, written once by rank 0.
-    runtime.on_rank0(rt, _write_outputs, config, plan, splits, model, model_fn, full_history, result_metrics)
+    runtime.on_rank0(rt, _write_outputs, config, plan, splits, model, model_fn, full_history, result_metrics, report)
+    log.finish({k: v for k, v in result_metrics.items() if k != "replica_weight_digests"})
     runtime.log(rt, f"test loss {test['loss']:.4f}, test accuracy {test['accuracy']:.4f} "
                     f"on {test['samples']} samples from {rt.size} process(es)")
     runtime.log(rt, f"outputs in {config.output_dir}")
@@ -399,9 +426,8 @@ def _versions() -> Dict[str, str]:
             "numpy": np.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()}
 
 
-def _write_outputs(config, plan, splits, model, model_fn, history, result_metrics) -> None:
+def _write_outputs(config, plan, splits, model, model_fn, history, result_metrics, report) -> None:
     d = config.output_dir
-    os.makedirs(d, exist_ok=True)  # only now: a failed or killed run leaves no output directory
     # A clean copy for tf.keras.models.load_model: the Horovod-wrapped optimizer is not serialisable.
     clean = model_fn(splits.n_features, splits.n_classes)
     clean.set_weights(model.get_weights())
@@ -412,7 +438,15 @@ def _write_outputs(config, plan, splits, model, model_fn, history, result_metric
     outputs.write_json(f"{d}/{outputs.PREPROCESSING_FILE}", {**splits.preprocessing(), "logits": config.logits})
     outputs.write_json(f"{d}/{outputs.CONFIG_FILE}",
                        {"config": config.to_dict(), "plan": asdict(plan), "versions": _versions()})
+    outputs.write_text(f"{d}/{outputs.CONFIG_TOML_FILE}", configfile.dumps(config))
     outputs.write_history(f"{d}/{outputs.HISTORY_FILE}", history)
+    outputs.write_json(f"{d}/{outputs.REPORT_FILE}", report)
+    title = f"{config.dataset}, {plan.world_size} process(es), global batch {plan.global_batch_size}"
+    plots.curves(history, f"{d}/{plots.CURVES_FILE}", title)
+    plots.confusion(np.array(report["confusion_matrix"]), report["classes"], f"{d}/{plots.CONFUSION_FILE}",
+                    f"test set, accuracy {report['accuracy']:.4f} ({report['samples']} samples)")
+    if config.autotune and not config.autotune_log and os.path.exists(events.autotune_scratch()):
+        shutil.copyfile(events.autotune_scratch(), f"{d}/{outputs.AUTOTUNE_FILE}")
     outputs.write_json(f"{d}/{outputs.METRICS_FILE}", result_metrics)  # last: marks the run complete
 
 
@@ -481,9 +515,10 @@ class _EarlyStopping(tf.keras.callbacks.Callback):
     The state is checkpointed, so a resumed run keeps counting where the interrupted one was.
     """
 
-    def __init__(self, rt: runtime.Runtime, config: TrainConfig, state: Optional[Dict[str, Any]] = None):
+    def __init__(self, rt: runtime.Runtime, config: TrainConfig, log: events.EventLog,
+                 state: Optional[Dict[str, Any]] = None):
         super().__init__()
-        self.rt, self.metric = rt, config.early_stopping_metric
+        self.rt, self.log, self.metric = rt, log, config.early_stopping_metric
         self.patience, self.min_delta = config.early_stopping_patience, config.early_stopping_min_delta
         self.lower_is_better = self.metric.endswith("loss")
         self.state = dict(state or {"best": None, "best_epoch": None, "wait": 0})
@@ -505,6 +540,7 @@ class _EarlyStopping(tf.keras.callbacks.Callback):
         self.state = runtime.broadcast(self.state, "early_stopping")
         if self.state["wait"] >= self.patience:
             self.stopped = self.model.stop_training = True
+            self.log.emit("early_stopping", epoch=epoch + 1, metric=self.metric, **self.state)
             runtime.log(self.rt, f"early stopping after epoch {epoch + 1}: {self.metric} has not improved by more "
                                  f"than {self.min_delta:g} for {self.patience} epoch(s); best "
                                  f"{self.state['best']:.4f} at epoch {self.state['best_epoch']}")
@@ -514,10 +550,10 @@ class _Checkpointer(tf.keras.callbacks.Callback):
     """Every rank, epoch end: rank 0 writes a checkpoint every N epochs and at the end; all ranks
     then agree that it was written, so a full disk stops the job with one message, not a hang."""
 
-    def __init__(self, rt, config: TrainConfig, plan: Plan, data_fingerprint, history, early_stopping):
+    def __init__(self, rt, config: TrainConfig, plan: Plan, data_fingerprint, history, early_stopping, log):
         super().__init__()
         self.rt, self.config, self.plan, self.data_fingerprint = rt, config, plan, data_fingerprint
-        self.history, self.early_stopping = history, early_stopping
+        self.history, self.early_stopping, self.log = history, early_stopping, log
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
@@ -542,4 +578,5 @@ class _Checkpointer(tf.keras.callbacks.Callback):
         except OSError as err:
             return f"could not write the checkpoint for epoch {epoch} in {self.config.checkpoint_dir}: {err}"
         runtime.log(self.rt, f"checkpoint {path}")
+        self.log.emit("checkpoint", epoch=epoch, path=path)
         return None

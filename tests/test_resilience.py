@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from hvd_train import events
+
 from conftest import BIN, HVD_TRAIN, MPIRUN, Background, horovodrun, horovodrun_cmd, requires_mpi
 
 pytestmark = pytest.mark.integration
@@ -38,7 +40,10 @@ def test_sigkill_of_one_rank_ends_the_job(tmp_path, launcher):
     else:
         assert "process rank 1 with PID" in job.output and "signal 9" in job.output, job.output[-3000:]
     assert not re.search(r"epoch +200/200", job.output)
-    assert not out.exists(), "a killed run leaves no output directory"
+    # A killed run leaves its live event log, never results: no metrics.json, no run_end.
+    assert not (out / "metrics.json").exists() and not (out / "model.keras").exists()
+    kinds = [e["event"] for e in events.read(out / "events.jsonl")]
+    assert kinds[0] == "run_start" and "epoch" in kinds and "run_end" not in kinds
 
 
 def write_csv(path, rows):

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import HVD_TRAIN, Background, horovodrun, horovodrun_cmd, rank_reports, read_json
-from hvd_train import checkpoint
+from hvd_train import checkpoint, events
 from hvd_train.trainer import cosine_multiplier
 
 pytestmark = pytest.mark.integration
@@ -38,7 +38,8 @@ def test_kill_the_whole_job_then_resume(tmp_path):
     done = saved[0][0]
     assert 5 <= done < EPOCHS, "killed mid-run"
     assert len(saved) <= 3, "only the newest --keep-checkpoints (3) are kept"
-    assert not (tmp_path / "killed").exists()
+    assert not (tmp_path / "killed" / "metrics.json").exists(), "killed: no results, only the live event log"
+    assert "run_end" not in [e["event"] for e in events.read(tmp_path / "killed" / "events.jsonl")]
 
     resumed = tmp_path / "resumed"
     proc = horovodrun(2, [*SLOW, "--checkpoint-dir", ckpt, "--output-dir", resumed, "--resume"])

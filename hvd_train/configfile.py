@@ -1,0 +1,115 @@
+"""Run configuration files: TOML in, TOML out. Keys are TrainConfig's fields (the CLI's long
+options with ``_`` for ``-``); the command line overrides the file.
+
+A run saves its resolved configuration as ``config.toml``; ``--config`` on that file reloads the
+same run (the output directory and ``resume``, which say where a run goes and starts, not what it
+trains, are left out: give them on the command line).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import typing
+from typing import Any, Dict
+
+from .config import ConfigError, TrainConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.9/3.10
+    import tomli as tomllib
+
+# Where a run goes and where it starts from: not part of what it trains.
+NOT_SAVED = ("output_dir", "resume")
+
+
+def _field_types() -> Dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _kind(hint: Any) -> tuple:
+    """(base type, optional) for the few shapes TrainConfig uses."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
+        return _kind(next(a for a in args if a is not type(None)))[0], True
+    if typing.get_origin(hint) is tuple:
+        return tuple, False
+    return hint, False
+
+
+def _toml_type(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
+            dict: "table"}.get(type(value), type(value).__name__)
+
+
+def _check(path: str, key: str, value: Any, hint: Any) -> Any:
+    base, _ = _kind(hint)
+    wrong = None
+    if base is bool:
+        wrong = not isinstance(value, bool) and "a boolean (true/false)"
+    elif base is int:
+        wrong = (isinstance(value, bool) or not isinstance(value, int)) and "an integer"
+    elif base is float:
+        wrong = (isinstance(value, bool) or not isinstance(value, (int, float))) and "a number"
+        value = float(value) if not wrong else value
+    elif base is str:
+        wrong = not isinstance(value, str) and "a string"
+    elif base is tuple:
+        ok = isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        wrong = not ok and "a non-empty array of integers, e.g. [64, 32]"
+        value = tuple(value) if ok else value
+    if wrong:
+        raise ConfigError(f"{path}: {key} must be {wrong}, got {_toml_type(value)} {json.dumps(value, default=str)}")
+    return value
+
+
+def load(path: str) -> Dict[str, Any]:
+    """The file's values, checked against TrainConfig's fields and types (not yet validated together)."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    types = _field_types()
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in types:
+            close = difflib.get_close_matches(name, types, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}: unknown key {key!r}{hint}; keys are hvd-train's long options, "
+                              f"e.g. batch_size = 32")
+        values[name] = _check(path, key, value, types[name])
+    return values
+
+
+def dumps(config: TrainConfig) -> str:
+    """The resolved configuration as TOML; ``load`` of it gives the same values back."""
+    lines = ["# hvd-train configuration: hvd-train --config THIS_FILE [options] re-runs it;",
+             "# options given on the command line override these values."]
+    for name, value in config.to_dict().items():
+        if name in NOT_SAVED:
+            if value is not None:
+                lines.append(f"# {name} = {json.dumps(value)}  (not reloaded: give --{name.replace('_', '-')})")
+            continue
+        if value is None:  # TOML has no null; an absent key is the default, which is None here
+            continue
+        lines.append(f"{name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: the same escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
