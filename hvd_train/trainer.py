@@ -446,7 +446,7 @@ def _write_outputs(config, plan, splits, model, model_fn, history, result_metric
     plots.confusion(np.array(report["confusion_matrix"]), report["classes"], f"{d}/{plots.CONFUSION_FILE}",
                     f"test set, accuracy {report['accuracy']:.4f} ({report['samples']} samples)")
     if config.autotune and not config.autotune_log and os.path.exists(events.autotune_scratch()):
-        shutil.copyfile(events.autotune_scratch(), f"{d}/{outputs.AUTOTUNE_FILE}")
+        shutil.move(events.autotune_scratch(), f"{d}/{outputs.AUTOTUNE_FILE}")  # nothing left in /tmp
     outputs.write_json(f"{d}/{outputs.METRICS_FILE}", result_metrics)  # last: marks the run complete
 
 
