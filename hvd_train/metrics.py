@@ -1,7 +1,7 @@
 """Exact global evaluation: per-rank sums combined by sample count, never a mean of means."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict
 
 import numpy as np
 
@@ -9,36 +9,48 @@ from . import sharding
 from .runtime import Runtime
 
 
-def local_sums(model, x: np.ndarray, y: np.ndarray, from_logits: bool, batch_size: int = 4096) -> np.ndarray:
-    """[sum of per-sample losses, number correct, number of samples] on this rank's rows."""
+def local_sums(model, x: np.ndarray, y: np.ndarray, from_logits: bool, n_classes: int = 0,
+               batch_size: int = 4096) -> np.ndarray:
+    """[sum of per-sample losses, number correct, number of samples] on this rank's rows, followed,
+    if ``n_classes``, by the confusion counts [true class, predicted class] flattened row by row."""
     import tensorflow as tf
 
-    totals = np.zeros(3, np.float64)
+    totals = np.zeros(3 + n_classes * n_classes, np.float64)
     for start in range(0, len(y), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         scores = model(xb, training=False)
         losses = tf.keras.losses.sparse_categorical_crossentropy(yb, scores, from_logits=from_logits)
-        totals += [np.sum(losses.numpy(), dtype=np.float64),
-                   np.sum(np.argmax(scores.numpy(), axis=1) == yb), len(yb)]
+        predicted = np.argmax(scores.numpy(), axis=1)
+        totals[:3] += [np.sum(losses.numpy(), dtype=np.float64), np.sum(predicted == yb), len(yb)]
+        if n_classes:
+            np.add.at(totals, 3 + yb * n_classes + predicted, 1)
     return totals
 
 
 def from_sums(totals: np.ndarray) -> Dict[str, float]:
-    loss_sum, correct, count = (float(v) for v in totals)
+    loss_sum, correct, count = (float(v) for v in totals[:3])
     if count == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "samples": 0}
     return {"loss": loss_sum / count, "accuracy": correct / count, "samples": int(count)}
 
 
-def evaluate(model, x: np.ndarray, y: np.ndarray, runtime: Runtime, from_logits: bool) -> Dict[str, float]:
-    """Collective: every rank scores its strided shard, then one sum-allreduce of the totals."""
+def evaluate(model, x: np.ndarray, y: np.ndarray, runtime: Runtime, from_logits: bool,
+             n_classes: int = 0) -> Dict[str, Any]:
+    """Collective: every rank scores its strided shard, then one sum-allreduce of the totals.
+
+    With ``n_classes``, the same pass and allreduce also give the whole set's confusion matrix
+    (``"confusion"``, rows: true class), identical on every rank.
+    """
     import horovod.tensorflow as hvd
 
     rows = sharding.eval_shard(len(y), runtime.rank, runtime.size)
-    totals = local_sums(model, x[rows], y[rows], from_logits)
+    totals = local_sums(model, x[rows], y[rows], from_logits, n_classes)
     # Horovod: sum (not average) so ranks with more samples weigh more: exact whole-set metrics.
     totals = hvd.allreduce(totals, op=hvd.Sum, name="eval_sums").numpy()
-    return from_sums(totals)
+    result: Dict[str, Any] = from_sums(totals)
+    if n_classes:
+        result["confusion"] = totals[3:].reshape(n_classes, n_classes).astype(np.int64)
+    return result
 
 
 def combine_by_count(values: Dict[str, float], count: int, what: str) -> Dict[str, float]:
@@ -53,21 +65,6 @@ def combine_by_count(values: Dict[str, float], count: int, what: str) -> Dict[st
     # Horovod: sum of count-weighted values, divided by the total count; not a mean of rank means.
     total = hvd.allreduce(local, op=hvd.Sum, name=f"combine.{what}").numpy()
     return {k: v / total[-1] for k, v in zip(keys, total[:-1])}
-
-
-def confusion_matrix(model, x: np.ndarray, y: np.ndarray, runtime: Runtime, n_classes: int,
-                     batch_size: int = 4096) -> np.ndarray:
-    """Collective: counts[true class, predicted class] over the whole set, from every rank's shard."""
-    import horovod.tensorflow as hvd
-
-    rows = sharding.eval_shard(len(y), runtime.rank, runtime.size)
-    counts = np.zeros((n_classes, n_classes), np.float64)
-    for start in range(0, len(rows), batch_size):
-        part = rows[start:start + batch_size]
-        predicted = np.argmax(model(x[part], training=False).numpy(), axis=1)
-        np.add.at(counts, (y[part], predicted), 1)
-    # Horovod: sum the per-rank counts: the matrix of the whole set, identical on every rank.
-    return hvd.allreduce(counts, op=hvd.Sum, name="confusion").numpy().astype(np.int64)
 
 
 def classification_report(counts: np.ndarray, class_names) -> Dict[str, object]:

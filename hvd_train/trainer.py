@@ -230,9 +230,8 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
     epochs_completed = initial_epoch + epochs_trained if epochs_trained else resumed.get("epoch", 0)
 
     # 6. Exact test metrics and a check that every replica ended with the same weights.
-    test = metrics.evaluate(model, splits.x_test, splits.y_test, rt, config.logits)
-    report = metrics.classification_report(
-        metrics.confusion_matrix(model, splits.x_test, splits.y_test, rt, splits.n_classes), splits.class_names)
+    test = metrics.evaluate(model, splits.x_test, splits.y_test, rt, config.logits, splits.n_classes)
+    report = metrics.classification_report(test["confusion"], splits.class_names)
     weight_digests = runtime.allgather(_weights_digest(model), "weights_digest")
     if config.timeline:
         hvd_tf.stop_timeline()  # Horovod: closes the file, on every rank
