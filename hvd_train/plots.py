@@ -12,7 +12,8 @@ CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: files only, no display (also hvd-bench's plots)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +24,7 @@ def _pyplot():
 
 def curves(history: Dict[str, List[float]], path: str, title: str = "") -> None:
     """Loss and accuracy per epoch, training vs validation, and the learning rate: 1200 x 400 px."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), dpi=100)
     epochs = np.arange(1, len(next(iter(history.values()), [])) + 1)
     for ax, metric in zip(axes[:2], ("loss", "accuracy")):
@@ -48,7 +49,7 @@ def curves(history: Dict[str, List[float]], path: str, title: str = "") -> None:
 
 def confusion(counts: np.ndarray, class_names: Sequence[str], path: str, title: str = "") -> None:
     """The confusion matrix (rows: true class, columns: predicted), counts written in the cells."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(class_names)
     side = min(12.0, max(4.0, 0.6 * n + 2.5))
     fig, ax = plt.subplots(figsize=(side, side), dpi=100)

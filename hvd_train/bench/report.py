@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
+from ..plots import pyplot
+
 
 def write_all(results: Dict[str, Any], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
@@ -86,17 +88,8 @@ def _controller(variant: str) -> str:
     return "MPI" if variant.endswith("_mpi") else "Gloo"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_scaling(r: Dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     t = r["scaling"]["throughput"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot([1, 2], [t["hvd_np1"], t["hvd_np2"]], "o-", label="hvd_train, Gloo")
@@ -119,7 +112,7 @@ def plot_scaling(r: Dict[str, Any], path: Path) -> None:
 
 
 def plot_wire(r: Dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for controller, data in r["wire"].items():
         for comp, style in (("none", "o-"), ("fp16", "x--")):
