@@ -30,14 +30,15 @@ def _field_types() -> Dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
-def _kind(hint: Any) -> tuple:
-    """(base type, optional) for the few shapes TrainConfig uses."""
+def _base(hint: Any) -> Any:
+    """The value type behind a TrainConfig field's hint: Optional[X] -> X, Tuple[int, ...] -> tuple.
+    (None needs no check: TOML cannot write it, an absent key is the default.)"""
     args = typing.get_args(hint)
     if typing.get_origin(hint) is typing.Union and type(None) in args:
-        return _kind(next(a for a in args if a is not type(None)))[0], True
+        return _base(next(a for a in args if a is not type(None)))
     if typing.get_origin(hint) is tuple:
-        return tuple, False
-    return hint, False
+        return tuple
+    return hint
 
 
 def _toml_type(value: Any) -> str:
@@ -46,7 +47,7 @@ def _toml_type(value: Any) -> str:
 
 
 def _check(path: str, key: str, value: Any, hint: Any) -> Any:
-    base, _ = _kind(hint)
+    base = _base(hint)
     wrong = None
     if base is bool:
         wrong = not isinstance(value, bool) and "a boolean (true/false)"
