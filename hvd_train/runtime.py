@@ -91,13 +91,10 @@ def init(threads: Optional[int] = None, verbose_ranks: bool = False,
          horovod_env: Optional[Dict[str, str]] = None) -> Runtime:
     """Start Horovod, pin one GPU per process or size the CPU thread pools. Call once, first.
 
-    ``horovod_env``: Horovod settings read at hvd.init() (timeline, autotuning); they are set on
-    every rank except ``HOROVOD_AUTOTUNE_LOG``, which only rank 0 writes.
+    ``horovod_env``: Horovod settings read at hvd.init() (timeline, autotuning), put in the environment first.
     """
     quiet_other_ranks(verbose_ranks)
-    for name, value in (horovod_env or {}).items():
-        if name != "HOROVOD_AUTOTUNE_LOG" or launcher_rank() == 0:
-            os.environ[name] = value
+    os.environ.update(horovod_env or {})
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 

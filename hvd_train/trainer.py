@@ -124,7 +124,7 @@ def prepare(rt: runtime.Runtime, config: TrainConfig, data: DataArg) -> Tuple[Tr
 
 
 def horovod_env(config: TrainConfig) -> Dict[str, str]:
-    """Horovod settings that must be in the environment before hvd.init()."""
+    """Horovod settings that must be in the environment before hvd.init() (this rank's)."""
     env = {}
     if config.timeline:
         # Horovod: a timeline started later (hvd.start_timeline), once the set-up checks have passed.
@@ -132,7 +132,8 @@ def horovod_env(config: TrainConfig) -> Dict[str, str]:
     if config.autotune:
         # Horovod: Bayesian search of fusion threshold, cycle time, ... while training.
         env["HOROVOD_AUTOTUNE"] = "1"
-        env["HOROVOD_AUTOTUNE_LOG"] = os.path.abspath(config.autotune_log or events.autotune_scratch())
+        if runtime.launcher_rank() == 0:  # one writer for the log, rank 0
+            env["HOROVOD_AUTOTUNE_LOG"] = os.path.abspath(config.autotune_log or events.autotune_scratch())
     return env
 
 
