@@ -207,12 +207,12 @@ def _run(action) -> int:
     from .data import DataError
     from .outputs import OutputError
 
+    # Agreed failures, and config errors found after hvd.init() (the same on every rank, e.g.
+    # plan --np against the launcher's world): every rank exits together.
     try:
         action()
-    except runtime.AgreedFailure as err:
+    except (runtime.AgreedFailure, ConfigError) as err:
         runtime.fail_together(str(err))
     except (DataError, OutputError) as err:  # predict: one process, nothing to agree on
         runtime.fail(str(err))
-    except ConfigError as err:  # the same on every rank (e.g. plan --np against the launcher's world)
-        runtime.fail_together(str(err))
     return 0
