@@ -134,6 +134,13 @@ def read_json(path) -> dict:
         return json.load(f)
 
 
+def png_size(path) -> tuple:
+    """(width, height) of a PNG file, after checking its signature and IHDR header."""
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
 requires_mpi = pytest.mark.skipif(shutil.which("mpirun") is None, reason="no MPI on this machine (Gloo-only set-up)")
 
 

@@ -5,10 +5,9 @@ import math
 
 import pytest
 
-from conftest import BIN, run
+from conftest import BIN, png_size, run
 
 pytestmark = pytest.mark.integration
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def positive(x):
@@ -61,10 +60,7 @@ def test_markdown_and_plots(bench):
     assert md.startswith("# hvd-bench results") and "| scaling efficiency T(2) / (2 x T(1)), best controller (" in md
     assert "## The wire" in md and "## Knobs" in md and md in proc.stdout
     for name in ("scaling.png", "wire.png"):
-        data = (out / name).read_bytes()
-        assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
-        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        assert (width, height) == (600, 400)
+        assert png_size(out / name) == (600, 400)
 
 
 def test_bad_arguments():

@@ -11,22 +11,15 @@ import re
 import numpy as np
 import pytest
 
-from conftest import BIN, horovodrun
+from conftest import BIN, horovodrun, png_size
 
 from hvd_train import events
 from hvd_train.config import TrainConfig
 
 pytestmark = pytest.mark.integration
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EPOCHS = 12
 ARGS = ["--epochs", EPOCHS, "--batch-size", 16, "--val-fraction", 0.2, "--dataset", "wine", "--progress", "epoch"]
-
-
-def png_size(path):
-    data = path.read_bytes()
-    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR", f"{path} is not a PNG"
-    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 def history_csv(path):
