@@ -1,4 +1,5 @@
-"""Checkpoint files: written by rank 0 only, atomically; read by rank 0 only, then broadcast.
+"""Checkpoints, both directions: the file format, the meta record a run writes into it, and the
+resume point a run reads back. Written by rank 0 only, atomically; read by rank 0 only, then broadcast.
 
 One checkpoint is one ``ckpt-epoch-NNNNNN.npz`` holding the model weights, the optimizer state
 (iteration count and slots) and a JSON ``meta`` record: the epochs completed, the config and
@@ -11,16 +12,20 @@ a truncated or corrupted file is detected, reported and skipped in favour of an 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .consensus import array_digest
+from . import files, runtime
+from .config import RESUME_FIXED_FIELDS, TrainConfig
+from .consensus import array_digest, data_fingerprint
+from .plan import Plan
 
 FORMAT = 1
 _NAME = re.compile(r"^ckpt-epoch-(\d{6})\.npz$")
@@ -37,6 +42,22 @@ class Checkpoint:
     model_weights: List[np.ndarray]
     optimizer_weights: List[np.ndarray]
     meta: Dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run starts: ``ResumePoint()`` is a fresh start; else what a checkpoint said."""
+
+    path: Optional[str] = None  # the checkpoint resumed from; None for a fresh start
+    epoch: int = 0  # epochs already completed
+    history: Dict[str, List[float]] = field(default_factory=dict)
+    early_stopping: Optional[Dict[str, Any]] = None
+    stopped_early: bool = False
+    lr: Optional[float] = None  # the exact learning rate to carry over, when the world's scale is unchanged
+
+    def initial_epoch(self, epochs: int) -> int:
+        """The first epoch to train; a run that had already stopped early has nothing to add."""
+        return epochs if self.stopped_early else self.epoch
 
 
 def file_name(epoch: int) -> str:
@@ -63,13 +84,9 @@ def save(directory: str, epoch: int, model_weights: List[np.ndarray], optimizer_
     arrays["meta"] = meta_bytes
     digest = array_digest(*(arrays[k] for k in sorted(arrays)))
     path = os.path.join(directory, file_name(epoch))
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, digest=np.frombuffer(digest.encode(), dtype=np.uint8), **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(directory)
+    content = io.BytesIO()
+    np.savez(content, digest=np.frombuffer(digest.encode(), dtype=np.uint8), **arrays)
+    files.write_bytes(path, content.getvalue(), durable=True)
     for _, old in listed(directory)[keep:]:
         os.remove(old)
     return path
@@ -121,10 +138,79 @@ def check_writable(directory: str) -> None:
         raise CheckpointError(f"checkpoint directory {directory} is not writable: {err.strerror or err}") from None
 
 
-def _fsync_dir(directory: str) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    fd = os.open(directory, os.O_RDONLY)
+def run_meta(config: TrainConfig, plan: Plan, data: Dict[str, Any], history: Dict[str, List[float]],
+             early_stopping: Optional[Dict[str, Any]], stopped_early: bool, lr: float) -> Dict[str, Any]:
+    """The meta record of a run's checkpoint, what load_resume_point checks and restores.
+    ``data``: consensus.data_fingerprint of the run's splits."""
+    return {"config": config.to_dict(), "plan": asdict(plan), "versions": runtime.versions(),
+            "history": history, "data": data, "early_stopping": early_stopping,
+            "stopped_early": stopped_early, "lr": lr}
+
+
+def check_compatible(ckpt: Checkpoint, config: TrainConfig, splits) -> None:
+    """The checkpoint was written by a run of the same model on the same data, or CheckpointError."""
+    saved = ckpt.meta["config"]
+    now = config.to_dict()
+    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_FIXED_FIELDS if saved.get(k) != now[k]]
+    if changed:
+        raise CheckpointError(f"{ckpt.path} was written by a different run ({', '.join(changed)}); "
+                              f"resume with the same model and data settings or start afresh without --resume")
+    if ckpt.meta.get("data") != data_fingerprint(splits):
+        raise CheckpointError(f"{ckpt.path} was trained on different data than this run loads")
+
+
+def resume(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, model, optimizer) -> ResumePoint:
+    """Collective. Rank 0 finds, verifies and loads the checkpoint; every rank gets the decision.
+
+    The weights themselves reach the other ranks by the broadcast that follows in the fit flow.
+    """
+    if not config.resume:
+        return ResumePoint()
+    point, error = runtime.on_rank0(rt, load_resume_point, rt, config, plan, splits, model, optimizer) or (None, None)
+    runtime.agree(error, "resume")
+    # Horovod: rank 0 decided where to resume; every rank follows (ranks never race on the files).
+    point = runtime.broadcast(point, "resume")
+    if point.lr is not None:
+        import tensorflow as tf
+
+        tf.keras.backend.set_value(optimizer.lr, point.lr)
+    return point
+
+
+def load_resume_point(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, model,
+                      optimizer) -> Tuple[Optional[ResumePoint], Optional[str]]:
+    """Rank 0 only (no collectives): choose the checkpoint, check it fits this run, load it."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        if config.resume == "auto":
+            ckpt, skipped = newest_valid(config.checkpoint_dir)
+        else:
+            ckpt, skipped = load(config.resume), []
+        for note in skipped:
+            runtime.log(rt, note)
+        if ckpt is None:
+            runtime.log(rt, f"no usable checkpoint in {config.checkpoint_dir}: starting at epoch 1")
+            return ResumePoint(), None
+        check_compatible(ckpt, config, splits)
+        try:
+            model.set_weights(ckpt.model_weights)
+            optimizer.set_weights(ckpt.optimizer_weights)
+        except ValueError as err:
+            raise CheckpointError(f"{ckpt.path} does not fit this model: {err}") from None
+    except CheckpointError as err:
+        return None, str(err)
+    meta = ckpt.meta
+    was = meta["plan"]
+    runtime.log(
+        rt, f"resuming from {ckpt.path}: {ckpt.epoch} of {config.epochs} epoch(s) done"
+        + (" (that run had stopped early)" if meta.get("stopped_early") else ""))
+    runtime.log(
+        rt, f"it was written by {was['world_size']} process(es) (global batch {was['global_batch_size']}, "
+        f"lr {was['scaled_lr']:g}); now {plan.world_size} process(es): global batch {plan.global_batch_size}, "
+        f"lr {plan.scaled_lr:g}")
+    same_world = was["world_size"] == plan.world_size and was["scaled_lr"] == plan.scaled_lr
+    return ResumePoint(
+        path=ckpt.path, epoch=ckpt.epoch, history=meta["history"], early_stopping=meta.get("early_stopping"),
+        stopped_early=meta.get("stopped_early", False),
+        # The learning rate schedules set next: carry the exact value only if the scale is unchanged.
+        lr=meta.get("lr") if same_world else None,
+    ), None

@@ -8,7 +8,7 @@ message naming the rank and what differs.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -25,6 +25,15 @@ def array_digest(*arrays: np.ndarray) -> str:
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def weights_digest(arrays: Sequence[np.ndarray]) -> str:
+    """SHA-256 over the bytes of a model's weights (``model.get_weights()``), in order: every rank
+    reports it at the end of a run, and a saved model can be checked against it."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
 

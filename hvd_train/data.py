@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -92,6 +92,45 @@ def load(dataset: str, label_column: Optional[str] = None, *, samples: int = 100
     if dataset.startswith("csv:"):
         return load_csv(dataset[4:], label_column or "")
     raise DataError(f"unknown dataset {dataset!r}")
+
+
+DataArg = Union[None, Table, Tuple[Any, Any], Any]  # None = config.dataset; (x, y); finite tf.data
+
+
+def load_splits(config, data: DataArg = None) -> "Splits":
+    """The train/val/test splits a run trains on: ``config.dataset``, or the caller's data
+    (a Table, ``(x, y)`` arrays or a finite tf.data.Dataset), split and standardised."""
+    if data is None:
+        table = load(config.dataset, config.label_column, samples=config.samples,
+                     features=config.features, classes=config.classes, seed=config.seed)
+    elif isinstance(data, Table):
+        table = data
+    elif isinstance(data, tuple) and len(data) == 2:
+        table = from_arrays(*data)
+    else:
+        table = _table_from_tf_data(data)
+    return split_and_scale(table, config.val_fraction, config.test_fraction, config.seed)
+
+
+def _table_from_tf_data(dataset) -> Table:
+    """A finite tf.data.Dataset of (features, label) elements, materialised (tabular data fits)."""
+    import tensorflow as tf
+
+    if not isinstance(dataset, tf.data.Dataset):
+        raise DataError(f"data must be None, (x, y) arrays, a Table or a tf.data.Dataset, not {type(dataset).__name__}")
+    if dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
+        raise DataError("the tf.data.Dataset is infinite; pass a finite one (no .repeat())")
+    spec = dataset.element_spec
+    batched = isinstance(spec, tuple) and len(spec[0].shape) == 2
+    xs, ys = [], []
+    for element in dataset.unbatch() if batched else dataset:
+        if not isinstance(element, tuple) or len(element) != 2:
+            raise DataError("tf.data elements must be (features, label) pairs")
+        xs.append(np.asarray(element[0]))
+        ys.append(np.asarray(element[1]))
+    if not xs:
+        raise DataError("the tf.data.Dataset is empty")
+    return from_arrays(np.stack(xs), np.stack(ys).reshape(-1))
 
 
 def from_arrays(x: object, y: object, feature_names: Optional[Sequence[str]] = None) -> Table:

@@ -1,22 +1,41 @@
-"""Files a run leaves behind. Called on rank 0 only (via runtime.on_rank0); writes are atomic."""
+"""The run directory: every file name in it, its checks, and the writing of a finished run.
+
+Written by rank 0 only (via runtime.on_rank0), each file atomically (files.py). What the files
+hold: ``model.keras`` (load with tf.keras.models.load_model), ``preprocessing.json`` (feature and
+class names, the scaler), ``config.json`` (config, plan, versions), ``config.toml`` (re-run with
+``--config``), ``history.csv``, ``report.json`` (confusion matrix, per-class scores),
+``curves.png``, ``confusion_matrix.png``, ``events.jsonl`` (live, events.py), ``tensorboard/``,
+``autotune.csv``, and ``metrics.json``, written last: a run without it did not finish.
+"""
 from __future__ import annotations
 
 import csv
 import datetime
+import io
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from . import configfile, files, plots, runtime
+from .model import compile_model, make_optimizer
 
 MODEL_FILE = "model.keras"
 PREPROCESSING_FILE = "preprocessing.json"
 CONFIG_FILE = "config.json"
-HISTORY_FILE = "history.csv"
-METRICS_FILE = "metrics.json"
 CONFIG_TOML_FILE = "config.toml"
+HISTORY_FILE = "history.csv"
 REPORT_FILE = "report.json"
+CURVES_FILE = "curves.png"
+CONFUSION_FILE = "confusion_matrix.png"
+EVENTS_FILE = "events.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 AUTOTUNE_FILE = "autotune.csv"
+METRICS_FILE = "metrics.json"
 
 
 class OutputError(OSError):
@@ -54,33 +73,47 @@ def check_file(path: str) -> None:
     check_dir(os.path.dirname(path))
 
 
+def autotune_scratch() -> str:
+    """Where rank 0's Horovod autotune log goes before the output directory exists (moved there at the end)."""
+    return os.path.join(tempfile.gettempdir(), f"hvd_train-autotune-{os.getpid()}.csv")
+
+
 def write_json(path: str, obj: Dict[str, Any]) -> None:
-    _atomic_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    files.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_text(path: str, text: str) -> None:
-    _atomic_text(path, text)
-
-
-def write_history(path: str, history: Dict[str, List[float]]) -> None:
+def history_csv(history: Dict[str, List[float]]) -> str:
     keys = sorted(history)
     rows = [[epoch + 1] + [history[k][epoch] for k in keys] for epoch in range(len(history[keys[0]]))] if keys else []
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["epoch"] + keys)
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["epoch"] + keys)
+    writer.writerows(rows)
+    return text.getvalue()
 
 
-def save_model(path: str, model) -> None:
-    tmp = path[: -len(".keras")] + ".tmp.keras"  # Keras picks the format from the suffix
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def write_run(config, plan, splits, model, model_fn, history: Dict[str, List[float]],
+              metrics: Dict[str, Any], report: Dict[str, Any]) -> None:
+    """Rank 0 only: every file of a finished run; metrics.json last, as the mark of completion."""
+    d = config.output_dir
+    # A clean copy for tf.keras.models.load_model: the Horovod-wrapped optimizer is not serialisable.
+    clean = model_fn(splits.n_features, splits.n_classes)
+    clean.set_weights(model.get_weights())
+    compile_model(clean, make_optimizer(config, plan.scaled_lr), config.logits)
+    with files.atomic_path(os.path.join(d, MODEL_FILE)) as tmp:
+        clean.save(tmp)
+    write_json(os.path.join(d, PREPROCESSING_FILE), {**splits.preprocessing(), "logits": config.logits})
+    write_json(os.path.join(d, CONFIG_FILE),
+               {"config": config.to_dict(), "plan": asdict(plan), "versions": runtime.versions()})
+    files.write_text(os.path.join(d, CONFIG_TOML_FILE), configfile.dumps(config))
+    files.write_text(os.path.join(d, HISTORY_FILE), history_csv(history))
+    write_json(os.path.join(d, REPORT_FILE), report)
+    title = f"{config.dataset}, {plan.world_size} process(es), global batch {plan.global_batch_size}"
+    with files.atomic_path(os.path.join(d, CURVES_FILE)) as tmp:
+        plots.curves(history, tmp, title)
+    with files.atomic_path(os.path.join(d, CONFUSION_FILE)) as tmp:
+        plots.confusion(np.array(report["confusion_matrix"]), report["classes"], tmp,
+                        f"test set, accuracy {report['accuracy']:.4f} ({report['samples']} samples)")
+    if config.autotune and not config.autotune_log and os.path.exists(autotune_scratch()):
+        shutil.move(autotune_scratch(), os.path.join(d, AUTOTUNE_FILE))  # nothing left in /tmp
+    write_json(os.path.join(d, METRICS_FILE), metrics)

@@ -1,16 +1,13 @@
 """The run's pictures, drawn by rank 0 at the end: learning curves and the confusion matrix.
 
-Files only (matplotlib's Agg backend), never a window; fixed sizes so they embed predictably.
+Drawing only: outputs.py names the files and writes them. Files only (matplotlib's Agg
+backend), never a window; fixed sizes so they embed predictably.
 """
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
 import numpy as np
-
-CURVES_FILE = "curves.png"
-CONFUSION_FILE = "confusion_matrix.png"
-
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend: files only, no display (also hvd-bench's plots)."""

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from typing import Optional
 
 import numpy as np
 
-from . import data, outputs, runtime
+from . import data, files, outputs, runtime
 from .data import DataError
 
 
@@ -31,12 +32,11 @@ def predict_file(model_dir: str, input_csv: str, output_csv: Optional[str] = Non
     probs = tf.nn.softmax(scores).numpy() if prep.get("logits") else scores
     classes = prep["class_names"]
     output_csv = output_csv or os.path.splitext(input_csv)[0] + ".predictions.csv"
-    tmp = output_csv + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["predicted_class"] + [f"prob_{c}" for c in classes])
-        for row in probs:
-            writer.writerow([classes[int(np.argmax(row))]] + [f"{p:.6f}" for p in row])
-    os.replace(tmp, output_csv)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["predicted_class"] + [f"prob_{c}" for c in classes])
+    for row in probs:
+        writer.writerow([classes[int(np.argmax(row))]] + [f"{p:.6f}" for p in row])
+    files.write_text(output_csv, text.getvalue())
     runtime.write_line(f"[hvd_train] wrote {len(probs)} predictions to {output_csv}")
     return output_csv

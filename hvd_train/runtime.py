@@ -1,9 +1,11 @@
-"""Horovod start-up, device and thread placement, rank-0 side effects, collective agreement."""
+"""Horovod start-up, device and thread placement, rank-0 side effects, collective agreement,
+and the facts of this process every part reports alike (launcher rank, host, versions)."""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import platform
 import socket
 import sys
 import time
@@ -31,7 +33,7 @@ class Runtime:
     local_size: int
     intra_op_threads: int
     device: str
-    planned: bool = False  # a dry run's imagined world (runtime.planned), not the launcher's
+    simulated: bool = False  # a dry run's world of --np processes (simulated_world), not the launcher's
 
     @property
     def is_rank0(self) -> bool:
@@ -64,8 +66,41 @@ def cores() -> int:
 
 
 def threads_per_process(threads: Optional[int], local_size: int) -> int:
-    # Horovod: N processes share this host's cores; TF's default (all cores each) oversubscribes.
+    # N processes share this host's cores; TF's default (all cores each) oversubscribes.
     return threads or max(1, cores() // local_size)
+
+
+def set_threads(threads: int) -> None:
+    """TensorFlow's intra- and inter-op pools of this process; raises RuntimeError once TF has run."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def versions() -> Dict[str, str]:
+    """The versions a run records and every rank must share. Read from package metadata, so it is
+    fast and imports nothing (launch/hosts.sh compares versions_line() across hosts)."""
+    from importlib import metadata
+
+    from . import __version__
+
+    def version(*names: str) -> str:
+        for name in names:
+            try:
+                return metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+        return "missing"
+
+    return {"hvd_train": __version__, "tensorflow": version("tensorflow", "tensorflow-cpu"),
+            "horovod": version("horovod"), "numpy": version("numpy"), "scikit-learn": version("scikit-learn"),
+            "python": platform.python_version()}
+
+
+def versions_line() -> str:
+    v = versions()
+    return f"hvd_train {v['hvd_train']} tensorflow {v['tensorflow']} horovod {v['horovod']} python {v['python']}"
 
 
 # Set by init(): whether ranks other than 0 print their log lines and library warnings.
@@ -109,8 +144,7 @@ def init(threads: Optional[int] = None, verbose_ranks: bool = False,
             tf.config.experimental.set_memory_growth(gpu, True)
             tf.config.set_visible_devices(gpu, "GPU")
             device = gpu.name
-        tf.config.threading.set_intra_op_parallelism_threads(intra)
-        tf.config.threading.set_inter_op_parallelism_threads(intra)
+        set_threads(intra)
     except RuntimeError:
         # TensorFlow already ran in this process (e.g. a second train() call): placement is fixed.
         intra = tf.config.threading.get_intra_op_parallelism_threads() or intra
@@ -121,10 +155,10 @@ def init(threads: Optional[int] = None, verbose_ranks: bool = False,
     )
 
 
-def planned(rt: Runtime, world_size: int, threads: Optional[int]) -> Runtime:
+def simulated_world(rt: Runtime, world_size: int, threads: Optional[int]) -> Runtime:
     """For a dry run alone: this process as rank 0 of ``world_size`` processes on this host."""
     return dataclasses.replace(rt, size=world_size, local_size=world_size,
-                               intra_op_threads=threads_per_process(threads, world_size), planned=True)
+                               intra_op_threads=threads_per_process(threads, world_size), simulated=True)
 
 
 def write_line(text: str, stream=None) -> None:

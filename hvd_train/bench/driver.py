@@ -110,8 +110,7 @@ class Runner:
         result, worker = self._job("mwms", params)
         hosts = [f"localhost:{_free_port()}" for _ in range(workers)]
         procs = [self._start(worker, {"TF_CONFIG": json.dumps({"cluster": {"worker": hosts},
-                                                               "task": {"type": "worker", "index": index}}),
-                                      "BENCH_RANK": str(index)})
+                                                               "task": {"type": "worker", "index": index}})})
                  for index in range(workers)]
         return self._finish(procs, result, f"mwms x{workers}")
 
@@ -196,17 +195,16 @@ def knobs_section(runner: Runner, p: Dict[str, Any], controllers: List[str], rep
 
 
 def machine() -> Dict[str, Any]:
-    import horovod
-    import tensorflow as tf
+    from ..runtime import cores, versions
 
     cpu = ""
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cores": len(os.sched_getaffinity(0)), "cpu": cpu, "python": platform.python_version(),
-            "tensorflow": tf.__version__, "horovod": horovod.__version__, "platform": platform.platform(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    v = versions()
+    return {"cores": cores(), "cpu": cpu, "python": v["python"], "tensorflow": v["tensorflow"],
+            "horovod": v["horovod"], "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

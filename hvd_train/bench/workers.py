@@ -22,7 +22,9 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from ..trainer import _load_splits  # the data path train() uses, for the runs that bypass train()
+from .. import files, runtime
+from ..data import load_splits  # the data path train() uses, for the runs that bypass train()
+from ..model import compile_model, make_optimizer, mlp_for
 
 
 class EpochTimer:
@@ -67,14 +69,6 @@ def workload_config(p: Dict[str, Any], world_size: int):
     )
 
 
-def _set_threads(threads: int) -> None:
-    """The same thread pools runtime.init gives an hvd_train process, for the runs without Horovod."""
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-
-
 def _combine(samples_per_epoch: int, seconds: List[float]) -> Dict[str, float]:
     """Collective: total samples/s over all ranks, the job as slow as its slowest rank."""
     import horovod.tensorflow as hvd
@@ -107,17 +101,14 @@ def run_keras(p: Dict[str, Any]) -> Dict[str, Any]:
     """Plain Keras on one process: the same model, batches and optimizer, without Horovod."""
     import tensorflow as tf
 
-    from ..model import build_mlp
     from ..pipeline import ShardedBatches
 
-    _set_threads(p["threads"])
+    runtime.set_threads(p["threads"])
     config = workload_config(p, 1)
-    splits = _load_splits(config, None)
+    splits = load_splits(config)
     tf.keras.utils.set_random_seed(config.seed)
-    model = build_mlp(splits.n_features, splits.n_classes, hidden=config.hidden)
-    model.compile(optimizer=tf.keras.optimizers.legacy.Adam(config.lr),
-                  loss=tf.keras.losses.SparseCategoricalCrossentropy(),
-                  metrics=["accuracy", tf.keras.metrics.SparseCategoricalCrossentropy(name="xent")])
+    model = mlp_for(config)(splits.n_features, splits.n_classes)
+    compile_model(model, make_optimizer(config, config.lr), config.logits)
     batches = ShardedBatches(splits.x_train, splits.y_train, 0, 1, config.batch_size, config.seed, config.shuffle)
     timer = EpochTimer.make()
     model.fit(batches, epochs=config.epochs, shuffle=False, callbacks=[timer], verbose=0)
@@ -131,13 +122,11 @@ def run_mwms(p: Dict[str, Any]) -> Dict[str, Any]:
     """MultiWorkerMirroredStrategy: TF_CONFIG names the workers; same model and global batch."""
     import tensorflow as tf
 
-    from ..model import build_mlp
-
-    _set_threads(p["threads"])
+    runtime.set_threads(p["threads"])
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     workers = strategy.num_replicas_in_sync
     config = workload_config(p, workers)
-    splits = _load_splits(config, None)
+    splits = load_splits(config)
     global_batch = config.batch_size * workers
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -145,9 +134,8 @@ def run_mwms(p: Dict[str, Any]) -> Dict[str, Any]:
                .batch(global_batch, drop_remainder=True).with_options(options).prefetch(2))
     with strategy.scope():
         tf.keras.utils.set_random_seed(config.seed)
-        model = build_mlp(splits.n_features, splits.n_classes, hidden=config.hidden)
-        model.compile(optimizer=tf.keras.optimizers.legacy.Adam(config.lr),
-                      loss=tf.keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+        model = mlp_for(config)(splits.n_features, splits.n_classes)
+        compile_model(model, make_optimizer(config, config.lr), config.logits)
     timer = EpochTimer.make()
     model.fit(dataset, epochs=config.epochs, callbacks=[timer], verbose=0)
     timed = timer.seconds[1:] or timer.seconds
@@ -207,12 +195,10 @@ def main(argv=None) -> int:
     task, params, result_file = (argv or sys.argv[1:])[:3]
     p = json.loads(params)
     result = TASKS[task](p)
-    rank = int(os.environ.get("HOROVOD_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK")
-               or os.environ.get("BENCH_RANK") or 0)
+    # MultiWorkerMirroredStrategy's workers have no launcher: TF_CONFIG numbers them.
+    rank = json.loads(os.environ["TF_CONFIG"])["task"]["index"] if task == "mwms" else runtime.launcher_rank()
     if rank == 0:
-        with open(result_file + ".tmp", "w") as f:
-            json.dump(result, f)
-        os.replace(result_file + ".tmp", result_file)
+        files.write_text(result_file, json.dumps(result))
     return 0
 
 

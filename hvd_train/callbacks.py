@@ -1,0 +1,257 @@
+"""The Keras callbacks of a run, and their order (run_callbacks).
+
+Each class says whether it is collective (every rank must run it, in the same epoch) or rank 0
+only (files and printing, never a collective). Order matters: metrics are made global first,
+so every later callback (early stopping, checkpoints, the event log, the progress line, the
+user's own) sees the same numbers on every rank.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import tensorflow as tf
+
+from . import checkpoint, metrics, runtime, schedules
+from .config import TrainConfig
+from .consensus import data_fingerprint
+from .events import EventLog
+from .outputs import TENSORBOARD_DIR
+from .plan import Plan
+
+
+class _SkipSlowCallbackWarning(logging.Filter):
+    # Horovod's one-off broadcast after step 1 trips Keras's "callback is slow" check on tiny models.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is slow compared to the batch time" not in record.getMessage()
+
+
+tf.get_logger().addFilter(_SkipSlowCallbackWarning())
+
+
+def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, model, log: EventLog,
+            resumed: checkpoint.ResumePoint, user_callbacks: List[Any]) -> List[Any]:
+    """Every callback of a run, in order; hvd_train's own first, the user's after them."""
+    import horovod.tensorflow.keras as hvd
+
+    found: List[Any] = [
+        # Horovod: rank 0's weights and optimizer state again after the first step (Horovod's
+        # standard guard for state created lazily inside the first step).
+        hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+        ExactTrainMetrics(plan.train_samples_per_rank[rt.rank], exact_loss=not model.losses),
+    ]
+    if plan.val_samples:
+        found.append(GlobalValidation(splits.x_val, splits.y_val, rt, config.logits))
+    found += schedules.callbacks(config, plan)
+    found.append(LearningRateLog())
+    found.append(EpochEvents(log, config.epochs))
+    if config.tensorboard and rt.is_rank0:
+        # Rank 0 only, and free of collectives: it writes files from values already global.
+        found.append(TensorBoardScalars(os.path.join(config.output_dir, TENSORBOARD_DIR)))
+    early_stopping = None
+    if config.early_stopping_patience:
+        early_stopping = EarlyStopping(rt, config, log, resumed.early_stopping)
+        found.append(early_stopping)
+    if config.checkpoint_dir:
+        found.append(Checkpointer(rt, config, plan, data_fingerprint(splits), resumed.history, early_stopping, log))
+    found += user_callbacks
+    if progress_mode(config, rt) == "bar" and rt.is_rank0:
+        # Last in the list, so the bar shows metrics after they have been combined over ranks.
+        found.append(tf.keras.callbacks.ProgbarLogger(count_mode="steps"))
+    elif progress_mode(config, rt) == "epoch" and rt.is_rank0:
+        found.append(EpochLine(config.epochs))
+    return found
+
+
+def progress_mode(config: TrainConfig, rt: runtime.Runtime) -> str:
+    """``--progress`` resolved: launchers pipe (or pty) and prefix each chunk of output, so a
+    live bar only when run alone on a terminal."""
+    if config.progress != "auto":
+        return config.progress
+    return "bar" if sys.stdout.isatty() and not runtime.under_launcher() else "epoch"
+
+
+def stopped_early(callbacks: List[Any]) -> bool:
+    return any(isinstance(c, EarlyStopping) and c.stopped for c in callbacks)
+
+
+class ExactTrainMetrics(tf.keras.callbacks.Callback):
+    """Collective, every rank, epoch end: training metrics over all ranks' samples.
+
+    Horovod's MetricAverageCallback takes the plain mean of the rank means; this weighs each
+    rank by the samples it trained on. Keras's "loss" carries the uneven-step weights of
+    sharding.py, so "loss" is replaced by the unweighted per-sample cross-entropy ("xent"),
+    unless the model adds its own losses (regularisers), which "xent" would leave out.
+    """
+
+    def __init__(self, samples_this_rank: int, exact_loss: bool):
+        super().__init__()
+        self.samples_this_rank, self.exact_loss = samples_this_rank, exact_loss
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs.update(metrics.combine_by_count(logs, self.samples_this_rank, "train"))
+        xent = logs.pop("xent")
+        if self.exact_loss:
+            logs["loss"] = xent
+
+
+class GlobalValidation(tf.keras.callbacks.Callback):
+    """Collective, on every rank at every epoch end: exact validation loss and accuracy."""
+
+    def __init__(self, x, y, rt, from_logits):
+        super().__init__()
+        self.x, self.y, self.rt, self.from_logits = x, y, rt, from_logits
+
+    def on_epoch_end(self, epoch, logs=None):
+        result = metrics.evaluate(self.model, self.x, self.y, self.rt, self.from_logits)
+        logs["val_loss"], logs["val_accuracy"] = result["loss"], result["accuracy"]
+
+
+class LearningRateLog(tf.keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        logs["lr"] = float(self.model.optimizer.lr.numpy())
+
+
+class EpochEvents(tf.keras.callbacks.Callback):
+    """Every rank, epoch end, after the metrics are global: one ``epoch`` event (rank 0 writes)."""
+
+    def __init__(self, log: EventLog, epochs: int):
+        super().__init__()
+        self.log, self.epochs = log, epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        lr = logs.pop("lr", None)
+        self.log.emit("epoch", epoch=epoch + 1, epochs=self.epochs, metrics=logs, lr=lr,
+                      seconds=round(time.perf_counter() - self.start, 6))
+
+
+class TensorBoardScalars(tf.keras.callbacks.Callback):
+    """Rank 0 only (no collectives): each epoch's global metrics as TensorBoard scalars.
+
+    Training and validation values go to two runs (``train``, ``validation``) under the same tags
+    (``epoch_loss``, ``epoch_accuracy``), so TensorBoard draws them in one chart, as Keras does.
+    """
+
+    def __init__(self, log_dir: str):
+        super().__init__()
+        self.log_dir = log_dir
+        self.writers: Dict[str, Any] = {}
+
+    def _writer(self, run: str):
+        if run not in self.writers:
+            self.writers[run] = tf.summary.create_file_writer(os.path.join(self.log_dir, run))
+        return self.writers[run]
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            run, name = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+            name = "learning_rate" if name == "lr" else name
+            with self._writer(run).as_default(step=epoch + 1):
+                tf.summary.scalar(f"epoch_{name}", float(value))
+        for writer in self.writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs=None):
+        for writer in self.writers.values():
+            writer.close()
+
+
+class EpochLine(tf.keras.callbacks.Callback):
+    """Rank 0 only: one line per epoch with a bar over the whole run, readable through launcher pipes."""
+
+    WIDTH = 20
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = int(self.WIDTH * (epoch + 1) / self.epochs)
+        values = "  ".join(f"{k} {v:.4g}" for k, v in sorted((logs or {}).items()))
+        runtime.write_line(f"epoch {epoch + 1:>{len(str(self.epochs))}}/{self.epochs} "
+                           f"[{'#' * done}{'.' * (self.WIDTH - done)}] {values}  "
+                           f"{time.perf_counter() - self.start:.2f}s")
+
+
+class EarlyStopping(tf.keras.callbacks.Callback):
+    """Collective, every rank, epoch end: stop when the global validation metric stops improving.
+
+    The metric is the exact cross-rank value from GlobalValidation, so every rank sees the same
+    number; rank 0's state and decision are broadcast anyway, so no rounding can split the ranks.
+    The state is checkpointed, so a resumed run keeps counting where the interrupted one was.
+    """
+
+    def __init__(self, rt: runtime.Runtime, config: TrainConfig, log: EventLog,
+                 state: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.rt, self.log, self.metric = rt, log, config.early_stopping_metric
+        self.patience, self.min_delta = config.early_stopping_patience, config.early_stopping_min_delta
+        self.lower_is_better = self.metric.endswith("loss")
+        self.state = dict(state or {"best": None, "best_epoch": None, "wait": 0})
+        self.stopped = False
+
+    def _improved(self, value: float) -> bool:
+        best = self.state["best"]
+        if best is None:
+            return True
+        return value < best - self.min_delta if self.lower_is_better else value > best + self.min_delta
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = float(logs[self.metric])
+        if self._improved(value):
+            self.state.update(best=value, best_epoch=epoch + 1, wait=0)
+        else:
+            self.state["wait"] += 1
+        # Horovod: rank 0 decides, every rank follows in the same epoch.
+        self.state = runtime.broadcast(self.state, "early_stopping")
+        if self.state["wait"] >= self.patience:
+            self.stopped = self.model.stop_training = True
+            self.log.emit("early_stopping", epoch=epoch + 1, metric=self.metric, **self.state)
+            runtime.log(self.rt, f"early stopping after epoch {epoch + 1}: {self.metric} has not improved by more "
+                                 f"than {self.min_delta:g} for {self.patience} epoch(s); best "
+                                 f"{self.state['best']:.4f} at epoch {self.state['best_epoch']}")
+
+
+class Checkpointer(tf.keras.callbacks.Callback):
+    """Collective, every rank, epoch end: rank 0 writes a checkpoint every N epochs and at the end;
+    all ranks then agree that it was written, so a full disk stops the job with one message, not a hang."""
+
+    def __init__(self, rt, config: TrainConfig, plan: Plan, data: Dict[str, Any],
+                 history: Dict[str, List[float]], early_stopping: Optional[EarlyStopping], log: EventLog):
+        super().__init__()
+        self.rt, self.config, self.plan, self.data = rt, config, plan, data
+        self.history = {k: list(v) for k, v in history.items()}  # the resumed run's, extended each epoch
+        self.early_stopping, self.log = early_stopping, log
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        done = epoch + 1
+        if done % self.config.checkpoint_every and done != self.config.epochs and not self.model.stop_training:
+            return
+        error = runtime.on_rank0(self.rt, self._save, done)
+        runtime.agree(error, "checkpoint")
+
+    def _save(self, epoch: int) -> Optional[str]:
+        meta = checkpoint.run_meta(
+            self.config, self.plan, self.data, self.history,
+            self.early_stopping.state if self.early_stopping else None, bool(self.model.stop_training),
+            float(tf.keras.backend.get_value(self.model.optimizer.lr)))
+        try:
+            path = checkpoint.save(self.config.checkpoint_dir, epoch, self.model.get_weights(),
+                                   self.model.optimizer.get_weights(), meta, self.config.keep_checkpoints)
+        except OSError as err:
+            return f"could not write the checkpoint for epoch {epoch} in {self.config.checkpoint_dir}: {err}"
+        runtime.log(self.rt, f"checkpoint {path}")
+        self.log.emit("checkpoint", epoch=epoch, path=path)
+        return None
