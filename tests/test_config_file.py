@@ -74,6 +74,7 @@ def test_bad_files_are_one_clear_error(tmp_path, text, message):
     assert message in str(err.value) and str(path) in str(err.value)
 
 
+@pytest.mark.integration
 def test_bad_file_under_the_launcher_stops_every_rank_with_one_message(tmp_path):
     (tmp_path / "bad.toml").write_text("batch_size = 'big'\n")
     proc = horovodrun(2, ["--config", tmp_path / "bad.toml", "--output-dir", tmp_path / "out"], timeout=120)

@@ -1,5 +1,4 @@
 """Integration: real horovodrun (Gloo and MPI) and plain mpirun, asserting on files and numbers."""
-import hashlib
 import os
 import shutil
 import re
@@ -8,44 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import BIN, REPO, horovodrun, mpirun, read_json, requires_mpi, run
+from conftest import BIN, REPO, check_run, horovodrun, mpirun, read_json, requires_mpi, run
 from hvd_train import data
 from hvd_train.config import TrainConfig
 
 pytestmark = pytest.mark.integration
-OUTPUT_FILES = {"model.keras", "preprocessing.json", "config.json", "config.toml", "history.csv", "metrics.json",
-                "report.json", "curves.png", "confusion_matrix.png", "events.jsonl"}
-
-
-def check_run(out_dir, proc, world_size):
-    """What every successful launch must show; returns metrics.json."""
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert {p.name for p in out_dir.iterdir()} == OUTPUT_FILES, "exactly the outputs, no temp files"
-    m = read_json(out_dir / "metrics.json")
-    assert m["world_size"] == world_size
-    assert len(m["replica_weight_digests"]) == world_size and m["replicas_identical"] is True
-    assert proc.stdout.count("[hvd_train] outputs in") == 1, "rank 0 alone reports (and writes) outputs"
-    # The saved model is rank 0's final state, and every rank reported the same digest.
-    model = tf.keras.models.load_model(out_dir / "model.keras")
-    digest = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in model.get_weights())).hexdigest()
-    assert m["replica_weight_digests"] == [digest] * world_size
-    # Test metrics equal a single-process evaluation of the whole test split: exact, not a mean of means.
-    config = TrainConfig.from_dict(read_json(out_dir / "config.json")["config"])
-    table = data.load(config.dataset, config.label_column, samples=config.samples,
-                      features=config.features, classes=config.classes, seed=config.seed)
-    splits = data.split_and_scale(table, config.val_fraction, config.test_fraction, config.seed)
-    # Called directly (not predict) so Keras computes the loss from the softmax's logits, as in training.
-    scores = model(splits.x_test, training=False)
-    logits = read_json(out_dir / "preprocessing.json")["logits"]
-    loss = float(np.mean(tf.keras.losses.sparse_categorical_crossentropy(
-        splits.y_test, scores, from_logits=logits).numpy()))
-    scores = scores.numpy()
-    assert m["test_samples"] == len(splits.y_test)
-    assert m["test_loss"] == pytest.approx(loss, rel=1e-5)
-    assert m["test_accuracy"] == pytest.approx(float(np.mean(scores.argmax(1) == splits.y_test)), abs=1e-9)
-    return m
-
-
 @pytest.fixture(scope="module")
 def gloo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gloo") / "run"

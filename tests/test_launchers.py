@@ -7,8 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import BIN, REPO, read_json, requires_mpi, run
-from test_launch import check_run
+from conftest import BIN, REPO, check_run, read_json, requires_mpi, run
 
 LAUNCH = REPO / "launch"
 SCRIPTS = ["local.sh", "hosts.sh", "mpirun.sh", "docker.sh", "slurm.sbatch"]

@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO, requires_mpi, run
-from test_launch import check_run
+from conftest import REPO, check_run, requires_mpi, run
 
 pytestmark = [
     pytest.mark.integration,

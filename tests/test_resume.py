@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from conftest import HVD_TRAIN, Background, horovodrun, horovodrun_cmd, rank_reports, read_json
 from hvd_train import checkpoint, events
-from hvd_train.trainer import cosine_multiplier
+from hvd_train.schedules import cosine_multiplier
 
 pytestmark = pytest.mark.integration
 

@@ -4,20 +4,15 @@ Usage (under a launcher): rank_report.py [--different-init] [hvd-train options..
 --different-init: every rank builds its model from a different seed on purpose, so the test
 can show that rank 0's weights win before the first update.
 """
-import hashlib
 import json
 import os
 import sys
 
-import numpy as np
 import tensorflow as tf
 
 from hvd_train import build_mlp, train
 from hvd_train.cli import config_from_args
-
-
-def digest(arrays):
-    return hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()
+from hvd_train.consensus import weights_digest as digest
 
 
 def main():
