@@ -25,50 +25,91 @@ class ConfigError(ValueError):
     """A configuration value is invalid. Same on every rank, so no collective is needed."""
 
 
+def _option(default: Any, help: str = "", group: str = "run", **cli: Any) -> Any:
+    """A TrainConfig field and its command-line option (cli.py builds the parser from these):
+    ``help`` and ``group`` for --help; ``cli`` holds argparse extras (choices, metavar, nargs,
+    const, aliases: more flags for the same option)."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, **cli})
+
+
+# The --help sections, in order.
+GROUPS = ("data", "model", "optimisation", "checkpoints", "run", "observability")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a run needs, resolved before Horovod starts. Never mutated."""
+    """Everything a run needs, resolved before Horovod starts. Never mutated.
 
-    dataset: str = "iris"
-    label_column: Optional[str] = None
-    samples: int = 1000
-    features: int = 20
-    classes: int = 3
-    epochs: int = 100
-    batch_size: int = 32  # per process; the global batch is batch_size * world size
-    lr: float = 0.01  # base learning rate for one process; scaled by --lr-scaling
-    optimizer: str = "adam"
-    momentum: float = 0.9  # sgd only
-    lr_scaling: str = "linear"
-    warmup_epochs: int = 3
-    hidden: Tuple[int, ...] = (64, 32)
-    activation: str = "relu"
-    dropout: float = 0.0
-    logits: bool = False  # output raw logits instead of softmax probabilities
-    seed: int = 42
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    shuffle: bool = True
-    threads: Optional[int] = None  # TF intra-op threads per process; None = cores // local size
-    output_dir: Optional[str] = None  # None = runs/<timestamp>, chosen by rank 0
-    progress: str = "auto"  # live bar when run alone on a terminal, else one line per epoch
-    lr_schedule: str = "constant"  # after warmup: constant, step (x lr_decay_factor), cosine (to 0)
-    lr_decay_epochs: int = 30  # step schedule: epochs between decays
-    lr_decay_factor: float = 0.1  # step schedule: multiplier per decay
-    early_stopping_patience: int = 0  # epochs without improvement before stopping (0 = off)
-    early_stopping_metric: str = "val_loss"
-    early_stopping_min_delta: float = 0.0
-    fp16_allreduce: bool = False  # Horovod fp16 compression of gradients on the wire
-    backward_passes_per_step: int = 1  # Horovod local gradient accumulation before each allreduce
-    checkpoint_dir: Optional[str] = None  # None = no checkpoints
-    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
-    keep_checkpoints: int = 3
-    resume: Optional[str] = None  # None, "auto" (newest valid checkpoint, if any) or a checkpoint file
-    tensorboard: bool = False  # rank 0 writes TensorBoard scalars to <output_dir>/tensorboard
-    timeline: Optional[str] = None  # Horovod timeline file (rank 0 writes it; chrome://tracing, Perfetto)
-    autotune: bool = False  # Horovod autotuning of fusion threshold, cycle time, ...
-    autotune_log: Optional[str] = None  # its log; None = <output_dir>/autotune.csv
-    verbose_ranks: bool = False  # ranks other than 0 also print their log lines and library warnings
+    The same vocabulary everywhere: these fields are the API's keywords, the TOML config keys
+    and the command line's long options (``_`` as ``-``).
+    """
+
+    dataset: str = _option("iris", f"{', '.join(DATASETS)}, or csv:PATH (header row)", "data")
+    label_column: Optional[str] = _option(None, "label column of a csv: dataset", "data")
+    samples: int = _option(1000, "synthetic: number of samples", "data")
+    features: int = _option(20, "synthetic: number of features", "data")
+    classes: int = _option(3, "synthetic: number of classes", "data")
+    val_fraction: float = _option(0.1, "share of all samples for validation", "data")
+    test_fraction: float = _option(0.2, "share of all samples for test", "data")
+    shuffle: bool = _option(True, "reshuffle the training order every epoch (same order on every rank)", "data")
+    seed: int = _option(42, "seed for splits, shuffling and initial weights", "data")
+
+    hidden: Tuple[int, ...] = _option((64, 32), "hidden layer sizes, e.g. 64,32", "model")
+    activation: str = _option("relu", group="model", choices=ACTIVATIONS)
+    dropout: float = _option(0.0, group="model")
+    logits: bool = _option(False, "output logits instead of softmax probabilities", "model")
+
+    epochs: int = _option(100, group="optimisation")
+    batch_size: int = _option(32, "per process; the global batch is this times the number of processes",
+                              "optimisation")
+    lr: float = _option(0.01, "base learning rate for one process", "optimisation")
+    optimizer: str = _option("adam", group="optimisation", choices=OPTIMIZERS)
+    momentum: float = _option(0.9, "sgd momentum", "optimisation")
+    lr_scaling: str = _option("linear", "scale the base learning rate by world size (linear), its square root, "
+                              "or not", "optimisation", choices=LR_SCALINGS)
+    warmup_epochs: int = _option(3, "Horovod LR warmup from scaled_lr/size to scaled_lr (0 = off)", "optimisation")
+    fp16_allreduce: bool = _option(
+        False, "Horovod: compress gradients to float16 for the allreduce (half the bytes on the wire)", "optimisation")
+    backward_passes_per_step: int = _option(
+        1, "Horovod: accumulate this many local gradients before each allreduce "
+        "(fewer allreduces; the effective global batch grows by this factor)", "optimisation")
+    lr_schedule: str = _option(
+        "constant", "after warmup: keep the LR, multiply it by --lr-decay-factor every --lr-decay-epochs (step), "
+        "or decay it along half a cosine to 0 at the last step (cosine)", "optimisation", choices=LR_SCHEDULES)
+    lr_decay_epochs: int = _option(30, "step schedule period", "optimisation")
+    lr_decay_factor: float = _option(0.1, "step schedule multiplier", "optimisation")
+    early_stopping_patience: int = _option(
+        0, "stop after this many epochs without improvement of the global validation metric (0 = off)",
+        "optimisation")
+    early_stopping_metric: str = _option("val_loss", group="optimisation", choices=EARLY_STOPPING_METRICS)
+    early_stopping_min_delta: float = _option(0.0, "smallest change that counts as an improvement", "optimisation")
+
+    checkpoint_dir: Optional[str] = _option(None, "rank 0 writes ckpt-epoch-NNNNNN.npz here; None = no checkpoints",
+                                            "checkpoints")
+    checkpoint_every: int = _option(1, "epochs between checkpoints; the last epoch is always saved", "checkpoints")
+    keep_checkpoints: int = _option(3, "how many of the newest to keep", "checkpoints")
+    resume: Optional[str] = _option(
+        None, "continue from the newest valid checkpoint in --checkpoint-dir (auto; starts afresh if there is "
+        "none) or from FILE", "checkpoints", nargs="?", const="auto", metavar="auto|FILE")
+
+    threads: Optional[int] = _option(None, "TF intra-op threads per process; None = cores // processes on the host")
+    output_dir: Optional[str] = _option(None, "where outputs go; None = runs/<timestamp>")
+    progress: str = _option("auto", "rank 0's progress: auto = live bar on a terminal without a launcher, "
+                            "else one line per epoch", choices=PROGRESS)
+    verbose_ranks: bool = _option(False, "ranks other than 0 print their log lines and TensorFlow/Horovod "
+                                  "warnings too (default: errors only)")
+
+    tensorboard: bool = _option(False, "rank 0 writes per-epoch TensorBoard scalars to <output-dir>/tensorboard",
+                                "observability")
+    timeline: Optional[str] = _option(
+        None, "Horovod timeline of every collective (rank 0 writes it): open in chrome://tracing or "
+        "https://ui.perfetto.dev. Under horovodrun spell it --timeline-file: horovodrun rejects --timeline "
+        "anywhere on its command line as an ambiguous abbreviation of its own --timeline-filename",
+        "observability", aliases=("--timeline-file",), metavar="FILE")
+    autotune: bool = _option(False, "Horovod autotuning of fusion threshold, cycle time, ... while training",
+                             "observability")
+    autotune_log: Optional[str] = _option(None, "Horovod's autotune log; None = <output-dir>/autotune.csv",
+                                          "observability", metavar="FILE")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -25,17 +25,18 @@ else:  # pragma: no cover - Python 3.9/3.10
 NOT_SAVED = ("output_dir", "resume")
 
 
-def _field_types() -> Dict[str, Any]:
+def value_types() -> Dict[str, Any]:
+    """Each TrainConfig field's value type (what the command line and TOML files must give):
+    Optional[X] -> X, Tuple[int, ...] -> tuple. None needs no check: neither can write it, and
+    an absent option is the default."""
     hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+    return {f.name: _value_type(hints[f.name]) for f in dataclasses.fields(TrainConfig)}
 
 
-def _base(hint: Any) -> Any:
-    """The value type behind a TrainConfig field's hint: Optional[X] -> X, Tuple[int, ...] -> tuple.
-    (None needs no check: TOML cannot write it, an absent key is the default.)"""
+def _value_type(hint: Any) -> Any:
     args = typing.get_args(hint)
     if typing.get_origin(hint) is typing.Union and type(None) in args:
-        return _base(next(a for a in args if a is not type(None)))
+        return _value_type(next(a for a in args if a is not type(None)))
     if typing.get_origin(hint) is tuple:
         return tuple
     return hint
@@ -46,8 +47,7 @@ def _toml_type(value: Any) -> str:
             dict: "table"}.get(type(value), type(value).__name__)
 
 
-def _check(path: str, key: str, value: Any, hint: Any) -> Any:
-    base = _base(hint)
+def _check(path: str, key: str, value: Any, base: Any) -> Any:
     wrong = None
     if base is bool:
         wrong = not isinstance(value, bool) and "a boolean (true/false)"
@@ -76,7 +76,7 @@ def load(path: str) -> Dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
-    types = _field_types()
+    types = value_types()
     values = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
