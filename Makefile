@@ -11,12 +11,18 @@ SETUP_STAMP := $(VENV)/.hvd_train-setup-done
 # horovodrun imports TensorFlow itself; keep TF's C++ INFO lines out of the output.
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
-.PHONY: help setup train test test-deps bench clean
+# Everything that must pass shellcheck: the launchers and every shell script of the project.
+SHELL_SCRIPTS := $(wildcard launch/*.sh) launch/slurm.sbatch $(wildcard scripts/*.sh) \
+                 $(wildcard tests/container/*.sh) .ci/run
+
+.PHONY: help setup train test test-fast lint test-deps bench clean
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make train   set up on first use, then train (NP=$(NP) CONTROLLER=mpi|gloo ARGS='...')"
 	@echo "make test    set up on first use, then run the test suite (PYTEST_ARGS='...')"
+	@echo "make test-fast  the tests that start no launcher (under 2 minutes)"
+	@echo "make lint    ruff on the Python, shellcheck on the shell scripts (make test-deps installs shellcheck)"
 	@echo "make bench   set up on first use, then the benchmark suite into bench/latest (BENCH_ARGS='...')"
 	@echo "make setup   (re)run the idempotent set-up: scripts/setup.sh"
 	@echo "make test-deps  (root) install what the multi-host and container tests need; they skip without it"
@@ -34,6 +40,15 @@ train: $(SETUP_STAMP)
 
 test: $(SETUP_STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# No horovodrun, mpirun, ssh or image: unit tests of the pure parts and the launchers' argument checks.
+test-fast: $(SETUP_STAMP)
+	$(VENV)/bin/python -m pytest -m "not integration and not container" $(PYTEST_ARGS)
+
+lint: $(SETUP_STAMP)
+	$(VENV)/bin/ruff check .
+	@command -v shellcheck >/dev/null || { echo "lint: shellcheck not found (make test-deps installs it)" >&2; exit 1; }
+	shellcheck $(SHELL_SCRIPTS)
 
 bench: $(SETUP_STAMP)
 	$(VENV)/bin/hvd-bench --out bench/latest $(BENCH_ARGS)

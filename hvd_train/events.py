@@ -50,8 +50,8 @@ class EventLog:
             "metrics": metrics, "files": sorted(os.listdir(os.path.dirname(self.path)))}))
 
     def _append(self, event: str, fields: Dict[str, Any]) -> None:
-        record = {"event": event, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-                  **_plain(fields)}
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+        record = {"event": event, "time": now, **_plain(fields)}
         # One write of one whole line, flushed: a reader tailing the file never sees half a record.
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=False, allow_nan=False) + "\n")

@@ -37,7 +37,8 @@ class Plan:
             f"world size {self.world_size}, {self.intra_op_threads} intra-op thread(s) per process; "
             + "; ".join(f"{host}: rank(s) {','.join(str(r) for r, h in enumerate(self.hosts) if h == host)}"
                         for host in dict.fromkeys(self.hosts)),
-            f"batch {self.batch_size_per_process} per process x {self.world_size} = global batch {self.global_batch_size}",
+            f"batch {self.batch_size_per_process} per process x {self.world_size} "
+            f"= global batch {self.global_batch_size}",
             f"learning rate {self.base_lr:g} scaled to {self.scaled_lr:g}, warmup {self.warmup_epochs} epoch(s)",
             f"samples train/val/test {self.train_samples}/{self.val_samples}/{self.test_samples}; "
             f"train samples per rank {self.train_samples_per_rank}; {self.steps_per_epoch} steps per epoch",
@@ -70,7 +71,8 @@ def rank_views(plan: Plan, config: TrainConfig) -> List[Dict[str, Any]]:
         sizes = [len(rows) for rows, _ in batches]
         rows = np.concatenate([rows for rows, _ in batches])
         views.append({"rank": rank, "host": plan.hosts[rank], "samples_per_epoch": int(sum(sizes)),
-                      "steps": len(sizes), "first_batch": sizes[0], "last_batch": sizes[-1], "first_rows": [int(i) for i in rows[:SHOWN_ROWS]]})
+                      "steps": len(sizes), "first_batch": sizes[0], "last_batch": sizes[-1],
+                      "first_rows": [int(i) for i in rows[:SHOWN_ROWS]]})
     return views
 
 
@@ -82,8 +84,9 @@ def report(plan: Plan, config: TrainConfig) -> Dict[str, Any]:
 
 def report_lines(plan: Plan, config: TrainConfig) -> List[str]:
     lines = plan.lines()
+    shuffle = f"on (seed {config.seed})" if config.shuffle else "off"
     lines.append(f"{config.epochs} epoch(s) x {plan.steps_per_epoch} steps = {plan.steps_per_epoch * config.epochs} "
-                 f"optimizer steps on every rank; shuffle {'on (seed ' + str(config.seed) + ')' if config.shuffle else 'off'}")
+                 f"optimizer steps on every rank; shuffle {shuffle}")
     for view in rank_views(plan, config):
         more = ", ..." if view["samples_per_epoch"] > len(view["first_rows"]) else ""
         lines.append(f"rank {view['rank']} ({view['host']}): {view['samples_per_epoch']} samples per epoch in "

@@ -9,6 +9,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend: files only, no display (also hvd-bench's plots)."""
     import matplotlib

@@ -64,6 +64,7 @@ case "$mode" in
   worker)
     [[ -r "$authorized" ]] || { echo "docker.sh: worker needs --authorized-keys FILE (readable)" >&2; exit 2; }
     # sshd as the unprivileged user: a host key made fresh in the container, config in /tmp.
+    # shellcheck disable=SC2016  # expanded by the container's bash, not here
     sshd_script='set -euo pipefail; mkdir -p /tmp/sshd
 ssh-keygen -q -t ed25519 -N "" -f /tmp/sshd/host_key
 printf "Port %s\nHostKey /tmp/sshd/host_key\nPidFile /tmp/sshd/pid\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nAuthorizedKeysFile /home/trainer/.ssh/authorized_keys\n" "$1" > /tmp/sshd/config

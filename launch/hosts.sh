@@ -88,6 +88,7 @@ if (( preflight )); then
   for entry in "${entries[@]}"; do
     host="${entry%:*}"
     [[ "$local_names" == *" $host "* ]] && continue
+    # shellcheck disable=SC2029  # the venv path is this host's, expanded here on purpose
     if ! got="$(ssh "${ssh_args[@]}" "$host" "'$venv/bin/hvd-train' versions" 2>&1 </dev/null)"; then
       if ssh "${ssh_args[@]}" "$host" true </dev/null >/dev/null 2>&1; then
         echo "hosts.sh: host $host has no working hvd_train at $venv (install it there at the same path): ${got##*$'\n'}" >&2

@@ -122,22 +122,22 @@ fi
 supported_python "$VENV/bin/python" || die "$VENV uses $("$VENV/bin/python" --version); remove it and re-run"
 
 PIP=("$VENV/bin/pip" install -q -c "$CONSTRAINTS")
-"${PIP[@]}" setuptools wheel cmake numpy "$TF_PACKAGE" scikit-learn matplotlib "tomli; python_version < '3.11'" pytest
+"${PIP[@]}" setuptools wheel cmake numpy "$TF_PACKAGE" scikit-learn matplotlib "tomli; python_version < '3.11'" pytest ruff
 if have_mpi; then
   "${PIP[@]}" mpi4py
 fi
 
-missing="$(check_build)"
-if [ -n "$missing" ]; then
+lacking="$(check_build)"
+if [ -n "$lacking" ]; then
   build_horovod
-  missing="$(check_build)"
-  if [ -n "$missing" ]; then
+  lacking="$(check_build)"
+  if [ -n "$lacking" ]; then
     # pip's wheel cache may hold a build made before MPI was installed: rebuild from source.
-    say "cached horovod build lacks: $missing; rebuilding without the wheel cache"
+    say "cached horovod build lacks: $lacking; rebuilding without the wheel cache"
     build_horovod --no-cache-dir --force-reinstall --no-deps
-    missing="$(check_build)"
+    lacking="$(check_build)"
   fi
-  [ -z "$missing" ] || die "horovodrun --check-build does not list: $missing"
+  [ -z "$lacking" ] || die "horovodrun --check-build does not list: $lacking"
 else
   say "horovod $HOROVOD_VERSION already built with what this machine supports"
 fi

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Tools the multi-host and container tests need (they are skipped without them).
+# Tools the multi-host and container tests need (they are skipped without them), and shellcheck
+# for make lint.
 # Debian/Ubuntu as root only; elsewhere this says what to install and succeeds.
 set -euo pipefail
 
-packages=(openssh-client openssh-server podman buildah debootstrap fuse-overlayfs uidmap util-linux)
+packages=(openssh-client openssh-server podman buildah debootstrap fuse-overlayfs uidmap util-linux shellcheck)
 missing=()
-for tool in ssh sshd podman buildah debootstrap unshare; do
+for tool in ssh sshd podman buildah debootstrap unshare shellcheck; do
   command -v "$tool" >/dev/null 2>&1 || [[ -x "/usr/sbin/$tool" ]] || missing+=("$tool")
 done
 if [[ ${#missing[@]} -eq 0 ]]; then
-  echo "[test-deps] present: ssh, sshd, podman, buildah, debootstrap, unshare"
+  echo "[test-deps] present: ssh, sshd, podman, buildah, debootstrap, unshare, shellcheck"
   exit 0
 fi
 if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then

@@ -2,7 +2,6 @@
 import re
 
 import pytest
-
 from conftest import BIN, horovodrun, mpirun, requires_mpi
 
 pytestmark = pytest.mark.integration

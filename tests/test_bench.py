@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-
 from conftest import BIN, png_size, run
 
 pytestmark = pytest.mark.integration
@@ -43,7 +42,7 @@ def test_results_json(bench):
     np2 = s["runs"]["hvd_np2"][0]
     assert np2["world_size"] == 2 and np2["samples"] == np2["train_samples"] * (r["workload"]["epochs"] - 1)
     assert s["runs"]["mwms_np2"][0]["world_size"] == 2
-    for controller, wire in r["wire"].items():
+    for wire in r["wire"].values():
         assert wire["world_size"] == 2
         assert {(x["bytes"], x["compression"]) for x in wire["allreduce"]} == {
             (b, c) for b in r["workload"]["sizes"] for c in ("none", "fp16")}

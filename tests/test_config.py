@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from hvd_train.config import ConfigError, TrainConfig, scaled_learning_rate
 def test_defaults_are_valid_and_frozen():
     c = TrainConfig()
     assert (c.dataset, c.epochs, c.batch_size, c.hidden) == ("iris", 100, 32, (64, 32))
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.epochs = 3  # frozen
 
 

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import horovodrun
 
 from hvd_train import cli, configfile

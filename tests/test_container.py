@@ -4,7 +4,6 @@ import re
 import shutil
 
 import pytest
-
 from conftest import REPO, read_json, run
 
 TOOLS = ("podman", "buildah")

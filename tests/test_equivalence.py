@@ -11,7 +11,6 @@ iris here: 105 training samples, global batch 16 -> 7 steps per epoch, the last 
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import horovodrun, rank_reports, read_json
 
 pytestmark = pytest.mark.integration

@@ -1,15 +1,14 @@
 """Integration: real horovodrun (Gloo and MPI) and plain mpirun, asserting on files and numbers."""
 import os
-import shutil
 import re
+import shutil
 
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import BIN, REPO, check_run, horovodrun, mpirun, read_json, requires_mpi, run
+
 from hvd_train import data
-from hvd_train.config import TrainConfig
 
 pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")

@@ -6,8 +6,7 @@ import subprocess
 
 import pytest
 import yaml
-
-from conftest import BIN, REPO, check_run, read_json, requires_mpi, run
+from conftest import REPO, check_run, requires_mpi, run
 
 LAUNCH = REPO / "launch"
 SCRIPTS = ["local.sh", "hosts.sh", "mpirun.sh", "docker.sh", "slurm.sbatch"]

@@ -12,7 +12,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import REPO, check_run, requires_mpi, run
 
 pytestmark = [
@@ -54,7 +53,7 @@ class Sshd:
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"sshd did not start: {(directory / 'sshd.log').read_text()}")
+                    raise RuntimeError(f"sshd did not start: {(directory / 'sshd.log').read_text()}") from None
                 time.sleep(0.1)
 
     def stop(self):

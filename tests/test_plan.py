@@ -5,7 +5,6 @@ import json
 import re
 
 import pytest
-
 from conftest import BIN, horovodrun, run
 
 pytestmark = pytest.mark.integration

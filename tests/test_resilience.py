@@ -1,14 +1,13 @@
 """Failures end the whole job cleanly: a killed rank, and ranks that disagree about the job."""
+import os
 import re
 import signal
 import time
-import os
 
 import pytest
+from conftest import BIN, HVD_TRAIN, MPIRUN, Background, horovodrun, horovodrun_cmd, requires_mpi
 
 from hvd_train import events
-
-from conftest import BIN, HVD_TRAIN, MPIRUN, Background, horovodrun, horovodrun_cmd, requires_mpi
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import HVD_TRAIN, Background, horovodrun, horovodrun_cmd, rank_reports, read_json
+
 from hvd_train import checkpoint, events
 from hvd_train.schedules import cosine_multiplier
 
@@ -47,7 +47,8 @@ def test_kill_the_whole_job_then_resume(tmp_path):
     assert f"resuming from {ckpt}/ckpt-epoch-{done:06d}.npz: {done} of {EPOCHS} epoch(s) done" in proc.stdout
     assert len(re.findall(r"^\[0\]<stdout>:epoch +\d+/", proc.stdout, re.M)) == EPOCHS - done
     m = read_json(resumed / "metrics.json")
-    assert (m["epochs_completed"], m["epochs_trained_this_run"], m["resumed_from_epoch"]) == (EPOCHS, EPOCHS - done, done)
+    assert (m["epochs_completed"], m["epochs_trained_this_run"], m["resumed_from_epoch"]) == (
+        EPOCHS, EPOCHS - done, done)
     assert [int(row.split(",")[0]) for row in history_rows(resumed)] == list(range(1, EPOCHS + 1))
 
     # The same run without the crash: resuming at the same world size continues the same

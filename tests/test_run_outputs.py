@@ -10,7 +10,6 @@ import re
 
 import numpy as np
 import pytest
-
 from conftest import BIN, horovodrun, png_size
 
 from hvd_train import events
@@ -156,7 +155,8 @@ def test_verbose_ranks_lets_every_rank_speak(tmp_path):
 def test_a_failure_inside_fit_is_logged_as_run_failed(tmp_path):
     script = ("import sys, tensorflow as tf; from hvd_train import TrainConfig, train\n"
               "def wrong(n_features, n_classes):\n"
-              "    return tf.keras.Sequential([tf.keras.Input(shape=(n_features + 1,)), tf.keras.layers.Dense(n_classes)])\n"
+              "    return tf.keras.Sequential([tf.keras.Input(shape=(n_features + 1,)),\n"
+              "                                tf.keras.layers.Dense(n_classes)])\n"
               "train(TrainConfig(epochs=1, progress='none', output_dir=sys.argv[1]), model_fn=wrong)\n")
     out = tmp_path / "run"
     proc = horovodrun(2, [out], command=[BIN / "python", "-c", script], timeout=180)

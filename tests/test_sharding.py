@@ -59,7 +59,7 @@ def test_full_steps_have_unit_weight_and_match_one_process_batches():
     plan = epoch_plan(n, world, batch, order)
     single = sharding.local_batches(n, 0, 1, world * batch, order)
     assert len(single) == len(plan[0])
-    for step, (rows, w) in enumerate(single):
+    for step, (rows, _) in enumerate(single):
         union = np.concatenate([p[step][0] for p in plan])
         assert union.tolist() == rows.tolist(), "N ranks see exactly the samples one process sees"
         if len(rows) == world * batch:

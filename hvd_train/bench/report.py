@@ -67,7 +67,7 @@ def markdown(r: Dict[str, Any]) -> str:
         header = ["size"] + [f"{c} {comp}" for c in controllers for comp in ("none", "fp16")] + ["memcpy"]
         lines += ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
         first = r["wire"][controllers[0]]
-        for i, copy in enumerate(first["memcpy"]):
+        for copy in first["memcpy"]:
             cells = [_size(copy["bytes"])]
             for c in controllers:
                 rows = {(x["bytes"], x["compression"]): x for x in r["wire"][c]["allreduce"]}
@@ -79,7 +79,8 @@ def markdown(r: Dict[str, Any]) -> str:
         lines += ["## Knobs (2 processes; throughput relative to the baseline)", "",
                   "| variant | samples/s | vs baseline | test accuracy |", "| --- | ---: | ---: | ---: |"]
         for name, k in r["knobs"].items():
-            lines.append(f"| {name} | {k['samples_per_second']:.0f} | {k['vs_baseline']:.2f} | {k['test_accuracy']:.3f} |")
+            lines.append(f"| {name} | {k['samples_per_second']:.0f} | {k['vs_baseline']:.2f} "
+                         f"| {k['test_accuracy']:.3f} |")
         lines.append("")
     return "\n".join(lines)
 
