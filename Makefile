@@ -48,7 +48,7 @@ test-fast: $(SETUP_STAMP)
 lint: $(SETUP_STAMP)
 	$(VENV)/bin/ruff check .
 	@command -v shellcheck >/dev/null || { echo "lint: shellcheck not found (make test-deps installs it)" >&2; exit 1; }
-	shellcheck $(SHELL_SCRIPTS)
+	shellcheck -x $(SHELL_SCRIPTS)
 
 bench: $(SETUP_STAMP)
 	$(VENV)/bin/hvd-bench --out bench/latest $(BENCH_ARGS)

@@ -31,6 +31,10 @@ Examples:
 USAGE
 }
 
+prog=docker.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 mode=local
 case "${1:-}" in local|worker|launcher) mode="$1"; shift ;; esac
 image="${IMAGE:-hvd_train:latest}" np="${NP:-}" hosts="" port="${SSH_PORT:-2222}"
@@ -59,10 +63,11 @@ run=("$docker" run --rm --network host -v "$(cd "$runs" && pwd):/home/trainer/ru
 case "$mode" in
   local)
     np="${np:-2}"
+    require_np "$np"
     cmd=("${run[@]}" "$image" horovodrun -np "$np" -H "localhost:$np" --gloo "$hvd_train" "$@")
     ;;
   worker)
-    [[ -r "$authorized" ]] || { echo "docker.sh: worker needs --authorized-keys FILE (readable)" >&2; exit 2; }
+    [[ -r "$authorized" ]] || die "worker needs --authorized-keys FILE (readable)"
     # sshd as the unprivileged user: a host key made fresh in the container, config in /tmp.
     # shellcheck disable=SC2016  # expanded by the container's bash, not here
     sshd_script='set -euo pipefail; mkdir -p /tmp/sshd
@@ -75,22 +80,15 @@ exec /usr/sbin/sshd -D -e -f /tmp/sshd/config'
          "$image" bash -c "$sshd_script" sshd "$port")
     ;;
   launcher)
-    [[ -n "$hosts" ]] || { echo "docker.sh: launcher needs -H host1:slots,host2:slots" >&2; exit 2; }
-    [[ -r "$identity" ]] || { echo "docker.sh: launcher needs --identity KEY (readable)" >&2; exit 2; }
-    if [[ -z "$np" ]]; then
-      np=0
-      IFS=',' read -r -a entries <<< "$hosts"
-      for entry in "${entries[@]}"; do np=$(( np + ${entry##*:} )); done
-    fi
+    [[ -n "$hosts" ]] || die "launcher needs -H host1:slots,host2:slots"
+    [[ -r "$identity" ]] || die "launcher needs --identity KEY (readable)"
+    total="$(slot_sum "$hosts")"
+    np="${np:-$total}"
+    require_np "$np"
     cmd=("${run[@]}" -v "$(cd "$(dirname "$identity")" && pwd)/$(basename "$identity"):/home/trainer/.ssh/id:ro"
          "$image" horovodrun -np "$np" -H "$hosts" --gloo --ssh-port "$port"
          --ssh-identity-file /home/trainer/.ssh/id "$hvd_train" "$@")
     ;;
 esac
 
-if [[ -n "${DRY_RUN:-}" ]]; then
-  printf '%q ' "${cmd[@]}"
-  echo
-  exit 0
-fi
-exec "${cmd[@]}"
+run_command "${cmd[@]}"

@@ -19,13 +19,16 @@ Runs hvd-train on several hosts with horovodrun. Every host needs the same venv 
   -h, --help            this text
 Pre-flight: each host must answer over ssh within \$SSH_CONNECT_TIMEOUT (10) seconds and report
 the same 'hvd-train versions' line as this host; otherwise one message names the host.
-Environment: VENV, CONTROLLER, SSH_PORT, SSH_IDENTITY_FILE, SSH_OPTS (extra ssh options).
+Environment: VENV, CONTROLLER, SSH_PORT, SSH_IDENTITY_FILE, SSH_OPTS (extra ssh options),
+DRY_RUN=1 (print the horovodrun command instead of running it; the pre-flight still runs).
 Example: launch/hosts.sh -H node1:2,node2:2 -- --epochs 50 --output-dir /shared/runs/iris
 USAGE
 }
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-venv="$(cd "${VENV:-$here/../.venv}" 2>/dev/null && pwd || echo "${VENV:-$here/../.venv}")"
+prog=hosts.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+venv="$(venv_dir)"
 controller="${CONTROLLER:-gloo}"
 hosts="" hostfile="" np=""
 ssh_port="${SSH_PORT:-}" ssh_key="${SSH_IDENTITY_FILE:-}" preflight=1
@@ -47,8 +50,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 if [[ -n "$hostfile" ]]; then
-  [[ -z "$hosts" ]] || { echo "hosts.sh: give -H or --hostfile, not both" >&2; exit 2; }
-  [[ -r "$hostfile" ]] || { echo "hosts.sh: cannot read hostfile $hostfile" >&2; exit 2; }
+  [[ -z "$hosts" ]] || die "give -H or --hostfile, not both"
+  [[ -r "$hostfile" ]] || die "cannot read hostfile $hostfile"
   # 'host slots=N', 'host:N' or 'host' (1 slot) per line -> host:N,host:N
   hosts="$(sed -e 's/#.*//' "$hostfile" | awk 'NF {
       n = 1; h = $1
@@ -57,17 +60,13 @@ if [[ -n "$hostfile" ]]; then
       printf "%s%s:%s", sep, h, n; sep = "," }')"
 fi
 [[ -n "$hosts" ]] || { echo "hosts.sh: no hosts: give -H host1:slots,... or --hostfile FILE" >&2; usage >&2; exit 2; }
-[[ "$controller" == gloo || "$controller" == mpi ]] || { echo "hosts.sh: CONTROLLER must be gloo or mpi" >&2; exit 2; }
+[[ "$controller" == gloo || "$controller" == mpi ]] || die "CONTROLLER must be gloo or mpi"
 
-total=0
-IFS=',' read -r -a entries <<< "$hosts"
-for entry in "${entries[@]}"; do
-  [[ "$entry" =~ ^[^:,[:space:]]+:[1-9][0-9]*$ ]] || { echo "hosts.sh: bad host entry '$entry' (want host:slots)" >&2; exit 2; }
-  total=$(( total + ${entry##*:} ))
-done
+total="$(slot_sum "$hosts")"
 np="${np:-$total}"
-[[ "$np" =~ ^[1-9][0-9]*$ ]] || { echo "hosts.sh: --np must be a positive integer, got '$np'" >&2; exit 2; }
-[[ -x "$venv/bin/horovodrun" ]] || { echo "hosts.sh: no horovodrun in $venv (run 'make setup' or set VENV)" >&2; exit 2; }
+require_np "$np"
+[[ -x "$venv/bin/horovodrun" ]] || die "no horovodrun in $venv (run 'make setup' or set VENV)"
+IFS=',' read -r -a entries <<< "$hosts"
 
 ssh_args=(-o BatchMode=yes -o "ConnectTimeout=${SSH_CONNECT_TIMEOUT:-10}")
 [[ -n "$ssh_port" ]] && ssh_args+=(-p "$ssh_port")
@@ -108,4 +107,4 @@ fi
 hvd_args=(-np "$np" -H "$hosts" "--$controller")
 [[ -n "$ssh_port" ]] && hvd_args+=(--ssh-port "$ssh_port")
 [[ -n "$ssh_key" ]] && hvd_args+=(--ssh-identity-file "$ssh_key")
-exec "$venv/bin/horovodrun" "${hvd_args[@]}" "$venv/bin/hvd-train" "$@"
+run_command "$venv/bin/horovodrun" "${hvd_args[@]}" "$venv/bin/hvd-train" "$@"

@@ -12,13 +12,16 @@ Runs NP processes of hvd-train on this machine with horovodrun.
   --gloo        Gloo controller (\$CONTROLLER=gloo; the default without mpirun)
   -h, --help    this text
 Everything after -- goes to hvd-train (see: hvd-train --help).
-Environment: VENV (default: the repository's .venv), NP, CONTROLLER.
+Environment: VENV (default: the repository's .venv), NP, CONTROLLER,
+DRY_RUN=1 (print the command instead of running it).
 Example: launch/local.sh -n 2 -- --dataset wine --epochs 50 --output-dir runs/wine
 USAGE
 }
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-venv="${VENV:-$here/../.venv}"
+prog=local.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+venv="$(venv_dir)"
 controller="${CONTROLLER:-}"
 np="${NP:-}"
 
@@ -40,15 +43,15 @@ if [[ -z "$np" ]]; then
   fi
   np=$(( gpus > 0 ? gpus : 2 ))
 fi
-[[ "$np" =~ ^[1-9][0-9]*$ ]] || { echo "local.sh: --np must be a positive integer, got '$np'" >&2; exit 2; }
+require_np "$np"
 # Measured (README, Performance): on one host MPI's shared-memory transport (with yield, below)
 # trains 10-20% faster than Gloo's TCP loopback at np=2, so it is the default when present.
 if [[ -z "$controller" ]]; then
   controller=gloo
   if command -v mpirun >/dev/null 2>&1; then controller=mpi; fi
 fi
-[[ "$controller" == gloo || "$controller" == mpi ]] || { echo "local.sh: CONTROLLER must be gloo or mpi" >&2; exit 2; }
-[[ -x "$venv/bin/horovodrun" ]] || { echo "local.sh: no horovodrun in $venv (run 'make setup' or set VENV)" >&2; exit 2; }
+[[ "$controller" == gloo || "$controller" == mpi ]] || die "CONTROLLER must be gloo or mpi"
+[[ -x "$venv/bin/horovodrun" ]] || die "no horovodrun in $venv (run 'make setup' or set VENV)"
 
 # Measured (README, Performance): with every core computing, Open MPI's busy-polling while it
 # waits costs 23% of the throughput; yielding gives it back. Gloo does not poll.
@@ -56,4 +59,4 @@ cores="$(nproc 2>/dev/null || echo 1)"
 if [[ "$controller" == mpi && "$np" -ge "$cores" ]]; then
   export OMPI_MCA_mpi_yield_when_idle="${OMPI_MCA_mpi_yield_when_idle:-1}"
 fi
-exec "$venv/bin/horovodrun" -np "$np" -H "localhost:$np" "--$controller" "$venv/bin/hvd-train" "$@"
+run_command "$venv/bin/horovodrun" -np "$np" -H "localhost:$np" "--$controller" "$venv/bin/hvd-train" "$@"

@@ -15,13 +15,16 @@ Runs hvd-train under Open MPI's mpirun, without horovodrun.
   -h, --help        this text
 Everything after -- goes to hvd-train. Remote hosts need the same venv path and
 passwordless ssh. Extra mpirun options go in \$MPIRUN_OPTS (split on spaces, e.g. "-mca btl ^openib").
-Environment: VENV, NP, MPIRUN (default: mpirun), MPIRUN_OPTS, SSH_PORT, SSH_IDENTITY_FILE, SSH_OPTS.
+Environment: VENV, NP, MPIRUN (default: mpirun), MPIRUN_OPTS, SSH_PORT, SSH_IDENTITY_FILE, SSH_OPTS,
+DRY_RUN=1 (print the command instead of running it).
 Example: launch/mpirun.sh -n 4 -H node1:2,node2:2 -- --epochs 50
 USAGE
 }
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-venv="${VENV:-$here/../.venv}"
+prog=mpirun.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+venv="$(venv_dir)"
 np="${NP:-2}" hosts="" hostfile=""
 ssh_port="${SSH_PORT:-}" ssh_key="${SSH_IDENTITY_FILE:-}"
 
@@ -37,9 +40,9 @@ while [[ $# -gt 0 ]]; do
     *) echo "mpirun.sh: unknown option $1 (hvd-train options go after --)" >&2; usage >&2; exit 2 ;;
   esac
 done
-[[ "$np" =~ ^[1-9][0-9]*$ ]] || { echo "mpirun.sh: --np must be a positive integer, got '$np'" >&2; exit 2; }
-command -v "${MPIRUN:-mpirun}" >/dev/null || { echo "mpirun.sh: ${MPIRUN:-mpirun} not found (install Open MPI)" >&2; exit 2; }
-[[ -x "$venv/bin/hvd-train" ]] || { echo "mpirun.sh: no hvd-train in $venv (run 'make setup' or set VENV)" >&2; exit 2; }
+require_np "$np"
+command -v "${MPIRUN:-mpirun}" >/dev/null || die "${MPIRUN:-mpirun} not found (install Open MPI)"
+[[ -x "$venv/bin/hvd-train" ]] || die "no hvd-train in $venv (run 'make setup' or set VENV)"
 
 # Horovod's recommended Open MPI settings: no core binding (TensorFlow runs its own thread
 # pools), ranks filled slot by slot, and the environment each rank needs exported to remote hosts.
@@ -55,4 +58,4 @@ rsh_args="${ssh_port:+-p $ssh_port }${ssh_key:+-i $ssh_key }${SSH_OPTS:-}"
 [[ -n "${rsh_args// /}" ]] && args+=(-mca plm_rsh_args "$rsh_args")
 # shellcheck disable=SC2206  # MPIRUN_OPTS is a list of options, split on purpose
 [[ -n "${MPIRUN_OPTS:-}" ]] && args+=(${MPIRUN_OPTS})
-exec "${MPIRUN:-mpirun}" "${args[@]}" "$venv/bin/hvd-train" "$@"
+run_command "${MPIRUN:-mpirun}" "${args[@]}" "$venv/bin/hvd-train" "$@"

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import REPO, check_run, requires_mpi, run
+from conftest import BIN, REPO, check_run, requires_mpi, run
 
 LAUNCH = REPO / "launch"
 SCRIPTS = ["local.sh", "hosts.sh", "mpirun.sh", "docker.sh", "slurm.sbatch"]
@@ -32,11 +32,26 @@ def test_launcher_is_strict_and_has_help(script):
     ("mpirun.sh", ["-n", "x"], "--np must be a positive integer"),
     ("docker.sh", ["launcher"], "launcher needs -H"),
     ("docker.sh", ["worker"], "worker needs --authorized-keys"),
+    ("docker.sh", ["launcher", "-H", "a:2,b", "--identity", "/dev/null"], "bad host entry 'b' (want host:slots)"),
     ("slurm.sbatch", [], "not inside a Slurm allocation"),
 ])
 def test_launcher_rejects_bad_arguments(script, args, message):
     proc = run(["bash", LAUNCH / script, *args], timeout=30)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def test_dry_run_prints_the_one_command_each_launcher_would_run(tmp_path):
+    """The shared launcher helpers (launch/common.sh): venv, slot sum and DRY_RUN, alike everywhere."""
+    env = {"DRY_RUN": "1", "VENV": str(BIN.parent)}
+    local = run(["bash", LAUNCH / "local.sh", "-n", "3", "--gloo", "--", "--epochs", "2"], env=env)
+    assert local.stdout.split() == [f"{BIN}/horovodrun", "-np", "3", "-H", "localhost:3", "--gloo",
+                                    f"{BIN}/hvd-train", "--epochs", "2"], local.stderr
+    hosts = run(["bash", LAUNCH / "hosts.sh", "--skip-preflight", "-H", "a:2,b:1", "--", "--epochs", "2"], env=env)
+    assert hosts.stdout.split()[:3] == [f"{BIN}/horovodrun", "-np", "3"], hosts.stderr
+    mpi = run(["bash", LAUNCH / "mpirun.sh", "-n", "2", "--", "--epochs", "2"], env={**env, "MPIRUN": "bash"})
+    words = mpi.stdout.split()
+    assert words[:3] == ["bash", "-np", "2"] and words[-3:] == [f"{BIN}/hvd-train", "--epochs", "2"], mpi.stderr
+    assert "-bind-to" in words and "none" in words
 
 
 @pytest.mark.integration
