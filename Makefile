@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 NP ?= 2
-# Empty: launch/local.sh picks MPI when mpirun is installed, else Gloo (see README, Performance).
+# Empty: launch/local.sh picks MPI when mpirun is installed, else Gloo (see docs/performance.md).
 CONTROLLER ?=
 ARGS ?=
 PYTEST_ARGS ?=

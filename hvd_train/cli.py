@@ -18,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
         runtime.fail(message)
 
 
-def _hidden(text: str) -> tuple:
+def _int_list(text: str) -> tuple:
     try:
         sizes = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
@@ -29,7 +29,8 @@ def _hidden(text: str) -> tuple:
 
 
 def _add_option(group, field: dataclasses.Field, value_type: Any) -> None:
-    """One TrainConfig field as --its-name, from its type and metadata (config._option)."""
+    """One TrainConfig field as --its-name, from its type and metadata (config._option).
+    Tuple fields (the hidden sizes) are written as comma-separated integers: 64,32."""
     meta = dict(field.metadata)
     kwargs: Dict[str, Any] = {"default": field.default, "help": meta.pop("help") or None}
     meta.pop("group")
@@ -37,7 +38,7 @@ def _add_option(group, field: dataclasses.Field, value_type: Any) -> None:
     if value_type is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif value_type is tuple:
-        kwargs["type"] = _hidden
+        kwargs["type"] = _int_list
     elif "choices" not in meta:
         kwargs["type"] = value_type
     group.add_argument(*flags, **kwargs, **meta)

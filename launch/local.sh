@@ -44,7 +44,7 @@ if [[ -z "$np" ]]; then
   np=$(( gpus > 0 ? gpus : 2 ))
 fi
 require_np "$np"
-# Measured (README, Performance): on one host MPI's shared-memory transport (with yield, below)
+# Measured (docs/performance.md): on one host MPI's shared-memory transport (with yield, below)
 # trains 10-20% faster than Gloo's TCP loopback at np=2, so it is the default when present.
 if [[ -z "$controller" ]]; then
   controller=gloo
@@ -53,7 +53,7 @@ fi
 [[ "$controller" == gloo || "$controller" == mpi ]] || die "CONTROLLER must be gloo or mpi"
 [[ -x "$venv/bin/horovodrun" ]] || die "no horovodrun in $venv (run 'make setup' or set VENV)"
 
-# Measured (README, Performance): with every core computing, Open MPI's busy-polling while it
+# Measured (docs/performance.md): with every core computing, Open MPI's busy-polling while it
 # waits costs 23% of the throughput; yielding gives it back. Gloo does not poll.
 cores="$(nproc 2>/dev/null || echo 1)"
 if [[ "$controller" == mpi && "$np" -ge "$cores" ]]; then

@@ -52,7 +52,7 @@ args=(-np "$np" -bind-to none -map-by slot -x PATH="$venv/bin:$PATH" -x LD_LIBRA
 [[ -n "$hosts" ]] && args+=(-H "$hosts")
 [[ -n "$hostfile" ]] && args+=(--hostfile "$hostfile")
 # One machine: ranks may exceed cores; and with every core computing, Open MPI's busy-polling
-# costs throughput (measured, README Performance), so ranks yield while they wait.
+# costs throughput (measured, docs/performance.md), so ranks yield while they wait.
 [[ -z "$hosts" && -z "$hostfile" ]] && args+=(--oversubscribe -mca mpi_yield_when_idle "${OMPI_MCA_mpi_yield_when_idle:-1}")
 rsh_args="${ssh_port:+-p $ssh_port }${ssh_key:+-i $ssh_key }${SSH_OPTS:-}"
 [[ -n "${rsh_args// /}" ]] && args+=(-mca plm_rsh_args "$rsh_args")

@@ -1,3 +1,4 @@
+"""TrainConfig validation, learning-rate scaling, and the command line that maps onto it."""
 import dataclasses
 import math
 

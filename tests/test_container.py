@@ -10,7 +10,7 @@ TOOLS = ("podman", "buildah")
 pytestmark = [
     pytest.mark.container,
     pytest.mark.skipif(not all(shutil.which(t) for t in TOOLS), reason="needs podman and buildah (make test-deps)"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="rootful podman with chroot isolation (see README, Docker)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="rootful podman with chroot isolation (see docs/running.md, Docker)"),
 ]
 BUILD_TIMEOUT = 3600  # a first build compiles Horovod; cached rebuilds take seconds
 

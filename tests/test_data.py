@@ -1,3 +1,5 @@
+"""Data loading (bundled, synthetic, CSV and every CSV error, arrays), the seeded stratified split and
+training-only scaling."""
 import numpy as np
 import pytest
 

@@ -21,7 +21,7 @@ COMMON = ["--no-shuffle", "--lr-scaling", "none", "--warmup-epochs", "0", "--see
           "--epochs", str(EPOCHS), "--progress", "none"]
 # Float32 rounding differs between one mean over 16 samples and the average of N slice means.
 # SGD carries that difference linearly; Adam divides by sqrt(v), which amplifies it where a
-# gradient is near zero, so its bound is looser (measured max differences are in the README).
+# gradient is near zero, so its bound is looser (measured max differences are in docs/design.md).
 TOLERANCE = {"sgd": 1e-5, "adam": 1e-4}
 LR = {"sgd": "0.05", "adam": "0.01"}
 

@@ -11,7 +11,7 @@ from hvd_train import events
 
 pytestmark = pytest.mark.integration
 
-# The bound the README states: after a rank is SIGKILLed the job has exited within this time.
+# The bound docs/design.md states: after a rank is SIGKILLed the job has exited within this time.
 # Measured here: Gloo about 0.2 s, MPI about 1 s (the launchers notice the dead child at once).
 KILL_BOUND_SECONDS = 30
 LONG_RUN = ["--dataset", "synthetic", "--samples", "6000", "--epochs", "200", "--progress", "epoch"]

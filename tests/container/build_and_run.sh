@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the project's Dockerfile (unchanged but for BASE_IMAGE) with podman, then train inside
 # the image with horovodrun -np 2 and copy the run's outputs out. No Docker engine is needed:
-# podman/buildah with chroot isolation and the host network (see README, "Docker").
+# podman/buildah with chroot isolation and the host network (see docs/running.md, "Docker").
 set -euo pipefail
 
 usage() {
@@ -45,6 +45,8 @@ if ! podman image exists "$base"; then
       > "$out/debootstrap.log" 2>&1 || { tail -20 "$out/debootstrap.log" >&2; exit 1; }
     rm -rf "$rootfs" && mv "$rootfs.partial" "$rootfs"
   fi
+  # Like the real bookworm-slim: no downloaded .debs, package caches or lists in the image.
+  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/lib/apt/lists/*
   tar -C "$rootfs" -c . | podman import - "$base" >/dev/null
 fi
 
