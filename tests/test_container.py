@@ -4,7 +4,7 @@ import re
 import shutil
 
 import pytest
-from conftest import REPO, read_json, run
+from conftest import OUTPUT_FILES, REPO, read_json, run
 
 TOOLS = ("podman", "buildah")
 pytestmark = [
@@ -27,9 +27,7 @@ def test_image_builds_and_trains_with_two_processes(tmp_path):
     printed = re.search(r"test accuracy ([\d.]+) on (\d+) samples from 2 process\(es\)", train)
     assert printed, train[-3000:]
     run_dir = tmp_path / "run"
-    assert {p.name for p in run_dir.iterdir()} == {"model.keras", "preprocessing.json", "config.json", "config.toml",
-                                                    "history.csv", "metrics.json", "report.json", "curves.png",
-                                                    "confusion_matrix.png", "events.jsonl"}
+    assert {p.name for p in run_dir.iterdir()} == OUTPUT_FILES
     m = read_json(run_dir / "metrics.json")
     assert m["world_size"] == 2 and m["replicas_identical"] is True and m["epochs_completed"] == 60
     assert m["test_accuracy"] == pytest.approx(float(printed.group(1)), abs=1e-4) and m["test_accuracy"] >= 0.85
