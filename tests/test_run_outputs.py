@@ -49,13 +49,13 @@ def test_report_json_matches_the_saved_model_on_the_test_split(run_dir):
     import tensorflow as tf
     from sklearn.metrics import classification_report, confusion_matrix
 
-    from hvd_train.trainer import _load_splits
+    from hvd_train.data import load_splits
 
     out, _, _ = run_dir
     report = json.loads((out / "report.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     config = TrainConfig.from_dict(json.loads((out / "config.json").read_text())["config"])
-    splits = _load_splits(config, None)
+    splits = load_splits(config)
     model = tf.keras.models.load_model(out / "model.keras")
     predicted = np.argmax(model.predict(splits.x_test, verbose=0), axis=1)
 
