@@ -3,6 +3,7 @@ and the facts of this process every part reports alike (launcher rank, host, ver
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import platform
@@ -79,8 +80,14 @@ def set_threads(threads: int) -> None:
 
 
 def versions() -> Dict[str, str]:
-    """The versions a run records and every rank must share. Read from package metadata, so it is
-    fast and imports nothing (launch/hosts.sh compares versions_line() across hosts)."""
+    """The versions a run records and every rank must share. Read from package metadata, so it
+    imports nothing (launch/hosts.sh compares versions_line() across hosts)."""
+    return dict(_versions())
+
+
+@functools.lru_cache(maxsize=None)
+def _versions() -> Dict[str, str]:
+    # About 8 ms of metadata lookups; asked for at set-up, at every checkpoint and at the end.
     from importlib import metadata
 
     from . import __version__
