@@ -58,10 +58,11 @@ def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, 
     if config.checkpoint_dir:
         found.append(Checkpointer(rt, config, plan, data_fingerprint(splits), resumed.history, early_stopping, log))
     found += user_callbacks
-    if progress_mode(config, rt) == "bar" and rt.is_rank0:
+    progress = progress_mode(config, rt)
+    if progress == "bar" and rt.is_rank0:
         # Last in the list, so the bar shows metrics after they have been combined over ranks.
         found.append(tf.keras.callbacks.ProgbarLogger(count_mode="steps"))
-    elif progress_mode(config, rt) == "epoch" and rt.is_rank0:
+    elif progress == "epoch" and rt.is_rank0:
         found.append(EpochLine(config.epochs))
     return found
 

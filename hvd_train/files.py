@@ -22,14 +22,14 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     try:
         yield tmp
         if durable:
-            _fsync(tmp, os.O_RDONLY)
+            _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
     if durable:
-        _fsync(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        _fsync(os.path.dirname(os.path.abspath(path)))
 
 
 def write_text(path: str, text: str, durable: bool = False) -> None:
@@ -42,8 +42,8 @@ def write_bytes(path: str, data: bytes, durable: bool = False) -> None:
         f.write(data)
 
 
-def _fsync(path: str, flags: int) -> None:
-    fd = os.open(path, flags)
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a file or a directory: fsync needs no write access
     try:
         os.fsync(fd)
     finally:
