@@ -6,7 +6,8 @@ __version__ = "0.1.0"
 # TensorFlow's C++ INFO lines (oneDNN, CPU features) repeat once per rank; keep warnings and errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-__all__ = ["TrainConfig", "ConfigError", "DataError", "Table", "train", "dry_run", "build_mlp", "__version__"]
+__all__ = ["TrainConfig", "ConfigError", "DataError", "Table", "train", "dry_run", "build_mlp", "sync_replicas",
+           "__version__"]
 
 
 def __getattr__(name):
@@ -20,6 +21,9 @@ def __getattr__(name):
     if name in ("train", "dry_run"):
         from . import trainer
         return getattr(trainer, name)
+    if name == "sync_replicas":  # for your own loops: replicas.sync_state (collective)
+        from .replicas import sync_state
+        return sync_state
     if name == "build_mlp":
         from .model import build_mlp
         return build_mlp

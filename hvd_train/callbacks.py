@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import tensorflow as tf
 
-from . import checkpoint, metrics, runtime, schedules
+from . import checkpoint, metrics, replicas, runtime, schedules
 from .config import TrainConfig
 from .consensus import data_fingerprint
 from .events import EventLog
@@ -37,10 +37,18 @@ def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, 
     """Every callback of a run, in order; hvd_train's own first, the user's after them."""
     import horovod.tensorflow.keras as hvd
 
+    # Horovod: rank 0's weights and optimizer state again after the first step (Horovod's
+    # standard guard for state created lazily inside the first step) ...
+    first_step = hvd.callbacks.BroadcastGlobalVariablesCallback(0)
+    for statistic in replicas.batchnorm_statistics(model):
+        # ... but batch-norm statistics stay each rank's: they are averaged at the epoch's end, and
+        # overwriting them after step 1 would change that average (and a resumed run's, so resumed
+        # and uninterrupted runs would differ).
+        first_step.register_local_var(statistic)
     found: List[Any] = [
-        # Horovod: rank 0's weights and optimizer state again after the first step (Horovod's
-        # standard guard for state created lazily inside the first step).
-        hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+        first_step,
+        # Before validation, checkpoints and everything else at the epoch's end.
+        SyncReplicaState(),
         ExactTrainMetrics(plan.train_samples_per_rank[rt.rank], exact_loss=not model.losses),
     ]
     if plan.val_samples:
@@ -77,6 +85,14 @@ def progress_mode(config: TrainConfig, rt: runtime.Runtime) -> str:
 
 def stopped_early(callbacks: List[Any]) -> bool:
     return any(isinstance(c, EarlyStopping) and c.stopped for c in callbacks)
+
+
+class SyncReplicaState(tf.keras.callbacks.Callback):
+    """Collective, every rank, epoch end, first: the non-trainable state (batch-norm moving
+    statistics averaged, the rest rank 0's) identical on every rank (replicas.sync_state)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        replicas.sync_state(self.model)
 
 
 class ExactTrainMetrics(tf.keras.callbacks.Callback):
@@ -240,6 +256,9 @@ class Checkpointer(tf.keras.callbacks.Callback):
         done = epoch + 1
         if done % self.config.checkpoint_every and done != self.config.epochs and not self.model.stop_training:
             return
+        # The saved state is every rank's: a no-op after SyncReplicaState, kept so that a
+        # checkpoint never depends on the callbacks' order.
+        replicas.sync_state(self.model)
         error = runtime.on_rank0(self.rt, self._save, done)
         runtime.agree(error, "checkpoint")
 

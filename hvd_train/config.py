@@ -17,8 +17,8 @@ EARLY_STOPPING_METRICS = ("val_loss", "val_accuracy")
 # Fields that define the model, its optimizer state and the data: a checkpoint only resumes a run
 # that agrees on all of them. Everything else (epochs, batch size, learning rate, world size, ...)
 # may change between the interrupted run and the resumed one.
-RESUME_FIXED_FIELDS = ("dataset", "label_column", "samples", "features", "classes", "optimizer",
-                       "hidden", "activation", "dropout", "logits", "seed", "val_fraction", "test_fraction")
+RESUME_FIXED_FIELDS = ("dataset", "label_column", "samples", "features", "classes", "optimizer", "hidden",
+                       "activation", "dropout", "batch_norm", "logits", "seed", "val_fraction", "test_fraction")
 
 
 class ConfigError(ValueError):
@@ -57,6 +57,11 @@ class TrainConfig:
     hidden: Tuple[int, ...] = _option((64, 32), "hidden layer sizes, e.g. 64,32", "model")
     activation: str = _option("relu", group="model", choices=ACTIVATIONS)
     dropout: float = _option(0.0, group="model")
+    batch_norm: bool = _option(False, "batch normalization after each hidden Dense layer; its moving statistics "
+                               "are averaged over ranks before every evaluation and save", "model")
+    sync_batchnorm: bool = _option(
+        False, "Horovod: batch normalization in training uses the statistics of the global batch, not each "
+        "process's slice (SyncBatchNormalization: one allreduce per layer and step); needs --batch-norm", "model")
     logits: bool = _option(False, "output logits instead of softmax probabilities", "model")
 
     epochs: int = _option(100, group="optimisation")
@@ -135,6 +140,8 @@ class TrainConfig:
                  f"hidden sizes must be positive integers (got {list(self.hidden)})")
         _require(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS} (got {self.activation!r})")
         _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1) (got {self.dropout})")
+        _require(self.batch_norm or not self.sync_batchnorm,
+                 "--sync-batchnorm synchronises batch normalization layers and the MLP has none: add --batch-norm")
         _require(0.0 <= self.val_fraction < 1.0, f"val fraction must be in [0, 1) (got {self.val_fraction})")
         _require(0.0 < self.test_fraction < 1.0, f"test fraction must be in (0, 1) (got {self.test_fraction})")
         _require(self.val_fraction + self.test_fraction < 0.9,

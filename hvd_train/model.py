@@ -14,27 +14,41 @@ ModelFn = Callable[[int, int], Any]  # (n_features, n_classes) -> uncompiled tf.
 
 
 def build_mlp(n_features: int, n_classes: int, hidden: Sequence[int] = (64, 32),
-              activation: str = "relu", dropout: float = 0.0, logits: bool = False):
+              activation: str = "relu", dropout: float = 0.0, logits: bool = False,
+              batch_norm: bool = False, sync_batchnorm: bool = False):
     """Dense layers -> n_classes outputs: softmax probabilities, or raw logits if asked.
 
     Pair with sparse categorical cross-entropy on integer labels (from_logits=logits).
+    ``batch_norm``: Dense (no bias) -> BatchNormalization -> activation in each hidden layer;
+    ``sync_batchnorm``: those layers are layers.SyncBatchNormalization (same weights, global
+    batch statistics in training).
     """
     import tensorflow as tf
 
+    norm = tf.keras.layers.BatchNormalization
+    if sync_batchnorm:
+        from .layers import SyncBatchNormalization as norm
     inputs = tf.keras.Input(shape=(n_features,), name="features")
     x = inputs
     for i, width in enumerate(hidden):
-        x = tf.keras.layers.Dense(width, activation=activation, name=f"dense_{i}")(x)
+        if batch_norm:
+            x = tf.keras.layers.Dense(width, use_bias=False, name=f"dense_{i}")(x)
+            x = norm(name=f"batchnorm_{i}")(x)
+            x = tf.keras.layers.Activation(activation, name=f"{activation}_{i}")(x)
+        else:
+            x = tf.keras.layers.Dense(width, activation=activation, name=f"dense_{i}")(x)
         if dropout > 0:
             x = tf.keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
     outputs = tf.keras.layers.Dense(n_classes, activation=None if logits else "softmax", name="classes")(x)
     return tf.keras.Model(inputs, outputs, name="mlp")
 
 
-def mlp_for(config: TrainConfig) -> ModelFn:
-    """The MLP the config describes, as a model_fn."""
+def mlp_for(config: TrainConfig, inference: bool = False) -> ModelFn:
+    """The MLP the config describes, as a model_fn. ``inference``: the same weights with plain
+    Keras layers (no SyncBatchNormalization), the model a run saves."""
     return functools.partial(build_mlp, hidden=config.hidden, activation=config.activation,
-                             dropout=config.dropout, logits=config.logits)
+                             dropout=config.dropout, logits=config.logits, batch_norm=config.batch_norm,
+                             sync_batchnorm=config.sync_batchnorm and not inference)
 
 
 def make_optimizer(config: TrainConfig, lr: float):

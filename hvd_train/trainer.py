@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from . import checkpoint, consensus, metrics, outputs, runtime
+from . import checkpoint, consensus, metrics, outputs, replicas, runtime
 from .callbacks import progress_mode, run_callbacks, stopped_early
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig
@@ -53,7 +53,7 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
     config, splits, plan = prepare(rt, config, data)
     for line in plan.lines():
         runtime.log(rt, line)
-    return _fit_evaluate_save(rt, config, plan, splits, model_fn or mlp_for(config), list(callbacks or []))
+    return _fit_evaluate_save(rt, config, plan, splits, model_fn, list(callbacks or []))
 
 
 def dry_run(config: TrainConfig, data: DataArg = None, world_size: Optional[int] = None,
@@ -123,13 +123,13 @@ def horovod_env(config: TrainConfig) -> Dict[str, str]:
 
 
 def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
-                       model_fn: ModelFn, user_callbacks: List[Any]) -> TrainResult:
+                       model_fn: Optional[ModelFn], user_callbacks: List[Any]) -> TrainResult:
     import horovod.tensorflow as hvd_tf
     import horovod.tensorflow.keras as hvd
 
     # 3. Model and optimizer.
     tf.keras.utils.set_random_seed(config.seed)
-    model = model_fn(splits.n_features, splits.n_classes)
+    model = (model_fn or mlp_for(config))(splits.n_features, splits.n_classes)
     # Horovod: gradients are averaged across ranks by ring-allreduce before every update.
     optimizer = hvd.DistributedOptimizer(
         make_optimizer(config, plan.scaled_lr),
@@ -173,12 +173,17 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
     epochs_trained = len(history.epoch)
     full_history = _concat_history(resumed.history, history.history)
 
-    # 7. Exact test metrics and a check that every replica ended with the same weights.
+    # 7. Exact test metrics from identical replicas, and the proof that they are identical: the
+    # non-trainable state (batch-norm statistics, ...) synced once more, every variable compared.
+    replicas.sync_state(model)
     test = metrics.evaluate(model, splits.x_test, splits.y_test, rt, config.logits, splits.n_classes)
     report = metrics.classification_report(test["confusion"], splits.class_names)
-    weight_digests = runtime.allgather(consensus.weights_digest(model.get_weights()), "weights_digest")
+    weight_digests, differ = replicas.check(model)
     if config.timeline:
         hvd_tf.stop_timeline()  # Horovod: closes the file, on every rank
+    if differ:  # the same verdict on every rank: all stop together, nothing written
+        log.emit("run_failed", error=differ)
+        raise runtime.AgreedFailure(differ)
     result_metrics = {
         "test_loss": test["loss"],
         "test_accuracy": test["accuracy"],
@@ -194,14 +199,15 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
         "train_seconds": train_seconds,
         "samples_per_second": plan.train_samples * epochs_trained / train_seconds if epochs_trained else 0.0,
         "replica_weight_digests": weight_digests,
-        "replicas_identical": len(set(weight_digests)) == 1,
+        "replicas_identical": True,  # checked above, over every variable
     }
     for key in ("val_loss", "val_accuracy"):
         if full_history.get(key):
             result_metrics[key] = full_history[key][-1]
 
     # 8. Outputs, written once by rank 0.
-    runtime.on_rank0(rt, outputs.write_run, config, plan, splits, model, model_fn, full_history,
+    save_fn = model_fn or mlp_for(config, inference=True)  # ours saves plain Keras layers
+    runtime.on_rank0(rt, outputs.write_run, config, plan, splits, model, save_fn, full_history,
                      result_metrics, report)
     log.finish({k: v for k, v in result_metrics.items() if k != "replica_weight_digests"})
     runtime.log(rt, f"test loss {test['loss']:.4f}, test accuracy {test['accuracy']:.4f} "

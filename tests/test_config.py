@@ -24,6 +24,7 @@ def test_defaults_are_valid_and_frozen():
     ({"dataset": "csv:x.csv"}, "needs --label-column"),
     ({"dataset": "csv:"}, "needs a path"),
     ({"dropout": 1.0}, "dropout must be in"),
+    ({"sync_batchnorm": True}, "--sync-batchnorm synchronises batch normalization layers and the MLP has none"),
     ({"hidden": (64, 0)}, "hidden sizes must be positive"),
     ({"val_fraction": 0.5, "test_fraction": 0.45}, "leave at least 10%"),
     ({"test_fraction": 0.0}, "test fraction"),
