@@ -32,9 +32,9 @@ def test_every_option_can_live_in_a_file(tmp_path):
     # Each TrainConfig field, set to a non-default value in a file, arrives in the config.
     values = {"dataset": "digits", "label_column": "y", "samples": 77, "features": 5, "classes": 4, "epochs": 9,
               "batch_size": 5, "lr": 0.3, "optimizer": "sgd", "momentum": 0.5, "lr_scaling": "sqrt",
-              "warmup_epochs": 1, "hidden": (7, 3), "activation": "tanh", "dropout": 0.25, "logits": True, "batch_norm": True,
-              "sync_batchnorm": True,
-              "seed": 3, "val_fraction": 0.2, "test_fraction": 0.3, "shuffle": False, "threads": 1,
+              "warmup_epochs": 1, "hidden": (7, 3), "activation": "tanh", "dropout": 0.25, "logits": True,
+              "batch_norm": True, "sync_batchnorm": True, "seed": 3, "val_fraction": 0.2, "test_fraction": 0.3,
+              "shuffle": False, "threads": 1,
               "output_dir": "x", "progress": "none", "lr_schedule": "step", "lr_decay_epochs": 2,
               "lr_decay_factor": 0.5, "early_stopping_patience": 2, "early_stopping_metric": "val_accuracy",
               "early_stopping_min_delta": 0.01, "fp16_allreduce": True, "backward_passes_per_step": 2,
