@@ -75,7 +75,8 @@ def listed(directory: str) -> List[Tuple[int, str]]:
 
 def save(directory: str, epoch: int, model_weights: List[np.ndarray], optimizer_weights: List[np.ndarray],
          meta: Dict[str, Any], keep: int) -> str:
-    """Write the checkpoint for ``epoch`` atomically (temp file, fsync, rename), keep the newest ``keep``."""
+    """Write the checkpoint for ``epoch`` atomically (temp file, fsync, rename), keep the newest ``keep``
+    (the oldest are removed before the new one is written)."""
     os.makedirs(directory, exist_ok=True)
     meta = {**meta, "format": FORMAT, "epoch": epoch}
     meta_bytes = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
@@ -86,9 +87,10 @@ def save(directory: str, epoch: int, model_weights: List[np.ndarray], optimizer_
     path = os.path.join(directory, file_name(epoch))
     content = io.BytesIO()
     np.savez(content, digest=np.frombuffer(digest.encode(), dtype=np.uint8), **arrays)
-    files.write_bytes(path, content.getvalue(), durable=True)
-    for _, old in listed(directory)[keep:]:
+    # Make room first, so a kill at any moment leaves at most ``keep`` checkpoints (never keep + 1).
+    for _, old in [(e, p) for e, p in listed(directory) if e != epoch][keep - 1:]:
         os.remove(old)
+    files.write_bytes(path, content.getvalue(), durable=True)
     return path
 
 
