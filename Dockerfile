@@ -34,7 +34,7 @@ RUN apt-get update \
 COPY constraints.txt /opt/hvd_train/constraints.txt
 RUN "${PYTHON}" -m venv "${VENV}" \
  && pip install --no-cache-dir -c /opt/hvd_train/constraints.txt setuptools wheel cmake numpy \
-      "${TENSORFLOW_PACKAGE}==${TENSORFLOW_VERSION}" scikit-learn matplotlib mpi4py
+      "${TENSORFLOW_PACKAGE}==${TENSORFLOW_VERSION}" scikit-learn matplotlib pyarrow mpi4py
 
 # Build Horovod, check it, then drop what only the build needed or nothing runs (docs/running.md
 # has the sizes): CMake; TensorFlow's C++ headers; libclang, which TensorFlow lists for its
@@ -52,9 +52,9 @@ RUN gpu_env=() \
  && pip uninstall -y -q cmake libclang tensorboard-data-server \
  && site="$("${VENV}/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
  && rm -rf "${site}/tensorflow/include" \
- && for pkg in numpy scipy sklearn matplotlib; do find "${site}/${pkg}" -type d -name tests -prune -exec rm -rf {} +; done \
+ && for pkg in numpy scipy sklearn matplotlib pyarrow; do find "${site}/${pkg}" -type d -name tests -prune -exec rm -rf {} +; done \
  && find "${site}/horovod" -name '*.so' -exec strip --strip-debug {} + \
- && "${VENV}/bin/python" -c 'import tensorflow, sklearn, scipy.stats, matplotlib, horovod.tensorflow.keras' 
+ && "${VENV}/bin/python" -c 'import tensorflow, sklearn, scipy.stats, matplotlib, pyarrow.parquet, horovod.tensorflow.keras' 
 
 
 FROM ${BASE_IMAGE} AS runtime

@@ -52,7 +52,7 @@ def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, 
         ExactTrainMetrics(plan.train_samples_per_rank[rt.rank], exact_loss=not model.losses),
     ]
     if plan.val_samples:
-        found.append(GlobalValidation(splits.x_val, splits.y_val, rt, config.logits))
+        found.append(GlobalValidation(splits, rt, config.logits))
     found += schedules.callbacks(config, plan)
     found.append(LearningRateLog())
     found.append(EpochEvents(log, config.epochs))
@@ -87,6 +87,21 @@ def stopped_early(callbacks: List[Any]) -> bool:
     return any(isinstance(c, EarlyStopping) and c.stopped for c in callbacks)
 
 
+class StreamGuard(tf.keras.callbacks.Callback):
+    """Every rank, first at each epoch's end: a training stream (stream.TrainStream) that ended on
+    a bad file stops the run here, before any collective or checkpoint of the cut-short epoch."""
+
+    def __init__(self, streamed):
+        super().__init__()
+        self.streamed = streamed
+
+    def on_epoch_end(self, epoch, logs=None):
+        from .stream import StreamError
+
+        if self.streamed.error:
+            raise StreamError(self.streamed.error)
+
+
 class SyncReplicaState(tf.keras.callbacks.Callback):
     """Collective, every rank, epoch end, first: the non-trainable state (batch-norm moving
     statistics averaged, the rest rank 0's) identical on every rank (replicas.sync_state)."""
@@ -118,12 +133,13 @@ class ExactTrainMetrics(tf.keras.callbacks.Callback):
 class GlobalValidation(tf.keras.callbacks.Callback):
     """Collective, on every rank at every epoch end: exact validation loss and accuracy."""
 
-    def __init__(self, x, y, rt, from_logits):
+    def __init__(self, splits, rt, from_logits):
         super().__init__()
-        self.x, self.y, self.rt, self.from_logits = x, y, rt, from_logits
+        self.splits, self.rt, self.from_logits = splits, rt, from_logits
 
     def on_epoch_end(self, epoch, logs=None):
-        result = metrics.evaluate(self.model, self.x, self.y, self.rt, self.from_logits)
+        pieces = self.splits.eval_pieces("val", self.rt.rank, self.rt.size)
+        result = metrics.evaluate(self.model, pieces, self.rt, self.from_logits)
         logs["val_loss"], logs["val_accuracy"] = result["loss"], result["accuracy"]
 
 

@@ -76,10 +76,12 @@ def train_parser(plan: bool = False) -> argparse.ArgumentParser:
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="hvd-train predict", description="Predict classes for a CSV with a saved run (one process).",
+    p = _Parser(prog="hvd-train predict",
+                description="Predict classes for CSV or Parquet rows with a saved run (one process, streamed).",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-dir", required=True, help="output directory of a finished training run")
-    p.add_argument("--input", required=True, help="CSV with a header holding the training feature columns")
+    p.add_argument("--input", required=True, help="a CSV or Parquet file (or csv:PATH / parquet:PATH, "
+                   "PATH a directory or glob) holding the training feature columns")
     p.add_argument("--output", default=None, help="predictions CSV (default: <input stem>.predictions.csv)")
     return p
 
@@ -139,10 +141,14 @@ def _run(action) -> int:
 
     # Agreed failures, and config errors found after hvd.init() (the same on every rank, e.g.
     # plan --np against the launcher's world): every rank exits together.
+    from .stream import StreamError
+
     try:
         action()
     except (runtime.AgreedFailure, ConfigError) as err:
         runtime.fail_together(str(err))
+    except StreamError as err:  # mid-run: rank 0 reports, the others leave at once (no grace needed)
+        runtime.fail(str(err), grace=False)
     except (DataError, OutputError) as err:  # predict: one process, nothing to agree on
         runtime.fail(str(err))
     return 0

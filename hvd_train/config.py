@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 DATASETS = ("iris", "wine", "breast_cancer", "digits", "synthetic")
+FILE_KINDS = ("csv", "parquet")  # dataset "csv:PATH" / "parquet:PATH": files, read by sources.py
 OPTIMIZERS = ("adam", "sgd")
 LR_SCALINGS = ("linear", "sqrt", "none")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "gelu", "selu", "swish")
@@ -44,8 +45,9 @@ class TrainConfig:
     and the command line's long options (``_`` as ``-``).
     """
 
-    dataset: str = _option("iris", f"{', '.join(DATASETS)}, or csv:PATH (header row)", "data")
-    label_column: Optional[str] = _option(None, "label column of a csv: dataset", "data")
+    dataset: str = _option("iris", f"{', '.join(DATASETS)}, or csv:PATH or parquet:PATH (PATH: a file, a "
+                           "directory or a glob; read in shares by the ranks and streamed)", "data")
+    label_column: Optional[str] = _option(None, "label column of a csv: or parquet: dataset", "data")
     samples: int = _option(1000, "synthetic: number of samples", "data")
     features: int = _option(20, "synthetic: number of features", "data")
     classes: int = _option(3, "synthetic: number of classes", "data")
@@ -53,6 +55,8 @@ class TrainConfig:
     test_fraction: float = _option(0.2, "share of all samples for test", "data")
     shuffle: bool = _option(True, "reshuffle the training order every epoch (same order on every rank)", "data")
     seed: int = _option(42, "seed for splits, shuffling and initial weights", "data")
+    shuffle_buffer: int = _option(65536, "csv:/parquet: datasets: training rows are shuffled within windows of "
+                                  "this many rows (and the files' units in a new order) every epoch", "data")
 
     hidden: Tuple[int, ...] = _option((64, 32), "hidden layer sizes, e.g. 64,32", "model")
     activation: str = _option("relu", group="model", choices=ACTIVATIONS)
@@ -120,15 +124,17 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        if not (self.dataset in DATASETS or self.dataset.startswith("csv:")):
+        kind, colon, path = self.dataset.partition(":")
+        if not (self.dataset in DATASETS or (colon and kind in FILE_KINDS)):
             raise ConfigError(
-                f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)} or csv:PATH"
+                f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}, csv:PATH or parquet:PATH"
             )
-        if self.dataset.startswith("csv:"):
-            if not self.dataset[4:]:
-                raise ConfigError("dataset csv: needs a path, e.g. csv:data/train.csv")
+        if colon:
+            if not path:
+                raise ConfigError(f"dataset {kind}: needs a path, e.g. {kind}:data/train.{kind}")
             if not self.label_column:
                 raise ConfigError(f"dataset {self.dataset} needs --label-column NAME")
+        _require(self.shuffle_buffer >= 1, f"shuffle buffer must be >= 1 (got {self.shuffle_buffer})")
         _require(self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})")
         _require(self.batch_size >= 1, f"batch size must be >= 1 (got {self.batch_size})")
         _require(math.isfinite(self.lr) and self.lr > 0, f"learning rate must be > 0 (got {self.lr})")

@@ -38,7 +38,10 @@ def weights_digest(arrays: Sequence[np.ndarray]) -> str:
 
 
 def data_fingerprint(splits) -> Dict[str, Any]:
-    """Shape and content hash of each split, and the label and feature names."""
+    """Shape and content hash of each split, and the label and feature names (a file dataset,
+    read in shares, says itself: stream.StreamSplits.fingerprint)."""
+    if hasattr(splits, "fingerprint"):
+        return splits.fingerprint()
     out: Dict[str, Any] = {}
     for name in ("train", "val", "test"):
         x, y = getattr(splits, f"x_{name}"), getattr(splits, f"y_{name}")

@@ -5,10 +5,9 @@ Every rank runs this on the same input and gets the same arrays; sharding happen
 """
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -65,6 +64,20 @@ class Splits:
     feature_names: Tuple[str, ...]
     class_names: Tuple[str, ...]
 
+    streamed = False  # training batches from memory (stream.StreamSplits: from the files)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.y_val)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.y_test)
+
     @property
     def n_features(self) -> int:
         return self.x_train.shape[1]
@@ -72,6 +85,14 @@ class Splits:
     @property
     def n_classes(self) -> int:
         return len(self.class_names)
+
+    def eval_pieces(self, which: str, rank: int, size: int):
+        """This rank's share of the validation ("val") or test rows: r, r+N, r+2N, ... (may be empty)."""
+        from .sharding import eval_shard
+
+        x, y = (self.x_val, self.y_val) if which == "val" else (self.x_test, self.y_test)
+        rows = eval_shard(len(y), rank, size)
+        return [(x[rows], y[rows])]
 
     def preprocessing(self) -> Dict[str, object]:
         """What predict needs to turn a raw CSV row into model input and a class name."""
@@ -84,14 +105,13 @@ class Splits:
 
 def load(dataset: str, label_column: Optional[str] = None, *, samples: int = 1000,
          features: int = 20, classes: int = 3, seed: int = 42) -> Table:
-    """Load a bundled, synthetic or CSV dataset by name."""
+    """Load a bundled or synthetic dataset by name (csv:/parquet: files are read by stream.py)."""
     if dataset in BUNDLED:
         return _load_bundled(dataset)
     if dataset == "synthetic":
         return _synthetic(samples, features, classes, seed)
-    if dataset.startswith("csv:"):
-        return load_csv(dataset[4:], label_column or "")
-    raise DataError(f"unknown dataset {dataset!r}")
+    raise DataError(f"unknown dataset {dataset!r}" + (" (file datasets are read in shares by stream.load)"
+                                                      if ":" in dataset else ""))
 
 
 DataArg = Union[None, Table, Tuple[Any, Any], Any]  # None = config.dataset; (x, y); finite tf.data
@@ -156,22 +176,6 @@ def from_arrays(x: object, y: object, feature_names: Optional[Sequence[str]] = N
     return Table(x=x, y=codes, feature_names=names, class_names=class_names)
 
 
-def load_csv(path: str, label_column: str) -> Table:
-    """A CSV with a header row: one label column (numbers or strings), numeric features."""
-    header, body = _read_csv(path)
-    if label_column not in header:
-        raise DataError(f"label column {label_column!r} not found in {path}; columns are: {', '.join(header)}")
-    if not body:
-        raise DataError(f"CSV {path} has a header but no data rows")
-    label_at = header.index(label_column)
-    feature_at = [i for i in range(len(header)) if i != label_at]
-    if not feature_at:
-        raise DataError(f"CSV {path} has no feature columns besides {label_column!r}")
-    x = _parse_features(path, header, body, feature_at)
-    labels = np.asarray([row[label_at].strip() for _, row in body])
-    return from_arrays(x, labels, [header[i] for i in feature_at])
-
-
 def split_and_scale(table: Table, val_fraction: float, test_fraction: float, seed: int) -> Splits:
     """Seeded, stratified train/val/test split; the scaler sees the training split only."""
     from sklearn.model_selection import train_test_split
@@ -205,53 +209,6 @@ def split_and_scale(table: Table, val_fraction: float, test_fraction: float, see
         x_test=scaler.transform(table.x[test]), y_test=table.y[test],
         scaler=scaler, feature_names=table.feature_names, class_names=table.class_names,
     )
-
-
-def read_features(path: str, feature_names: Sequence[str]) -> np.ndarray:
-    """Feature columns, by name, from a CSV with a header (extra columns are ignored)."""
-    header, body = _read_csv(path)
-    missing = [name for name in feature_names if name not in header]
-    if missing:
-        raise DataError(f"{path} lacks feature column(s) the model was trained on: {', '.join(missing)}")
-    return _parse_features(path, header, body, [header.index(name) for name in feature_names])
-
-
-def _read_csv(path: str) -> Tuple[List[str], List[Tuple[int, List[str]]]]:
-    """(header, [(line number, fields)]) of a CSV; blank lines dropped, rows as long as the header."""
-    try:
-        with open(path, newline="") as f:
-            reader = csv.reader(f)
-            rows = [(reader.line_num, r) for r in reader if r]
-    except OSError as err:
-        raise DataError(f"cannot read CSV {path}: {err.strerror or err}") from None
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"cannot parse CSV {path}: {err}") from None
-    if not rows:
-        raise DataError(f"CSV {path} is empty (a header row is required)")
-    header, body = [h.strip() for h in rows[0][1]], rows[1:]
-    for line, row in body:
-        if len(row) != len(header):
-            raise DataError(f"{path} line {line}: {len(row)} fields, header has {len(header)}")
-    return header, body
-
-
-def _parse_features(path: str, header: List[str], body: List[Tuple[int, List[str]]],
-                    columns: List[int]) -> np.ndarray:
-    x = np.empty((len(body), len(columns)), np.float32)
-    for k, (line, row) in enumerate(body):
-        for j, i in enumerate(columns):
-            x[k, j] = _parse_feature(row[i], path, line, header[i])
-    return x
-
-
-def _parse_feature(text: str, path: str, line: int, column: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise DataError(f"{path} line {line}, column {column!r}: {text.strip()!r} is not a number") from None
-    if not math.isfinite(value):
-        raise DataError(f"{path} line {line}, column {column!r}: {text.strip()!r} is not finite (NaN/inf)")
-    return value
 
 
 def _encode_labels(y: np.ndarray) -> Tuple[np.ndarray, Tuple[str, ...]]:

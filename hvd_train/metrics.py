@@ -1,11 +1,10 @@
 """Exact global evaluation: per-rank sums combined by sample count, never a mean of means."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Iterable, Tuple
 
 import numpy as np
 
-from . import sharding
 from .runtime import Runtime
 
 
@@ -34,17 +33,19 @@ def from_sums(totals: np.ndarray) -> Dict[str, float]:
     return {"loss": loss_sum / count, "accuracy": correct / count, "samples": int(count)}
 
 
-def evaluate(model, x: np.ndarray, y: np.ndarray, runtime: Runtime, from_logits: bool,
+def evaluate(model, pieces: Iterable[Tuple[np.ndarray, np.ndarray]], runtime: Runtime, from_logits: bool,
              n_classes: int = 0) -> Dict[str, Any]:
-    """Collective: every rank scores its strided shard, then one sum-allreduce of the totals.
+    """Collective: every rank scores its share of the rows (``pieces``: (x, y) pairs, e.g.
+    ``splits.eval_pieces("test", rank, size)``), then one sum-allreduce of the totals.
 
     With ``n_classes``, the same pass and allreduce also give the whole set's confusion matrix
     (``"confusion"``, rows: true class), identical on every rank.
     """
     import horovod.tensorflow as hvd
 
-    rows = sharding.eval_shard(len(y), runtime.rank, runtime.size)
-    totals = local_sums(model, x[rows], y[rows], from_logits, n_classes)
+    totals = np.zeros(3 + n_classes * n_classes, np.float64)
+    for x, y in pieces:
+        totals += local_sums(model, x, y, from_logits, n_classes)
     # Horovod: sum (not average) so ranks with more samples weigh more: exact whole-set metrics.
     totals = hvd.allreduce(totals, op=hvd.Sum, name="eval_sums").numpy()
     result: Dict[str, Any] = from_sums(totals)

@@ -5,8 +5,8 @@ the same code (trainer.prepare), so the two cannot disagree.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, List
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -31,6 +31,7 @@ class Plan:
     train_samples_per_rank: List[int]
     intra_op_threads: int
     hosts: List[str]  # the host of each rank, in rank order
+    reading: List[str] = field(default_factory=list)  # file datasets: what each rank reads (stream.py)
 
     def lines(self) -> List[str]:
         return [
@@ -42,11 +43,11 @@ class Plan:
             f"learning rate {self.base_lr:g} scaled to {self.scaled_lr:g}, warmup {self.warmup_epochs} epoch(s)",
             f"samples train/val/test {self.train_samples}/{self.val_samples}/{self.test_samples}; "
             f"train samples per rank {self.train_samples_per_rank}; {self.steps_per_epoch} steps per epoch",
-        ]
+        ] + self.reading[:1]  # a file dataset's summary; each rank's share in report_lines
 
 
 def make_plan(config: TrainConfig, n_train: int, n_val: int, n_test: int, world_size: int,
-              intra_op_threads: int, hosts: List[str]) -> Plan:
+              intra_op_threads: int, hosts: List[str], reading: Optional[List[str]] = None) -> Plan:
     order = np.arange(n_train)
     per_rank = [sum(len(rows) for rows, _ in sharding.local_batches(n_train, r, world_size, config.batch_size, order))
                 for r in range(world_size)]
@@ -57,7 +58,7 @@ def make_plan(config: TrainConfig, n_train: int, n_val: int, n_test: int, world_
         warmup_epochs=config.warmup_epochs,
         steps_per_epoch=sharding.steps_per_epoch(n_train, world_size, config.batch_size),
         train_samples=n_train, val_samples=n_val, test_samples=n_test,
-        train_samples_per_rank=per_rank, intra_op_threads=intra_op_threads, hosts=hosts,
+        train_samples_per_rank=per_rank, intra_op_threads=intra_op_threads, hosts=hosts, reading=list(reading or []),
     )
 
 
@@ -89,9 +90,10 @@ def report_lines(plan: Plan, config: TrainConfig) -> List[str]:
                  f"optimizer steps on every rank; shuffle {shuffle}")
     for view in rank_views(plan, config):
         more = ", ..." if view["samples_per_epoch"] > len(view["first_rows"]) else ""
+        first = "" if plan.reading else (f"; epoch 1 starts with training rows "
+                                         f"{', '.join(map(str, view['first_rows']))}{more}")
         lines.append(f"rank {view['rank']} ({view['host']}): {view['samples_per_epoch']} samples per epoch in "
                      f"{view['steps']} steps of {view['first_batch']}"
                      f"{'' if view['last_batch'] == view['first_batch'] else ', the last ' + str(view['last_batch'])}"
-                     f"; epoch 1 starts with "
-                     f"training rows {', '.join(map(str, view['first_rows']))}{more}")
-    return lines
+                     f"{first}")
+    return lines + plan.reading[1:]

@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from typing import Optional
 
 import numpy as np
 
-from . import data, files, outputs, runtime
+from . import data, files, outputs, runtime, sources
 from .data import DataError
 
 
-def predict_file(model_dir: str, input_csv: str, output_csv: Optional[str] = None) -> str:
-    """Write <class, probability per class> for every row of input_csv; return the output path."""
+def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = None) -> str:
+    """Write <class, probability per class> for every row of the input (a CSV or Parquet file,
+    or ``csv:``/``parquet:`` PATH with a directory or glob), read and written in pieces, so inputs
+    larger than memory work; the output appears atomically when complete. Returns its path."""
     model_path = os.path.join(model_dir, outputs.MODEL_FILE)
     prep_path = os.path.join(model_dir, outputs.PREPROCESSING_FILE)
     for path in (model_path, prep_path):
@@ -22,21 +23,29 @@ def predict_file(model_dir: str, input_csv: str, output_csv: Optional[str] = Non
             raise DataError(f"{model_dir} is not a finished training run: {os.path.basename(path)} is missing")
     with open(prep_path) as f:
         prep = json.load(f)
-    x = data.read_features(input_csv, prep["feature_names"])
-    x = data.Standardizer.from_dict(prep["scaler"]).transform(x)
+    spec = input_path if sources.is_file_source(input_path) else (
+        f"parquet:{input_path}" if input_path.endswith(".parquet") else f"csv:{input_path}")
+    source = sources.open_source(spec, "")
+    scaler = data.Standardizer.from_dict(prep["scaler"])
+    classes = prep["class_names"]
 
     import tensorflow as tf
 
     model = tf.keras.models.load_model(model_path)
-    scores = model.predict(x, verbose=0) if len(x) else np.zeros((0, len(prep["class_names"])))
-    probs = tf.nn.softmax(scores).numpy() if prep.get("logits") else scores
-    classes = prep["class_names"]
-    output_csv = output_csv or os.path.splitext(input_csv)[0] + ".predictions.csv"
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["predicted_class"] + [f"prob_{c}" for c in classes])
-    for row in probs:
-        writer.writerow([classes[int(np.argmax(row))]] + [f"{p:.6f}" for p in row])
-    files.write_text(output_csv, text.getvalue())
-    runtime.write_line(f"[hvd_train] wrote {len(probs)} predictions to {output_csv}")
+    stem = spec.split(":", 1)[1]
+    output_csv = output_csv or (os.path.splitext(stem)[0] if os.path.isfile(stem) else stem.rstrip("/*"))
+    output_csv = output_csv if output_csv.endswith(".csv") else output_csv + ".predictions.csv"
+    count = 0
+    with files.atomic_path(output_csv) as tmp, open(tmp, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["predicted_class"] + [f"prob_{c}" for c in classes])
+        for unit in source.units:
+            for x, _ in sources.read_unit(source, unit, prep["feature_names"]):
+                if not len(x):
+                    continue
+                scores = model.predict(scaler.transform(x), verbose=0, batch_size=4096)
+                probs = tf.nn.softmax(scores).numpy() if prep.get("logits") else scores
+                writer.writerows([classes[int(np.argmax(row))]] + [f"{p:.6f}" for p in row] for row in probs)
+                count += len(probs)
+    runtime.write_line(f"[hvd_train] wrote {count} predictions to {output_csv}")
     return output_csv

@@ -222,7 +222,7 @@ def allgather(value: Any, what: str) -> list:
     return hvd.allgather_object(value, name=f"gather.{what}")
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
+def fail(message: str, code: int = 2, grace: bool = True) -> NoReturn:
     """Before Horovod starts (every rank hit the same bad argument): print once, exit on all ranks.
 
     Launchers kill the remaining ranks as soon as one exits non-zero, so the other ranks give
@@ -230,7 +230,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """
     if launcher_rank() == 0:
         write_line(f"hvd-train: error: {message}", sys.stderr)
-    else:
+    elif grace:
         time.sleep(EXIT_GRACE_SECONDS)
     sys.exit(code)
 

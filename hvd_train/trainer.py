@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from . import checkpoint, consensus, metrics, outputs, replicas, runtime
-from .callbacks import progress_mode, run_callbacks, stopped_early
+from . import checkpoint, consensus, metrics, outputs, replicas, runtime, sources, stream
+from .callbacks import StreamGuard, progress_mode, run_callbacks, stopped_early
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig
 from .data import DataArg, DataError, Splits, load_splits
@@ -84,9 +84,13 @@ def prepare(rt: runtime.Runtime, config: TrainConfig, data: DataArg) -> Tuple[Tr
     # 1. Data, output and checkpoint directories. A failure on any rank stops every rank with one message.
     splits, output_dir, error = None, None, None
     try:
-        splits = load_splits(config, data)
-        if len(splits.y_train) < rt.size:
-            raise DataError(f"{len(splits.y_train)} training samples are fewer than the {rt.size} processes")
+        if data is None and sources.is_file_source(config.dataset):
+            # Collective (each rank reads its share); a failure anywhere raises on every rank.
+            splits = stream.load(config, *((0, 1) if rt.simulated else (rt.rank, rt.size)))
+        else:
+            splits = load_splits(config, data)
+        if splits.n_train < rt.size:
+            raise DataError(f"{splits.n_train} training samples are fewer than the {rt.size} processes")
         output_dir = runtime.on_rank0(rt, outputs.check_dir, config.output_dir)
         for path in filter(None, (config.timeline, config.autotune_log)):
             runtime.on_rank0(rt, outputs.check_file, path)
@@ -100,8 +104,9 @@ def prepare(rt: runtime.Runtime, config: TrainConfig, data: DataArg) -> Tuple[Tr
     hosts = runtime.allgather(runtime.host_name(), "host")
     if rt.simulated:  # every imagined rank on this host
         hosts = hosts * rt.size
-    plan = make_plan(config, len(splits.y_train), len(splits.y_val), len(splits.y_test),
-                     rt.size, rt.intra_op_threads, hosts)
+    reading = splits.plan_lines(rt.size, config.shuffle_buffer) if splits.streamed else None
+    plan = make_plan(config, splits.n_train, splits.n_val, splits.n_test, rt.size, rt.intra_op_threads, hosts,
+                     reading)
 
     # 2. Consensus: same config, data, plan and versions on every rank, or nobody trains.
     consensus.check(consensus.fingerprint(config, splits, plan, runtime.versions()))
@@ -151,8 +156,16 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
     log = EventLog(rt, config.output_dir)
     callbacks = run_callbacks(rt, config, plan, splits, model, log, resumed, user_callbacks)
     initial_epoch = resumed.initial_epoch(config.epochs)
-    batches = ShardedBatches(splits.x_train, splits.y_train, rt.rank, rt.size,
-                             config.batch_size, config.seed, config.shuffle, epoch=initial_epoch)
+    streamed = None
+    if splits.streamed:  # a file dataset: this rank's batches streamed from the files
+        streamed = stream.TrainStream(splits, rt.rank, rt.size, config.batch_size, config.shuffle,
+                                      config.shuffle_buffer)
+        batches = streamed.dataset(initial_epoch)
+    else:
+        batches = ShardedBatches(splits.x_train, splits.y_train, rt.rank, rt.size,
+                                 config.batch_size, config.seed, config.shuffle, epoch=initial_epoch)
+    if streamed is not None:
+        callbacks.insert(0, StreamGuard(streamed))
     log.start(config=config.to_dict(), plan=asdict(plan), versions=runtime.versions(), initial_epoch=initial_epoch)
     if config.timeline:
         timeline = os.path.abspath(config.timeline)
@@ -165,8 +178,16 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
     start = time.perf_counter()
     try:
         history = model.fit(batches, epochs=config.epochs, initial_epoch=initial_epoch, shuffle=False,
-                            callbacks=callbacks, verbose=int(live_bar))
+                            steps_per_epoch=plan.steps_per_epoch, callbacks=callbacks, verbose=int(live_bar))
+        if streamed is not None and streamed.error:  # ran out of data without an epoch end
+            raise stream.StreamError(streamed.error)
     except Exception as err:
+        # A file that went bad mid-run: the rank that read it first stops, and the others see a
+        # collective fail; every rank can tell why, and rank 0 says it (cli.py).
+        problem = streamed and (streamed.error or streamed.check_files())
+        if problem:
+            log.emit("run_failed", error=problem)
+            raise stream.StreamError(problem) from None
         log.emit("run_failed", error=f"{type(err).__name__}: {err}")
         raise
     train_seconds = time.perf_counter() - start
@@ -176,7 +197,8 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
     # 7. Exact test metrics from identical replicas, and the proof that they are identical: the
     # non-trainable state (batch-norm statistics, ...) synced once more, every variable compared.
     replicas.sync_state(model)
-    test = metrics.evaluate(model, splits.x_test, splits.y_test, rt, config.logits, splits.n_classes)
+    test = metrics.evaluate(model, splits.eval_pieces("test", rt.rank, rt.size), rt, config.logits,
+                            splits.n_classes)
     report = metrics.classification_report(test["confusion"], splits.class_names)
     weight_digests, differ = replicas.check(model)
     if config.timeline:

@@ -122,7 +122,7 @@ fi
 supported_python "$VENV/bin/python" || die "$VENV uses $("$VENV/bin/python" --version); remove it and re-run"
 
 PIP=("$VENV/bin/pip" install -q -c "$CONSTRAINTS")
-"${PIP[@]}" setuptools wheel cmake numpy "$TF_PACKAGE" scikit-learn matplotlib "tomli; python_version < '3.11'" pytest ruff
+"${PIP[@]}" setuptools wheel cmake numpy "$TF_PACKAGE" scikit-learn matplotlib pyarrow "tomli; python_version < '3.11'" pytest ruff
 if have_mpi; then
   "${PIP[@]}" mpi4py
 fi

@@ -14,6 +14,15 @@ def csv(tmp_path, text, name="d.csv"):
     return f"csv:{path}"
 
 
+def files(tmp_path, contents):
+    """A directory of CSV files; the dataset spec for it."""
+    d = tmp_path / "files"
+    d.mkdir()
+    for name, text in contents.items():
+        (d / name).write_text(text)
+    return f"csv:{d}"
+
+
 def good_rows(n=30):
     return "".join(f"{i % 7},{(i * 3) % 5},{'a' if i % 2 else 'b'}\n" for i in range(n))
 
@@ -21,15 +30,29 @@ def good_rows(n=30):
 CASES = {
     "missing_csv": (lambda t: ["--dataset", f"csv:{t}/absent.csv", "--label-column", "y"],
                     "cannot read CSV"),
-    "unreadable_csv": (lambda t: ["--dataset", f"csv:{t}", "--label-column", "y"], "cannot read CSV"),
+    "directory_without_csv": (lambda t: ["--dataset", f"csv:{t}", "--label-column", "y"], "holds no *.csv files"),
     "missing_label_column": (lambda t: ["--dataset", csv(t, "f1,f2,y\n" + good_rows()), "--label-column", "kind"],
                              "label column 'kind' not found"),
     "non_numeric_feature": (lambda t: ["--dataset", csv(t, "f1,f2,y\n" + good_rows() + "1,abc,a\n"),
                                        "--label-column", "y"], "'abc' is not a number"),
     "nan_feature": (lambda t: ["--dataset", csv(t, "f1,f2,y\n" + good_rows() + "nan,1,a\n"), "--label-column", "y"],
                     "is not finite"),
-    "class_too_small": (lambda t: ["--dataset", csv(t, "f1,f2,y\n" + good_rows() + "1,1,c\n"),
-                                   "--label-column", "y"], "class 'c' has 1 sample"),
+    "one_class": (lambda t: ["--dataset", csv(t, "f1,f2,y\n" + good_rows().replace(",a\n", ",b\n")),
+                             "--label-column", "y"], "need at least 2 classes, found 1"),
+    "empty_file_among_many": (lambda t: ["--dataset", files(t, {"a.csv": "f1,f2,y\n" + good_rows(), "b.csv": ""}),
+                                         "--label-column", "y"], "b.csv is empty (a header row is required)"),
+    "header_mismatch": (lambda t: ["--dataset", files(t, {"a.csv": "f1,f2,y\n" + good_rows(),
+                                                          "b.csv": "f1,f3,y\n" + good_rows()}),
+                                   "--label-column", "y"], "b.csv has columns ['f1', 'f3', 'y'], but"),
+    "duplicate_columns": (lambda t: ["--dataset", csv(t, "f1,f1,y\n" + good_rows()), "--label-column", "y"],
+                          "duplicated column name(s) 'f1'"),
+    "not_parquet": (lambda t: ["--dataset", f"parquet:{csv(t, 'f1,y', 'x.parquet')[4:]}", "--label-column", "y"],
+                    "x.parquet is not a readable Parquet file"),
+    "glob_matches_nothing": (lambda t: ["--dataset", f"csv:{t}/nothing-*.csv", "--label-column", "y"],
+                             "nothing-*.csv matches no files"),
+    "bad_value_in_a_later_file": (lambda t: ["--dataset", files(t, {"a.csv": "f1,f2,y\n" + good_rows(),
+                                                                    "b.csv": "f1,f2,y\n1,2,a\n3,x7,b\n"}),
+                                             "--label-column", "y"], "b.csv line 3, column 'f2': 'x7' is not a number"),
     "unknown_dataset": (lambda t: ["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     "zero_epochs": (lambda t: ["--epochs", "0"], "epochs must be >= 1"),
     "zero_batch": (lambda t: ["--batch-size", "0"], "batch size must be >= 1"),
@@ -62,11 +85,11 @@ def test_bad_input_fails_once_cleanly(tmp_path, case):
 
 
 def test_fewer_training_samples_than_processes(tmp_path):
-    # 6 rows, half for test: 3 training samples cannot be shared by 4 processes.
-    data = csv(tmp_path, "f,y\n1,a\n2,a\n3,a\n4,b\n5,b\n6,b\n")
+    # 3 rows, none drawn for test at this seed: 3 training samples cannot be shared by 4 processes.
+    data = csv(tmp_path, "f,y\n1,a\n2,a\n3,b\n")
     out = tmp_path / "out"
     proc = horovodrun(4, ["--dataset", data, "--label-column", "y", "--val-fraction", "0",
-                          "--test-fraction", "0.5", "--output-dir", str(out)], timeout=BOUND)
+                          "--test-fraction", "0.01", "--output-dir", str(out)], timeout=BOUND)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert text.count("3 training samples are fewer than the 4 processes") == 1, text[-4000:]

@@ -65,3 +65,18 @@ def test_markdown_and_plots(bench):
 def test_bad_arguments():
     proc = run([BIN / "hvd-bench", "--sections", "nope"], timeout=60)
     assert proc.returncode == 2 and "unknown sections ['nope']" in proc.stderr
+
+
+def test_data_section_measures_the_file_paths(tmp_path):
+    out = tmp_path / "bench"
+    proc = run([BIN / "hvd-bench", "--quick", "--sections", "data", "--out", out], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())["data"]
+    assert positive(r["idle_rss_mb"]) and list(r["sizes"]) == ["4000"]
+    entry = r["sizes"]["4000"]
+    assert entry["parse"]["rows"] == 4000 and positive(entry["parse"]["pyarrow_mb_s"])
+    paths = ("csv_stream_np1", "csv_stream_np2", "parquet_stream_np1", "parquet_stream_np2", "memory_np1")
+    for path in paths:
+        assert positive(entry[path]["first_step_s"]) and positive(entry[path]["samples_per_second"])
+        assert math.isfinite(entry[path]["data_mb_per_rank"])
+    assert "## Data path" in (out / "results.md").read_text()

@@ -36,50 +36,6 @@ def test_split_is_stratified_seeded_and_scaled_on_train_only():
     assert not np.array_equal(s.x_test, other.x_test)
 
 
-def write(tmp_path, text, name="d.csv"):
-    p = tmp_path / name
-    p.write_text(text)
-    return str(p)
-
-
-def test_csv_string_labels(tmp_path):
-    rows = "a,b,kind\n" + "".join(f"{i},{i * 2},{'cat' if i % 2 else 'dog'}\n" for i in range(20))
-    t = data.load_csv(write(tmp_path, rows), "kind")
-    assert t.feature_names == ("a", "b") and t.class_names == ("cat", "dog")
-    assert t.x.shape == (20, 2) and t.y.tolist()[:2] == [1, 0]
-
-
-def test_csv_numeric_labels_any_position(tmp_path):
-    t = data.load_csv(write(tmp_path, "y,f1,f2\n3,1.5,2\n7,0.5,1\n3,1,1\n"), "y")
-    assert t.class_names == ("3", "7") and t.feature_names == ("f1", "f2")
-
-
-@pytest.mark.parametrize("text,label,message", [
-    ("", "y", "is empty"),
-    ("a,b\n1,2\n", "y", "label column 'y' not found"),
-    ("a,y\n", "y", "no data rows"),
-    ("a,y\n1,x\nfoo,y\n", "y", r"line 3, column 'a': 'foo' is not a number"),
-    ("a,y\n1,x\nnan,y\n", "y", "not finite"),
-    ("a,y\n1,x\ninf,y\n", "y", "not finite"),
-    ("a,y\n1,x\n2\n", "y", "1 fields, header has 2"),
-    ("a,y\n1,x\n\n\nz,x\n", "y", "line 5, column 'a'"),  # blank lines still count
-    ("y\n1\n2\n", "y", "no feature columns"),
-])
-def test_csv_errors(tmp_path, text, label, message):
-    with pytest.raises(DataError, match=message):
-        data.load_csv(write(tmp_path, text), label)
-
-
-def test_missing_and_unreadable_csv(tmp_path):
-    with pytest.raises(DataError, match="cannot read CSV .*No such file"):
-        data.load_csv(str(tmp_path / "nope.csv"), "y")
-    with pytest.raises(DataError, match="cannot read CSV .*directory"):
-        data.load_csv(str(tmp_path), "y")
-    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(DataError, match="cannot parse CSV"):
-        data.load_csv(str(tmp_path / "bin.csv"), "y")
-
-
 def test_class_too_small_for_split():
     x = np.random.default_rng(0).normal(size=(40, 3))
     y = np.array([0] * 20 + [1] * 18 + [2] * 2)
@@ -99,8 +55,3 @@ def test_from_arrays_rejects_bad_arrays():
         data.from_arrays(np.array([["a", "b"]]), [0])
 
 
-def test_read_features_by_name(tmp_path):
-    path = write(tmp_path, "b,label,a\n2,x,1\n4,y,3\n")
-    assert data.read_features(path, ["a", "b"]).tolist() == [[1, 2], [3, 4]]
-    with pytest.raises(DataError, match="lacks feature column"):
-        data.read_features(path, ["a", "c"])

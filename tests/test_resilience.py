@@ -69,7 +69,7 @@ def test_one_rank_with_different_data_stops_every_rank(tmp_path):
     errors = re.findall(r"hvd-train: error: .*", text)
     assert len(errors) == 1, text[-3000:]
     assert "ranks disagree, stopping before training: rank 1 differs from rank 0 in " in errors[0]
-    assert "data.train: [28, 2] sha256 " in errors[0] and "config." not in errors[0]
+    assert "data.files: ['data.csv:" in errors[0] and "data.sample" in errors[0] and "config." not in errors[0]
     assert "epoch 1/" not in text and not out.exists()
 
 

@@ -213,14 +213,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="bench/latest", help="directory for results.json, results.md and PNGs")
     parser.add_argument("--quick", action="store_true", help="toy sizes (for tests): checks the machinery only")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per variant (default 3)")
-    parser.add_argument("--sections", default="scaling,wire,knobs", help="comma-separated subset of scaling,wire,knobs")
+    parser.add_argument("--sections", default="scaling,wire,knobs",
+                        help="comma-separated subset of scaling,wire,knobs,data (data: the file-data path, not "
+                        "in the default set; see --data-rows)")
+    parser.add_argument("--data-rows", default="400000,1600000", help="data section: rows of the generated files")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per launched run")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     repeats = args.repeats or p.pop("repeats")
     p.pop("repeats", None)
     sections = set(args.sections.split(","))
-    unknown = sections - {"scaling", "wire", "knobs"}
+    unknown = sections - {"scaling", "wire", "knobs", "data"}
     if unknown or repeats < 1:
         parser.error(f"unknown sections {sorted(unknown)}" if unknown else "--repeats must be >= 1")
     controllers = ["gloo"] + (["mpi"] if shutil.which("mpirun") else [])
@@ -242,7 +245,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results["wire"] = wire_section(runner, p, controllers, log)
             if "knobs" in sections:
                 results["knobs"] = knobs_section(runner, p, controllers, max(1, repeats - 1), log)
-        except BenchError as err:
+            if "data" in sections:
+                from .datapath import data_section
+
+                rows = [4000] if args.quick else [int(r) for r in args.data_rows.split(",")]
+                results["data"] = data_section(Path(work), rows, args.timeout, log)
+        except (BenchError, RuntimeError) as err:
             sys.stderr.write(f"hvd-bench: error: {err}\n")
             return 1
     results["seconds"] = time.monotonic() - started

@@ -82,6 +82,10 @@ def markdown(r: Dict[str, Any]) -> str:
             lines.append(f"| {name} | {k['samples_per_second']:.0f} | {k['vs_baseline']:.2f} "
                          f"| {k['test_accuracy']:.3f} |")
         lines.append("")
+    if "data" in r:
+        from .datapath import lines as data_lines
+
+        lines += [""] + data_lines(r["data"])
     return "\n".join(lines)
 
 

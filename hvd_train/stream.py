@@ -1,0 +1,394 @@
+"""File datasets at scale: each rank reads a share of the units, global facts by collectives,
+training batches streamed from the files every epoch; no rank holds the dataset.
+
+The facts pass (``load``, collective): the units of sources.py are dealt out round-robin
+(unit u to rank u mod N). Each rank reads only its units and, for every row, decides its split
+from the seed and the row's identity (file, unit, row in unit), so the split is the same for
+every world size. From its training rows it keeps per-feature count/mean/M2 (combined over
+ranks exactly, Chan et al.), and from every row the label (the vocabulary is the union).
+Evaluation (``StreamSplits.eval_pieces``) reads the validation or test rows of the same units
+again when needed: rank r scores its units' rows, and the exact metrics add per-rank sums.
+
+The training stream (``TrainStream``): the global training order is the units in file order
+(permuted per epoch when shuffling), training rows in row order within a unit, then permuted in
+windows of whole units holding at least ``--shuffle-buffer`` rows, all seeded by (seed, epoch):
+the same on every rank and for every world size. Step s takes the global positions
+sharding.global_steps gives (the same rule as in memory), rank r its contiguous slice. So, with
+or without shuffling, N processes x batch b train on exactly the batches 1 process x batch N*b
+does. Every rank parses every unit of the stream, but keeps only the rows of its own slices:
+the reading work per rank does not fall with N; the memory (about a window / N, plus a piece
+being parsed) does, and it does not grow with the data.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import runtime, sharding, sources
+from .data import DataError, Standardizer
+from .runtime import AgreedFailure
+
+TRAIN, VAL, TEST = 0, 1, 2
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, vectorised over uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def row_splits(seed: int, file: int, unit: int, first: int, rows: int, val_fraction: float,
+               test_fraction: float) -> np.ndarray:
+    """The split (TRAIN, VAL, TEST) of rows [first, first + rows) of a unit: a hash of (seed, file,
+    unit, row) mapped to [0, 1); below test_fraction is test, then validation. World-size free."""
+    with np.errstate(over="ignore"):
+        key = _mix(np.uint64(seed % (1 << 64)) ^ _mix(np.uint64(file) * _GOLDEN + np.uint64(unit)))
+        row = np.arange(first, first + rows, dtype=np.uint64)
+        u = (_mix(key + row * _GOLDEN) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    out = np.full(rows, TRAIN, np.int8)
+    out[u < test_fraction + val_fraction] = VAL
+    out[u < test_fraction] = TEST
+    return out
+
+
+@dataclass
+class _Moments:
+    """Count, mean and sum of squared deviations per feature (float64), mergeable exactly."""
+
+    n: int = 0
+    mean: Optional[np.ndarray] = None
+    m2: Optional[np.ndarray] = None
+
+    def add(self, x: np.ndarray) -> None:
+        if not len(x):
+            return
+        other = _Moments(len(x), x.mean(axis=0), ((x - x.mean(axis=0)) ** 2).sum(axis=0))
+        self.merge(other)
+
+    def merge(self, o: "_Moments") -> None:
+        if not o.n:
+            return
+        if not self.n:
+            self.n, self.mean, self.m2 = o.n, o.mean.copy(), o.m2.copy()
+            return
+        n = self.n + o.n
+        delta = o.mean - self.mean
+        self.mean = self.mean + delta * (o.n / n)
+        self.m2 = self.m2 + o.m2 + delta ** 2 * (self.n * o.n / n)
+        self.n = n
+
+
+@dataclass(frozen=True)
+class StreamSplits:
+    """What a run needs from a file dataset; the counterpart of data.Splits (same read interface:
+    global counts, names, scaler, ``eval_pieces``). Holds no rows: evaluation rows are read from
+    this rank's units when needed, training rows are streamed (TrainStream)."""
+
+    source: sources.Source
+    scaler: Standardizer
+    feature_names: Tuple[str, ...]
+    class_names: Tuple[str, ...]
+    unit_train_rows: Tuple[int, ...]  # training rows per unit, global
+    unit_rows: Tuple[int, ...]  # rows per unit, global
+    n_train: int
+    n_val: int
+    n_test: int
+    digest: str  # over every unit's content digest, in unit order
+    my_units: Tuple[int, ...]  # the units this rank read in the facts pass
+    sample: str  # sources.Source.sample_digest, computed on this rank
+    streamed = True  # training batches come from TrainStream
+    seed: int = 0
+    val_fraction: float = 0.0
+    test_fraction: float = 0.0
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    def eval_pieces(self, which: str, rank: int, size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """This rank's share of the validation ("val") or test rows, standardised, in pieces: the
+        rows of the units it read in the facts pass (unit u mod N), read again now."""
+        wanted = VAL if which == "val" else TEST
+        codes = {name: i for i, name in enumerate(self.class_names)}
+        for u in range(rank, len(self.source.units), size):
+            if self.unit_rows[u] == self.unit_train_rows[u]:
+                continue
+            unit, offset = self.source.units[u], 0
+            for x, y in sources.read_unit(self.source, unit):
+                keep = _unit_splits(self, unit, offset, len(y)) == wanted
+                offset += len(y)
+                if keep.any():
+                    yield self.scaler.transform(x[keep]), np.array([codes[v] for v in y[keep]], np.int64)
+
+    def preprocessing(self) -> Dict[str, object]:
+        return {"feature_names": list(self.feature_names), "class_names": list(self.class_names),
+                "scaler": self.scaler.to_dict()}
+
+    def plan_lines(self, size: int, shuffle_buffer: int) -> List[str]:
+        """What each rank would read at this world size, and an estimate of its data memory."""
+        src = self.source
+        total_bytes = sum(src.sizes)
+        lines = [f"data: {len(src.files)} {src.kind} file(s), {total_bytes / 1e6:.1f} MB, {len(src.units)} unit(s) "
+                 f"({'row groups' if src.kind == 'parquet' else f'{sources.CSV_UNIT_BYTES >> 20} MB ranges'}), "
+                 f"{sum(self.unit_rows)} rows; every rank streams the {self.n_train} training rows each epoch "
+                 f"and keeps its slices"]
+        f = self.n_features
+        piece = max(self.unit_rows or (0,)) if src.kind == "csv" else min(sources.READ_BATCH_ROWS,
+                                                                           max(self.unit_rows or (0,)))
+        biggest = max(self.unit_train_rows or (0,))
+        window = min(self.n_train, max(shuffle_buffer, biggest) + biggest)  # rows of one window, at most
+        for rank in range(size):
+            mine = range(rank, len(src.units), size)
+            rows = sum(self.unit_rows[u] for u in mine)
+            evaluation = sum(self.unit_rows[u] - self.unit_train_rows[u] for u in mine)
+            files = sorted({src.units[u].file for u in mine})
+            names = ", ".join(src.files[i].rsplit("/", 1)[-1] for i in files[:4]) + (", ..." if len(files) > 4 else "")
+            # A window's own rows (float64, kept and sorted: ~3 copies) and one parsed piece (~3).
+            memory = (3 * window / size + 3 * piece) * f * 8 + window * 16
+            lines.append(f"rank {rank} reads {len(mine)} unit(s) of {len(files)} file(s) ({names or 'none'}): "
+                         f"{rows} rows, scores their {evaluation} validation/test rows; data memory ~"
+                         f"{memory / 1e6:.1f} MB")
+        return lines
+
+    def fingerprint(self) -> Dict[str, Any]:
+        return {"data.source": f"{self.source.kind}:{self.source.spec}", "data.files": self.source.listing(),
+                "data.rows": [self.n_train, self.n_val, self.n_test], "data.sha256": self.digest[:16],
+                "data.sample": self.sample[:16],
+                "data.class_names": list(self.class_names), "data.feature_names": list(self.feature_names)}
+
+
+def load(config, rank: int, size: int) -> StreamSplits:
+    """Collective: the facts pass (module doc). Raises AgreedFailure on every rank if any rank's
+    read failed, with that rank's message."""
+    # 1. Every rank lists the files and reads their headers (cheap): the same errors everywhere,
+    # unless a host sees other files, which the consensus fingerprint catches later.
+    source, error = None, None
+    try:
+        source = sources.open_source(config.dataset, config.label_column or "")
+    except DataError as err:
+        error = str(err)
+    runtime.agree(error, "data.open")
+
+    # 2. This rank's units: split, moments of training rows, labels, evaluation rows, digests.
+    mine = tuple(range(rank, len(source.units), size))
+    local: Dict[str, Any] = {}
+    try:
+        local = _read_share(source, mine, config)
+    except DataError as err:
+        error = str(err)
+    gathered = _gather_checked(error, local, "data.facts")
+
+    # 3. Global facts, computed alike on every rank from the gathered summaries.
+    moments = _Moments()
+    for g in gathered:
+        moments.merge(g["moments"])
+    unit_train = [0] * len(source.units)
+    unit_rows = [0] * len(source.units)
+    unit_digest = [""] * len(source.units)
+    for g in gathered:
+        for u, (rows, n, d) in g["units"].items():
+            unit_rows[u], unit_train[u], unit_digest[u] = rows, n, d
+    labels = sorted(set().union(*(g["labels"] for g in gathered)))
+    n_val = sum(g["n_val"] for g in gathered)
+    n_test = sum(g["n_test"] for g in gathered)
+    n_train = moments.n
+    if n_train == 0:
+        raise AgreedFailure(f"{config.dataset}: no training rows (read {n_val + n_test} validation/test rows)")
+    if "" in labels:
+        raise AgreedFailure(f"{config.dataset}: some rows have an empty label")
+    if len(labels) < 2:
+        raise AgreedFailure(f"{config.dataset}: need at least 2 classes, found {len(labels)}")
+    std = np.sqrt(moments.m2 / moments.n)
+    scaler = Standardizer(mean=moments.mean, scale=np.where(std > 0, std, 1.0))
+    digest = hashlib.sha256("".join(unit_digest).encode()).hexdigest()
+    return StreamSplits(
+        source=source, scaler=scaler, feature_names=source.features, class_names=tuple(labels),
+        unit_train_rows=tuple(unit_train), unit_rows=tuple(unit_rows), n_train=n_train, n_val=n_val, n_test=n_test,
+        digest=digest, my_units=mine,
+        sample=source.sample_digest(),
+        seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction)
+
+
+def _gather_checked(error: Optional[str], payload: Any, what: str) -> List[Any]:
+    """Collective: every rank's payload, or AgreedFailure everywhere if any rank reports an error."""
+    gathered = runtime.allgather((error, payload), what)
+    failed = [(r, e) for r, (e, _) in enumerate(gathered) if e]
+    if failed:
+        if len(failed) == len(gathered) and len({e for _, e in failed}) == 1:
+            raise AgreedFailure(failed[0][1])
+        raise AgreedFailure("; ".join(f"rank {r}: {e}" for r, e in failed))
+    return [p for _, p in gathered]
+
+
+def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[str, Any]:
+    moments = _Moments()
+    labels: set = set()
+    per_unit: Dict[int, Tuple[int, int, str]] = {}
+    counts = np.zeros(3, np.int64)
+    for u in units:
+        unit = source.units[u]
+        h = hashlib.sha256()
+        offset, n_train = 0, 0
+        for x, y in sources.read_unit(source, unit):
+            split = _unit_splits(config, unit, offset, len(y))
+            offset += len(y)
+            h.update(x.tobytes())
+            h.update("\0".join(y).encode())
+            moments.add(x[split == TRAIN])
+            n_train += int(np.sum(split == TRAIN))
+            counts += np.bincount(split, minlength=3)
+            labels.update(np.unique(y).tolist())
+        per_unit[u] = (offset, n_train, h.hexdigest())
+    return {"moments": moments, "labels": labels, "units": per_unit, "n_val": int(counts[VAL]),
+            "n_test": int(counts[TEST])}
+
+
+def _unit_splits(config, unit: sources.Unit, offset: int, rows: int) -> np.ndarray:
+    """Splits of rows [offset, offset + rows) of a unit (a unit may arrive in pieces); ``config``:
+    anything with seed, val_fraction and test_fraction."""
+    return row_splits(config.seed, unit.file, unit.index, offset, rows, config.val_fraction, config.test_fraction)
+
+
+class StreamError(DataError):
+    """A file went bad while training read it (deleted, truncated, changed): rank 0 reports it."""
+
+
+class TrainStream:
+    """This rank's training batches, streamed: (x, y, loss weight) per step, epoch after epoch.
+
+    The global order (module doc) is cut into windows of whole units holding at least
+    ``shuffle_buffer`` training rows (one unit per window without shuffling); a window's
+    permutation is known before it is read, since the facts pass counted every unit's training
+    rows. So each row's global position is known as it arrives, and a rank keeps only the rows
+    that fall in its own slices: memory per rank ~ window / N.
+    ``epochs(start)`` is an endless generator of steps from epoch ``start`` on: Keras takes
+    ``steps_per_epoch`` of them per epoch from one iterator.
+    """
+
+    def __init__(self, splits: StreamSplits, rank: int, size: int, batch_size: int, shuffle: bool,
+                 shuffle_buffer: int):
+        self.splits, self.rank, self.size = splits, rank, size
+        self.batch_size, self.shuffle, self.window = batch_size, shuffle, shuffle_buffer
+        self.steps = sharding.global_steps(splits.n_train, size, batch_size)
+        self.error: Optional[str] = None  # a DataError met while streaming (tf.data hides its type)
+        starts = np.array([start for start, _ in self.steps], np.int64)
+        lo, hi = [], []
+        for start, stop in self.steps:
+            sizes = sharding.split_evenly(stop - start, size)
+            lo.append(start + sum(sizes[:rank]))
+            hi.append(lo[-1] + sizes[rank])
+        self._starts, self._lo, self._hi = starts, np.array(lo, np.int64), np.array(hi, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def _mine(self, positions: np.ndarray) -> np.ndarray:
+        step = np.searchsorted(self._starts, positions, side="right") - 1
+        return (positions >= self._lo[step]) & (positions < self._hi[step])
+
+    def windows(self, epoch: int) -> List[List[int]]:
+        """The epoch's units (those with training rows) in order, grouped into windows."""
+        s = self.splits
+        order = np.arange(len(s.source.units))
+        if self.shuffle:
+            order = np.random.default_rng([s.seed, epoch, 1]).permutation(order)
+        out: List[List[int]] = []
+        held = self.window  # start a new window at the first unit
+        for u in (int(u) for u in order if s.unit_train_rows[u]):
+            if held >= self.window or not self.shuffle:
+                out.append([])
+                held = 0
+            out[-1].append(u)
+            held += s.unit_train_rows[u]
+        return out
+
+    def own_rows(self, epoch: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """This rank's training rows of the epoch, in global order, in pieces: (x float64, labels)."""
+        s = self.splits
+        base = 0
+        for k, units in enumerate(self.windows(epoch)):
+            total = sum(s.unit_train_rows[u] for u in units)
+            if self.shuffle:  # where each arriving row goes: the inverse of the window's permutation
+                target = np.empty(total, np.int64)
+                target[np.random.default_rng([s.seed, epoch, 2, k]).permutation(total)] = np.arange(total)
+            kept_pos, kept_x, kept_y = [], [], []
+            arrived = 0
+            for u in units:
+                unit, offset = s.source.units[u], 0
+                for x, y in sources.read_unit(s.source, unit):
+                    train = _unit_splits(s, unit, offset, len(y)) == TRAIN
+                    offset += len(y)
+                    n = int(train.sum())
+                    index = np.arange(arrived, arrived + n)
+                    arrived += n
+                    positions = base + (target[index] if self.shuffle else index)
+                    mine = self._mine(positions)
+                    kept_pos.append(positions[mine])
+                    kept_x.append(x[train][mine])
+                    kept_y.append(y[train][mine])
+            if arrived != total:
+                raise DataError(f"{s.source.spec}: the files changed since the run started "
+                                f"({arrived} training rows where there were {total})")
+            base += total
+            if kept_pos:
+                order = np.argsort(np.concatenate(kept_pos), kind="stable")
+                yield np.concatenate(kept_x)[order], np.concatenate(kept_y)[order]
+
+    def epoch_batches(self, epoch: int) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        s = self.splits
+        codes = {name: i for i, name in enumerate(s.class_names)}
+        rows = self.own_rows(epoch)
+        buf_x, buf_y = np.zeros((0, s.n_features)), np.zeros(0, str)
+        for (start, stop), lo, hi in zip(self.steps, self._lo, self._hi):
+            need = int(hi - lo)
+            while len(buf_y) < need:
+                x, y = next(rows)
+                buf_x, buf_y = np.concatenate([buf_x, x]), np.concatenate([buf_y, y])
+            xb, yb = buf_x[:need], buf_y[:need]
+            buf_x, buf_y = buf_x[need:], buf_y[need:]
+            weight = need * self.size / (stop - start)
+            yield (s.scaler.transform(xb), np.array([codes[v] for v in yb], np.int64),
+                   np.full(need, weight, np.float32))
+
+    def epochs(self, start: int) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        epoch = start
+        try:
+            while True:
+                yield from self.epoch_batches(epoch)
+                epoch += 1
+        except DataError as err:
+            # End the stream instead of raising through tf.data (which logs a traceback). Every
+            # rank reads the same units in the same order, so all of them end at the same step;
+            # callbacks.StreamGuard then stops them together, before the epoch's collectives.
+            self.error = f"{err} (epoch {epoch + 1})"
+
+    def check_files(self) -> Optional[str]:
+        """After a failure: did a file vanish or change under the run? (Every rank finds the same.)"""
+        import os
+
+        for path, size in zip(self.splits.source.files, self.splits.source.sizes):
+            if not os.path.exists(path):
+                return f"{path} disappeared while being read"
+            if os.path.getsize(path) != size:
+                return f"{path} changed while being read (size {size} -> {os.path.getsize(path)} bytes)"
+        return None
+
+    def dataset(self, start_epoch: int):
+        """A tf.data.Dataset of this rank's steps from ``start_epoch`` on, read ahead in the background."""
+        import tensorflow as tf
+
+        f = self.splits.n_features
+        return tf.data.Dataset.from_generator(
+            lambda: self.epochs(start_epoch),
+            output_signature=(tf.TensorSpec((None, f), tf.float32), tf.TensorSpec((None,), tf.int64),
+                              tf.TensorSpec((None,), tf.float32))).prefetch(2)

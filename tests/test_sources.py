@@ -1,0 +1,153 @@
+"""File datasets without a launcher: headers, units, row identity and splits, bad values named by
+file and line/row, the global facts of the sharded read, and the streamed training order."""
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hvd_train import sources, stream
+from hvd_train.config import TrainConfig
+from hvd_train.data import DataError
+
+
+def write(tmp_path, text, name="d.csv"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def read_all(dataset, label, columns=None):
+    src = sources.open_source(dataset, label)
+    parts = [piece for unit in src.units for piece in sources.read_unit(src, unit, columns)]
+    return src, np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def test_csv_features_and_labels_any_position(tmp_path):
+    src, x, y = read_all("csv:" + write(tmp_path, "y,f1,f2\n3,1.5,2\n7,0.5,1\n3,1,1\n"), "y")
+    assert src.features == ("f1", "f2") and y.tolist() == ["3", "7", "3"]
+    assert x.tolist() == [[1.5, 2], [0.5, 1], [1, 1]]
+
+
+def test_read_selected_columns_by_name(tmp_path):
+    _, x, _ = read_all("csv:" + write(tmp_path, "b,label,a\n2,x,1\n4,y,3\n"), "", ["a", "b"])
+    assert x.tolist() == [[1, 2], [3, 4]]
+    with pytest.raises(DataError, match="lacks column"):
+        read_all("csv:" + write(tmp_path, "b,label,a\n2,x,1\n"), "", ["a", "c"])
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "is empty"),
+    ("a,b\n1,2\n", "label column 'y' not found"),
+    ("a,y\n1,x\nfoo,y\n", r"line 3, column 'a': 'foo' is not a number"),
+    ("a,y\n1,x\nnan,y\n", "line 3, column 'a': 'nan' is not finite"),
+    ("a,y\n1,x\ninf,y\n", "not finite"),
+    ("a,y\n1,x\n,y\n", "line 3, column 'a': '' is not a number"),
+    ("a,y\n1,x\n2\n", "line 3: 1 fields, header has 2"),
+    ("a,y\n1,x\n\n\nz,x\n", "line 5, column 'a'"),  # blank lines still count
+    ("y\n1\n2\n", "no feature columns"),
+    ("a,a,y\n1,2,x\n", "duplicated column name"),
+    ("a,,y\n1,2,x\n", "column\\(s\\) 2 of the header have no name"),
+])
+def test_csv_errors_name_file_line_and_column(tmp_path, text, message):
+    with pytest.raises(DataError, match=message):
+        read_all("csv:" + write(tmp_path, text), "y")
+
+
+def test_missing_unreadable_and_mismatched_files(tmp_path):
+    with pytest.raises(DataError, match="cannot read CSV .*no such file"):
+        sources.open_source(f"csv:{tmp_path}/nope.csv", "y")
+    with pytest.raises(DataError, match="holds no \\*.csv files"):
+        sources.open_source(f"csv:{tmp_path}", "y")
+    with pytest.raises(DataError, match="matches no files"):
+        sources.open_source(f"csv:{tmp_path}/*.csv", "y")
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DataError, match="cannot parse CSV"):
+        sources.open_source(f"csv:{tmp_path}/bin.csv", "y")
+    (tmp_path / "d").mkdir()
+    write(tmp_path / "d", "a,y\n1,x\n", "1.csv")
+    write(tmp_path / "d", "a,b,y\n1,2,x\n", "2.csv")
+    with pytest.raises(DataError, match="2.csv has columns .* but .*1.csv has"):
+        sources.open_source(f"csv:{tmp_path}/d", "y")
+    (tmp_path / "fake.parquet").write_text("a,y\n")
+    with pytest.raises(DataError, match="fake.parquet is not a readable Parquet file"):
+        sources.open_source(f"parquet:{tmp_path}/fake.parquet", "y")
+
+
+def test_parquet_schema_types_and_bad_values(tmp_path):
+    pq.write_table(pa.table({"a": [1.0, 2.0], "y": ["u", "v"]}), tmp_path / "1.parquet")
+    pq.write_table(pa.table({"a": [1, 2], "y": ["u", "v"]}), tmp_path / "2.parquet")
+    with pytest.raises(DataError, match="2.parquet has schema \\[a: int64, y: string\\], but .*1.parquet"):
+        sources.open_source(f"parquet:{tmp_path}/*.parquet", "y")
+    pq.write_table(pa.table({"a": ["x"], "y": ["u"]}), tmp_path / "s.parquet")
+    with pytest.raises(DataError, match="feature column 'a' has type string"):
+        sources.open_source(f"parquet:{tmp_path}/s.parquet", "y")
+    pq.write_table(pa.table({"a": [1.0, 2.0, float("nan")], "y": [1, 2, 1]}), tmp_path / "n.parquet",
+                   row_group_size=2)
+    with pytest.raises(DataError, match="n.parquet row 3, column 'a': nan is not finite"):
+        read_all(f"parquet:{tmp_path}/n.parquet", "y")
+
+
+def test_csv_units_cover_every_row_once_whatever_the_cut(tmp_path, monkeypatch):
+    rows = [f"{i},{i % 3}\n" for i in range(5000)]
+    path = write(tmp_path, "f,y\n" + "".join(rows))
+    for unit_bytes in (7, 64, 1000, 1 << 20):
+        monkeypatch.setattr(sources, "CSV_UNIT_BYTES", unit_bytes)
+        src, x, _ = read_all(f"csv:{path}", "y")
+        assert len(src.units) == -(-(os.path.getsize(path) - len("f,y\n")) // unit_bytes)
+        assert x[:, 0].tolist() == list(range(5000)), unit_bytes
+
+
+def test_row_splits_are_deterministic_and_near_the_fractions():
+    s = stream.row_splits(42, 0, 0, 0, 100_000, 0.1, 0.2)
+    assert np.array_equal(s, stream.row_splits(42, 0, 0, 0, 100_000, 0.1, 0.2))
+    assert np.array_equal(s[500:700], stream.row_splits(42, 0, 0, 500, 200, 0.1, 0.2)), "pieces agree"
+    shares = np.bincount(s, minlength=3) / len(s)
+    assert np.allclose(shares, [0.7, 0.1, 0.2], atol=0.005)
+    assert not np.array_equal(s, stream.row_splits(43, 0, 0, 0, 100_000, 0.1, 0.2))
+    assert not np.array_equal(s, stream.row_splits(42, 1, 0, 0, 100_000, 0.1, 0.2))
+
+
+def test_moments_merge_exactly():
+    x = np.random.default_rng(0).normal(5, 3, size=(1000, 4))
+    m = stream._Moments()
+    for part in np.array_split(x, 7):
+        m.add(part)
+    assert m.n == 1000
+    np.testing.assert_allclose(m.mean, x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(np.sqrt(m.m2 / m.n), x.std(axis=0), rtol=1e-12)
+
+
+def test_the_mlp_trains_on_a_parquet_source_through_a_single_process_facts_pass(tmp_path):
+    """stream.load at world size 1 without a launcher (its collectives on one process)."""
+    import horovod.tensorflow as hvd
+
+    hvd.init()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(900, 3))
+    for i, part in enumerate(np.array_split(np.arange(900), 3)):
+        pq.write_table(pa.table({"a": x[part, 0], "b": x[part, 1], "c": x[part, 2],
+                                 "y": np.where(x[part, 0] > 0, "pos", "neg")}), tmp_path / f"{i}.parquet",
+                       row_group_size=100)
+    config = TrainConfig(dataset=f"parquet:{tmp_path}", label_column="y", batch_size=50, shuffle_buffer=120)
+    s = stream.load(config, 0, 1)
+    assert (s.n_train + s.n_val + s.n_test, len(s.source.units)) == (900, 9)
+    assert s.class_names == ("neg", "pos")
+    assert sum(len(y) for _, y in s.eval_pieces("test", 0, 1)) == s.n_test
+    assert sum(len(y) for r in (0, 1) for _, y in s.eval_pieces("val", r, 2)) == s.n_val, "shares cover all"
+    split = np.concatenate([stream.row_splits(42, u.file, u.index, 0, 100, 0.1, 0.2) for u in s.source.units])
+    np.testing.assert_allclose(s.scaler.mean, x[split == stream.TRAIN].mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(s.scaler.scale, x[split == stream.TRAIN].std(axis=0), rtol=1e-12)
+    # The streamed epoch: every training row once, in an order that changes with the epoch; with
+    # 3 ranks, each keeps its slices of the same global order.
+    expected = np.sort(s.scaler.transform(x[split == stream.TRAIN])[:, 0])
+    train = stream.TrainStream(s, 0, 1, 48, shuffle=True, shuffle_buffer=120)
+    epochs = [np.concatenate([xb for xb, _, _ in train.epoch_batches(e)]) for e in (0, 1)]
+    for e in epochs:
+        np.testing.assert_allclose(np.sort(e[:, 0]), expected, rtol=1e-6)
+    assert not np.array_equal(epochs[0], epochs[1])
+    ranks = [list(stream.TrainStream(s, r, 3, 16, shuffle=True, shuffle_buffer=120).epoch_batches(0)) for r in range(3)]
+    assert len({len(steps) for steps in ranks}) == 1, "equal steps"
+    joined = np.concatenate([np.concatenate([ranks[r][k][0] for r in range(3)]) for k in range(len(ranks[0]))])
+    np.testing.assert_array_equal(joined, epochs[0])

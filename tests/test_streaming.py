@@ -1,0 +1,174 @@
+"""csv: and parquet: datasets under real horovodrun: each rank reads a share, the global facts
+are exact, the split is the same for every world size, training batches are streamed, and the
+core promise holds on this path too: N processes x batch b == 1 process x batch N*b (uneven
+files, an empty one, np=2 and np=3). Bad input in files: one message, every rank stops."""
+import os
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+from conftest import BIN, HVD_TRAIN, Background, horovodrun, horovodrun_cmd, read_json, run
+
+from hvd_train import sources, stream
+from hvd_train.data import Standardizer
+
+pytestmark = pytest.mark.integration
+
+FEATURES = ["f0", "f1", "f2", "f3", "f4"]
+FILE_ROWS = [250, 0, 37, 313]  # uneven files, one of them empty (header or schema only)
+GLOBAL_BATCH = 30  # 414 (csv) and 434 (parquet) training rows: the last step has >= 3 rows, never folded
+COMMON = ["--label-column", "label", "--lr-scaling", "none", "--warmup-epochs", "0", "--seed", "7",
+          "--epochs", "4", "--progress", "none", "--optimizer", "sgd", "--lr", "0.05"]
+
+
+def make_data(directory, kind, n_rows=FILE_ROWS, seed=0):
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(sum(n_rows), len(FEATURES))) * [1, 2, 3, 0.5, 10] + [0, 1, -2, 5, 100]
+    y = np.array(["low", "mid", "high"])[np.digitize(x[:, 0] + 0.3 * x[:, 1], [-1.5, 0.5])]
+    start = 0
+    for i, n in enumerate(n_rows):
+        part = slice(start, start + n)
+        start += n
+        if kind == "csv":
+            with open(directory / f"part-{i}.csv", "w") as f:
+                f.write(",".join(FEATURES + ["label"]) + "\n")
+                f.writelines(",".join(repr(float(v)) for v in row) + f",{lab}\n" for row, lab in zip(x[part], y[part]))
+        else:
+            columns = {c: x[part, j] for j, c in enumerate(FEATURES)}
+            table = pa.table({**columns, "label": pa.array(y[part], pa.string())})
+            pq.write_table(table, directory / f"part-{i}.parquet", row_group_size=64)
+    return x, y
+
+
+def rows_by_split(dataset, seed=7, val=0.1, test=0.2):
+    """Every row of the files with its split, read on one process (the reference)."""
+    src = sources.open_source(dataset, "label")
+    xs, ys, splits = [], [], []
+    for unit in src.units:
+        offset = 0
+        for x, y in sources.read_unit(src, unit):
+            splits.append(stream.row_splits(seed, unit.file, unit.index, offset, len(y), val, test))
+            offset += len(y)
+            xs.append(x)
+            ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(splits)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    base = tmp_path_factory.mktemp("files")
+    for kind in ("csv", "parquet"):
+        make_data(base / kind, kind)
+    return {kind: f"{kind}:{base / kind}" for kind in ("csv", "parquet")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, datasets):
+    cache = {}
+
+    def get(kind, world_size, batch=None, *extra):
+        key = (kind, world_size, batch, *extra)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"{kind}-np{world_size}") / "run"
+            proc = horovodrun(world_size, ["--dataset", datasets[kind], *COMMON, *extra, "--output-dir", out,
+                                           "--batch-size", str(batch or GLOBAL_BATCH // world_size)])
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            cache[key] = (out, proc)
+        return cache[key]
+    return get
+
+
+def weights(out):
+    return tf.keras.models.load_model(out / "model.keras").get_weights()
+
+
+def max_difference(a, b):
+    return max(float(np.max(np.abs(u - v))) for u, v in zip(weights(a), weights(b)))
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_n_processes_streaming_equal_one_process_with_n_times_the_batch(runs, kind):
+    one, _ = runs(kind, 1, None, "--no-shuffle")
+    for world_size in (2, 3):
+        many, _ = runs(kind, world_size, None, "--no-shuffle")
+        m = read_json(many / "metrics.json")
+        assert m["replicas_identical"] and m["global_batch_size"] == GLOBAL_BATCH
+        assert m["steps_per_epoch"] == read_json(one / "metrics.json")["steps_per_epoch"]
+        diff = max_difference(one, many)
+        print(f"{kind} streamed, np={world_size} vs np=1: max |w_N - w_1| = {diff:.2e}")
+        assert diff <= 1e-5
+    # The order is the same for every world size with shuffling too (windows and units seeded by epoch).
+    shuffled_one, _ = runs(kind, 1, None, "--shuffle-buffer", "100")
+    shuffled_two, _ = runs(kind, 2, None, "--shuffle-buffer", "100")
+    assert max_difference(shuffled_one, shuffled_two) <= 1e-5
+    assert max_difference(one, shuffled_one) > 1e-3, "shuffling changes the order"
+    # Negative control: another global batch ends elsewhere.
+    other, _ = runs(kind, 2, 8, "--no-shuffle")
+    assert max_difference(one, other) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_global_facts_split_and_exact_metrics_are_the_same_for_every_world_size(runs, datasets, kind):
+    x, labels, split = rows_by_split(datasets[kind])
+    train = split == stream.TRAIN
+    classes = sorted(set(labels))
+    for world_size in (1, 2, 3):
+        out, proc = runs(kind, world_size, None, "--no-shuffle")
+        m = read_json(out / "metrics.json")
+        plan = read_json(out / "config.json")["plan"]
+        assert (plan["train_samples"], plan["val_samples"], plan["test_samples"]) == (
+            int(train.sum()), int((split == stream.VAL).sum()), int((split == stream.TEST).sum()))
+        prep = read_json(out / "preprocessing.json")
+        assert prep["class_names"] == classes
+        # Standardisation from per-shard moments combined over ranks = numpy over all training rows.
+        np.testing.assert_allclose(prep["scaler"]["mean"], x[train].mean(axis=0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(prep["scaler"]["scale"], x[train].std(axis=0), rtol=1e-12)
+        # Exact test metrics: the saved model scored on every test row by one process.
+        test = split == stream.TEST
+        scaled = Standardizer.from_dict(prep["scaler"]).transform(x[test])
+        scores = tf.keras.models.load_model(out / "model.keras")(scaled, training=False).numpy()
+        codes = np.array([classes.index(v) for v in labels[test]])
+        loss = float(np.mean(tf.keras.losses.sparse_categorical_crossentropy(codes, scores).numpy()))
+        assert m["test_samples"] == int(test.sum())
+        assert m["test_loss"] == pytest.approx(loss, rel=1e-5)
+        assert m["test_accuracy"] == pytest.approx(float(np.mean(scores.argmax(1) == codes)), abs=1e-9)
+        assert "every rank streams the" in proc.stdout
+    proc = run([BIN / "hvd-train", "plan", "--np", "2", "--dataset", datasets[kind], "--label-column", "label"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"rank 1 reads \d+ unit\(s\) of \d+ file\(s\) .*: \d+ rows, scores their \d+ "
+                     r"validation/test rows; data memory ~", proc.stdout), proc.stdout
+
+
+def test_more_ranks_than_files_and_predict_from_parquet(tmp_path):
+    make_data(tmp_path / "d", "csv", n_rows=[120, 0])  # 1 unit of data, an empty file, 3 ranks
+    out = tmp_path / "out"
+    proc = horovodrun(3, ["--dataset", f"csv:{tmp_path / 'd'}", *COMMON, "--batch-size", "4", "--output-dir", out])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"data: 2 csv file\(s\), [\d.]+ MB, 1 unit\(s\)", proc.stdout), "ranks 1 and 2 read nothing"
+    assert read_json(out / "metrics.json")["replicas_identical"]
+    # predict streams a Parquet input and writes one row per input row.
+    make_data(tmp_path / "new", "parquet", n_rows=[70], seed=5)
+    proc = run([BIN / "hvd-train", "predict", "--model-dir", out, "--input", tmp_path / "new" / "part-0.parquet"],
+               timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = (tmp_path / "new" / "part-0.predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("predicted_class,prob_") and len(rows) == 71
+
+
+def test_a_file_that_disappears_mid_run_stops_every_rank_with_one_message(tmp_path):
+    make_data(tmp_path / "d", "parquet", n_rows=[3000, 3000])
+    out = tmp_path / "out"
+    job = Background([*horovodrun_cmd(2), *HVD_TRAIN, "--dataset", f"parquet:{tmp_path / 'd'}", "--label-column",
+                      "label", "--epochs", "500", "--progress", "epoch", "--output-dir", out])
+    job.wait_until(lambda: re.search(r"epoch +2/500", job.output), 180, "epoch 2")
+    os.remove(tmp_path / "d" / "part-1.parquet")
+    code = job.wait(120)
+    assert code != 0
+    assert job.output.count("hvd-train: error: ") == 1, job.output[-3000:]
+    assert re.search(r"hvd-train: error: .*part-1.parquet disappeared while being read", job.output)
+    assert not re.search(r"^\[\d+\]<std\w+>:Traceback", job.output, re.M)
+    assert not (out / "metrics.json").exists() and not (out / "model.keras").exists()
