@@ -22,8 +22,8 @@ import numpy as np
 from .data import DataError
 
 KINDS = ("csv", "parquet")
-CSV_UNIT_BYTES = 8 << 20  # part of the row identity's unit layout: changing it changes nothing else
-READ_BATCH_ROWS = 65536  # rows per piece when a unit is read in pieces (bounded memory)
+CSV_UNIT_BYTES = 1 << 20  # part of the row identity (so of the split): changing it changes the split
+READ_BATCH_ROWS = 8192  # rows per Parquet piece: a few MB per copy, so a handful of copies stay small
 
 
 def is_file_source(dataset: str) -> bool:
@@ -163,7 +163,7 @@ def _parquet_file(path: str):
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # column pages read as needed
     except FileNotFoundError:
         raise DataError(f"{path} disappeared while being read") from None
     except (pa.ArrowInvalid, OSError) as err:
@@ -260,7 +260,8 @@ def _read_parquet_unit(source, unit, features):
     try:
         pf = _parquet_file(path)
         done = _rows_before_group(pf, unit.index)
-        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[unit.index], columns=want):
+        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[unit.index], columns=want,
+                                     use_threads=False):
             try:
                 x = _feature_matrix(batch, features)
             except _BadValue as bad:
@@ -294,7 +295,7 @@ def _read_csv_unit(source, unit, features):
     try:
         table = pacsv.read_csv(
             io.BytesIO(data),
-            read_options=pacsv.ReadOptions(column_names=list(source.columns), block_size=1 << 22),
+            read_options=pacsv.ReadOptions(column_names=list(source.columns), use_threads=False),
             parse_options=pacsv.ParseOptions(),
             convert_options=pacsv.ConvertOptions(column_types=types, include_columns=features + extra,
                                                  null_values=[""], strings_can_be_null=False))

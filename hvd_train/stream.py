@@ -153,8 +153,8 @@ class StreamSplits:
             evaluation = sum(self.unit_rows[u] - self.unit_train_rows[u] for u in mine)
             files = sorted({src.units[u].file for u in mine})
             names = ", ".join(src.files[i].rsplit("/", 1)[-1] for i in files[:4]) + (", ..." if len(files) > 4 else "")
-            # A window's own rows (float64, kept and sorted: ~3 copies) and one parsed piece (~3).
-            memory = (3 * window / size + 3 * piece) * f * 8 + window * 16
+            # A window's own rows (float32, kept and sorted: ~3 copies) and one parsed piece (~6 float64).
+            memory = (3 * window / size * 4 + 6 * piece * 8) * f + window * 16
             lines.append(f"rank {rank} reads {len(mine)} unit(s) of {len(files)} file(s) ({names or 'none'}): "
                          f"{rows} rows, scores their {evaluation} validation/test rows; data memory ~"
                          f"{memory / 1e6:.1f} MB")
@@ -242,7 +242,7 @@ def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[st
         for x, y in sources.read_unit(source, unit):
             split = _unit_splits(config, unit, offset, len(y))
             offset += len(y)
-            h.update(x.tobytes())
+            h.update(x)  # contiguous float64: hashed in place
             h.update("\0".join(y).encode())
             moments.add(x[split == TRAIN])
             n_train += int(np.sum(split == TRAIN))
@@ -334,7 +334,7 @@ class TrainStream:
                     positions = base + (target[index] if self.shuffle else index)
                     mine = self._mine(positions)
                     kept_pos.append(positions[mine])
-                    kept_x.append(x[train][mine])
+                    kept_x.append(x[train][mine].astype(np.float32))  # raw values as the in-memory path holds them
                     kept_y.append(y[train][mine])
             if arrived != total:
                 raise DataError(f"{s.source.spec}: the files changed since the run started "
@@ -348,7 +348,7 @@ class TrainStream:
         s = self.splits
         codes = {name: i for i, name in enumerate(s.class_names)}
         rows = self.own_rows(epoch)
-        buf_x, buf_y = np.zeros((0, s.n_features)), np.zeros(0, str)
+        buf_x, buf_y = np.zeros((0, s.n_features), np.float32), np.zeros(0, str)
         for (start, stop), lo, hi in zip(self.steps, self._lo, self._hi):
             need = int(hi - lo)
             while len(buf_y) < need:

@@ -4,8 +4,9 @@ For each size (rows x 40 float features + a string label), CSV and Parquet (row 
 - parse: pyarrow.csv.read_csv of the whole CSV vs hvd_train's unit reader over the same file
   (one process, MB/s);
 - per launch (horovodrun, Gloo, 1 epoch): seconds from launch to the first training step,
-  per-rank peak RSS minus that of the same training on 2,000 in-memory rows ("data memory":
-  what the data path adds to TensorFlow, Horovod and the model; an idle TensorFlow+Horovod
+  per-rank peak RSS minus that of the same training on 2,000 in-memory rows with pyarrow
+  imported ("data memory": what the data path adds to TensorFlow, Horovod, pyarrow's libraries
+  and the model; an idle TensorFlow+Horovod
   process is reported too), and the epoch's samples/s; streamed from the files at np=1 and
   np=2, and the same rows passed in memory (``train(data=(x, y))``) at np=1, the path small
   data takes.
@@ -80,6 +81,9 @@ def worker(mode: str, spec: str, out_dir: str, result_dir: str) -> None:
     hvd.init()
     record: Dict[str, Any] = {"rank": hvd.rank()}
     if mode == "tiny":
+        import pyarrow.csv  # noqa: F401  the libraries' own pages are not data memory
+        import pyarrow.parquet  # noqa: F401
+
         from hvd_train import TrainConfig, train
 
         x = np.random.default_rng(0).normal(size=(2000, FEATURES)).astype(np.float32)
