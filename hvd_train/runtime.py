@@ -197,12 +197,18 @@ def agree(error: Optional[str], what: str) -> None:
     The message names the ranks that failed when they are not all of them, so a problem on
     one host (a missing file, different data) is visible from rank 0's single message.
     """
+    agree_gather(error, None, what)
+
+
+def agree_gather(error: Optional[str], payload: Any, what: str) -> list:
+    """Collective: ``agree``, and every rank's ``payload`` (rank order) when no rank failed, in
+    the same single allgather."""
     # Horovod: every rank reaches this allgather; a rank that skipped it would hang the others.
-    errors = allgather(error, f"agree.{what}")
-    failed = [(rank, msg) for rank, msg in enumerate(errors) if msg]
+    gathered = allgather((error, payload), f"agree.{what}")
+    failed = [(rank, msg) for rank, (msg, _) in enumerate(gathered) if msg]
     if not failed:
-        return
-    if len(failed) == len(errors) and len({msg for _, msg in failed}) == 1:
+        return [p for _, p in gathered]
+    if len(failed) == len(gathered) and len({msg for _, msg in failed}) == 1:
         raise AgreedFailure(failed[0][1])
     raise AgreedFailure("; ".join(f"rank {rank}: {msg}" for rank, msg in failed))
 

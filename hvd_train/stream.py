@@ -119,7 +119,6 @@ class StreamSplits:
         """This rank's share of the validation ("val") or test rows, standardised, in pieces: the
         rows of the units it read in the facts pass (unit u mod N), read again now."""
         wanted = VAL if which == "val" else TEST
-        codes = {name: i for i, name in enumerate(self.class_names)}
         for u in range(rank, len(self.source.units), size):
             if self.unit_rows[u] == self.unit_train_rows[u]:
                 continue
@@ -128,7 +127,16 @@ class StreamSplits:
                 keep = _unit_splits(self, unit, offset, len(y)) == wanted
                 offset += len(y)
                 if keep.any():
-                    yield self.scaler.transform(x[keep]), np.array([codes[v] for v in y[keep]], np.int64)
+                    yield self.scaler.transform(x[keep]), self.encode(y[keep])
+
+    def encode(self, labels: np.ndarray) -> np.ndarray:
+        """Label texts -> class codes: class_names is sorted, so a code is a sorted position."""
+        names = np.asarray(self.class_names)
+        codes = np.minimum(np.searchsorted(names, labels), len(names) - 1)
+        unknown = names[codes] != labels
+        if unknown.any():  # the files changed since the facts pass
+            raise DataError(f"{self.source.spec}: label {labels[unknown][0]!r} was not there when the run started")
+        return codes.astype(np.int64)
 
     def preprocessing(self) -> Dict[str, object]:
         return {"feature_names": list(self.feature_names), "class_names": list(self.class_names),
@@ -186,7 +194,7 @@ def load(config, rank: int, size: int) -> StreamSplits:
         local = _read_share(source, mine, config)
     except DataError as err:
         error = str(err)
-    gathered = _gather_checked(error, local, "data.facts")
+    gathered = runtime.agree_gather(error, local, "data.facts")
 
     # 3. Global facts, computed alike on every rank from the gathered summaries.
     moments = _Moments()
@@ -217,17 +225,6 @@ def load(config, rank: int, size: int) -> StreamSplits:
         digest=digest, my_units=mine,
         sample=source.sample_digest(),
         seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction)
-
-
-def _gather_checked(error: Optional[str], payload: Any, what: str) -> List[Any]:
-    """Collective: every rank's payload, or AgreedFailure everywhere if any rank reports an error."""
-    gathered = runtime.allgather((error, payload), what)
-    failed = [(r, e) for r, (e, _) in enumerate(gathered) if e]
-    if failed:
-        if len(failed) == len(gathered) and len({e for _, e in failed}) == 1:
-            raise AgreedFailure(failed[0][1])
-        raise AgreedFailure("; ".join(f"rank {r}: {e}" for r, e in failed))
-    return [p for _, p in gathered]
 
 
 def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[str, Any]:
@@ -346,7 +343,6 @@ class TrainStream:
 
     def epoch_batches(self, epoch: int) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         s = self.splits
-        codes = {name: i for i, name in enumerate(s.class_names)}
         rows = self.own_rows(epoch)
         buf_x, buf_y = np.zeros((0, s.n_features), np.float32), np.zeros(0, str)
         for (start, stop), lo, hi in zip(self.steps, self._lo, self._hi):
@@ -357,7 +353,7 @@ class TrainStream:
             xb, yb = buf_x[:need], buf_y[:need]
             buf_x, buf_y = buf_x[need:], buf_y[need:]
             weight = need * self.size / (stop - start)
-            yield (s.scaler.transform(xb), np.array([codes[v] for v in yb], np.int64),
+            yield (s.scaler.transform(xb), s.encode(yb),
                    np.full(need, weight, np.float32))
 
     def epochs(self, start: int) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:

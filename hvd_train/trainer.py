@@ -161,11 +161,10 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
         streamed = stream.TrainStream(splits, rt.rank, rt.size, config.batch_size, config.shuffle,
                                       config.shuffle_buffer)
         batches = streamed.dataset(initial_epoch)
+        callbacks.insert(0, StreamGuard(streamed))
     else:
         batches = ShardedBatches(splits.x_train, splits.y_train, rt.rank, rt.size,
                                  config.batch_size, config.seed, config.shuffle, epoch=initial_epoch)
-    if streamed is not None:
-        callbacks.insert(0, StreamGuard(streamed))
     log.start(config=config.to_dict(), plan=asdict(plan), versions=runtime.versions(), initial_epoch=initial_epoch)
     if config.timeline:
         timeline = os.path.abspath(config.timeline)
