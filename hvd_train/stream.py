@@ -15,12 +15,14 @@ windows of whole units holding at least ``--shuffle-buffer`` rows, all seeded by
 the same on every rank and for every world size. Step s takes the global positions
 sharding.global_steps gives (the same rule as in memory), rank r its contiguous slice. So, with
 or without shuffling, N processes x batch b train on exactly the batches 1 process x batch N*b
-does. Every rank parses every unit of the stream, but keeps only the rows of its own slices:
-the reading work per rank does not fall with N; the memory (about a window / N, plus a piece
-being parsed) does, and it does not grow with the data.
+does. Every rank reads every unit of the stream, but keeps only the rows of its own slices,
+chosen from row numbers before parsing: CSV text is parsed for those rows alone (so the parsing
+per rank falls as 1/N), Parquet columns are decoded whole and filtered. The memory (about a
+window / N, plus a piece being read) falls with N and does not grow with the data.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -122,12 +124,14 @@ class StreamSplits:
         for u in range(rank, len(self.source.units), size):
             if self.unit_rows[u] == self.unit_train_rows[u]:
                 continue
-            unit, offset = self.source.units[u], 0
-            for x, y in sources.read_unit(self.source, unit):
-                keep = _unit_splits(self, unit, offset, len(y)) == wanted
-                offset += len(y)
-                if keep.any():
-                    yield self.scaler.transform(x[keep]), self.encode(y[keep])
+            unit = self.source.units[u]
+
+            def select(offset: int, n: int, unit: sources.Unit = unit) -> np.ndarray:
+                return _unit_splits(self, unit, offset, n) == wanted
+
+            for x, y in sources.read_unit(self.source, unit, select=select):
+                if len(y):
+                    yield self.scaler.transform(x), self.encode(y)
 
     def encode(self, labels: np.ndarray) -> np.ndarray:
         """Label texts -> class codes: class_names is sorted, so a code is a sorted position."""
@@ -161,8 +165,11 @@ class StreamSplits:
             evaluation = sum(self.unit_rows[u] - self.unit_train_rows[u] for u in mine)
             files = sorted({src.units[u].file for u in mine})
             names = ", ".join(src.files[i].rsplit("/", 1)[-1] for i in files[:4]) + (", ..." if len(files) > 4 else "")
-            # A window's own rows (float32, kept and sorted: ~3 copies) and one parsed piece (~6 float64).
-            memory = (3 * window / size * 4 + 6 * piece * 8) * f + window * 16
+            # A window's own rows (float32 and a code, written once), the window's positions and
+            # permutation (3 int64 per row), and a piece being read (a few float64 copies; Parquet:
+            # the decoded row group besides).
+            group = max(self.unit_rows or (0,)) * f * 4 if src.kind == "parquet" else 0
+            memory = window / size * (4 * f + 8) + window * 24 + 4 * piece * 8 * f + group
             lines.append(f"rank {rank} reads {len(mine)} unit(s) of {len(files)} file(s) ({names or 'none'}): "
                          f"{rows} rows, scores their {evaluation} validation/test rows; data memory ~"
                          f"{memory / 1e6:.1f} MB")
@@ -256,6 +263,54 @@ def _unit_splits(config, unit: sources.Unit, offset: int, rows: int) -> np.ndarr
     return row_splits(config.seed, unit.file, unit.index, offset, rows, config.val_fraction, config.test_fraction)
 
 
+class _Window:
+    """One window of the training stream as a rank reads it: training rows [base, base + total)
+    of the epoch's order, arriving in file order (``target``: the window's permutation's inverse,
+    None without shuffling); the rank's own rows are written to x, y in global order."""
+
+    def __init__(self, stream: "TrainStream", base: int, total: int, target: Optional[np.ndarray]):
+        self.stream, self.base, self.target = stream, base, target
+        positions = np.arange(base, base + total)
+        self.own = positions[stream._mine(positions)]  # this rank's positions, sorted
+        self.x = np.empty((len(self.own), stream.splits.n_features), np.float32)
+        self.y = np.empty(len(self.own), np.int64)
+        self.arrived = 0
+        self.places: List[np.ndarray] = []
+
+    def select(self, unit: sources.Unit, offset: int, n: int) -> np.ndarray:
+        """Which rows of a piece are this rank's: training rows whose global position falls in
+        its slices (decided from row numbers, before the text is parsed)."""
+        train = np.flatnonzero(_unit_splits(self.stream.splits, unit, offset, n) == TRAIN)
+        index = np.arange(self.arrived, self.arrived + len(train))
+        self.arrived += len(train)
+        positions = self.base + (index if self.target is None else self.target[index])
+        mine = self.stream._mine(positions)
+        self.places.append(np.searchsorted(self.own, positions[mine]))
+        keep = np.zeros(n, bool)
+        keep[train[mine]] = True
+        return keep
+
+    def put(self, x: np.ndarray, codes: np.ndarray) -> None:
+        """The rows the last ``select`` chose, once read."""
+        at = self.places.pop()
+        self.x[at] = x  # raw values, float32 as the in-memory path holds them
+        self.y[at] = codes
+
+
+def _take(held: List[np.ndarray], n: int) -> np.ndarray:
+    """The first n > 0 rows of the arrays in ``held``, removed from it (a view where one array has them)."""
+    parts, got = [], 0
+    while got < n:
+        k = min(n - got, len(held[0]))
+        parts.append(held[0][:k])
+        got += k
+        if k == len(held[0]):
+            held.pop(0)
+        else:
+            held[0] = held[0][k:]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 class StreamError(DataError):
     """A file went bad while training read it (deleted, truncated, changed): rank 0 reports it."""
 
@@ -310,51 +365,48 @@ class TrainStream:
         return out
 
     def own_rows(self, epoch: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-        """This rank's training rows of the epoch, in global order, in pieces: (x float64, labels)."""
+        """This rank's training rows of the epoch, in global order, one window at a time:
+        (x float32 raw values, class codes). Each row is written once, straight to its place."""
         s = self.splits
         base = 0
         for k, units in enumerate(self.windows(epoch)):
             total = sum(s.unit_train_rows[u] for u in units)
+            target = None
             if self.shuffle:  # where each arriving row goes: the inverse of the window's permutation
                 target = np.empty(total, np.int64)
                 target[np.random.default_rng([s.seed, epoch, 2, k]).permutation(total)] = np.arange(total)
-            kept_pos, kept_x, kept_y = [], [], []
-            arrived = 0
+            window = _Window(self, base, total, target)
             for u in units:
-                unit, offset = s.source.units[u], 0
-                for x, y in sources.read_unit(s.source, unit):
-                    train = _unit_splits(s, unit, offset, len(y)) == TRAIN
-                    offset += len(y)
-                    n = int(train.sum())
-                    index = np.arange(arrived, arrived + n)
-                    arrived += n
-                    positions = base + (target[index] if self.shuffle else index)
-                    mine = self._mine(positions)
-                    kept_pos.append(positions[mine])
-                    kept_x.append(x[train][mine].astype(np.float32))  # raw values as the in-memory path holds them
-                    kept_y.append(y[train][mine])
-            if arrived != total:
+                unit = s.source.units[u]
+                for x, y in sources.read_unit(s.source, unit, select=functools.partial(window.select, unit)):
+                    window.put(x, s.encode(y))
+            if window.arrived != total:
                 raise DataError(f"{s.source.spec}: the files changed since the run started "
-                                f"({arrived} training rows where there were {total})")
+                                f"({window.arrived} training rows where there were {total})")
             base += total
-            if kept_pos:
-                order = np.argsort(np.concatenate(kept_pos), kind="stable")
-                yield np.concatenate(kept_x)[order], np.concatenate(kept_y)[order]
+            yield window.x, window.y
 
     def epoch_batches(self, epoch: int) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         s = self.splits
         rows = self.own_rows(epoch)
-        buf_x, buf_y = np.zeros((0, s.n_features), np.float32), np.zeros(0, str)
+        held_x: List[np.ndarray] = []  # windows (or what is left of them), oldest first
+        held_y: List[np.ndarray] = []
         for (start, stop), lo, hi in zip(self.steps, self._lo, self._hi):
             need = int(hi - lo)
-            while len(buf_y) < need:
-                x, y = next(rows)
-                buf_x, buf_y = np.concatenate([buf_x, x]), np.concatenate([buf_y, y])
-            xb, yb = buf_x[:need], buf_y[:need]
-            buf_x, buf_y = buf_x[need:], buf_y[need:]
+            if sum(map(len, held_y)) < need:
+                # What is left of the last window is less than a step: copy it, so the window
+                # itself is freed before the next one is read.
+                held_x, held_y = [x.copy() for x in held_x], [y.copy() for y in held_y]
+                while sum(map(len, held_y)) < need:
+                    x, y = next(rows)
+                    held_x.append(x)
+                    held_y.append(y)
+            if need:
+                xb, yb = _take(held_x, need), _take(held_y, need)
+            else:  # more ranks than rows in this step
+                xb, yb = np.zeros((0, s.n_features), np.float32), np.zeros(0, np.int64)
             weight = need * self.size / (stop - start)
-            yield (s.scaler.transform(xb), s.encode(yb),
-                   np.full(need, weight, np.float32))
+            yield s.scaler.transform(xb), yb, np.full(need, weight, np.float32)
 
     def epochs(self, start: int) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         epoch = start

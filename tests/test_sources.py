@@ -99,6 +99,40 @@ def test_csv_units_cover_every_row_once_whatever_the_cut(tmp_path, monkeypatch):
         assert x[:, 0].tolist() == list(range(5000)), unit_bytes
 
 
+@pytest.mark.parametrize("ending", ["\n", "\r\n"])
+def test_selected_rows_are_the_rows_a_full_read_gives(tmp_path, monkeypatch, ending):
+    """A CSV reader that parses only the chosen lines gets exactly those rows of a full read,
+    whatever the line ends, blank lines and cut; Parquet filters after decoding, alike."""
+    lines = [f"{i},{'abc'[i % 3]}" if i % 7 else "" for i in range(3000)]  # every 7th line blank
+    path = write(tmp_path, "f,y" + ending + ending.join(lines))  # no line break after the last row
+    pq.write_table(pa.table({"f": [float(i) for i in range(3000)], "y": ["abc"[i % 3] for i in range(3000)]}),
+                   tmp_path / "d.parquet", row_group_size=700)
+    monkeypatch.setattr(sources, "CSV_UNIT_BYTES", 997)
+    for dataset in (f"csv:{path}", f"parquet:{tmp_path}/d.parquet"):
+        src = sources.open_source(dataset, "y")
+        for unit in src.units:
+            full = list(sources.read_unit(src, unit))
+            x, y = np.concatenate([p[0] for p in full]), np.concatenate([p[1] for p in full])
+            calls = []
+
+            def select(offset, n, calls=calls):
+                calls.append((offset, n))
+                return (np.arange(offset, offset + n) * 7919) % 3 == 0
+
+            chosen = list(sources.read_unit(src, unit, select=select))
+            keep = (np.arange(len(y)) * 7919) % 3 == 0
+            assert [offset for offset, _ in calls] == list(np.cumsum([0] + [n for _, n in calls])[:-1])
+            assert sum(n for _, n in calls) == len(y), "select sees every row of the unit once"
+            assert np.concatenate([p[0] for p in chosen]).tolist() == x[keep].tolist()
+            assert np.concatenate([p[1] for p in chosen]).tolist() == y[keep].tolist()
+
+
+def test_a_row_must_be_one_line(tmp_path):
+    path = write(tmp_path, 'f,y\n1,"two\nlines"\n2,b\n')
+    with pytest.raises(DataError, match="2 rows parsed from 3 lines near line 2; each row must be one line"):
+        read_all(f"csv:{path}", "y")
+
+
 def test_row_splits_are_deterministic_and_near_the_fractions():
     s = stream.row_splits(42, 0, 0, 0, 100_000, 0.1, 0.2)
     assert np.array_equal(s, stream.row_splits(42, 0, 0, 0, 100_000, 0.1, 0.2))
