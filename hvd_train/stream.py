@@ -165,11 +165,11 @@ class StreamSplits:
             evaluation = sum(self.unit_rows[u] - self.unit_train_rows[u] for u in mine)
             files = sorted({src.units[u].file for u in mine})
             names = ", ".join(src.files[i].rsplit("/", 1)[-1] for i in files[:4]) + (", ..." if len(files) > 4 else "")
-            # A window's own rows (float32 and a code, written once), the window's positions and
-            # permutation (3 int64 per row), and a piece being read (a few float64 copies; Parquet:
-            # the decoded row group besides).
+            # Two windows' own rows (float32 and a code; one training, one being read ahead), the
+            # window's positions and permutation (3 int64 per row), and a piece being read (a few
+            # float64 copies; Parquet: the decoded row group besides).
             group = max(self.unit_rows or (0,)) * f * 4 if src.kind == "parquet" else 0
-            memory = window / size * (4 * f + 8) + window * 24 + 4 * piece * 8 * f + group
+            memory = 2 * window / size * (4 * f + 8) + window * 24 + 4 * piece * 8 * f + group
             lines.append(f"rank {rank} reads {len(mine)} unit(s) of {len(files)} file(s) ({names or 'none'}): "
                          f"{rows} rows, scores their {evaluation} validation/test rows; data memory ~"
                          f"{memory / 1e6:.1f} MB")
@@ -293,7 +293,8 @@ class _Window:
     def put(self, x: np.ndarray, codes: np.ndarray) -> None:
         """The rows the last ``select`` chose, once read."""
         at = self.places.pop()
-        self.x[at] = x  # raw values, float32 as the in-memory path holds them
+        # Standardised as the in-memory path does it: raw values to float32, then the scaler.
+        self.x[at] = self.stream.splits.scaler.transform(x.astype(np.float32))
         self.y[at] = codes
 
 
@@ -309,6 +310,53 @@ def _take(held: List[np.ndarray], n: int) -> np.ndarray:
         else:
             held[0] = held[0][k:]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+READ_AHEAD_STEPS = 16  # batches made ahead of training by the reader thread, at least
+
+
+def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``items`` produced by a thread of our own, up to ``depth`` ahead of the consumer.
+
+    tf.data runs a generator on TensorFlow's inter-op pool, which ``--threads`` sizes (one
+    thread on a 2-core host with 2 ranks): there, reading and training took turns. Our own
+    thread parses (pyarrow releases the GIL) while TensorFlow computes. An exception in the
+    thread is raised here; closing this generator stops the thread.
+    """
+    import queue
+    import threading
+
+    out: "queue.Queue" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        out.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put((True, done))
+        except BaseException as err:  # handed to the consumer
+            out.put((False, err))
+
+    thread = threading.Thread(target=produce, name="hvd_train-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = out.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 class StreamError(DataError):
@@ -366,7 +414,7 @@ class TrainStream:
 
     def own_rows(self, epoch: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """This rank's training rows of the epoch, in global order, one window at a time:
-        (x float32 raw values, class codes). Each row is written once, straight to its place."""
+        (x standardised float32, class codes). Each row is written once, straight to its place."""
         s = self.splits
         base = 0
         for k, units in enumerate(self.windows(epoch)):
@@ -406,7 +454,7 @@ class TrainStream:
             else:  # more ranks than rows in this step
                 xb, yb = np.zeros((0, s.n_features), np.float32), np.zeros(0, np.int64)
             weight = need * self.size / (stop - start)
-            yield s.scaler.transform(xb), yb, np.full(need, weight, np.float32)
+            yield xb, yb, np.full(need, weight, np.float32)
 
     def epochs(self, start: int) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         epoch = start
@@ -436,7 +484,12 @@ class TrainStream:
         import tensorflow as tf
 
         f = self.splits.n_features
+        # A window is read whole before its first batch (with shuffling, that batch may need its
+        # last row): read ahead up to a window's steps, so the next window is read while this
+        # one trains. The queued batches are views of the window: ~2 windows / N in memory.
+        window = self.window + max(self.splits.unit_train_rows or (0,)) if self.shuffle else 0
+        depth = max(READ_AHEAD_STEPS, window // (self.size * self.batch_size) + 2)
         return tf.data.Dataset.from_generator(
-            lambda: self.epochs(start_epoch),
+            lambda: read_ahead(self.epochs(start_epoch), depth),
             output_signature=(tf.TensorSpec((None, f), tf.float32), tf.TensorSpec((None,), tf.int64),
                               tf.TensorSpec((None,), tf.float32))).prefetch(2)
