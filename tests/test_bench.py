@@ -72,12 +72,13 @@ def test_data_section_measures_the_file_paths(tmp_path):
     proc = run([BIN / "hvd-bench", "--quick", "--sections", "data", "--out", out], timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((out / "results.json").read_text())["data"]
-    assert positive(r["idle_rss_mb"]) and positive(r["startup_s"]) and list(r["sizes"]) == ["4000"]
+    assert positive(r["idle_rss_mb"]) and list(r["sizes"]) == ["4000"]
+    assert all(positive(b["peak_rss_mb"]) and positive(b["first_step_s"]) for b in r["baselines"].values())
     entry = r["sizes"]["4000"]
     assert entry["parse"]["rows"] == 4000 and positive(entry["parse"]["pyarrow_mb_s"])
     paths = ("csv_stream_np1", "csv_stream_np2", "parquet_stream_np1", "parquet_stream_np2", "memory_np1")
     for path in paths:
         assert positive(entry[path]["first_step_s"]) and positive(entry[path]["samples_per_second"])
-        assert math.isfinite(entry[path]["data_mb_per_rank"])
+        assert math.isfinite(entry[path]["data_mb_per_rank"]) and math.isfinite(entry[path]["data_first_step_s"])
     md = (out / "results.md").read_text()
     assert "## Data path" in md and "- csv: 4000 rows np2/np1" in md and "data s to first step" in md
