@@ -278,8 +278,8 @@ def read_unit(source: Source, unit: Unit, columns: Optional[Sequence[str]] = Non
     for x, y in _read_parquet_unit(source, unit, features):
         if select is not None:
             keep = select(offset, len(y))
+            offset += len(y)
             x, y = x[keep], y[keep]
-        offset += len(keep) if select is not None else len(y)
         yield x, y
 
 

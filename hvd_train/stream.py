@@ -17,8 +17,9 @@ sharding.global_steps gives (the same rule as in memory), rank r its contiguous 
 or without shuffling, N processes x batch b train on exactly the batches 1 process x batch N*b
 does. Every rank reads every unit of the stream, but keeps only the rows of its own slices,
 chosen from row numbers before parsing: CSV text is parsed for those rows alone (so the parsing
-per rank falls as 1/N), Parquet columns are decoded whole and filtered. The memory (about a
-window / N, plus a piece being read) falls with N and does not grow with the data.
+per rank falls as 1/N), Parquet columns are decoded whole and filtered. The memory (about two
+windows / N, one training and one read ahead, plus a piece being read) falls with N and does
+not grow with the data.
 """
 from __future__ import annotations
 
@@ -146,6 +147,12 @@ class StreamSplits:
         return {"feature_names": list(self.feature_names), "class_names": list(self.class_names),
                 "scaler": self.scaler.to_dict()}
 
+    def window_rows(self, shuffle_buffer: int) -> int:
+        """Training rows of one shuffle window, at most: whole units are added until the buffer
+        is reached, so a window can overshoot it by one unit."""
+        biggest = max(self.unit_train_rows or (0,))
+        return min(self.n_train, max(shuffle_buffer, biggest) + biggest)
+
     def plan_lines(self, size: int, shuffle_buffer: int) -> List[str]:
         """What each rank would read at this world size, and an estimate of its data memory."""
         src = self.source
@@ -157,8 +164,7 @@ class StreamSplits:
         f = self.n_features
         piece = max(self.unit_rows or (0,)) if src.kind == "csv" else min(sources.READ_BATCH_ROWS,
                                                                            max(self.unit_rows or (0,)))
-        biggest = max(self.unit_train_rows or (0,))
-        window = min(self.n_train, max(shuffle_buffer, biggest) + biggest)  # rows of one window, at most
+        window = self.window_rows(shuffle_buffer)
         for rank in range(size):
             mine = range(rank, len(src.units), size)
             rows = sum(self.unit_rows[u] for u in mine)
@@ -330,20 +336,24 @@ def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
     stop = threading.Event()
     done = object()
 
+    def offer(entry: Tuple[bool, Any]) -> bool:
+        """Queue an entry unless the consumer has gone; False if it has."""
+        while not stop.is_set():
+            try:
+                out.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        out.put((True, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer((True, item)):
                     return
-            out.put((True, done))
+            offer((True, done))
         except BaseException as err:  # handed to the consumer
-            out.put((False, err))
+            offer((False, err))
 
     thread = threading.Thread(target=produce, name="hvd_train-read-ahead", daemon=True)
     thread.start()
@@ -487,7 +497,7 @@ class TrainStream:
         # A window is read whole before its first batch (with shuffling, that batch may need its
         # last row): read ahead up to a window's steps, so the next window is read while this
         # one trains. The queued batches are views of the window: ~2 windows / N in memory.
-        window = self.window + max(self.splits.unit_train_rows or (0,)) if self.shuffle else 0
+        window = self.splits.window_rows(self.window) if self.shuffle else 0
         depth = max(READ_AHEAD_STEPS, window // (self.size * self.batch_size) + 2)
         return tf.data.Dataset.from_generator(
             lambda: read_ahead(self.epochs(start_epoch), depth),
