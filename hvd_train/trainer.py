@@ -49,10 +49,13 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
     metrics already combined over ranks. Keep rank-0-only side effects behind ``hvd.rank() == 0``
     and never put a collective there.
     """
-    rt = runtime.init(config.threads, config.verbose_ranks, horovod_env(config))
+    rt = runtime.init(config.threads, config.verbose_ranks, horovod_env(config), pin_cores=config.pin_cores)
     config, splits, plan = prepare(rt, config, data)
     for line in plan.lines():
         runtime.log(rt, line)
+    if rt.cores:
+        runtime.log(rt, f"each process bound to its own {len(rt.cores)} core(s) (rank 0: cores "
+                        f"{','.join(map(str, rt.cores))}); --no-pin-cores leaves them floating")
     return _fit_evaluate_save(rt, config, plan, splits, model_fn, list(callbacks or []))
 
 

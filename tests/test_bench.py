@@ -49,6 +49,17 @@ def test_results_json(bench):
         assert all(positive(x["bus_gbps"]) and positive(x["seconds"]) for x in wire["allreduce"])
         assert all(positive(c["gbps"]) for c in wire["memcpy"])
     assert "gloo" in r["wire"]
+    # Per controller: the bars (ceiling, 1 process on all cores, the peer) and where a step's time goes,
+    # the waiting and the allreduce read from a real Horovod timeline of every step.
+    assert set(s["controllers"]) == set(r["wire"]) == set(s["breakdown"])
+    for c, bars in s["controllers"].items():
+        assert all(positive(bars[k]) for k in ("vs_ceiling", "vs_one_process_all_cores", "vs_mwms"))
+        b = s["breakdown"][c]
+        assert 1 <= b["timeline_steps"] <= r["workload"]["steps"] * (r["workload"]["epochs"] - 1)
+        assert all(positive(b[k]) for k in ("step_ms", "compute_ms", "allreduce_total_ms"))
+        assert b["wait_ms"] >= 0 and b["allreduce_ms"] >= 0 and b["input_ms"] >= 0
+        assert b["other_ms"] == pytest.approx(b["step_ms"] - b["compute_ms"] - b["sharing_ms"] - b["wait_ms"]
+                                              - b["allreduce_ms"])
     assert r["knobs"]["baseline"]["vs_baseline"] == 1.0 and {"fp16_allreduce", "backward_passes_2"} <= set(r["knobs"])
     assert all(positive(k["samples_per_second"]) and 0 <= k["test_accuracy"] <= 1 for k in r["knobs"].values())
 
@@ -57,7 +68,7 @@ def test_markdown_and_plots(bench):
     out, proc = bench
     md = (out / "results.md").read_text()
     assert md.startswith("# hvd-bench results") and "| scaling efficiency T(2) / (2 x T(1)), best controller (" in md
-    assert "## The wire" in md and "## Knobs" in md and md in proc.stdout
+    assert "## The wire" in md and "## Knobs" in md and "## Where an np=2 step's time goes" in md and md in proc.stdout
     for name in ("scaling.png", "wire.png"):
         assert png_size(out / name) == (600, 400)
 

@@ -143,10 +143,20 @@ def scaling_section(runner: Runner, p: Dict[str, Any], controllers: List[str], r
             log(f"repeat {repeat + 1}/{repeats} {name}: {runs[name][-1]['samples_per_second']:.0f} samples/s")
     med = {k: _median(v) for k, v in runs.items()}
     best = max(("hvd_np2", "hvd_np2_mpi"), key=lambda k: med.get(k, 0.0))
+    np2 = {"gloo": "hvd_np2", "mpi": "hvd_np2_mpi"}
+    # Per controller: the bars the issue sets (the ceiling, 1 process on every core, the peer).
+    per_controller = {c: {"samples_per_second": med[np2[c]],
+                          "vs_ceiling": med[np2[c]] / med["independent_np1_x2"],
+                          "vs_one_process_all_cores": med[np2[c]] / med["hvd_np1_2threads"],
+                          "vs_mwms": med[np2[c]] / med["mwms_np2"],
+                          "scaling_efficiency": med[np2[c]] / (2 * med["hvd_np1"])}
+                      for c in controllers}
     return {
         "throughput": med,
         "runs": runs,
         "best_np2": best,
+        "controllers": per_controller,
+        "breakdown": breakdown_section(runner, one, controllers, med, log),
         "scaling_efficiency_np2": med[best] / (2 * med["hvd_np1"]),
         "scaling_efficiency_np2_gloo": med["hvd_np2"] / (2 * med["hvd_np1"]),
         "ceiling_efficiency_np2": med["independent_np1_x2"] / (2 * med["hvd_np1"]),
@@ -155,6 +165,39 @@ def scaling_section(runner: Runner, p: Dict[str, Any], controllers: List[str], r
         "overhead_np1_vs_keras": 1 - med["hvd_np1"] / med["keras_np1"],
         "hvd_vs_mwms_np2": med[best] / med["mwms_np2"],
     }
+
+
+def breakdown_section(runner: Runner, one: Dict[str, Any], controllers: List[str], med: Dict[str, float],
+                      log) -> Dict[str, Any]:
+    """Where an np=2 step's time goes, per controller: one more run each with Horovod's timeline.
+
+    compute: a step alone on the machine (np=1); sharing: what two processes that never talk lose
+    to each other (the ceiling's step minus that); waiting and allreduce: from the timeline (rank
+    0's view); other: the rest (negotiation rounds, thread wake-ups, the optimizer's apply waiting
+    on them). Input is the cost of assembling one batch, paid in a thread beside the step.
+    """
+    from . import timeline
+
+    compute = 1e3 * one["batch"] / med["hvd_np1"]
+    ceiling = 1e3 * 2 * one["batch"] / med["independent_np1_x2"]
+    out = {}
+    for controller in controllers:
+        trace = runner.workdir / f"timeline-{controller}.json"
+        run = runner.horovod("hvd_train", 2, {**one, "timeline": str(trace), "measure_input": True},
+                             controller=controller, env=MPI_YIELD if controller == "mpi" else None)
+        steps = run["steps_per_epoch"]
+        step = 1e3 * statistics.median(run["epoch_seconds"][1:] or run["epoch_seconds"]) / steps
+        found = timeline.breakdown(str(trace), skip=steps) or {"wait_ms": float("nan"), "allreduce_ms": float("nan"),
+                                                               "allreduce_total_ms": float("nan"), "steps": 0}
+        out[controller] = {
+            "step_ms": step, "compute_ms": compute, "sharing_ms": ceiling - compute,
+            "wait_ms": found["wait_ms"], "allreduce_ms": found["allreduce_ms"],
+            "allreduce_total_ms": found["allreduce_total_ms"], "input_ms": run["input_ms"],
+            "other_ms": step - ceiling - found["wait_ms"] - found["allreduce_ms"], "timeline_steps": found["steps"],
+        }
+        log(f"breakdown {controller}: step {step:.1f} ms, wait {found['wait_ms']:.1f} ms, "
+            f"allreduce {found['allreduce_ms']:.1f} ms exposed")
+    return out
 
 
 def wire_section(runner: Runner, p: Dict[str, Any], controllers: List[str], log) -> Dict[str, Any]:
@@ -175,6 +218,8 @@ def knobs_section(runner: Runner, p: Dict[str, Any], controllers: List[str], rep
         "fp16_allreduce": ({**one, "fp16_allreduce": True}, "gloo", None),
         "backward_passes_2": ({**one, "backward_passes_per_step": 2, "steps": max(1, p["steps"] // 2)}, "gloo", None),
         "fusion_off": (one, "gloo", {"HOROVOD_FUSION_THRESHOLD": "0"}),
+        # The default since issue 14 pins each process to its own cores; this is the run without.
+        "no_core_pinning": ({**one, "pin_cores": False}, "gloo", None),
         "cycle_time_10ms": (one, "gloo", {"HOROVOD_CYCLE_TIME": "10"}),
     }
     if "mpi" in controllers:

@@ -66,6 +66,7 @@ def workload_config(p: Dict[str, Any], world_size: int):
         fp16_allreduce=p.get("fp16_allreduce", False),
         backward_passes_per_step=p.get("backward_passes_per_step", 1),
         output_dir=p["output_dir"], progress="none", seed=p.get("seed", 1),
+        pin_cores=p.get("pin_cores", True), timeline=p.get("timeline"),
     )
 
 
@@ -84,8 +85,10 @@ def _combine(samples_per_epoch: int, seconds: List[float]) -> Dict[str, float]:
 def run_hvd_train(p: Dict[str, Any]) -> Dict[str, Any]:
     import horovod.tensorflow as hvd
 
-    from ..trainer import train
+    from ..trainer import horovod_env, train
 
+    # Horovod settings train() would put in place before hvd.init() (the timeline), which runs here first.
+    os.environ.update(horovod_env(workload_config(p, 1)))
     hvd.init()
     timer = EpochTimer.make()
     result = train(workload_config(p, hvd.size()), callbacks=[timer])
@@ -94,7 +97,22 @@ def run_hvd_train(p: Dict[str, Any]) -> Dict[str, Any]:
     out.update(world_size=hvd.size(), test_accuracy=result.metrics["test_accuracy"],
                train_samples=result.plan.train_samples,
                steps_per_epoch=result.plan.steps_per_epoch, epoch_seconds=timer.seconds)
+    if p.get("measure_input"):
+        out["input_ms"] = _input_ms(workload_config(p, hvd.size()), hvd.rank(), hvd.size())
     return out
+
+
+def _input_ms(config, rank: int, size: int) -> float:
+    """Milliseconds to assemble one of this rank's batches (what Keras's enqueuer thread does per step)."""
+    from ..pipeline import ShardedBatches
+
+    splits = load_splits(config)
+    batches = ShardedBatches(splits.x_train, splits.y_train, rank, size, config.batch_size, config.seed,
+                             config.shuffle)
+    start = time.perf_counter()
+    for step in range(len(batches)):
+        batches[step]
+    return 1e3 * (time.perf_counter() - start) / len(batches)
 
 
 def run_keras(p: Dict[str, Any]) -> Dict[str, Any]:

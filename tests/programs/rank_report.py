@@ -9,6 +9,7 @@ on); drift (the MLP behind a layer whose trainable variable each rank moves by i
 outside the gradients: replicas that differ on purpose).
 Every kind records its non-trainable variables after each training batch ("local_state"): the
 last record is this rank's own state at the end of training, before hvd_train syncs it.
+"affinity" lists the distinct sets of cores this process's threads may run on, after training.
 """
 import json
 import os
@@ -98,7 +99,9 @@ def main():
     report.update(rank=hvd.rank(), size=hvd.size(), history=result.history,
                   epochs_completed=result.metrics["epochs_completed"],
                   stopped_early=result.metrics["stopped_early"], final=digest(result.model.get_weights()),
-                  final_state={v.name: v.numpy().tolist() for v in result.model.non_trainable_variables})
+                  final_state={v.name: v.numpy().tolist() for v in result.model.non_trainable_variables},
+                  # The cores every thread of this process may run on (core pinning), after training.
+                  affinity=sorted({tuple(sorted(os.sched_getaffinity(int(t)))) for t in os.listdir("/proc/self/task")}))
     path = os.path.join(os.environ["REPORT_DIR"], f"rank-{hvd.rank()}.json")
     with open(path, "w") as f:
         json.dump(report, f)
