@@ -104,7 +104,7 @@ class TrainConfig:
     threads: Optional[int] = _option(None, "TF intra-op threads per process; None = cores // processes on the host")
     pin_cores: bool = _option(
         True, "bind each process on a host, all its threads, to its own share of the cores (off: let them "
-        "float; a launcher's own binding to fewer cores is always kept)")
+        "float); a process already bound to some cores (launcher, cpuset, taskset) keeps its binding")
     output_dir: Optional[str] = _option(None, "where outputs go; None = runs/<timestamp>")
     progress: str = _option("auto", "rank 0's progress: auto = live bar on a terminal without a launcher, "
                             "else one line per epoch", choices=PROGRESS)

@@ -73,21 +73,21 @@ def threads_per_process(threads: Optional[int], local_size: int) -> int:
 
 
 def pin_to_cores(local_rank: int, local_size: int) -> Optional[List[int]]:
-    """Bind this process, every thread of it, to its own share of the cores it may use.
+    """Bind this process, every thread of it, to its own share of the host's cores.
 
     Several processes on a host otherwise float over all its cores: each brings a compute
     thread, the caller of the step and Horovod's background and transport threads, so the
     scheduler interleaves both ranks' work on both cores and one rank falls behind the other at
     every step (measured: rank 0 waited 49 ms per 160 ms step at np=2; 10 ms pinned,
-    docs/performance.md). Left alone when the launcher already bound the process to fewer
-    cores than there are processes on the host (Open MPI's --bind-to core), when there are
-    fewer cores than processes, and with one process per host. Returns the cores, or None.
+    docs/performance.md). Only a process that may run on every online core is pinned: one a
+    launcher, a container's cpuset or the user has already bound keeps its binding. Nothing is
+    done with one process per host or fewer cores than processes. Returns the cores, or None.
     """
     if local_size < 2 or not hasattr(os, "sched_setaffinity"):
         return None
     allowed = sorted(os.sched_getaffinity(0))
     share = len(allowed) // local_size
-    if share < 1:
+    if share < 1 or len(allowed) != os.cpu_count():
         return None
     mine = allowed[local_rank * share:(local_rank + 1) * share]
     # Threads made before now (Horovod's background thread, Gloo's or MPI's transport) keep
