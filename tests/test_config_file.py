@@ -34,7 +34,7 @@ def test_every_option_can_live_in_a_file(tmp_path):
               "batch_size": 5, "lr": 0.3, "optimizer": "sgd", "momentum": 0.5, "lr_scaling": "sqrt",
               "warmup_epochs": 1, "hidden": (7, 3), "activation": "tanh", "dropout": 0.25, "logits": True,
               "batch_norm": True, "sync_batchnorm": True, "seed": 3, "shuffle_buffer": 99, "val_fraction": 0.2,
-              "test_fraction": 0.3, "shuffle": False, "threads": 1,
+              "test_fraction": 0.3, "shuffle": False, "threads": 1, "pin_cores": False,
               "output_dir": "x", "progress": "none", "lr_schedule": "step", "lr_decay_epochs": 2,
               "lr_decay_factor": 0.5, "early_stopping_patience": 2, "early_stopping_metric": "val_accuracy",
               "early_stopping_min_delta": 0.01, "fp16_allreduce": True, "backward_passes_per_step": 2,

@@ -79,7 +79,7 @@ def markdown(r: Dict[str, Any]) -> str:
         k_runs = max(1, r["repeats"] - 2)
         lines += ["## Knobs (2 processes; throughput relative to the baseline)", "",
                   f"{k_runs} run(s) per variant, interleaved with the baseline: single runs on a shared machine move "
-                  "by +-30% here, so read a knob below 1.3x or above 0.75x as not shown either way.", "",
+                  "by +-30% here, so a knob between 0.75x and 1.3x is not shown either way.", "",
                   "| variant | samples/s | vs baseline | test accuracy |", "| --- | ---: | ---: | ---: |"]
         for name, k in r["knobs"].items():
             lines.append(f"| {name} | {k['samples_per_second']:.0f} | {k['vs_baseline']:.2f} "
