@@ -174,6 +174,7 @@ def init(threads: Optional[int] = None, verbose_ranks: bool = False,
     device = "cpu"
     gpus = tf.config.list_physical_devices("GPU")
     intra = threads_per_process(threads, hvd.local_size())
+    # Horovod: the local rank and size say which share of this host's cores is this process's.
     cores_used = pin_to_cores(hvd.local_rank(), hvd.local_size()) if pin_cores else None
     try:
         if gpus:
