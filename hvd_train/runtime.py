@@ -12,7 +12,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, NoReturn, Optional
+from typing import Any, Dict, NoReturn, Optional, Tuple
 
 import numpy as np
 
@@ -35,7 +35,7 @@ class Runtime:
     intra_op_threads: int
     device: str
     simulated: bool = False  # a dry run's world of --np processes (simulated_world), not the launcher's
-    cores: Optional[tuple] = None  # the cores this process is bound to (pin_to_cores), None = not bound
+    cores: Optional[Tuple[int, ...]] = None  # the cores this process is bound to (pin_to_cores), None = not bound
 
     @property
     def is_rank0(self) -> bool:
@@ -72,7 +72,7 @@ def threads_per_process(threads: Optional[int], local_size: int) -> int:
     return threads or max(1, cores() // local_size)
 
 
-def pin_to_cores(local_rank: int, local_size: int) -> Optional[List[int]]:
+def pin_to_cores(local_rank: int, local_size: int) -> Optional[Tuple[int, ...]]:
     """Bind this process, every thread of it, to its own share of the host's cores.
 
     Several processes on a host otherwise float over all its cores: each brings a compute
@@ -89,7 +89,7 @@ def pin_to_cores(local_rank: int, local_size: int) -> Optional[List[int]]:
     share = len(allowed) // local_size
     if share < 1 or len(allowed) != os.cpu_count():
         return None
-    mine = allowed[local_rank * share:(local_rank + 1) * share]
+    mine = tuple(allowed[local_rank * share:(local_rank + 1) * share])
     # Threads made before now (Horovod's background thread, Gloo's or MPI's transport) keep
     # their own affinity: set every one; threads made later (TensorFlow's pools) inherit it.
     for task in os.listdir("/proc/self/task"):
@@ -191,7 +191,7 @@ def init(threads: Optional[int] = None, verbose_ranks: bool = False,
     return Runtime(
         rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank(),
         local_size=hvd.local_size(), intra_op_threads=intra, device=device,
-        cores=tuple(cores_used) if cores_used else None,
+        cores=cores_used,
     )
 
 

@@ -232,7 +232,7 @@ def knobs_section(runner: Runner, p: Dict[str, Any], controllers: List[str], rep
             runs[name].append(runner.horovod("hvd_train", 2, params, controller=controller, env=env))
             log(f"knobs {repeat + 1}/{repeats} {name}: {runs[name][-1]['samples_per_second']:.0f} samples/s")
     base = _median(runs["baseline"])
-    return {name: {"samples_per_second": _median(r), "vs_baseline": _median(r) / base,
+    return {name: {"samples_per_second": _median(r), "vs_baseline": _median(r) / base, "runs": len(r),
                    "test_accuracy": statistics.median(x["test_accuracy"] for x in r)}
             for name, r in runs.items()}
 

@@ -76,7 +76,7 @@ def markdown(r: Dict[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if "knobs" in r:
-        k_runs = max(1, r["repeats"] - 2)
+        k_runs = r["knobs"]["baseline"]["runs"]
         lines += ["## Knobs (2 processes; throughput relative to the baseline)", "",
                   f"{k_runs} run(s) per variant, interleaved with the baseline: single runs on a shared machine move "
                   "by +-30% here, so a knob between 0.75x and 1.3x is not shown either way.", "",
@@ -98,7 +98,7 @@ _TARGET_VS_CEILING = {"gloo": 0.90, "mpi": 0.95}
 def _controller_rows(s: Dict[str, Any]) -> List[str]:
     rows = []
     for c, f in s.get("controllers", {}).items():
-        name = "MPI" if c == "mpi" else "Gloo"
+        name = _controller(c)
         rows += [f"| {name}: 2 processes / the ceiling | {f['vs_ceiling']:.3f} | >= {_TARGET_VS_CEILING[c]:.2f} |",
                  f"| {name}: 2 processes / 1 process on both cores (the bar to beat) "
                  f"| {f['vs_one_process_all_cores']:.3f} | > 1 |",
@@ -108,7 +108,7 @@ def _controller_rows(s: Dict[str, Any]) -> List[str]:
 
 def _breakdown_lines(b: Dict[str, Any]) -> List[str]:
     controllers = list(b)
-    names = ["MPI" if c == "mpi" else "Gloo" for c in controllers]
+    names = [_controller(c) for c in controllers]
     rows = [("step at np=2 (one run with the timeline on)", "step_ms"),
             ("compute: the same step alone on the machine (np=1)", "compute_ms"),
             ("sharing the machine: 2 jobs that never talk, minus alone", "sharing_ms"),
@@ -125,7 +125,8 @@ def _breakdown_lines(b: Dict[str, Any]) -> List[str]:
 
 
 def _controller(variant: str) -> str:
-    return "MPI" if variant.endswith("_mpi") else "Gloo"
+    """The controller's display name, from a variant (hvd_np2_mpi) or a controller key (mpi)."""
+    return "MPI" if variant == "mpi" or variant.endswith("_mpi") else "Gloo"
 
 
 def plot_scaling(r: Dict[str, Any], path: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 GRADIENT_MARK = "Allreduce"  # DistributedOptimizer's gradient ops: .../DistributedAdam_Allreduce/...
@@ -23,7 +24,7 @@ GRADIENT_MARK = "Allreduce"  # DistributedOptimizer's gradient ops: .../Distribu
 
 def load(path: str) -> List[Dict[str, Any]]:
     """The timeline's events; a file cut short while training (no closing bracket) is read too."""
-    text = open(path).read().strip().rstrip(",")
+    text = Path(path).read_text().strip().rstrip(",")
     if not text.endswith("]"):
         text += "]"
     return json.loads(text)

@@ -91,14 +91,15 @@ def run_hvd_train(p: Dict[str, Any]) -> Dict[str, Any]:
     os.environ.update(horovod_env(workload_config(p, 1)))
     hvd.init()
     timer = EpochTimer.make()
-    result = train(workload_config(p, hvd.size()), callbacks=[timer])
+    config = workload_config(p, hvd.size())
+    result = train(config, callbacks=[timer])
     samples = result.plan.train_samples_per_rank[hvd.rank()]
     out = _combine(samples, timer.seconds)
     out.update(world_size=hvd.size(), test_accuracy=result.metrics["test_accuracy"],
                train_samples=result.plan.train_samples,
                steps_per_epoch=result.plan.steps_per_epoch, epoch_seconds=timer.seconds)
     if p.get("measure_input"):
-        out["input_ms"] = _input_ms(workload_config(p, hvd.size()), hvd.rank(), hvd.size())
+        out["input_ms"] = _input_ms(config, hvd.rank(), hvd.size())
     return out
 
 
