@@ -12,7 +12,7 @@ SETUP_STAMP := $(VENV)/.hvd_train-setup-done
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
 # Everything that must pass shellcheck: the launchers and every shell script of the project.
-SHELL_SCRIPTS := $(wildcard launch/*.sh) launch/slurm.sbatch $(wildcard scripts/*.sh) \
+SHELL_SCRIPTS := $(wildcard launch/*.sh) $(wildcard launch/discover/*.sh) launch/slurm.sbatch $(wildcard scripts/*.sh) \
                  $(wildcard tests/container/*.sh) .ci/run
 
 .PHONY: help setup train test test-fast lint test-deps bench clean

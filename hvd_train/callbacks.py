@@ -33,8 +33,12 @@ tf.get_logger().addFilter(_SkipSlowCallbackWarning())
 
 
 def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, model, log: EventLog,
-            resumed: checkpoint.ResumePoint, user_callbacks: List[Any]) -> List[Any]:
-    """Every callback of a run, in order; hvd_train's own first, the user's after them."""
+                  resumed: checkpoint.ResumePoint, user_callbacks: List[Any], rest_of_epoch=None) -> List[Any]:
+    """Every callback of a run, in order; hvd_train's own first, the user's after them.
+
+    ``rest_of_epoch``: for a fit of the rest of an epoch after an elastic reset, (samples of this
+    rank in it, global metric sums of the part trained before, the plan's steps that part makes).
+    """
     import horovod.tensorflow.keras as hvd
 
     # Horovod: rank 0's weights and optimizer state again after the first step (Horovod's
@@ -49,13 +53,15 @@ def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, 
         first_step,
         # Before validation, checkpoints and everything else at the epoch's end.
         SyncReplicaState(),
-        ExactTrainMetrics(plan.train_samples_per_rank[rt.rank], exact_loss=not model.losses),
     ]
+    samples, carried, start_step = rest_of_epoch or (plan.train_samples_per_rank[rt.rank], None, 0.0)
+    train_metrics = ExactTrainMetrics(samples, exact_loss=not model.losses, carried=carried)
+    found.append(train_metrics)
     if plan.val_samples:
         found.append(GlobalValidation(splits, rt, config.logits))
-    found += schedules.callbacks(config, plan)
+    found += schedules.callbacks(config, plan, start_step)
     found.append(LearningRateLog())
-    found.append(EpochEvents(log, config.epochs))
+    found.append(EpochEvents(log, config.epochs, train_metrics))
     if config.tensorboard and rt.is_rank0:
         # Rank 0 only, and free of collectives: it writes files from values already global.
         found.append(TensorBoardScalars(os.path.join(config.output_dir, TENSORBOARD_DIR)))
@@ -117,14 +123,18 @@ class ExactTrainMetrics(tf.keras.callbacks.Callback):
     rank by the samples it trained on. Keras's "loss" carries the uneven-step weights of
     sharding.py, so "loss" is replaced by the unweighted per-sample cross-entropy ("xent"),
     unless the model adds its own losses (regularisers), which "xent" would leave out.
+    ``carried``: global sums of the epoch's part trained before an elastic reset (elastic.py).
     """
 
-    def __init__(self, samples_this_rank: int, exact_loss: bool):
+    def __init__(self, samples_this_rank: int, exact_loss: bool, carried: Optional[Dict[str, float]] = None):
         super().__init__()
-        self.samples_this_rank, self.exact_loss = samples_this_rank, exact_loss
+        self.samples_this_rank, self.exact_loss, self.carried = samples_this_rank, exact_loss, carried
 
     def on_epoch_end(self, epoch, logs=None):
-        logs.update(metrics.combine_by_count(logs, self.samples_this_rank, "train"))
+        sums = metrics.global_sums(logs, self.samples_this_rank, "train", self.carried)
+        self.counted = int(sums["count"])  # every rank's samples of the epoch (the event log records it)
+        logs.update({k: sums[k] / sums["count"] for k in list(logs)})
+        self.carried = None  # the next epoch starts afresh
         xent = logs.pop("xent")
         if self.exact_loss:
             logs["loss"] = xent
@@ -149,11 +159,12 @@ class LearningRateLog(tf.keras.callbacks.Callback):
 
 
 class EpochEvents(tf.keras.callbacks.Callback):
-    """Every rank, epoch end, after the metrics are global: one ``epoch`` event (rank 0 writes)."""
+    """Every rank, epoch end, after the metrics are global: one ``epoch`` event (rank 0 writes),
+    with the number of training samples the epoch's metrics count (``train_samples``)."""
 
-    def __init__(self, log: EventLog, epochs: int):
+    def __init__(self, log: EventLog, epochs: int, train_metrics: ExactTrainMetrics):
         super().__init__()
-        self.log, self.epochs = log, epochs
+        self.log, self.epochs, self.train_metrics = log, epochs, train_metrics
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start = time.perf_counter()
@@ -162,7 +173,7 @@ class EpochEvents(tf.keras.callbacks.Callback):
         logs = dict(logs or {})
         lr = logs.pop("lr", None)
         self.log.emit("epoch", epoch=epoch + 1, epochs=self.epochs, metrics=logs, lr=lr,
-                      seconds=round(time.perf_counter() - self.start, 6))
+                      train_samples=self.train_metrics.counted, seconds=round(time.perf_counter() - self.start, 6))
 
 
 class TensorBoardScalars(tf.keras.callbacks.Callback):

@@ -100,6 +100,9 @@ class TrainConfig:
     resume: Optional[str] = _option(
         None, "continue from the newest valid checkpoint in --checkpoint-dir (auto; starts afresh if there is "
         "none) or from FILE", "checkpoints", nargs="?", const="auto", metavar="auto|FILE")
+    commit_every: int = _option(
+        0, "elastic runs (horovodrun --min-np/--max-np): also commit the training state in memory every N "
+        "batches, not only at each epoch end (0); a lost worker costs at most N batches", "checkpoints")
 
     threads: Optional[int] = _option(None, "TF intra-op threads per process; None = cores // processes on the host")
     pin_cores: bool = _option(
@@ -137,6 +140,7 @@ class TrainConfig:
                 raise ConfigError(f"dataset {kind}: needs a path, e.g. {kind}:data/train.{kind}")
             if not self.label_column:
                 raise ConfigError(f"dataset {self.dataset} needs --label-column NAME")
+        _require(self.commit_every >= 0, f"commit every must be >= 0 batches (got {self.commit_every})")
         _require(self.shuffle_buffer >= 1, f"shuffle buffer must be >= 1 (got {self.shuffle_buffer})")
         _require(self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})")
         _require(self.batch_size >= 1, f"batch size must be >= 1 (got {self.batch_size})")

@@ -1,9 +1,10 @@
 """The run's event log, ``events.jsonl``, written live by rank 0 into the output directory.
 
 One JSON object per line, ``{"event": ..., "time": ..., ...}``: ``run_start`` (config, plan,
-versions), ``epoch`` (the global metrics and learning rate; callbacks.EpochEvents),
-``checkpoint`` (path), ``early_stopping``, ``run_end`` (final metrics and files) or
-``run_failed`` (the error). A run without ``run_end`` did not finish.
+versions), ``epoch`` (the global metrics, learning rate and the training samples they count;
+callbacks.EpochEvents), ``checkpoint`` (path), ``early_stopping``, ``reset`` (an elastic reset:
+old and new world size and hosts, the epoch and the position in it; elastic.py), ``run_end``
+(final metrics and files) or ``run_failed`` (the error). A run without ``run_end`` did not finish.
 
 Every method may be called on every rank; only rank 0 writes (runtime.on_rank0).
 """

@@ -1,7 +1,7 @@
 """Exact global evaluation: per-rank sums combined by sample count, never a mean of means."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
@@ -54,18 +54,22 @@ def evaluate(model, pieces: Iterable[Tuple[np.ndarray, np.ndarray]], runtime: Ru
     return result
 
 
-def combine_by_count(values: Dict[str, float], count: int, what: str) -> Dict[str, float]:
-    """Collective: per-rank means over ``count`` samples -> means over all ranks' samples.
-
-    Every rank must pass the same keys. Exact for any metric that is a mean over samples.
-    """
+def global_sums(values: Dict[str, float], count: int, what: str,
+                carried: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+    """Collective: per-rank means over ``count`` samples -> sums over all ranks' samples and
+    their ``"count"`` (divided, means exact over every sample, never a mean of rank means), plus
+    ``carried`` sums of the same form (the part of an epoch trained before an elastic reset).
+    Every rank must pass the same keys."""
     import horovod.tensorflow as hvd
 
     keys = sorted(values)
     local = np.array([float(values[k]) * count for k in keys] + [count], np.float64)
-    # Horovod: sum of count-weighted values, divided by the total count; not a mean of rank means.
+    # Horovod: sum of count-weighted values, divided later by the total count; not a mean of rank means.
     total = hvd.allreduce(local, op=hvd.Sum, name=f"combine.{what}").numpy()
-    return {k: v / total[-1] for k, v in zip(keys, total[:-1])}
+    sums = dict(zip([*keys, "count"], (float(v) for v in total)))
+    for key, value in (carried or {}).items():
+        sums[key] = sums.get(key, 0.0) + value
+    return sums
 
 
 def classification_report(counts: np.ndarray, class_names) -> Dict[str, object]:

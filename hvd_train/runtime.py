@@ -195,6 +195,14 @@ def init(threads: Optional[int] = None, verbose_ranks: bool = False,
     )
 
 
+def refresh(rt: Runtime) -> Runtime:
+    """This process's place in the world again, after an elastic reset re-initialised Horovod."""
+    import horovod.tensorflow as hvd
+
+    return dataclasses.replace(rt, rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank(),
+                               local_size=hvd.local_size())
+
+
 def simulated_world(rt: Runtime, world_size: int, threads: Optional[int]) -> Runtime:
     """For a dry run alone: this process as rank 0 of ``world_size`` processes on this host."""
     return dataclasses.replace(rt, size=world_size, local_size=world_size,

@@ -14,6 +14,12 @@ Training policy (the same on every rank, derived only from global quantities):
   the per-rank mean gradients equals the mean gradient over the whole global batch, even when
   the slices are uneven (the weight is exactly 1 whenever the step is full).
 
+Resuming an epoch at position p of its order (an elastic reset, elastic.py): the remaining
+samples order[p:] are planned by the same rule for the new world. When fewer remain than there
+are ranks (the world grew at the end of an epoch), the ranks without a sample get one with loss
+weight 0 (no gradient, and counted as zero samples in the exact metrics), so that every rank
+still runs the step.
+
 Evaluation policy: rank r takes samples r, r+N, r+2N, ... (any sizes, including zero); the
 results are combined by sample count, so no equal-steps constraint applies.
 """
@@ -54,17 +60,34 @@ def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def remaining_steps(n: int, position: int, world_size: int, batch_size: int) -> List[Tuple[int, int]]:
+    """(start, stop) in the epoch order of each step after the first ``position`` samples."""
+    left = n - position
+    if left <= 0:
+        return []
+    if left < world_size:  # too few for every rank: one step, some ranks padded (local_batches)
+        return [(position, n)]
+    return [(position + start, position + stop) for start, stop in global_steps(left, world_size, batch_size)]
+
+
 def local_batches(
-    n: int, rank: int, world_size: int, batch_size: int, order: np.ndarray
+    n: int, rank: int, world_size: int, batch_size: int, order: np.ndarray, position: int = 0
 ) -> List[Tuple[np.ndarray, float]]:
-    """This rank's (sample indices, loss weight) for each step of an epoch."""
+    """This rank's (sample indices, loss weight) for each step of an epoch, or of its rest from
+    ``position``. A rank left without a sample gets order[position] with weight 0 (see above)."""
     batches = []
-    for start, stop in global_steps(n, world_size, batch_size):
+    for start, stop in remaining_steps(n, position, world_size, batch_size):
         sizes = split_evenly(stop - start, world_size)
         lo = start + sum(sizes[:rank])
         weight = sizes[rank] * world_size / (stop - start)
-        batches.append((order[lo:lo + sizes[rank]], weight))
+        rows = order[lo:lo + sizes[rank]] if sizes[rank] else order[position:position + 1]
+        batches.append((rows, weight))
     return batches
+
+
+def samples_in(batches: List[Tuple[np.ndarray, float]]) -> int:
+    """The real samples of these batches (a weight-0 pad counts none)."""
+    return sum(len(rows) for rows, weight in batches if weight > 0)
 
 
 def eval_shard(n: int, rank: int, world_size: int) -> np.ndarray:

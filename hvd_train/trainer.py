@@ -49,6 +49,13 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
     metrics already combined over ranks. Keep rank-0-only side effects behind ``hvd.rank() == 0``
     and never put a collective there.
     """
+    from . import elastic
+
+    if elastic.launched():
+        # Horovod: an elastic launch; the world may change mid-run (elastic.py). No core pinning:
+        # a process's share of the cores changes with the world.
+        rt = runtime.init(config.threads, config.verbose_ranks, horovod_env(config))
+        return elastic.train(rt, config, data, model_fn, list(callbacks or []))
     rt = runtime.init(config.threads, config.verbose_ranks, horovod_env(config), pin_cores=config.pin_cores)
     config, splits, plan = prepare(rt, config, data)
     for line in plan.lines():
@@ -84,15 +91,28 @@ def dry_run(config: TrainConfig, data: DataArg = None, world_size: Optional[int]
 
 def prepare(rt: runtime.Runtime, config: TrainConfig, data: DataArg) -> Tuple[TrainConfig, Splits, Plan]:
     """Collective: load and check the data and directories on every rank, agree, plan, check consensus."""
-    # 1. Data, output and checkpoint directories. A failure on any rank stops every rank with one message.
-    splits, output_dir, error = None, None, None
+    splits, error = None, None
     try:
         if data is None and sources.is_file_source(config.dataset):
             # Collective (each rank reads its share); a failure anywhere raises on every rank.
             splits = stream.load(config, *((0, 1) if rt.simulated else (rt.rank, rt.size)))
         else:
             splits = load_splits(config, data)
-        if splits.n_train < rt.size:
+    except (DataError, ConfigError) as err:
+        error = str(err)
+    config, plan = settle(rt, config, splits, error)
+    return config, splits, plan
+
+
+def settle(rt: runtime.Runtime, config: TrainConfig, splits: Optional[Splits],
+           error: Optional[str]) -> Tuple[TrainConfig, Plan]:
+    """Collective: every rank's data (or its loading ``error``) and directories checked and
+    agreed, then the plan for this world and the consensus check. Returns the config with rank
+    0's output directory, and the plan."""
+    # 1. Data, output and checkpoint directories. A failure on any rank stops every rank with one message.
+    output_dir = None
+    try:
+        if error is None and splits.n_train < rt.size:
             raise DataError(f"{splits.n_train} training samples are fewer than the {rt.size} processes")
         output_dir = runtime.on_rank0(rt, outputs.check_dir, config.output_dir)
         for path in filter(None, (config.timeline, config.autotune_log)):
@@ -100,7 +120,7 @@ def prepare(rt: runtime.Runtime, config: TrainConfig, data: DataArg) -> Tuple[Tr
         if config.checkpoint_dir:
             runtime.on_rank0(rt, checkpoint.check_writable, config.checkpoint_dir)
     except (DataError, OutputError, ConfigError, CheckpointError) as err:
-        error = str(err)
+        error = error or str(err)
     runtime.agree(error, "setup")
     # Horovod: rank 0 chose the directory (its default holds a timestamp); everyone uses it.
     config = config.replace(output_dir=runtime.broadcast(output_dir, "output_dir"))
@@ -113,7 +133,7 @@ def prepare(rt: runtime.Runtime, config: TrainConfig, data: DataArg) -> Tuple[Tr
 
     # 2. Consensus: same config, data, plan and versions on every rank, or nobody trains.
     consensus.check(consensus.fingerprint(config, splits, plan, runtime.versions()))
-    return config, splits, plan
+    return config, plan
 
 
 def horovod_env(config: TrainConfig) -> Dict[str, str]:
@@ -130,23 +150,30 @@ def horovod_env(config: TrainConfig) -> Dict[str, str]:
     return env
 
 
-def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
-                       model_fn: Optional[ModelFn], user_callbacks: List[Any]) -> TrainResult:
-    import horovod.tensorflow as hvd_tf
+def build_model(config: TrainConfig, splits: Splits, lr: float, model_fn: Optional[ModelFn]):
+    """Local: the compiled model with its Horovod optimizer, whose slots already exist (so they
+    can be restored and broadcast before the first step). Returns (model, optimizer)."""
     import horovod.tensorflow.keras as hvd
 
-    # 3. Model and optimizer.
     tf.keras.utils.set_random_seed(config.seed)
     model = (model_fn or mlp_for(config))(splits.n_features, splits.n_classes)
     # Horovod: gradients are averaged across ranks by ring-allreduce before every update.
     optimizer = hvd.DistributedOptimizer(
-        make_optimizer(config, plan.scaled_lr),
+        make_optimizer(config, lr),
         # Horovod: optional fp16 on the wire, and local accumulation to allreduce less often.
         compression=hvd.Compression.fp16 if config.fp16_allreduce else hvd.Compression.none,
         backward_passes_per_step=config.backward_passes_per_step)
     compile_model(model, optimizer, config.logits)
-    # The optimizer's slots exist before the first step, so they can be restored and broadcast.
     optimizer._create_all_weights(model.trainable_variables)
+    return model, optimizer
+
+
+def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
+                       model_fn: Optional[ModelFn], user_callbacks: List[Any]) -> TrainResult:
+    import horovod.tensorflow as hvd_tf
+
+    # 3. Model and optimizer.
+    model, optimizer = build_model(config, splits, plan.scaled_lr, model_fn)
 
     # 4. Resume: rank 0 picks and verifies the checkpoint and loads it; the others follow.
     resumed = checkpoint.resume(rt, config, plan, splits, model, optimizer)
@@ -194,7 +221,24 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
         raise
     train_seconds = time.perf_counter() - start
     epochs_trained = len(history.epoch)
-    full_history = _concat_history(resumed.history, history.history)
+    return finish(rt, config, plan, splits, model, model_fn, log, _concat_history(resumed.history, history.history), {
+        "epochs_completed": initial_epoch + epochs_trained if epochs_trained else resumed.epoch,
+        "epochs_trained_this_run": epochs_trained,
+        "resumed_from_epoch": resumed.epoch if resumed.path else None,
+        "stopped_early": resumed.stopped_early or stopped_early(callbacks),
+        "train_seconds": train_seconds,
+        "samples_per_second": plan.train_samples * epochs_trained / train_seconds if epochs_trained else 0.0,
+    })
+
+
+_EPOCH_FACTS = ("epochs_completed", "epochs_trained_this_run", "resumed_from_epoch", "stopped_early")
+
+
+def finish(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits, model, model_fn: Optional[ModelFn],
+           log: EventLog, full_history: Dict[str, List[float]], facts: Dict[str, Any]) -> TrainResult:
+    """Collective: after training, exact test metrics from replicas proven identical, then the
+    outputs (rank 0) and the result. ``facts``: what the fit loop knows (epochs, time, ...)."""
+    import horovod.tensorflow as hvd_tf
 
     # 7. Exact test metrics from identical replicas, and the proof that they are identical: the
     # non-trainable state (batch-norm statistics, ...) synced once more, every variable compared.
@@ -215,13 +259,9 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
         "world_size": rt.size,
         "global_batch_size": plan.global_batch_size,
         "scaled_lr": plan.scaled_lr,
-        "epochs_completed": initial_epoch + epochs_trained if epochs_trained else resumed.epoch,
-        "epochs_trained_this_run": epochs_trained,
-        "resumed_from_epoch": resumed.epoch if resumed.path else None,
-        "stopped_early": resumed.stopped_early or stopped_early(callbacks),
+        **{k: facts[k] for k in _EPOCH_FACTS},
         "steps_per_epoch": plan.steps_per_epoch,
-        "train_seconds": train_seconds,
-        "samples_per_second": plan.train_samples * epochs_trained / train_seconds if epochs_trained else 0.0,
+        **{k: v for k, v in facts.items() if k not in _EPOCH_FACTS},  # time, throughput, elastic resets
         "replica_weight_digests": weight_digests,
         "replicas_identical": True,  # checked above, over every variable
     }

@@ -80,18 +80,26 @@ class Background:
 
     def rank_pid(self, rank: int) -> int:
         """The PID of the training process with this global rank, among the launcher's descendants."""
+        return self.worker(rank=rank)[0]
+
+    def worker(self, rank=None, host=None) -> tuple:
+        """(PID, environment) of the training process started with this global rank or on this
+        host (horovodrun's name for it), among the launcher's descendants."""
         for pid in _descendants(self.proc.pid):
             try:
                 with open(f"/proc/{pid}/environ", "rb") as f:
                     env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmdline = f.read()
+                exe = os.readlink(f"/proc/{pid}/exe")
             except OSError:
                 continue
             value = env.get(b"HOROVOD_RANK", env.get(b"OMPI_COMM_WORLD_RANK"))
-            if value == str(rank).encode() and b"hvd_train" in cmdline:
-                return pid
-        pytest.fail(f"no process with rank {rank} under launcher {self.proc.pid}")
+            if (b"hvd_train" in cmdline or b"hvd-train" in cmdline) and "python" in os.path.basename(exe) \
+                    and (rank is None or value == str(rank).encode()) \
+                    and (host is None or env.get(b"HOROVOD_HOSTNAME") == host.encode()):
+                return pid, {k.decode(): v.decode(errors="replace") for k, v in env.items()}
+        pytest.fail(f"no process with rank {rank} / host {host} under launcher {self.proc.pid}")
 
     def wait(self, timeout: float) -> int:
         try:

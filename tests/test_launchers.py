@@ -9,7 +9,7 @@ import yaml
 from conftest import BIN, REPO, check_run, requires_mpi, run
 
 LAUNCH = REPO / "launch"
-SCRIPTS = ["local.sh", "hosts.sh", "mpirun.sh", "docker.sh", "slurm.sbatch"]
+SCRIPTS = ["local.sh", "hosts.sh", "mpirun.sh", "docker.sh", "slurm.sbatch", "elastic.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -34,6 +34,10 @@ def test_launcher_is_strict_and_has_help(script):
     ("docker.sh", ["worker"], "worker needs --authorized-keys"),
     ("docker.sh", ["launcher", "-H", "a:2,b", "--identity", "/dev/null"], "bad host entry 'b' (want host:slots)"),
     ("slurm.sbatch", [], "not inside a Slurm allocation"),
+    ("elastic.sh", ["--min-np", "1", "--max-np", "2"], "--min-np, --max-np and --discovery are required"),
+    ("elastic.sh", ["--min-np", "3", "--max-np", "2", "--discovery", "x"], "need --min-np <= --np <= --max-np"),
+    ("elastic.sh", ["--min-np", "1", "--max-np", "2", "--discovery", "/nonexistent"], "does not exist"),
+    ("elastic.sh", ["--min-np", "1", "--max-np", "2", "--discovery", "README.md"], "is not executable"),
 ])
 def test_launcher_rejects_bad_arguments(script, args, message):
     proc = run(["bash", LAUNCH / script, *args], timeout=30)
@@ -52,6 +56,22 @@ def test_dry_run_prints_the_one_command_each_launcher_would_run(tmp_path):
     words = mpi.stdout.split()
     assert words[:3] == ["bash", "-np", "2"] and words[-3:] == [f"{BIN}/hvd-train", "--epochs", "2"], mpi.stderr
     assert "-bind-to" in words and "none" in words
+    discovery = LAUNCH / "discover" / "hostfile.sh"
+    elastic = run(["bash", LAUNCH / "elastic.sh", "--min-np", "1", "--max-np", "4", "-n", "2", "--discovery",
+                   discovery, "--reset-limit", "3", "--", "--epochs", "2"], env=env)
+    assert elastic.stdout.split() == [
+        f"{BIN}/horovodrun", "-np", "2", "--min-np", "1", "--max-np", "4", "--host-discovery-script", str(discovery),
+        "--slots-per-host", "1", "--elastic-timeout", "600", "--reset-limit", "3",
+        f"{BIN}/hvd-train", "--epochs", "2"], elastic.stderr
+
+
+def test_sample_discovery_scripts(tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("# the workers\nnode1:4\n\n  node2:2  # two GPUs\nnode3\n")
+    proc = run([LAUNCH / "discover" / "hostfile.sh"], env={"HOSTS_FILE": str(hosts)})
+    assert proc.returncode == 0 and proc.stdout.split() == ["node1:4", "node2:2", "node3"], proc.stderr
+    missing = run([LAUNCH / "discover" / "hostfile.sh"], env={"HOSTS_FILE": str(tmp_path / "none")})
+    assert missing.returncode != 0 and "cannot read" in missing.stderr
 
 
 @pytest.mark.integration

@@ -165,3 +165,31 @@ def test_lr_schedule_is_the_same_on_every_rank(tmp_path, schedule):
     assert lrs[0][warmup - 1:] == pytest.approx(expected[warmup - 1:], rel=1e-5)
     assert lrs[0][0] < scaled, "warmup starts below the scaled LR"
     assert min(lrs[0]) < scaled / 3 and math.isfinite(sum(lrs[0]))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "step", "cosine"])
+def test_rate_matches_the_schedule_callbacks(schedule):
+    """schedules.rate (what an elastic reset sets) gives the rate Horovod's callbacks set, at
+    every batch of every epoch (one process: Horovod's warmup is then flat; the schedules are not)."""
+    import horovod.tensorflow.keras as hvd
+    import tensorflow as tf
+
+    from hvd_train import schedules
+    from hvd_train.config import TrainConfig
+    from hvd_train.plan import make_plan
+
+    hvd.init()
+    config = TrainConfig(epochs=6, warmup_epochs=2, lr_schedule=schedule, lr_decay_epochs=2, lr=0.1)
+    plan = make_plan(config, 90, 0, 0, 1, 1, ["h"])
+    model = tf.keras.Sequential([tf.keras.Input((1,)), tf.keras.layers.Dense(1)])
+    model.compile(optimizer=tf.keras.optimizers.legacy.SGD(0.1), loss="mse")
+    callbacks = tf.keras.callbacks.CallbackList(schedules.callbacks(config, plan), model=model,
+                                                 epochs=6, steps=plan.steps_per_epoch)
+    callbacks.on_train_begin()
+    for epoch in range(6):
+        callbacks.on_epoch_begin(epoch)
+        for batch in range(plan.steps_per_epoch):
+            callbacks.on_train_batch_begin(batch)
+            expected = schedules.rate(config, plan, epoch + batch / plan.steps_per_epoch)
+            assert float(model.optimizer.lr.numpy()) == pytest.approx(expected, rel=1e-6), (epoch, batch)
+            callbacks.on_train_batch_end(batch)

@@ -89,3 +89,34 @@ def test_eval_shards_partition(world, n):
     joined = np.concatenate(parts)
     assert sorted(joined.tolist()) == list(range(n))
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.parametrize("n", [9, 33, 100, 1023])
+@pytest.mark.parametrize("old_world,new_world", [(3, 2), (2, 3), (1, 4), (4, 1), (2, 8)])
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_an_epoch_resumed_in_another_world_trains_every_sample_once(n, old_world, new_world, batch):
+    """An elastic reset: the old world trained some steps, the new world the rest of the epoch."""
+    order = sharding.epoch_order(n, epoch=2, seed=5, shuffle=True)
+    steps = sharding.global_steps(n, old_world, batch)
+    for done in range(len(steps) + 1):  # a commit after each step, and none at all
+        position = steps[done - 1][1] if done else 0
+        before = [rows for r in range(old_world)
+                  for rows, _ in sharding.local_batches(n, r, old_world, batch, order)[:done]]
+        after = [sharding.local_batches(n, r, new_world, batch, order, position) for r in range(new_world)]
+        assert len({len(a) for a in after}) == 1, "equal steps in the new world"
+        real = [rows for plan in after for rows, weight in plan if weight > 0]
+        trained = np.concatenate([*before, *real]) if before or real else np.array([], int)
+        assert sorted(trained.tolist()) == list(range(n)), "every sample exactly once over the two worlds"
+        for step in zip(*after):  # the ranks' weights still average to the global mean
+            sizes = [len(rows) if weight > 0 else 0 for rows, weight in step]
+            assert sum(weight for _, weight in step) == pytest.approx(new_world)
+            assert sum(sharding.samples_in([s]) for s in step) == sum(sizes)
+
+
+def test_a_tail_smaller_than_the_new_world_pads_with_zero_weight():
+    order = np.arange(10)
+    after = [sharding.local_batches(10, r, 4, 2, order, position=8) for r in range(4)]
+    assert [len(plan) for plan in after] == [1, 1, 1, 1]
+    assert [(rows.tolist(), weight) for (rows, weight), in after] == [([8], 2.0), ([9], 2.0), ([8], 0.0), ([8], 0.0)]
+    assert [sharding.samples_in(plan) for plan in after] == [1, 1, 0, 0]
+    assert sharding.local_batches(10, 0, 4, 2, order, position=10) == []

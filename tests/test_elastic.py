@@ -1,0 +1,181 @@
+"""Elastic training through launch/elastic.sh (horovodrun --min-np/--max-np, Gloo): workers lost
+and added mid-run, rank 0 among them; too few workers; an error that is not Horovod's.
+
+Several "hosts" on this machine: names that all resolve to a local address (localhost,
+127.0.0.1, the host name, its addresses), one slot each, listed in a file the test rewrites
+while the job runs (launch/discover/hostfile.sh). Gloo talks over lo.
+"""
+import json
+import os
+import signal
+import socket
+import time
+from types import SimpleNamespace
+
+import pytest
+from conftest import BIN, REPO, Background, check_run
+
+from hvd_train import events
+
+pytestmark = pytest.mark.integration
+
+ELASTIC = REPO / "launch" / "elastic.sh"
+# Long enough epochs (about 1 s each at 3 workers) to act inside one; 2800 training samples.
+WORKLOAD = ["--dataset", "synthetic", "--samples", "4000", "--batch-size", "16", "--progress", "epoch"]
+N_TRAIN = 2800
+RESET_BOUND_SECONDS = 15  # the issue's target, kill -> training resumed (Gloo timeout 5 s)
+
+
+def local_hosts(count: int) -> list:
+    """``count`` distinct names horovodrun treats as this machine (no ssh), or skip."""
+    from horovod.runner.util import network
+
+    local = network.get_local_host_addresses()
+    names = []
+    for name in dict.fromkeys(["localhost", "127.0.0.1", socket.gethostname(), *sorted(local)]):
+        try:
+            if socket.gethostbyname(name) in local:
+                names.append(name)
+        except OSError:
+            continue
+    if len(names) < count:
+        pytest.skip(f"need {count} names for this machine, found {names}")
+    return names[:count]
+
+
+class ElasticJob(Background):
+    """launch/elastic.sh, or with ``command`` plain horovodrun's elastic flags around it."""
+
+    def __init__(self, tmp_path, hosts, min_np, max_np, args, launcher_args=(), command=()):
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        self.hosts_file, self.out = tmp_path / "hosts.txt", tmp_path / "out"
+        self.set_hosts(hosts)
+        discovery = REPO / "launch" / "discover" / "hostfile.sh"
+        if command:
+            launcher = [BIN / "horovodrun", "-np", len(hosts), "--min-np", min_np, "--max-np", max_np,
+                        "--host-discovery-script", discovery, "--network-interface", "lo", *launcher_args, *command]
+        else:
+            launcher = [ELASTIC, "--min-np", min_np, "--max-np", max_np, "-n", len(hosts), "--discovery", discovery,
+                        "--network-interface", "lo", *launcher_args, "--"]
+        super().__init__([*launcher, *args, "--output-dir", self.out],
+                         env={"HOSTS_FILE": str(self.hosts_file), "VENV": str(BIN.parent),
+                              "HOROVOD_GLOO_TIMEOUT_SECONDS": "10"})
+
+    def set_hosts(self, hosts) -> None:
+        tmp = self.hosts_file.with_suffix(".tmp")
+        tmp.write_text("".join(f"{h}:1\n" for h in hosts))
+        tmp.replace(self.hosts_file)  # the discovery script never reads half a file
+
+    def events(self, kind=None) -> list:
+        try:
+            found = events.read(self.out / "events.jsonl")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return []
+        return [e for e in found if kind is None or e["event"] == kind]
+
+    def kill_worker(self, rank=None, host=None) -> float:
+        pid, env = self.worker(rank=rank, host=host)
+        os.kill(pid, signal.SIGKILL)
+        return env["HOROVOD_HOSTNAME"], time.time()
+
+
+def epoch_events(job) -> dict:
+    """The last event of each epoch (an epoch cut by a failure before its commit logs again)."""
+    return {e["epoch"]: e for e in job.events("epoch")}
+
+
+def seconds_after(event, moment: float) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(event["time"]).timestamp() - moment
+
+
+def finished(job, world_size: int, epochs: int):
+    code = job.wait(300)
+    proc = SimpleNamespace(returncode=code, stdout=job.output, stderr="")
+    metrics = check_run(job.out, proc, world_size)  # outputs, replicas identical, exact test metrics
+    assert metrics["epochs_completed"] == epochs
+    per_epoch = epoch_events(job)
+    assert sorted(per_epoch) == list(range(1, epochs + 1))
+    # Every epoch's training metrics count each training sample once, resets or not.
+    assert [per_epoch[e]["train_samples"] for e in sorted(per_epoch)] == [N_TRAIN] * epochs
+    return metrics
+
+
+def test_rank0_dies_then_a_host_joins(tmp_path):
+    hosts = local_hosts(4)
+    # Enough epochs (about 1.3 s each) for the newcomer to start and be let in (one Gloo timeout).
+    job = ElasticJob(tmp_path, hosts[:3], 2, 3, [*WORKLOAD, "--epochs", "24", "--commit-every", "10"])
+    job.wait_until(lambda: job.events("epoch"), 240, "the first epoch")
+    time.sleep(0.5)  # into epoch 2, past a commit or two
+    # Rank 0 itself: its host leaves the list and its process dies mid-epoch 2.
+    pid, env = job.worker(rank=0)
+    lost = env["HOROVOD_HOSTNAME"]
+    job.set_hosts([h for h in hosts[:3] if h != lost])
+    os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    job.wait_until(lambda: job.events("reset"), 120, "the reset after rank 0 died")
+    # A new host appears: the job grows back at its next commit.
+    job.set_hosts([h for h in hosts if h != lost])
+    job.wait_until(lambda: len(job.events("reset")) >= 2, 120, "the reset that adds the new host")
+    metrics = finished(job, 3, 24)
+    shrink, grow = job.events("reset")[:2]
+    took = seconds_after(shrink, killed)
+    print(f"rank 0 killed -> reset logged and training resumed after {took:.1f}s; "
+          f"test accuracy {metrics['test_accuracy']:.4f}")
+    assert (shrink["old_world_size"], shrink["world_size"]) == (3, 2) and lost not in shrink["hosts"]
+    assert (grow["old_world_size"], grow["world_size"]) == (2, 3) and hosts[3] in grow["hosts"]
+    assert shrink["epoch"] >= 2 and 0 <= shrink["position"] < N_TRAIN
+    assert took < 60, "a lost worker is noticed within the Gloo timeout, not the default 30 s and more"
+    assert metrics["elastic_resets"] == 2 and metrics["world_size"] == 3
+    assert "elastic reset: 3 -> 2 process(es)" in job.output and "elastic reset: 2 -> 3 process(es)" in job.output
+
+
+def test_lost_worker_finishes_like_an_uninterrupted_run(tmp_path):
+    hosts = local_hosts(3)
+    args = [*WORKLOAD, "--epochs", "4", "--commit-every", "20"]
+    whole = ElasticJob(tmp_path / "whole", hosts[:2], 1, 3, args)
+    reference = finished(whole, 2, 4)
+    job = ElasticJob(tmp_path / "cut", hosts, 1, 3, args)
+    job.wait_until(lambda: job.events("epoch"), 240, "the first epoch")
+    time.sleep(0.5)
+    job.set_hosts(hosts[:2])
+    lost, killed = job.kill_worker(host=hosts[2])
+    metrics = finished(job, 2, 4)
+    (reset,) = job.events("reset")
+    print(f"worker on {lost} killed -> training resumed after {seconds_after(reset, killed):.1f}s; test accuracy "
+          f"{metrics['test_accuracy']:.4f} vs {reference['test_accuracy']:.4f} uninterrupted at 2 workers")
+    assert (reset["old_world_size"], reset["world_size"], reset["epoch"]) == (3, 2, 2)
+    assert metrics["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=0.03)
+    assert metrics["test_loss"] == pytest.approx(reference["test_loss"], abs=0.1)
+
+
+def test_too_few_workers_fail_within_the_timeout(tmp_path):
+    hosts = local_hosts(2)
+    ckpt = tmp_path / "ckpt"
+    job = ElasticJob(tmp_path, hosts, 2, 2, [*WORKLOAD, "--epochs", "50", "--checkpoint-dir", ckpt],
+                     launcher_args=["--elastic-timeout", "10"])
+    job.wait_until(lambda: job.events("checkpoint"), 240, "the first checkpoint")
+    job.set_hosts(hosts[:1])
+    job.kill_worker(host=hosts[1])
+    killed = time.monotonic()
+    code = job.wait(180)
+    print(f"below --min-np: job exited {code} after {time.monotonic() - killed:.1f}s")
+    print(job.output[-3000:])
+    assert code != 0
+    assert not (job.out / "metrics.json").exists()
+    assert list(ckpt.glob("ckpt-epoch-*.npz")), "the last checkpoint is kept"
+
+
+def test_an_error_that_is_not_horovods_fails_the_run(tmp_path):
+    hosts = local_hosts(2)
+    job = ElasticJob(tmp_path, hosts, 1, 2, [*WORKLOAD, "--epochs", "4"],
+                     command=[BIN / "python", REPO / "tests" / "programs" / "elastic_error.py"])
+    code = job.wait(240)
+    assert code != 0, job.output[-3000:]
+    assert "boom: a bug in a user callback" in job.output
+    assert "train() returned" not in job.output
+    assert not job.events("reset"), "a plain error is not a reason to reset"
+    failed = job.events("run_failed")
+    assert failed and "boom" in failed[0]["error"]
+    assert not (job.out / "metrics.json").exists()
