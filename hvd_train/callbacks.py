@@ -11,11 +11,11 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from . import checkpoint, metrics, replicas, runtime, schedules
+from . import checkpoint, metrics, replicas, runtime, schedules, sharding, stopping
 from .config import TrainConfig
 from .consensus import data_fingerprint
 from .events import EventLog
@@ -36,8 +36,8 @@ def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, 
                   resumed: checkpoint.ResumePoint, user_callbacks: List[Any], rest_of_epoch=None) -> List[Any]:
     """Every callback of a run, in order; hvd_train's own first, the user's after them.
 
-    ``rest_of_epoch``: for a fit of the rest of an epoch after an elastic reset, (samples of this
-    rank in it, global metric sums of the part trained before, the plan's steps that part makes).
+    ``rest_of_epoch``: for a fit of the rest of an epoch (after an elastic reset, or resumed from a
+    stop mid-epoch), (samples of the epoch's order already trained, their global metric sums).
     """
     import horovod.tensorflow.keras as hvd
 
@@ -54,12 +54,13 @@ def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, 
         # Before validation, checkpoints and everything else at the epoch's end.
         SyncReplicaState(),
     ]
-    samples, carried, start_step = rest_of_epoch or (plan.train_samples_per_rank[rt.rank], None, 0.0)
-    train_metrics = ExactTrainMetrics(samples, exact_loss=not model.losses, carried=carried)
+    position, carried = rest_of_epoch or (0, None)
+    cursor = sharding.Cursor(plan.train_samples, rt.rank, rt.size, config.batch_size, position)
+    train_metrics = ExactTrainMetrics(cursor.samples(cursor.steps), exact_loss=not model.losses, carried=carried)
     found.append(train_metrics)
     if plan.val_samples:
         found.append(GlobalValidation(splits, rt, config.logits))
-    found += schedules.callbacks(config, plan, start_step)
+    found += schedules.callbacks(config, plan, position / plan.global_batch_size)
     found.append(LearningRateLog())
     found.append(EpochEvents(log, config.epochs, train_metrics))
     if config.tensorboard and rt.is_rank0:
@@ -69,8 +70,10 @@ def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, 
     if config.early_stopping_patience:
         early_stopping = EarlyStopping(rt, config, log, resumed.early_stopping)
         found.append(early_stopping)
+    checkpointer = None
     if config.checkpoint_dir:
-        found.append(Checkpointer(rt, config, plan, data_fingerprint(splits), resumed.history, early_stopping, log))
+        checkpointer = Checkpointer(rt, config, plan, data_fingerprint(splits), resumed.history, early_stopping, log)
+        found.append(checkpointer)
     found += user_callbacks
     progress = progress_mode(config, rt)
     if progress == "bar" and rt.is_rank0:
@@ -78,6 +81,8 @@ def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, 
         found.append(tf.keras.callbacks.ProgbarLogger(count_mode="steps"))
     elif progress == "epoch" and rt.is_rank0:
         found.append(EpochLine(config.epochs))
+    # Last: a stop after a batch, or after an epoch's end work (its checkpoint included).
+    found.append(stopping.StopCheck(rt, plan, config, cursor, carried, checkpointer, mid_epoch=not splits.streamed))
     return found
 
 
@@ -87,10 +92,6 @@ def progress_mode(config: TrainConfig, rt: runtime.Runtime) -> str:
     if config.progress != "auto":
         return config.progress
     return "bar" if sys.stdout.isatty() and not runtime.under_launcher() else "epoch"
-
-
-def stopped_early(callbacks: List[Any]) -> bool:
-    return any(isinstance(c, EarlyStopping) and c.stopped for c in callbacks)
 
 
 class StreamGuard(tf.keras.callbacks.Callback):
@@ -283,22 +284,27 @@ class Checkpointer(tf.keras.callbacks.Callback):
         done = epoch + 1
         if done % self.config.checkpoint_every and done != self.config.epochs and not self.model.stop_training:
             return
-        # The saved state is every rank's: a no-op after SyncReplicaState, kept so that a
-        # checkpoint never depends on the callbacks' order.
-        replicas.sync_state(self.model)
-        error = runtime.on_rank0(self.rt, self._save, done)
-        runtime.agree(error, "checkpoint")
+        self.write(done)
 
-    def _save(self, epoch: int) -> Optional[str]:
+    def write(self, epoch: int, position: int = 0, sums: Optional[Dict[str, float]] = None) -> str:
+        """Collective: the checkpoint of ``epoch`` epochs done (and ``position`` samples of the next,
+        with their metric ``sums``), written by rank 0; every rank returns its path once written."""
+        # The saved state is every rank's: a no-op after SyncReplicaState at an epoch's end, kept
+        # so that a checkpoint never depends on the callbacks' order (or is taken mid-epoch).
+        replicas.sync_state(self.model)
+        path, error = runtime.on_rank0(self.rt, self._save, epoch, position, sums) or (None, None)
+        return runtime.agree_gather(error, path, "checkpoint")[0]  # rank 0's path, on every rank
+
+    def _save(self, epoch: int, position: int, sums: Optional[Dict[str, float]]) -> Tuple[Optional[str], Optional[str]]:
         meta = checkpoint.run_meta(
             self.config, self.plan, self.data, self.history,
             self.early_stopping.state if self.early_stopping else None, bool(self.model.stop_training),
-            float(tf.keras.backend.get_value(self.model.optimizer.lr)))
+            float(tf.keras.backend.get_value(self.model.optimizer.lr)), position, sums)
         try:
             path = checkpoint.save(self.config.checkpoint_dir, epoch, self.model.get_weights(),
                                    self.model.optimizer.get_weights(), meta, self.config.keep_checkpoints)
         except OSError as err:
-            return f"could not write the checkpoint for epoch {epoch} in {self.config.checkpoint_dir}: {err}"
+            return None, f"could not write the checkpoint for epoch {epoch} in {self.config.checkpoint_dir}: {err}"
         runtime.log(self.rt, f"checkpoint {path}")
-        self.log.emit("checkpoint", epoch=epoch, path=path)
-        return None
+        self.log.emit("checkpoint", epoch=epoch, path=path, **({"position": position} if position else {}))
+        return path, None

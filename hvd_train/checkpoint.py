@@ -4,8 +4,11 @@ resume point a run reads back. Written by rank 0 only, atomically; read by rank 
 One checkpoint is one ``ckpt-epoch-NNNNNN.npz`` holding the model weights, the optimizer state
 (iteration count and slots) and a JSON ``meta`` record: the epochs completed, the config and
 plan of the run that wrote it, its history so far, the early-stopping state and a data
-fingerprint. The shuffle order is a pure function of (seed, epoch) (sharding.epoch_order), so
-the epoch number is all the RNG state needed to continue the same sample order.
+fingerprint. A run stopped by a signal mid-epoch (stopping.py) writes
+``ckpt-epoch-NNNNNN-at-PPPPPPPPP.npz``: NNNNNN epochs done and the first PPPPPPPPP samples of
+the next epoch's order, with the global metric sums of those samples in the meta record. The
+shuffle order is a pure function of (seed, epoch) (sharding.epoch_order), so the epoch number
+(and that position) is all the RNG state needed to continue the same sample order.
 
 A SHA-256 over every array and the meta record is stored beside them and checked on load, so
 a truncated or corrupted file is detected, reported and skipped in favour of an older one.
@@ -28,7 +31,7 @@ from .consensus import array_digest, data_fingerprint
 from .plan import Plan
 
 FORMAT = 1
-_NAME = re.compile(r"^ckpt-epoch-(\d{6})\.npz$")
+_NAME = re.compile(r"^ckpt-epoch-(\d{6})(?:-at-(\d{9}))?\.npz$")
 
 
 class CheckpointError(RuntimeError):
@@ -54,29 +57,31 @@ class ResumePoint:
     early_stopping: Optional[Dict[str, Any]] = None
     stopped_early: bool = False
     lr: Optional[float] = None  # the exact learning rate to carry over, when the world's scale is unchanged
+    position: int = 0  # samples of epoch ``epoch + 1``'s order already trained (a mid-epoch stop)
+    sums: Optional[Dict[str, float]] = None  # their global training-metric sums (metrics.global_sums)
 
     def initial_epoch(self, epochs: int) -> int:
         """The first epoch to train; a run that had already stopped early has nothing to add."""
         return epochs if self.stopped_early else self.epoch
 
 
-def file_name(epoch: int) -> str:
-    return f"ckpt-epoch-{epoch:06d}.npz"
+def file_name(epoch: int, position: int = 0) -> str:
+    return f"ckpt-epoch-{epoch:06d}{f'-at-{position:09d}' if position else ''}.npz"
 
 
 def listed(directory: str) -> List[Tuple[int, str]]:
     """(epoch, path) of the complete-looking checkpoint files, newest first (temp files ignored)."""
     if not directory or not os.path.isdir(directory):
         return []
-    found = [(int(m.group(1)), os.path.join(directory, name))
+    found = [((int(m.group(1)), int(m.group(2) or 0)), os.path.join(directory, name))
              for name in os.listdir(directory) if (m := _NAME.match(name))]
-    return sorted(found, reverse=True)
+    return [(epoch, path) for (epoch, _), path in sorted(found, reverse=True)]
 
 
 def save(directory: str, epoch: int, model_weights: List[np.ndarray], optimizer_weights: List[np.ndarray],
          meta: Dict[str, Any], keep: int) -> str:
-    """Write the checkpoint for ``epoch`` atomically (temp file, fsync, rename), keep the newest ``keep``
-    (the oldest are removed before the new one is written)."""
+    """Write the checkpoint for ``epoch`` (and ``meta["position"]`` into the next) atomically
+    (temp file, fsync, rename), keep the newest ``keep`` (the oldest are removed first)."""
     os.makedirs(directory, exist_ok=True)
     meta = {**meta, "format": FORMAT, "epoch": epoch}
     meta_bytes = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
@@ -84,11 +89,11 @@ def save(directory: str, epoch: int, model_weights: List[np.ndarray], optimizer_
     arrays.update({f"optimizer_{i:04d}": np.asarray(w) for i, w in enumerate(optimizer_weights)})
     arrays["meta"] = meta_bytes
     digest = array_digest(*(arrays[k] for k in sorted(arrays)))
-    path = os.path.join(directory, file_name(epoch))
+    path = os.path.join(directory, file_name(epoch, meta.get("position", 0)))
     content = io.BytesIO()
     np.savez(content, digest=np.frombuffer(digest.encode(), dtype=np.uint8), **arrays)
     # Make room first, so a kill at any moment leaves at most ``keep`` checkpoints (never keep + 1).
-    for _, old in [(e, p) for e, p in listed(directory) if e != epoch][keep - 1:]:
+    for _, old in [(e, p) for e, p in listed(directory) if p != path][keep - 1:]:
         os.remove(old)
     files.write_bytes(path, content.getvalue(), durable=True)
     return path
@@ -141,12 +146,13 @@ def check_writable(directory: str) -> None:
 
 
 def run_meta(config: TrainConfig, plan: Plan, data: Dict[str, Any], history: Dict[str, List[float]],
-             early_stopping: Optional[Dict[str, Any]], stopped_early: bool, lr: float) -> Dict[str, Any]:
+             early_stopping: Optional[Dict[str, Any]], stopped_early: bool, lr: float, position: int = 0,
+             sums: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     """The meta record of a run's checkpoint, what load_resume_point checks and restores.
-    ``data``: consensus.data_fingerprint of the run's splits."""
+    ``data``: consensus.data_fingerprint of the run's splits; ``position``, ``sums``: a stop mid-epoch."""
     return {"config": config.to_dict(), "plan": asdict(plan), "versions": runtime.versions(),
             "history": history, "data": data, "early_stopping": early_stopping,
-            "stopped_early": stopped_early, "lr": lr}
+            "stopped_early": stopped_early, "lr": lr, "position": position, "sums": sums}
 
 
 def check_compatible(ckpt: Checkpoint, config: TrainConfig, splits) -> None:
@@ -202,8 +208,10 @@ def load_resume_point(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spli
         return None, str(err)
     meta = ckpt.meta
     was = meta["plan"]
+    position = int(meta.get("position") or 0)
     runtime.log(
         rt, f"resuming from {ckpt.path}: {ckpt.epoch} of {config.epochs} epoch(s) done"
+        + (f" and {position} of {splits.n_train} samples of epoch {ckpt.epoch + 1}" if position else "")
         + (" (that run had stopped early)" if meta.get("stopped_early") else ""))
     runtime.log(
         rt, f"it was written by {was['world_size']} process(es) (global batch {was['global_batch_size']}, "
@@ -214,5 +222,5 @@ def load_resume_point(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spli
         path=ckpt.path, epoch=ckpt.epoch, history=meta["history"], early_stopping=meta.get("early_stopping"),
         stopped_early=meta.get("stopped_early", False),
         # The learning rate schedules set next: carry the exact value only if the scale is unchanged.
-        lr=meta.get("lr") if same_world else None,
+        lr=meta.get("lr") if same_world else None, position=position, sums=meta.get("sums"),
     ), None

@@ -141,12 +141,15 @@ def _run(action) -> int:
 
     # Agreed failures, and config errors found after hvd.init() (the same on every rank, e.g.
     # plan --np against the launcher's world): every rank exits together.
+    from .stopping import Stopped
     from .stream import StreamError
 
     try:
         action()
     except (runtime.AgreedFailure, ConfigError) as err:
         runtime.fail_together(str(err))
+    except Stopped as stop:  # every rank stopped after the same batch: leave together, 128 + signal
+        runtime.fail_together(str(stop), stop.exit_code, label="")
     except StreamError as err:  # mid-run: rank 0 reports, the others leave at once (no grace needed)
         runtime.fail(str(err), grace=False)
     except (DataError, OutputError) as err:  # predict: one process, nothing to agree on

@@ -33,11 +33,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import tensorflow as tf
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
-from . import checkpoint, runtime, schedules, sharding, sources, trainer
+from . import checkpoint, runtime, schedules, sharding, sources, stopping, trainer
 from .callbacks import EarlyStopping, run_callbacks
 from .config import ConfigError, TrainConfig
 from .data import DataArg, DataError, Splits, load_splits
@@ -214,8 +213,12 @@ def _session(state, rt: runtime.Runtime, config: TrainConfig, splits: Splits, mo
     tf.keras.backend.set_value(optimizer.lr, schedules.rate(
         config, plan, progress.epoch + progress.position / plan.global_batch_size / plan.steps_per_epoch))
     try:
-        while state.progress.epoch < config.epochs and not state.progress.stopped_early:
-            _fit(state, rt, config, plan, splits, log, user_callbacks)
+        with stopping.handlers():
+            while state.progress.epoch < config.epochs and not state.progress.stopped_early:
+                _fit(state, rt, config, plan, splits, log, user_callbacks)
+    except stopping.Stopped as stop:
+        log.emit("run_stopped", **stop.fields())
+        raise
     except Exception as err:
         if not isinstance(err, (HostsUpdatedInterrupt, HorovodInternalError)) and not _collective_failed(err):
             log.emit("run_failed", error=f"{type(err).__name__}: {err}")
@@ -243,8 +246,7 @@ def _fit(state, rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Sp
                              config.shuffle, epoch=progress.epoch, position=progress.position)
     rest_of_epoch, epochs, steps = None, config.epochs, plan.steps_per_epoch
     if progress.position:
-        rest_of_epoch = (sharding.samples_in(batches.batches), progress.sums,
-                         progress.position / plan.global_batch_size)
+        rest_of_epoch = (progress.position, progress.sums)
         epochs, steps = progress.epoch + 1, len(batches)
     resumed = checkpoint.ResumePoint(epoch=progress.epoch, history=progress.history,
                                      early_stopping=progress.early_stopping)
@@ -268,21 +270,17 @@ class Commit(tf.keras.callbacks.Callback):
         self._start(state.progress.position, state.progress.sums)
 
     def _start(self, position: int, sums: Optional[Dict[str, float]]) -> None:
-        """Where this epoch's part began, and the steps (global bounds, this rank's samples) after it."""
-        n, size = self.plan.train_samples, self.rt.size
-        self.position, self.sums = position, sums
-        self.bounds = sharding.remaining_steps(n, position, size, self.batch_size)
-        mine = sharding.local_batches(n, self.rt.rank, size, self.batch_size, np.arange(n), position)
-        self.samples = np.cumsum([len(rows) if weight > 0 else 0 for rows, weight in mine])
+        self.cursor = sharding.Cursor(self.plan.train_samples, self.rt.rank, self.rt.size, self.batch_size, position)
+        self.sums = sums
 
     def on_train_batch_end(self, batch, logs=None):
         done = batch + 1
-        if not self.every or done % self.every or done >= len(self.bounds):
+        if not self.every or done % self.every or done >= self.cursor.steps:
             return
         # Horovod: the running means of this rank's samples so far, as global sums (one allreduce).
-        sums = global_sums({k: float(v) for k, v in (logs or {}).items()}, int(self.samples[batch]),
+        sums = global_sums({k: float(v) for k, v in (logs or {}).items()}, self.cursor.samples(done),
                            "commit", self.sums)
-        self.state.progress = dataclasses.replace(self.state.progress, position=self.bounds[batch][1], sums=sums)
+        self.state.progress = dataclasses.replace(self.state.progress, position=self.cursor.position(done), sums=sums)
         self.state.commit()
 
     def on_epoch_end(self, epoch, logs=None):

@@ -282,12 +282,12 @@ def fail(message: str, code: int = 2, grace: bool = True) -> NoReturn:
     sys.exit(code)
 
 
-def fail_together(message: str, code: int = 2) -> NoReturn:
-    """After Horovod started and ranks agreed on a failure: rank 0 prints, then all exit."""
+def fail_together(message: str, code: int = 2, label: str = "error: ") -> NoReturn:
+    """After Horovod started and ranks agreed on a failure (or a stop): rank 0 prints, then all exit."""
     import horovod.tensorflow as hvd
 
     if hvd.rank() == 0:
-        write_line(f"hvd-train: error: {message}", sys.stderr)
+        write_line(f"hvd-train: {label}{message}", sys.stderr)
     # Horovod: a barrier, so no rank exits (and gets the job torn down) before rank 0 has reported.
     hvd.allreduce(np.zeros(1), op=hvd.Sum, name="fail.barrier")
     sys.exit(code)

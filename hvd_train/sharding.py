@@ -85,11 +85,28 @@ def local_batches(
     return batches
 
 
-def samples_in(batches: List[Tuple[np.ndarray, float]]) -> int:
-    """The real samples of these batches (a weight-0 pad counts none)."""
-    return sum(len(rows) for rows, weight in batches if weight > 0)
-
-
 def eval_shard(n: int, rank: int, world_size: int) -> np.ndarray:
     """Indices of the evaluation samples this rank scores (strided; may be empty)."""
     return np.arange(rank, n, world_size)
+
+
+class Cursor:
+    """Where an epoch (or its rest from ``position``) stands after ``done`` of its steps: the
+    position in the epoch's order, and this rank's real samples so far. Pure arithmetic, the
+    same on every rank: what a commit or a stop records mid-epoch."""
+
+    def __init__(self, n: int, rank: int, world_size: int, batch_size: int, position: int = 0):
+        self.start = position
+        self.bounds = remaining_steps(n, position, world_size, batch_size)
+        mine = local_batches(n, rank, world_size, batch_size, np.arange(n), position)
+        self.samples_after = np.cumsum([len(rows) if weight > 0 else 0 for rows, weight in mine])
+
+    @property
+    def steps(self) -> int:
+        return len(self.bounds)
+
+    def position(self, done: int) -> int:
+        return self.bounds[done - 1][1] if done else self.start
+
+    def samples(self, done: int) -> int:
+        return int(self.samples_after[done - 1]) if done else 0

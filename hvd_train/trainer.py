@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from . import checkpoint, consensus, metrics, outputs, replicas, runtime, sources, stream
-from .callbacks import StreamGuard, progress_mode, run_callbacks, stopped_early
+from . import checkpoint, consensus, metrics, outputs, replicas, runtime, sources, stopping, stream
+from .callbacks import EarlyStopping, StreamGuard, progress_mode, run_callbacks
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig
 from .data import DataArg, DataError, Splits, load_splits
@@ -181,35 +181,52 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
     # whatever model_fn did with randomness.
     hvd_tf.broadcast_variables(model.variables + optimizer.variables(), root_rank=0)
 
-    # 5. Callbacks, and the start of the run's outputs: every set-up check has passed on every
-    # rank, so rank 0 makes the output directory and starts the event log.
+    # 5. The start of the run's outputs: every set-up check has passed on every rank, so rank 0
+    # makes the output directory and starts the event log.
     log = EventLog(rt, config.output_dir)
-    callbacks = run_callbacks(rt, config, plan, splits, model, log, resumed, user_callbacks)
     initial_epoch = resumed.initial_epoch(config.epochs)
-    streamed = None
-    if splits.streamed:  # a file dataset: this rank's batches streamed from the files
-        streamed = stream.TrainStream(splits, rt.rank, rt.size, config.batch_size, config.shuffle,
-                                      config.shuffle_buffer)
-        batches = streamed.dataset(initial_epoch)
-        callbacks.insert(0, StreamGuard(streamed))
-    else:
-        batches = ShardedBatches(splits.x_train, splits.y_train, rt.rank, rt.size,
-                                 config.batch_size, config.seed, config.shuffle, epoch=initial_epoch)
-    log.start(config=config.to_dict(), plan=asdict(plan), versions=runtime.versions(), initial_epoch=initial_epoch)
+    log.start(config=config.to_dict(), plan=asdict(plan), versions=runtime.versions(), initial_epoch=initial_epoch,
+              **({"initial_position": resumed.position} if resumed.position else {}))
     if config.timeline:
         timeline = os.path.abspath(config.timeline)
         runtime.on_rank0(rt, os.makedirs, os.path.dirname(timeline), exist_ok=True)
         # Horovod: every rank turns recording on; rank 0, the coordinator, writes the file.
         hvd_tf.start_timeline(timeline)
 
-    # 6. Train, from the first epoch not yet done, to the requested total.
+    # 6. Train, from the first sample not yet trained to the requested total: the rest of an epoch
+    # a stop interrupted (a fit of its own, fewer steps), then every remaining epoch.
     live_bar = progress_mode(config, rt) == "bar" and rt.is_rank0
+    epoch, position, carried = initial_epoch, resumed.position, resumed.sums
+    history, early_stopping, done = dict(resumed.history), resumed.early_stopping, resumed.stopped_early
+    streamed = None
     start = time.perf_counter()
     try:
-        history = model.fit(batches, epochs=config.epochs, initial_epoch=initial_epoch, shuffle=False,
-                            steps_per_epoch=plan.steps_per_epoch, callbacks=callbacks, verbose=int(live_bar))
-        if streamed is not None and streamed.error:  # ran out of data without an epoch end
-            raise stream.StreamError(streamed.error)
+        with stopping.handlers():
+            while epoch < config.epochs and not done:
+                callbacks = run_callbacks(rt, config, plan, splits, model, log,
+                                          checkpoint.ResumePoint(epoch=epoch, history=history,
+                                                                 early_stopping=early_stopping),
+                                          user_callbacks, (position, carried) if position else None)
+                if splits.streamed:  # a file dataset: this rank's batches streamed from the files
+                    streamed = stream.TrainStream(splits, rt.rank, rt.size, config.batch_size, config.shuffle,
+                                                  config.shuffle_buffer)
+                    batches = streamed.dataset(epoch)
+                    callbacks.insert(0, StreamGuard(streamed))
+                else:
+                    batches = ShardedBatches(splits.x_train, splits.y_train, rt.rank, rt.size, config.batch_size,
+                                             config.seed, config.shuffle, epoch=epoch, position=position)
+                fitted = model.fit(batches, epochs=epoch + 1 if position else config.epochs, initial_epoch=epoch,
+                                   shuffle=False, steps_per_epoch=len(batches) if position else plan.steps_per_epoch,
+                                   callbacks=callbacks, verbose=int(live_bar))
+                if streamed is not None and streamed.error:  # ran out of data without an epoch end
+                    raise stream.StreamError(streamed.error)
+                history = _concat_history(history, fitted.history)
+                epoch, position, carried = epoch + len(fitted.epoch), 0, None
+                stopper = next((c for c in callbacks if isinstance(c, EarlyStopping)), None)
+                early_stopping, done = (stopper.state, stopper.stopped) if stopper else (None, False)
+    except stopping.Stopped as stop:
+        log.emit("run_stopped", **stop.fields())
+        raise
     except Exception as err:
         # A file that went bad mid-run: the rank that read it first stops, and the others see a
         # collective fail; every rank can tell why, and rank 0 says it (cli.py).
@@ -220,12 +237,12 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
         log.emit("run_failed", error=f"{type(err).__name__}: {err}")
         raise
     train_seconds = time.perf_counter() - start
-    epochs_trained = len(history.epoch)
-    return finish(rt, config, plan, splits, model, model_fn, log, _concat_history(resumed.history, history.history), {
-        "epochs_completed": initial_epoch + epochs_trained if epochs_trained else resumed.epoch,
+    epochs_trained = epoch - initial_epoch
+    return finish(rt, config, plan, splits, model, model_fn, log, history, {
+        "epochs_completed": epoch if epochs_trained else resumed.epoch,
         "epochs_trained_this_run": epochs_trained,
         "resumed_from_epoch": resumed.epoch if resumed.path else None,
-        "stopped_early": resumed.stopped_early or stopped_early(callbacks),
+        "stopped_early": done,
         "train_seconds": train_seconds,
         "samples_per_second": plan.train_samples * epochs_trained / train_seconds if epochs_trained else 0.0,
     })

@@ -32,12 +32,84 @@ slot_sum() {
   echo "$total"
 }
 
-# The final step of every launcher: DRY_RUN=1 prints the command (shell-quoted), else runs it.
+# The final step of every launcher: DRY_RUN=1 prints the command (shell-quoted), else runs it
+# as the job (run_job).
 run_command() {
   if [[ -n "${DRY_RUN:-}" ]]; then
     printf '%q ' "$@"
     echo
     exit 0
   fi
-  exec "$@"
+  run_job "$@"
+}
+
+# Runs the job in a session of its own and passes a stop on. SIGTERM, SIGINT or SIGHUP to this
+# launcher (Ctrl-C, `kill` from a script, a scheduler) goes to the job's training processes on
+# this host, which stop together after the current batch, checkpoint (--checkpoint-dir) and exit
+# (hvd_train/stopping.py); whatever is left of the job STOP_GRACE seconds later (default 30) is
+# terminated, then killed. No process of the job outlives the launcher, which exits 128+signal
+# after a stop and with the job's status otherwise.
+run_job() {
+  setsid "$@" &
+  job=$!
+  stop_signal=""
+  trap 'stop_job TERM 15' TERM
+  trap 'stop_job INT 2' INT
+  trap 'stop_job HUP 1' HUP
+  local code=0
+  while :; do
+    wait "$job" && code=0 || code=$?
+    kill -0 "$job" 2>/dev/null || break  # ended (not a signal interrupting the wait)
+  done
+  trap - TERM INT HUP
+  [[ -z "${watchdog:-}" ]] || kill "$watchdog" 2>/dev/null || true
+  # Leftovers (a rank orphaned by its launcher, a stuck mpirun): none may outlive the job.
+  kill_job KILL
+  [[ -z "$stop_signal" ]] || exit $((128 + stop_signal))
+  exit "$code"
+}
+
+stop_job() {
+  local name=$1 number=$2
+  if [[ -n "$stop_signal" ]]; then  # a second stop: do not wait for the batch
+    kill_job TERM
+    return
+  fi
+  stop_signal=$number
+  echo "${prog:-launch}: SIG$name: stopping the job after the current batch (up to ${STOP_GRACE:-30} s)" >&2
+  local ranks
+  ranks="$(job_processes "$job" training)"
+  # shellcheck disable=SC2086  # one word per PID
+  if [[ -n "$ranks" ]]; then kill -"$name" $ranks 2>/dev/null || true; else kill -"$name" -- "-$job" 2>/dev/null || true; fi
+  ( sleep "${STOP_GRACE:-30}"; kill_job TERM; sleep 5; kill_job KILL ) &
+  watchdog=$!
+}
+
+# Signal every process of the job: its process group, its session and its descendants.
+kill_job() {
+  local pids
+  pids="$(job_processes "$job" all)"
+  kill -"$1" -- "-$job" 2>/dev/null || true
+  pkill -"$1" -s "$job" 2>/dev/null || true
+  # shellcheck disable=SC2086  # one word per PID
+  [[ -z "$pids" ]] || kill -"$1" $pids 2>/dev/null || true
+}
+
+# The PIDs under the job's process, all of them or only the training processes (python
+# running hvd-train / hvd_train, not horovodrun, mpirun or their shells).
+job_processes() {
+  ps -e -o pid=,ppid=,args= | awk -v root="$1" -v which="$2" '
+    { parent[$1] = $2; line[$1] = $0; pids[++n] = $1 }
+    END {
+      keep[root] = 1
+      for (changed = 1; changed; ) {
+        changed = 0
+        for (i = 1; i <= n; i++) { p = pids[i]; if (!(p in keep) && (parent[p] in keep)) { keep[p] = 1; changed = 1 } }
+      }
+      for (p in keep) {
+        if (p == root) continue
+        split(line[p], f, " ")
+        if (which == "all" || (f[3] ~ /python/ && line[p] ~ /hvd[-_]train/ && line[p] !~ /horovodrun|mpirun|orted|prterun/)) print p
+      }
+    }'
 }

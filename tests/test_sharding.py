@@ -108,9 +108,10 @@ def test_an_epoch_resumed_in_another_world_trains_every_sample_once(n, old_world
         trained = np.concatenate([*before, *real]) if before or real else np.array([], int)
         assert sorted(trained.tolist()) == list(range(n)), "every sample exactly once over the two worlds"
         for step in zip(*after):  # the ranks' weights still average to the global mean
-            sizes = [len(rows) if weight > 0 else 0 for rows, weight in step]
             assert sum(weight for _, weight in step) == pytest.approx(new_world)
-            assert sum(sharding.samples_in([s]) for s in step) == sum(sizes)
+        cursors = [sharding.Cursor(n, r, new_world, batch, position) for r in range(new_world)]
+        assert sum(c.samples(c.steps) for c in cursors) == n - position, "a pad counts no sample"
+        assert all(c.position(c.steps) == n for c in cursors if c.steps)
 
 
 def test_a_tail_smaller_than_the_new_world_pads_with_zero_weight():
@@ -118,5 +119,5 @@ def test_a_tail_smaller_than_the_new_world_pads_with_zero_weight():
     after = [sharding.local_batches(10, r, 4, 2, order, position=8) for r in range(4)]
     assert [len(plan) for plan in after] == [1, 1, 1, 1]
     assert [(rows.tolist(), weight) for (rows, weight), in after] == [([8], 2.0), ([9], 2.0), ([8], 0.0), ([8], 0.0)]
-    assert [sharding.samples_in(plan) for plan in after] == [1, 1, 0, 0]
+    assert [sharding.Cursor(10, r, 4, 2, 8).samples(1) for r in range(4)] == [1, 1, 0, 0]
     assert sharding.local_batches(10, 0, 4, 2, order, position=10) == []

@@ -1,0 +1,117 @@
+"""Stopping a run on a signal: SIGTERM (Kubernetes, Slurm, a launcher passing a stop on) or SIGINT.
+
+While model.fit runs, a handler only records the signal. After every batch the ranks agree
+whether any of them got one (one small allreduce, max), so all stop after the same batch
+however the signal reached them: one rank or all, at different moments. Then, with
+``--checkpoint-dir``, rank 0 writes a checkpoint of that point: the epochs done, the samples of
+the current epoch already trained and their global metric sums, so that ``--resume`` continues
+with nothing lost or repeated (stop and resume equals an uninterrupted run). The event log
+records ``run_stopped``; every rank exits 128 + the signal number (143 for SIGTERM, 130 for
+SIGINT), as a process killed by it would, but cleanly.
+
+Outside model.fit (set-up, the final evaluation and outputs) the default handlers stay: those
+phases end at once, and the launcher (launch/common.sh) ends whatever is left after its grace.
+File datasets (csv:/parquet:, streamed) resume at epoch boundaries: a stop mid-epoch writes no
+checkpoint there, and the epoch is trained again on resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Dict, Iterator, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from . import runtime, sharding
+from .config import TrainConfig
+from .metrics import global_sums
+from .plan import Plan
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_received = {"signal": 0}
+
+
+class Stopped(Exception):
+    """Every rank raises this after the same batch once any rank received a stop signal."""
+
+    def __init__(self, signum: int, epoch: int, position: int, n_train: int, checkpoint: Optional[str]):
+        self.signum, self.epoch, self.position, self.checkpoint = signum, epoch, position, checkpoint
+        where = (f"after {position} of {n_train} samples of epoch {epoch + 1}" if position
+                 else f"after epoch {epoch}")
+        then = (f"checkpoint {checkpoint}: --resume continues from there" if checkpoint
+                else "no checkpoint of this point (--checkpoint-dir DIR to keep one; file datasets resume at "
+                     "epoch boundaries)")
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}; {then}")
+
+    def fields(self) -> Dict[str, object]:
+        """The ``run_stopped`` event's fields."""
+        return {"signal": signal.Signals(self.signum).name, "epoch": self.epoch, "position": self.position,
+                "checkpoint": self.checkpoint}
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def received() -> int:
+    """The signal this process received since handlers() began (0: none)."""
+    return _received["signal"]
+
+
+@contextlib.contextmanager
+def handlers() -> Iterator[None]:
+    """Within: SIGTERM and SIGINT are recorded for StopCheck instead of ending the process."""
+    _received["signal"] = 0
+
+    def record(signum, frame):
+        _received["signal"] = _received["signal"] or signum
+
+    previous = {sig: signal.signal(sig, record) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class StopCheck(tf.keras.callbacks.Callback):
+    """Collective, every rank, after every batch and last at every epoch's end: stop together."""
+
+    def __init__(self, rt: runtime.Runtime, plan: Plan, config: TrainConfig, cursor: sharding.Cursor,
+                 carried: Optional[Dict[str, float]], checkpointer, mid_epoch: bool):
+        super().__init__()
+        self.rt, self.plan, self.batch_size = rt, plan, config.batch_size
+        self.cursor, self.carried, self.checkpointer, self.mid_epoch = cursor, carried, checkpointer, mid_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = batch + 1
+        if done >= self.cursor.steps or not self._agreed():  # the last batch: the epoch's end decides
+            return
+        position, path = self.cursor.position(done), None
+        # Horovod: the epoch's metrics so far, as global sums for the resumed run (one allreduce).
+        sums = global_sums({k: float(v) for k, v in (logs or {}).items()}, self.cursor.samples(done), "stop",
+                           self.carried)
+        if self.checkpointer and self.mid_epoch:
+            path = self.checkpointer.write(self.epoch, position, sums)
+        raise Stopped(self._signal, self.epoch, position, self.plan.train_samples, path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.cursor = sharding.Cursor(self.plan.train_samples, self.rt.rank, self.rt.size, self.batch_size)
+        self.carried = None
+        if self._agreed():
+            path = self.checkpointer.write(epoch + 1) if self.checkpointer else None
+            raise Stopped(self._signal, epoch + 1, 0, self.plan.train_samples, path)
+
+    def _agreed(self) -> bool:
+        import horovod.tensorflow as hvd
+
+        local = received()
+        if self.rt.size > 1:
+            # Horovod: every rank asks after every batch; a signal on any rank stops all together.
+            local = int(hvd.allreduce(np.array([local], np.int32), op=hvd.Max, name="stop.check").numpy()[0])
+        self._signal = local
+        return bool(local)

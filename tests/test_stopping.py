@@ -1,0 +1,119 @@
+"""Stopping a run: a signal to the launcher (Ctrl-C, `kill` from a script) ends every process of
+the job within seconds; with checkpoints on, the ranks stop together after a batch, checkpoint
+that point, and --resume continues to exactly the uninterrupted run."""
+import os
+import re
+import signal
+import time
+
+import pytest
+from conftest import BIN, REPO, Background, read_json, requires_mpi
+
+from hvd_train import checkpoint, events
+
+pytestmark = pytest.mark.integration
+
+RUN = ["--dataset", "synthetic", "--samples", "4000", "--batch-size", "16", "--optimizer", "sgd",
+       "--progress", "epoch"]
+GONE_WITHIN = 10  # seconds from the signal to the last process of the job
+
+
+def local(*args):
+    """launch/local.sh, Gloo, 2 processes, in a session of its own (as a script's background job)."""
+    return Background([REPO / "launch" / "local.sh", "-n", "2", "--gloo", "--", *RUN, *args],
+                      env={"VENV": str(BIN.parent)})
+
+
+def job_pids(job) -> list:
+    from conftest import _descendants
+
+    return [job.proc.pid, *_descendants(job.proc.pid)]
+
+
+def alive(pids) -> list:
+    left = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    left.append(pid)
+        except OSError:
+            pass
+    return left
+
+
+def stop_at_epoch(job, out, sig, epoch=2) -> tuple:
+    job.wait_until(lambda: re.search(rf"epoch +{epoch}/", job.output), 240, f"epoch {epoch}")
+    pids = job_pids(job)
+    job.proc.send_signal(sig)
+    sent = time.monotonic()
+    while alive(pids) and time.monotonic() - sent < 60:
+        time.sleep(0.05)
+    took = time.monotonic() - sent
+    return job.wait(10), alive(pids), took
+
+
+def test_sigterm_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "stopped"
+    args = ["--epochs", "4", "--checkpoint-dir", ckpt]
+    job = local(*args, "--output-dir", out)
+    code, left, took = stop_at_epoch(job, out, signal.SIGTERM)
+    print(f"SIGTERM -> launcher exited {code}; every process gone after {took:.1f}s")
+    assert code == 128 + signal.SIGTERM and not left and took <= GONE_WITHIN, job.output[-3000:]
+    (stop,) = [e for e in events.read(out / "events.jsonl") if e["event"] == "run_stopped"]
+    assert stop["signal"] == "SIGTERM" and stop["checkpoint"] == str(ckpt / checkpoint.file_name(
+        stop["epoch"], stop["position"]))
+    assert os.path.exists(stop["checkpoint"]) and "stopped by SIGTERM" in job.output
+    assert not (out / "metrics.json").exists(), "a stopped run writes no results"
+
+    resumed = local(*args, "--resume", "--output-dir", tmp_path / "resumed")
+    assert resumed.wait(240) == 0, resumed.output[-3000:]
+    whole = local("--epochs", "4", "--output-dir", tmp_path / "whole")
+    assert whole.wait(240) == 0, whole.output[-3000:]
+    a, b = read_json(tmp_path / "resumed" / "metrics.json"), read_json(tmp_path / "whole" / "metrics.json")
+    # Bit for bit: the same weights, so the same test metrics; the history within float summation.
+    assert a["replica_weight_digests"] == b["replica_weight_digests"]
+    assert (a["test_loss"], a["test_accuracy"]) == (b["test_loss"], b["test_accuracy"])
+    assert a["epochs_completed"] == b["epochs_completed"] == 4
+    history = [(tmp_path / d / "history.csv").read_text().splitlines() for d in ("resumed", "whole")]
+    assert history[0][0] == history[1][0] and len(history[0]) == len(history[1]) == 5
+    for row_a, row_b in zip(history[0][1:], history[1][1:]):
+        assert [float(v) for v in row_a.split(",")] == pytest.approx([float(v) for v in row_b.split(",")], rel=1e-5)
+
+
+@pytest.mark.parametrize("script,extra,sig", [
+    ("local.sh", ["-n", "2", "--gloo"], signal.SIGINT),
+    pytest.param("local.sh", ["-n", "2", "--mpi"], signal.SIGTERM, marks=requires_mpi),
+    pytest.param("mpirun.sh", ["-n", "2"], signal.SIGINT, marks=requires_mpi),
+    ("elastic.sh", ["--min-np", "1", "--max-np", "2", "-n", "2", "--network-interface", "lo",
+                    "--discovery", REPO / "launch" / "discover" / "hostfile.sh"], signal.SIGTERM),
+])
+def test_a_signal_to_the_launcher_ends_every_process(tmp_path, script, extra, sig):
+    out = tmp_path / "out"
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("localhost:1\n127.0.0.1:1\n")
+    job = Background([REPO / "launch" / script, *extra, "--", *RUN, "--epochs", "100", "--checkpoint-dir",
+                      tmp_path / "ckpt", "--output-dir", out],
+                     env={"VENV": str(BIN.parent), "HOSTS_FILE": str(hosts)})
+    code, left, took = stop_at_epoch(job, out, sig)
+    print(f"{script} {' '.join(map(str, extra[:3]))}: {sig.name} -> exit {code}, every process gone after {took:.1f}s")
+    assert not left and took <= GONE_WITHIN, f"still running {took:.1f}s after {sig.name}: {left}\n{job.output[-3000:]}"
+    assert code == 128 + sig, job.output[-3000:]
+    kinds = [e["event"] for e in events.read(out / "events.jsonl")]
+    assert kinds[-1] == "run_stopped" and "run_end" not in kinds, kinds
+    assert f"stopped by {sig.name}" in job.output
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_batch(tmp_path):
+    """As a pod deletion or scancel delivers it: to a training process, not to the launcher."""
+    from conftest import horovodrun_cmd
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    job = Background([*horovodrun_cmd(2, "gloo"), BIN / "hvd-train", *RUN, "--epochs", "100", "--checkpoint-dir",
+                      ckpt, "--output-dir", out])
+    job.wait_until(lambda: re.search(r"epoch +2/", job.output), 240, "epoch 2")
+    os.kill(job.rank_pid(1), signal.SIGTERM)
+    assert job.wait(60) != 0
+    (stop,) = [e for e in events.read(out / "events.jsonl") if e["event"] == "run_stopped"]
+    assert stop["signal"] == "SIGTERM" and os.path.exists(stop["checkpoint"])
+    assert "hvd-train: stopped by SIGTERM" in job.output and "Exit code: 143" in job.output
