@@ -188,7 +188,8 @@ def _session(state, rt: runtime.Runtime, config: TrainConfig, splits: Splits, mo
         # Horovod: every rank starts from rank 0's weights and optimizer state (fresh or restored).
         hvd_tf.broadcast_variables(model.variables + optimizer.variables(), root_rank=0)
         progress = Progress(
-            started=True, epoch=resumed.initial_epoch(config.epochs), history=resumed.history,
+            started=True, epoch=resumed.initial_epoch(config.epochs), position=resumed.position, sums=resumed.sums,
+            history=resumed.history,
             early_stopping=resumed.early_stopping, stopped_early=resumed.stopped_early,
             output_dir=config.output_dir, world_size=rt.size, hosts=tuple(plan.hosts),
             started_at=runtime.broadcast(time.time(), "elastic.start"),

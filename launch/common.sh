@@ -45,7 +45,7 @@ run_command() {
 
 # Runs the job in a session of its own and passes a stop on. SIGTERM, SIGINT or SIGHUP to this
 # launcher (Ctrl-C, `kill` from a script, a scheduler) goes to the job's training processes on
-# this host, which stop together after the current batch, checkpoint (--checkpoint-dir) and exit
+# this host, which stop together after a batch (within about a second), checkpoint (--checkpoint-dir) and exit
 # (hvd_train/stopping.py); whatever is left of the job STOP_GRACE seconds later (default 30) is
 # terminated, then killed. No process of the job outlives the launcher, which exits 128+signal
 # after a stop and with the job's status otherwise.
@@ -76,7 +76,7 @@ stop_job() {
     return
   fi
   stop_signal=$number
-  echo "${prog:-launch}: SIG$name: stopping the job after the current batch (up to ${STOP_GRACE:-30} s)" >&2
+  echo "${prog:-launch}: SIG$name: stopping the job at its next agreed batch (up to ${STOP_GRACE:-30} s)" >&2
   local ranks
   ranks="$(job_processes "$job" training)"
   # shellcheck disable=SC2086  # one word per PID

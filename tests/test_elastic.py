@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import BIN, REPO, Background, check_run
 
-from hvd_train import events
+from hvd_train import checkpoint, events
 
 pytestmark = pytest.mark.integration
 
@@ -90,15 +90,15 @@ def seconds_after(event, moment: float) -> float:
     return datetime.fromisoformat(event["time"]).timestamp() - moment
 
 
-def finished(job, world_size: int, epochs: int):
+def finished(job, world_size: int, epochs: int, first: int = 1):
     code = job.wait(300)
     proc = SimpleNamespace(returncode=code, stdout=job.output, stderr="")
     metrics = check_run(job.out, proc, world_size)  # outputs, replicas identical, exact test metrics
     assert metrics["epochs_completed"] == epochs
     per_epoch = epoch_events(job)
-    assert sorted(per_epoch) == list(range(1, epochs + 1))
+    assert sorted(per_epoch) == list(range(first, epochs + 1))
     # Every epoch's training metrics count each training sample once, resets or not.
-    assert [per_epoch[e]["train_samples"] for e in sorted(per_epoch)] == [N_TRAIN] * epochs
+    assert [per_epoch[e]["train_samples"] for e in sorted(per_epoch)] == [N_TRAIN] * (epochs + 1 - first)
     return metrics
 
 
@@ -150,21 +150,26 @@ def test_lost_worker_finishes_like_an_uninterrupted_run(tmp_path):
     assert metrics["test_loss"] == pytest.approx(reference["test_loss"], abs=0.1)
 
 
-def test_too_few_workers_fail_within_the_timeout(tmp_path):
+def test_too_few_workers_fail_within_the_timeout_and_resume_goes_on(tmp_path):
     hosts = local_hosts(2)
     ckpt = tmp_path / "ckpt"
-    job = ElasticJob(tmp_path, hosts, 2, 2, [*WORKLOAD, "--epochs", "50", "--checkpoint-dir", ckpt],
-                     launcher_args=["--elastic-timeout", "10"])
+    args = [*WORKLOAD, "--epochs", "6", "--checkpoint-dir", ckpt]
+    job = ElasticJob(tmp_path / "cut", hosts, 2, 2, args, launcher_args=["--elastic-timeout", "10"])
     job.wait_until(lambda: job.events("checkpoint"), 240, "the first checkpoint")
     job.set_hosts(hosts[:1])
     job.kill_worker(host=hosts[1])
     killed = time.monotonic()
     code = job.wait(180)
     print(f"below --min-np: job exited {code} after {time.monotonic() - killed:.1f}s")
-    print(job.output[-3000:])
     assert code != 0
+    assert "Please check that you have enough resources to run at least 2 Horovod processes" in job.output
     assert not (job.out / "metrics.json").exists()
-    assert list(ckpt.glob("ckpt-epoch-*.npz")), "the last checkpoint is kept"
+    saved = [e for e, _ in checkpoint.listed(str(ckpt))]
+    assert saved, "the last checkpoint is kept"
+    # --resume works under an elastic launch too, and the run ends where an uninterrupted one would.
+    again = ElasticJob(tmp_path / "again", hosts, 1, 2, [*args, "--resume"])
+    metrics = finished(again, 2, 6, first=max(saved) + 1)
+    assert metrics["resumed_from_epoch"] == max(saved) and metrics["epochs_trained_this_run"] == 6 - max(saved)
 
 
 def test_an_error_that_is_not_horovods_fails_the_run(tmp_path):
