@@ -81,17 +81,15 @@ def train(rt: runtime.Runtime, config: TrainConfig, data: DataArg, model_fn: Opt
     """trainer.train() under an elastic launch: local set-up, then the elastic loop."""
     import horovod.tensorflow.keras as hvd
 
-    # Local only (see the module doc): a failure here is reported after the first agreement.
-    splits, error = None, None
+    # Local only (see the module doc), so no agreement: a failure here is the same on every
+    # worker (the data and options are), and each exits with rank 0's one message.
     try:
         if data is None and sources.is_file_source(config.dataset):
             raise ConfigError(f"elastic training reads in-memory datasets; {config.dataset} is read in per-rank "
                               "shares and cannot be re-shared after a reset yet: launch it without --min-np/--max-np")
         splits = load_splits(config, data)
     except (DataError, ConfigError) as err:
-        error = str(err)
-    if error:
-        runtime.fail(error)  # the same on every worker: one message, every worker exits
+        runtime.fail(str(err))
     model, optimizer = trainer.build_model(config, splits, config.lr, model_fn)
     # Horovod: weights, optimizer slots and our Progress, committed and restored together.
     state = _state_class(hvd.elastic.KerasState)(model, optimizer, progress=Progress())

@@ -57,9 +57,12 @@ class Background:
     """A launcher running in its own process group, its output collected while it runs."""
 
     def __init__(self, cmd, env=None):
+        # SIGINT as a terminal's foreground job has it: a test run started in the background of
+        # a script (CI) inherits SIGINT ignored, and a shell cannot trap a signal ignored on entry.
         self.proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=_env(env), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self._reader.start()
@@ -111,11 +114,18 @@ class Background:
         return self.proc.returncode
 
     def kill(self) -> None:
-        """SIGKILL the launcher and every process it started (the whole job, as a crash would)."""
+        """SIGKILL the launcher and every process it started (the whole job, as a crash would):
+        its process group, and every descendant (horovodrun starts ranks in sessions of their own)."""
+        job = _descendants(self.proc.pid)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in job:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait(30)
 
 
