@@ -33,11 +33,11 @@ tf.get_logger().addFilter(_SkipSlowCallbackWarning())
 
 
 def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, model, log: EventLog,
-                  resumed: checkpoint.ResumePoint, user_callbacks: List[Any], rest_of_epoch=None) -> List[Any]:
+                  resumed: checkpoint.ResumePoint, user_callbacks: List[Any]) -> List[Any]:
     """Every callback of a run, in order; hvd_train's own first, the user's after them.
 
-    ``rest_of_epoch``: for a fit of the rest of an epoch (after an elastic reset, or resumed from a
-    stop mid-epoch), (samples of the epoch's order already trained, their global metric sums).
+    ``resumed``: where this fit starts; a ``position`` into the epoch (after an elastic reset, or
+    resumed from a stop mid-epoch) makes it a fit of the rest of that epoch, its ``sums`` carried.
     """
     import horovod.tensorflow.keras as hvd
 
@@ -54,7 +54,7 @@ def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, 
         # Before validation, checkpoints and everything else at the epoch's end.
         SyncReplicaState(),
     ]
-    position, carried = rest_of_epoch or (0, None)
+    position, carried = resumed.position, resumed.sums
     cursor = sharding.Cursor(plan.train_samples, rt.rank, rt.size, config.batch_size, position)
     train_metrics = ExactTrainMetrics(cursor.samples(cursor.steps), exact_loss=not model.losses, carried=carried)
     found.append(train_metrics)

@@ -243,13 +243,11 @@ def _fit(state, rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Sp
     progress: Progress = state.progress
     batches = ShardedBatches(splits.x_train, splits.y_train, rt.rank, rt.size, config.batch_size, config.seed,
                              config.shuffle, epoch=progress.epoch, position=progress.position)
-    rest_of_epoch, epochs, steps = None, config.epochs, plan.steps_per_epoch
-    if progress.position:
-        rest_of_epoch = (progress.position, progress.sums)
-        epochs, steps = progress.epoch + 1, len(batches)
+    epochs, steps = (progress.epoch + 1, len(batches)) if progress.position else (config.epochs, plan.steps_per_epoch)
     resumed = checkpoint.ResumePoint(epoch=progress.epoch, history=progress.history,
-                                     early_stopping=progress.early_stopping)
-    callbacks = run_callbacks(rt, config, plan, splits, state.model, log, resumed, user_callbacks, rest_of_epoch)
+                                     early_stopping=progress.early_stopping, position=progress.position,
+                                     sums=progress.sums)
+    callbacks = run_callbacks(rt, config, plan, splits, state.model, log, resumed, user_callbacks)
     early_stopping = next((c for c in callbacks if isinstance(c, EarlyStopping)), None)
     callbacks.append(Commit(state, rt, plan, config, early_stopping))
     state.model.fit(batches, epochs=epochs, initial_epoch=progress.epoch, shuffle=False, steps_per_epoch=steps,

@@ -205,8 +205,9 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
             while epoch < config.epochs and not done:
                 callbacks = run_callbacks(rt, config, plan, splits, model, log,
                                           checkpoint.ResumePoint(epoch=epoch, history=history,
-                                                                 early_stopping=early_stopping),
-                                          user_callbacks, (position, carried) if position else None)
+                                                                 early_stopping=early_stopping, position=position,
+                                                                 sums=carried),
+                                          user_callbacks)
                 if splits.streamed:  # a file dataset: this rank's batches streamed from the files
                     streamed = stream.TrainStream(splits, rt.rank, rt.size, config.batch_size, config.shuffle,
                                                   config.shuffle_buffer)
