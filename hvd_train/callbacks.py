@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from . import checkpoint, metrics, replicas, runtime, schedules, sharding, stopping
+from . import checkpoint, metrics, replicas, runtime, schedules, sharding, stopping, tasks
 from .config import TrainConfig
 from .consensus import data_fingerprint
 from .events import EventLog
@@ -56,10 +56,11 @@ def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, 
     ]
     position, carried = resumed.position, resumed.sums
     cursor = sharding.Cursor(plan.train_samples, rt.rank, rt.size, config.batch_size, position)
-    train_metrics = ExactTrainMetrics(cursor.samples(cursor.steps), exact_loss=not model.losses, carried=carried)
+    task = tasks.for_run(config, splits)
+    train_metrics = ExactTrainMetrics(cursor.samples(cursor.steps), task, carried=carried)
     found.append(train_metrics)
     if plan.val_samples:
-        found.append(GlobalValidation(splits, rt, config.logits))
+        found.append(GlobalValidation(splits, rt, task))
     found += schedules.callbacks(config, plan, position / plan.global_batch_size)
     found.append(LearningRateLog())
     found.append(EpochEvents(log, config.epochs, train_metrics))
@@ -122,36 +123,37 @@ class ExactTrainMetrics(tf.keras.callbacks.Callback):
 
     Horovod's MetricAverageCallback takes the plain mean of the rank means; this weighs each
     rank by the samples it trained on. Keras's "loss" carries the uneven-step weights of
-    sharding.py, so "loss" is replaced by the unweighted per-sample cross-entropy ("xent"),
-    unless the model adds its own losses (regularisers), which "xent" would leave out.
+    sharding.py, so "loss" is replaced by tasks.EXACT_LOSS: the unweighted per-sample loss plus
+    the regularisation of each sample's step (model.compile_model), whose mean over all samples is
+    what one process with the global batch reports. Then the task's derived figures (RMSE).
     ``carried``: global sums of the epoch's part trained before an elastic reset (elastic.py).
     """
 
-    def __init__(self, samples_this_rank: int, exact_loss: bool, carried: Optional[Dict[str, float]] = None):
+    def __init__(self, samples_this_rank: int, task, carried: Optional[Dict[str, float]] = None):
         super().__init__()
-        self.samples_this_rank, self.exact_loss, self.carried = samples_this_rank, exact_loss, carried
+        self.samples_this_rank, self.task, self.carried = samples_this_rank, task, carried
 
     def on_epoch_end(self, epoch, logs=None):
         sums = metrics.global_sums(logs, self.samples_this_rank, "train", self.carried)
         self.counted = int(sums["count"])  # every rank's samples of the epoch (the event log records it)
         logs.update({k: sums[k] / sums["count"] for k in list(logs)})
         self.carried = None  # the next epoch starts afresh
-        xent = logs.pop("xent")
-        if self.exact_loss:
-            logs["loss"] = xent
+        logs["loss"] = logs.pop(tasks.EXACT_LOSS)
+        self.task.derived(logs)
 
 
 class GlobalValidation(tf.keras.callbacks.Callback):
-    """Collective, on every rank at every epoch end: exact validation loss and accuracy."""
+    """Collective, on every rank at every epoch end: exact validation figures (loss and accuracy,
+    or loss, MSE, RMSE, MAE and R^2)."""
 
-    def __init__(self, splits, rt, from_logits):
+    def __init__(self, splits, rt, task):
         super().__init__()
-        self.splits, self.rt, self.from_logits = splits, rt, from_logits
+        self.splits, self.rt, self.task = splits, rt, task
 
     def on_epoch_end(self, epoch, logs=None):
         pieces = self.splits.eval_pieces("val", self.rt.rank, self.rt.size)
-        result = metrics.evaluate(self.model, pieces, self.rt, self.from_logits)
-        logs["val_loss"], logs["val_accuracy"] = result["loss"], result["accuracy"]
+        result = metrics.evaluate(self.model, pieces, self.task)
+        logs.update({f"val_{k}": v for k, v in self.task.scores(result).items()})
 
 
 class LearningRateLog(tf.keras.callbacks.Callback):
@@ -241,7 +243,7 @@ class EarlyStopping(tf.keras.callbacks.Callback):
         super().__init__()
         self.rt, self.log, self.metric = rt, log, config.early_stopping_metric
         self.patience, self.min_delta = config.early_stopping_patience, config.early_stopping_min_delta
-        self.lower_is_better = self.metric.endswith("loss")
+        self.lower_is_better = self.metric not in ("val_accuracy", "val_r2")
         self.state = dict(state or {"best": None, "best_epoch": None, "wait": 0})
         self.stopped = False
 

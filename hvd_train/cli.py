@@ -24,13 +24,13 @@ def _int_list(text: str) -> tuple:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,32, got {text!r}") from None
     if not sizes:
-        raise argparse.ArgumentTypeError("expected at least one hidden layer size")
+        raise argparse.ArgumentTypeError("expected at least one size, e.g. 64,32")
     return sizes
 
 
 def _add_option(group, field: dataclasses.Field, value_type: Any) -> None:
     """One TrainConfig field as --its-name, from its type and metadata (config._option).
-    Tuple fields (the hidden sizes) are written as comma-separated integers: 64,32."""
+    Tuple fields (hidden sizes, filters) are written as comma-separated integers: 64,32."""
     meta = dict(field.metadata)
     kwargs: Dict[str, Any] = {"default": field.default, "help": meta.pop("help") or None}
     meta.pop("group")
@@ -57,7 +57,7 @@ def train_parser(plan: bool = False) -> argparse.ArgumentParser:
     else:
         p = _Parser(
             prog="hvd-train",
-            description="Train a Keras classifier data-parallel with Horovod. Launch it with "
+            description="Train a Keras classifier or regressor data-parallel with Horovod. Launch it with "
                         "horovodrun/mpirun (e.g. horovodrun -np 2 hvd-train ...); alone it runs one process. "
                         "'hvd-train plan --help' shows the resolved run without training; "
                         "'hvd-train predict --help' for predictions from a saved run; "

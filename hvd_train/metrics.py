@@ -5,53 +5,50 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-from .runtime import Runtime
 
-
-def local_sums(model, x: np.ndarray, y: np.ndarray, from_logits: bool, n_classes: int = 0,
-               batch_size: int = 4096) -> np.ndarray:
-    """[sum of per-sample losses, number correct, number of samples] on this rank's rows, followed,
-    if ``n_classes``, by the confusion counts [true class, predicted class] flattened row by row."""
-    import tensorflow as tf
-
-    totals = np.zeros(3 + n_classes * n_classes, np.float64)
+def local_sums(model, x: np.ndarray, y: np.ndarray, task, batch_size: int = 4096) -> np.ndarray:
+    """The task's evaluation sums (tasks.py: loss, correct or squared errors, count, ...) on this
+    rank's rows; they add up over ranks."""
+    totals = np.zeros(task.width(), np.float64)
     for start in range(0, len(y), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        scores = model(xb, training=False)
-        losses = tf.keras.losses.sparse_categorical_crossentropy(yb, scores, from_logits=from_logits)
-        predicted = np.argmax(scores.numpy(), axis=1)
-        totals[:3] += [np.sum(losses.numpy(), dtype=np.float64), np.sum(predicted == yb), len(yb)]
-        if n_classes:
-            np.add.at(totals, 3 + yb * n_classes + predicted, 1)
+        scores = model(x[start:start + batch_size], training=False).numpy()
+        totals += task.sums(scores, y[start:start + batch_size])
     return totals
 
 
-def from_sums(totals: np.ndarray) -> Dict[str, float]:
-    loss_sum, correct, count = (float(v) for v in totals[:3])
-    if count == 0:
-        return {"loss": float("nan"), "accuracy": float("nan"), "samples": 0}
-    return {"loss": loss_sum / count, "accuracy": correct / count, "samples": int(count)}
-
-
-def evaluate(model, pieces: Iterable[Tuple[np.ndarray, np.ndarray]], runtime: Runtime, from_logits: bool,
-             n_classes: int = 0) -> Dict[str, Any]:
+def evaluate(model, pieces: Iterable[Tuple[np.ndarray, np.ndarray]], task) -> Dict[str, Any]:
     """Collective: every rank scores its share of the rows (``pieces``: (x, y) pairs, e.g.
-    ``splits.eval_pieces("test", rank, size)``), then one sum-allreduce of the totals.
-
-    With ``n_classes``, the same pass and allreduce also give the whole set's confusion matrix
-    (``"confusion"``, rows: true class), identical on every rank.
-    """
+    ``splits.eval_pieces("test", rank, size)``), then one sum-allreduce of the totals: the whole
+    set's figures (task.result: loss, accuracy and confusion matrix, or MSE, MAE, R^2 and the
+    residual histogram), identical on every rank."""
     import horovod.tensorflow as hvd
 
-    totals = np.zeros(3 + n_classes * n_classes, np.float64)
+    totals = np.zeros(task.width(), np.float64)
     for x, y in pieces:
-        totals += local_sums(model, x, y, from_logits, n_classes)
+        totals += local_sums(model, x, y, task)
     # Horovod: sum (not average) so ranks with more samples weigh more: exact whole-set metrics.
     totals = hvd.allreduce(totals, op=hvd.Sum, name="eval_sums").numpy()
-    result: Dict[str, Any] = from_sums(totals)
-    if n_classes:
-        result["confusion"] = totals[3:].reshape(n_classes, n_classes).astype(np.int64)
-    return result
+    return task.result(totals)
+
+
+def gather_predictions(model, pieces: Iterable[Tuple[np.ndarray, np.ndarray]], world_size: int,
+                       limit: int) -> np.ndarray:
+    """Collective: up to ``limit`` (true, predicted) pairs from the rows the ranks score, each
+    rank's first ``limit / world_size`` of its share (the rows of a strided share are spread over
+    the whole set). Model units; identical on every rank."""
+    from . import runtime
+
+    mine, want = [], -(-limit // world_size)
+    for x, y in pieces:
+        if want <= 0:
+            break
+        x, y = x[:want], y[:want]
+        if len(y):
+            mine.append(np.stack([y.astype(np.float64), model(x, training=False).numpy().reshape(-1)], axis=1))
+        want -= len(y)
+    # Horovod: every rank's pairs, on every rank (one allgather, a few kB).
+    parts = runtime.allgather(np.concatenate(mine) if mine else np.zeros((0, 2)), "predictions")
+    return np.concatenate(parts)
 
 
 def global_sums(values: Dict[str, float], count: int, what: str,

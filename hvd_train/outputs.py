@@ -4,7 +4,8 @@ Written by rank 0 only (via runtime.on_rank0), each file atomically (files.py). 
 hold: ``model.keras`` (load with tf.keras.models.load_model), ``preprocessing.json`` (feature and
 class names, the scaler), ``config.json`` (config, plan, versions), ``config.toml`` (re-run with
 ``--config``), ``history.csv``, ``report.json`` (confusion matrix, per-class scores),
-``curves.png``, ``confusion_matrix.png``, ``events.jsonl`` (live, events.py), ``tensorboard/``,
+``curves.png``, ``confusion_matrix.png`` (classification) or ``predictions.png`` (regression:
+predicted vs true), ``events.jsonl`` (live, events.py), ``tensorboard/``,
 ``autotune.csv``, and ``metrics.json``, written last: a run without it did not finish.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ HISTORY_FILE = "history.csv"
 REPORT_FILE = "report.json"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
+PREDICTIONS_PLOT_FILE = "predictions.png"
 EVENTS_FILE = "events.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 AUTOTUNE_FILE = "autotune.csv"
@@ -92,14 +94,15 @@ def history_csv(history: Dict[str, List[float]]) -> str:
     return text.getvalue()
 
 
-def write_run(config, plan, splits, model, model_fn, history: Dict[str, List[float]],
-              metrics: Dict[str, Any], report: Dict[str, Any]) -> None:
-    """Rank 0 only: every file of a finished run; metrics.json last, as the mark of completion."""
+def write_run(config, plan, splits, task, model, model_fn, history: Dict[str, List[float]],
+              metrics: Dict[str, Any], report: Dict[str, Any], points: Optional[np.ndarray] = None) -> None:
+    """Rank 0 only: every file of a finished run; metrics.json last, as the mark of completion.
+    ``points``: regression's (true, predicted) test pairs for predictions.png."""
     d = config.output_dir
     # A clean copy for tf.keras.models.load_model: the Horovod-wrapped optimizer is not serialisable.
-    clean = model_fn(splits.n_features, splits.n_classes)
+    clean = model_fn(splits.model_inputs, splits.n_outputs)
     clean.set_weights(model.get_weights())
-    compile_model(clean, make_optimizer(config, plan.scaled_lr), config.logits)
+    compile_model(clean, make_optimizer(config, plan.scaled_lr), task, exact_loss=False)
     with files.atomic_path(os.path.join(d, MODEL_FILE)) as tmp:
         clean.save(tmp)
     write_json(os.path.join(d, PREPROCESSING_FILE), {**splits.preprocessing(), "logits": config.logits})
@@ -110,10 +113,16 @@ def write_run(config, plan, splits, model, model_fn, history: Dict[str, List[flo
     write_json(os.path.join(d, REPORT_FILE), report)
     title = f"{config.dataset}, {plan.world_size} process(es), global batch {plan.global_batch_size}"
     with files.atomic_path(os.path.join(d, CURVES_FILE)) as tmp:
-        plots.curves(history, tmp, title)
-    with files.atomic_path(os.path.join(d, CONFUSION_FILE)) as tmp:
-        plots.confusion(np.array(report["confusion_matrix"]), report["classes"], tmp,
-                        f"test set, accuracy {report['accuracy']:.4f} ({report['samples']} samples)")
+        plots.curves(history, tmp, title, task.curve_metric)
+    if config.regression:
+        with files.atomic_path(os.path.join(d, PREDICTIONS_PLOT_FILE)) as tmp:
+            plots.predicted_vs_true(points, tmp, splits.target_name,
+                                    f"test set: RMSE {report['rmse']:.4g}, R^2 {report['r2']:.4f} "
+                                    f"({len(points)} of {report['samples']} samples)")
+    else:
+        with files.atomic_path(os.path.join(d, CONFUSION_FILE)) as tmp:
+            plots.confusion(np.array(report["confusion_matrix"]), report["classes"], tmp,
+                            f"test set, accuracy {report['accuracy']:.4f} ({report['samples']} samples)")
     if config.autotune and not config.autotune_log and os.path.exists(autotune_scratch()):
         shutil.move(autotune_scratch(), os.path.join(d, AUTOTUNE_FILE))  # nothing left in /tmp
     write_json(os.path.join(d, METRICS_FILE), metrics)

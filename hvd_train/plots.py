@@ -1,4 +1,5 @@
-"""The run's pictures, drawn by rank 0 at the end: learning curves and the confusion matrix.
+"""The run's pictures, drawn by rank 0 at the end: learning curves, and the confusion matrix
+(classification) or predicted against true values (regression).
 
 Drawing only: outputs.py names the files and writes them. Files only (matplotlib's Agg
 backend), never a window; fixed sizes so they embed predictably.
@@ -20,16 +21,17 @@ def pyplot():
     return plt
 
 
-def curves(history: Dict[str, List[float]], path: str, title: str = "") -> None:
-    """Loss and accuracy per epoch, training vs validation, and the learning rate: 1200 x 400 px."""
+def curves(history: Dict[str, List[float]], path: str, title: str = "", metric: str = "accuracy") -> None:
+    """Loss and ``metric`` (accuracy, or RMSE for regression) per epoch, training vs validation,
+    and the learning rate: 1200 x 400 px."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), dpi=100)
     epochs = np.arange(1, len(next(iter(history.values()), [])) + 1)
-    for ax, metric in zip(axes[:2], ("loss", "accuracy")):
-        for key, label, style in ((metric, "train", "-"), (f"val_{metric}", "validation", "--")):
+    for ax, name in zip(axes[:2], ("loss", metric)):
+        for key, label, style in ((name, "train", "-"), (f"val_{name}", "validation", "--")):
             if history.get(key):
                 ax.plot(epochs, history[key], style, label=label)
-        ax.set_title(metric)
+        ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -63,6 +65,25 @@ def confusion(counts: np.ndarray, class_names: Sequence[str], path: str, title: 
                 ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if counts[i, j] > high else "black")
     ax.set_title(title or "confusion matrix", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def predicted_vs_true(points: np.ndarray, path: str, target_name: str, title: str = "") -> None:
+    """Predicted against true values (rows of ``points``: true, predicted), with the diagonal: 600 x 600 px."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
+    points = np.asarray(points, np.float64).reshape(-1, 2)
+    ax.scatter(points[:, 0], points[:, 1], s=8, alpha=0.5)
+    if len(points):
+        low, high = float(points.min()), float(points.max())
+        ax.plot([low, high], [low, high], color="tab:red", linewidth=1, label="predicted = true")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(f"true {target_name}")
+    ax.set_ylabel(f"predicted {target_name}")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "predicted vs true", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -13,7 +13,9 @@ from .data import DataError
 
 
 def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = None) -> str:
-    """Write <class, probability per class> for every row of the input (a CSV or Parquet file,
+    """Write <class, probability per class> (regression: the predicted value, in the target's
+    units) for every row of the input (N-d models: each row holds a sample's values flattened,
+    row-major, in the order of preprocessing.json's feature names) (a CSV or Parquet file,
     or ``csv:``/``parquet:`` PATH with a directory or glob), read and written in pieces, so inputs
     larger than memory work; the output appears atomically when complete. Returns its path."""
     model_path = os.path.join(model_dir, outputs.MODEL_FILE)
@@ -28,6 +30,8 @@ def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = No
     source = sources.open_source(spec, "")
     scaler = data.Standardizer.from_dict(prep["scaler"])
     classes = prep["class_names"]
+    shape = tuple(prep.get("input_shape") or (len(prep["feature_names"]),))
+    target = data.Standardizer.from_dict(prep["target"]) if prep.get("task") == "regression" else None
 
     import tensorflow as tf
 
@@ -38,14 +42,20 @@ def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = No
     count = 0
     with files.atomic_path(output_csv) as tmp, open(tmp, "w", newline="") as out:
         writer = csv.writer(out)
-        writer.writerow(["predicted_class"] + [f"prob_{c}" for c in classes])
+        if target is not None:
+            writer.writerow([f"predicted_{prep.get('target_name') or 'target'}"])
+        else:
+            writer.writerow(["predicted_class"] + [f"prob_{c}" for c in classes])
         for unit in source.units:
             for x, _ in sources.read_unit(source, unit, prep["feature_names"]):
                 if not len(x):
                     continue
-                scores = model.predict(scaler.transform(x), verbose=0, batch_size=4096)
-                probs = tf.nn.softmax(scores).numpy() if prep.get("logits") else scores
-                writer.writerows([classes[int(np.argmax(row))]] + [f"{p:.6f}" for p in row] for row in probs)
-                count += len(probs)
+                scores = model.predict(scaler.transform(x.reshape((-1, *shape))), verbose=0, batch_size=4096)
+                if target is not None:
+                    writer.writerows([f"{v:.8g}"] for v in target.inverse(scores.reshape(-1)))
+                else:
+                    probs = tf.nn.softmax(scores).numpy() if prep.get("logits") else scores
+                    writer.writerows([classes[int(np.argmax(row))]] + [f"{p:.6f}" for p in row] for row in probs)
+                count += len(scores)
     runtime.write_line(f"[hvd_train] wrote {count} predictions to {output_csv}")
     return output_csv

@@ -5,7 +5,8 @@ The facts pass (``load``, collective): the units of sources.py are dealt out rou
 (unit u to rank u mod N). Each rank reads only its units and, for every row, decides its split
 from the seed and the row's identity (file, unit, row in unit), so the split is the same for
 every world size. From its training rows it keeps per-feature count/mean/M2 (combined over
-ranks exactly, Chan et al.), and from every row the label (the vocabulary is the union).
+ranks exactly, Chan et al.), and from every row the label (the vocabulary is the union); for
+regression, the moments of the numeric target instead (its scaler).
 Evaluation (``StreamSplits.eval_pieces``) reads the validation or test rows of the same units
 again when needed: rank r scores its units' rows, and the exact metrics add per-rank sums.
 
@@ -31,7 +32,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import runtime, sharding, sources
-from .data import DataError, Standardizer
+from .data import DataError, Standardizer, preprocessing
 from .runtime import AgreedFailure
 
 TRAIN, VAL, TEST = 0, 1, 2
@@ -96,7 +97,8 @@ class StreamSplits:
     source: sources.Source
     scaler: Standardizer
     feature_names: Tuple[str, ...]
-    class_names: Tuple[str, ...]
+    class_names: Tuple[str, ...]  # empty for regression
+    target: Optional[Standardizer]  # regression: the target's scaling (labels are standardised values)
     unit_train_rows: Tuple[int, ...]  # training rows per unit, global
     unit_rows: Tuple[int, ...]  # rows per unit, global
     n_train: int
@@ -115,8 +117,28 @@ class StreamSplits:
         return len(self.feature_names)
 
     @property
+    def input_shape(self) -> Tuple[int, ...]:
+        return (self.n_features,)
+
+    @property
+    def model_inputs(self) -> int:
+        return self.n_features
+
+    @property
     def n_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def n_outputs(self) -> int:
+        return self.n_classes or 1
+
+    @property
+    def target_name(self) -> str:
+        return self.source.label
+
+    @property
+    def label_dtype(self):
+        return np.int64 if self.target is None else np.float32
 
     def eval_pieces(self, which: str, rank: int, size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """This rank's share of the validation ("val") or test rows, standardised, in pieces: the
@@ -135,7 +157,10 @@ class StreamSplits:
                     yield self.scaler.transform(x), self.encode(y)
 
     def encode(self, labels: np.ndarray) -> np.ndarray:
-        """Label texts -> class codes: class_names is sorted, so a code is a sorted position."""
+        """Label texts -> class codes: class_names is sorted, so a code is a sorted position;
+        regression: the standardised numeric target."""
+        if self.target is not None:
+            return self.target.transform(numeric_target(labels, self.source))
         names = np.asarray(self.class_names)
         codes = np.minimum(np.searchsorted(names, labels), len(names) - 1)
         unknown = names[codes] != labels
@@ -144,8 +169,8 @@ class StreamSplits:
         return codes.astype(np.int64)
 
     def preprocessing(self) -> Dict[str, object]:
-        return {"feature_names": list(self.feature_names), "class_names": list(self.class_names),
-                "scaler": self.scaler.to_dict()}
+        return preprocessing(self.feature_names, self.class_names, self.scaler, self.input_shape, self.target,
+                             self.target_name)
 
     def window_rows(self, shuffle_buffer: int) -> int:
         """Training rows of one shuffle window, at most: whole units are added until the buffer
@@ -185,7 +210,8 @@ class StreamSplits:
         return {"data.source": f"{self.source.kind}:{self.source.spec}", "data.files": self.source.listing(),
                 "data.rows": [self.n_train, self.n_val, self.n_test], "data.sha256": self.digest[:16],
                 "data.sample": self.sample[:16],
-                "data.class_names": list(self.class_names), "data.feature_names": list(self.feature_names)}
+                "data.class_names": list(self.class_names), "data.feature_names": list(self.feature_names),
+                "data.target": None if self.target is None else self.target.to_dict()}
 
 
 def load(config, rank: int, size: int) -> StreamSplits:
@@ -210,9 +236,10 @@ def load(config, rank: int, size: int) -> StreamSplits:
     gathered = runtime.agree_gather(error, local, "data.facts")
 
     # 3. Global facts, computed alike on every rank from the gathered summaries.
-    moments = _Moments()
+    moments, target_moments = _Moments(), _Moments()
     for g in gathered:
         moments.merge(g["moments"])
+        target_moments.merge(g["target"])
     unit_train = [0] * len(source.units)
     unit_rows = [0] * len(source.units)
     unit_digest = [""] * len(source.units)
@@ -225,23 +252,53 @@ def load(config, rank: int, size: int) -> StreamSplits:
     n_train = moments.n
     if n_train == 0:
         raise AgreedFailure(f"{config.dataset}: no training rows (read {n_val + n_test} validation/test rows)")
-    if "" in labels:
+    target = None
+    if config.regression:
+        target = _scaler(target_moments)
+    elif "" in labels:
         raise AgreedFailure(f"{config.dataset}: some rows have an empty label")
-    if len(labels) < 2:
+    elif len(labels) < 2:
         raise AgreedFailure(f"{config.dataset}: need at least 2 classes, found {len(labels)}")
-    std = np.sqrt(moments.m2 / moments.n)
-    scaler = Standardizer(mean=moments.mean, scale=np.where(std > 0, std, 1.0))
+    scaler = _scaler(moments)
+    if config.scale == "none":
+        scaler = Standardizer(mean=np.zeros_like(scaler.mean), scale=np.ones_like(scaler.scale))
     digest = hashlib.sha256("".join(unit_digest).encode()).hexdigest()
     return StreamSplits(
-        source=source, scaler=scaler, feature_names=source.features, class_names=tuple(labels),
+        source=source, scaler=scaler, feature_names=source.features, class_names=tuple(labels), target=target,
         unit_train_rows=tuple(unit_train), unit_rows=tuple(unit_rows), n_train=n_train, n_val=n_val, n_test=n_test,
         digest=digest, my_units=mine,
         sample=source.sample_digest(),
         seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction)
 
 
+def _scaler(moments: _Moments) -> Standardizer:
+    std = np.sqrt(moments.m2 / moments.n)
+    return Standardizer(mean=moments.mean, scale=np.where(std > 0, std, 1.0))
+
+
+def numeric_target(labels: np.ndarray, source: sources.Source) -> np.ndarray:
+    """Regression: the label texts as numbers; anything else is one clear error."""
+    try:
+        values = labels.astype(np.float64)
+    except ValueError:
+        bad = next(v for v in labels if not _is_number(v))
+        raise DataError(f"{source.spec}: regression needs a numeric target, and {source.label} holds {bad!r}: "
+                        "use --task classification for classes") from None
+    if not np.all(np.isfinite(values)):
+        raise DataError(f"{source.spec}: the target {source.label} contains NaN or inf")
+    return values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[str, Any]:
-    moments = _Moments()
+    moments, target = _Moments(), _Moments()
     labels: set = set()
     per_unit: Dict[int, Tuple[int, int, str]] = {}
     counts = np.zeros(3, np.int64)
@@ -257,9 +314,12 @@ def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[st
             moments.add(x[split == TRAIN])
             n_train += int(np.sum(split == TRAIN))
             counts += np.bincount(split, minlength=3)
-            labels.update(np.unique(y).tolist())
+            if config.regression:
+                target.add(numeric_target(y, source)[split == TRAIN])
+            else:
+                labels.update(np.unique(y).tolist())
         per_unit[u] = (offset, n_train, h.hexdigest())
-    return {"moments": moments, "labels": labels, "units": per_unit, "n_val": int(counts[VAL]),
+    return {"moments": moments, "target": target, "labels": labels, "units": per_unit, "n_val": int(counts[VAL]),
             "n_test": int(counts[TEST])}
 
 
@@ -279,7 +339,7 @@ class _Window:
         positions = np.arange(base, base + total)
         self.own = positions[stream._mine(positions)]  # this rank's positions, sorted
         self.x = np.empty((len(self.own), stream.splits.n_features), np.float32)
-        self.y = np.empty(len(self.own), np.int64)
+        self.y = np.empty(len(self.own), stream.splits.label_dtype)
         self.arrived = 0
         self.places: List[np.ndarray] = []
 
@@ -462,7 +522,7 @@ class TrainStream:
             if need:
                 xb, yb = _take(held_x, need), _take(held_y, need)
             else:  # more ranks than rows in this step
-                xb, yb = np.zeros((0, s.n_features), np.float32), np.zeros(0, np.int64)
+                xb, yb = np.zeros((0, s.n_features), np.float32), np.zeros(0, s.label_dtype)
             weight = need * self.size / (stop - start)
             yield xb, yb, np.full(need, weight, np.float32)
 
@@ -501,5 +561,6 @@ class TrainStream:
         depth = max(READ_AHEAD_STEPS, window // (self.size * self.batch_size) + 2)
         return tf.data.Dataset.from_generator(
             lambda: read_ahead(self.epochs(start_epoch), depth),
-            output_signature=(tf.TensorSpec((None, f), tf.float32), tf.TensorSpec((None,), tf.int64),
+            output_signature=(tf.TensorSpec((None, f), tf.float32),
+                              tf.TensorSpec((None,), tf.as_dtype(self.splits.label_dtype)),
                               tf.TensorSpec((None,), tf.float32))).prefetch(2)

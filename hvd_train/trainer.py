@@ -20,13 +20,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from . import checkpoint, consensus, metrics, outputs, replicas, runtime, sources, stopping, stream
+from . import checkpoint, consensus, metrics, outputs, replicas, runtime, sources, stopping, stream, tasks
 from .callbacks import EarlyStopping, StreamGuard, progress_mode, run_callbacks
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig
 from .data import DataArg, DataError, Splits, load_splits
 from .events import EventLog
-from .model import ModelFn, compile_model, make_optimizer, mlp_for
+from .model import ModelFn, check_inputs, compile_model, make_optimizer, model_for
 from .outputs import OutputError
 from .pipeline import ShardedBatches
 from .plan import Plan, make_plan, report, report_lines
@@ -114,6 +114,7 @@ def settle(rt: runtime.Runtime, config: TrainConfig, splits: Optional[Splits],
     try:
         if error is None and splits.n_train < rt.size:
             raise DataError(f"{splits.n_train} training samples are fewer than the {rt.size} processes")
+        error = error or check_inputs(config, splits.input_shape, config.dataset)
         output_dir = runtime.on_rank0(rt, outputs.check_dir, config.output_dir)
         for path in filter(None, (config.timeline, config.autotune_log)):
             runtime.on_rank0(rt, outputs.check_file, path)
@@ -156,14 +157,14 @@ def build_model(config: TrainConfig, splits: Splits, lr: float, model_fn: Option
     import horovod.tensorflow.keras as hvd
 
     tf.keras.utils.set_random_seed(config.seed)
-    model = (model_fn or mlp_for(config))(splits.n_features, splits.n_classes)
+    model = (model_fn or model_for(config))(splits.model_inputs, splits.n_outputs)
     # Horovod: gradients are averaged across ranks by ring-allreduce before every update.
     optimizer = hvd.DistributedOptimizer(
         make_optimizer(config, lr),
         # Horovod: optional fp16 on the wire, and local accumulation to allreduce less often.
         compression=hvd.Compression.fp16 if config.fp16_allreduce else hvd.Compression.none,
         backward_passes_per_step=config.backward_passes_per_step)
-    compile_model(model, optimizer, config.logits)
+    compile_model(model, optimizer, tasks.for_run(config, splits))
     optimizer._create_all_weights(model.trainable_variables)
     return model, optimizer
 
@@ -261,9 +262,12 @@ def finish(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
     # 7. Exact test metrics from identical replicas, and the proof that they are identical: the
     # non-trainable state (batch-norm statistics, ...) synced once more, every variable compared.
     replicas.sync_state(model)
-    test = metrics.evaluate(model, splits.eval_pieces("test", rt.rank, rt.size), rt, config.logits,
-                            splits.n_classes)
-    report = metrics.classification_report(test["confusion"], splits.class_names)
+    task = tasks.for_run(config, splits)
+    test = metrics.evaluate(model, splits.eval_pieces("test", rt.rank, rt.size), task)
+    report, points = task.report(test), None
+    if config.regression:  # predicted-vs-true points for the plot, gathered from every rank's share
+        points = task.to_units(metrics.gather_predictions(model, splits.eval_pieces("test", rt.rank, rt.size),
+                                                          rt.size, tasks.PLOT_POINTS))
     weight_digests, differ = replicas.check(model)
     if config.timeline:
         hvd_tf.stop_timeline()  # Horovod: closes the file, on every rank
@@ -271,8 +275,8 @@ def finish(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
         log.emit("run_failed", error=differ)
         raise runtime.AgreedFailure(differ)
     result_metrics = {
-        "test_loss": test["loss"],
-        "test_accuracy": test["accuracy"],
+        "task": config.task,
+        **{f"test_{k}": v for k, v in task.scores(test).items()},
         "test_samples": test["samples"],
         "world_size": rt.size,
         "global_batch_size": plan.global_batch_size,
@@ -283,17 +287,16 @@ def finish(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
         "replica_weight_digests": weight_digests,
         "replicas_identical": True,  # checked above, over every variable
     }
-    for key in ("val_loss", "val_accuracy"):
+    for key in task.val_metrics:
         if full_history.get(key):
             result_metrics[key] = full_history[key][-1]
 
     # 8. Outputs, written once by rank 0.
-    save_fn = model_fn or mlp_for(config, inference=True)  # ours saves plain Keras layers
-    runtime.on_rank0(rt, outputs.write_run, config, plan, splits, model, save_fn, full_history,
-                     result_metrics, report)
+    save_fn = model_fn or model_for(config, inference=True)  # ours saves plain Keras layers
+    runtime.on_rank0(rt, outputs.write_run, config, plan, splits, task, model, save_fn, full_history,
+                     result_metrics, report, points)
     log.finish({k: v for k, v in result_metrics.items() if k != "replica_weight_digests"})
-    runtime.log(rt, f"test loss {test['loss']:.4f}, test accuracy {test['accuracy']:.4f} "
-                    f"on {test['samples']} samples from {rt.size} process(es)")
+    runtime.log(rt, f"{task.summary(test)} on {test['samples']} samples from {rt.size} process(es)")
     runtime.log(rt, f"outputs in {config.output_dir}")
     return TrainResult(output_dir=config.output_dir, metrics=result_metrics,
                        history=full_history, plan=plan, model=model)

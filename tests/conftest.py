@@ -154,19 +154,23 @@ def read_json(path) -> dict:
 
 OUTPUT_FILES = {"model.keras", "preprocessing.json", "config.json", "config.toml", "history.csv", "metrics.json",
                 "report.json", "curves.png", "confusion_matrix.png", "events.jsonl"}
+REGRESSION_OUTPUT_FILES = OUTPUT_FILES - {"confusion_matrix.png"} | {"predictions.png"}
 
 
 def check_run(out_dir, proc, world_size):
     """What every successful launch must show; returns metrics.json."""
     import numpy as np
     import tensorflow as tf
+    from sklearn import metrics as skm
 
     from hvd_train import data
     from hvd_train.config import TrainConfig
     from hvd_train.consensus import weights_digest
 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert {p.name for p in out_dir.iterdir()} == OUTPUT_FILES, "exactly the outputs, no temp files"
+    config = TrainConfig.from_dict(read_json(out_dir / "config.json")["config"])
+    expected = REGRESSION_OUTPUT_FILES if config.regression else OUTPUT_FILES
+    assert {p.name for p in out_dir.iterdir()} == expected, "exactly the outputs, no temp files"
     m = read_json(out_dir / "metrics.json")
     assert m["world_size"] == world_size
     assert len(m["replica_weight_digests"]) == world_size and m["replicas_identical"] is True
@@ -175,17 +179,21 @@ def check_run(out_dir, proc, world_size):
     model = tf.keras.models.load_model(out_dir / "model.keras")
     assert m["replica_weight_digests"] == [weights_digest(model.get_weights())] * world_size
     # Test metrics equal a single-process evaluation of the whole test split: exact, not a mean of means.
-    config = TrainConfig.from_dict(read_json(out_dir / "config.json")["config"])
-    table = data.load(config.dataset, config.label_column, samples=config.samples,
-                      features=config.features, classes=config.classes, seed=config.seed)
-    splits = data.split_and_scale(table, config.val_fraction, config.test_fraction, config.seed)
-    # Called directly (not predict) so Keras computes the loss from the softmax's logits, as in training.
+    splits = data.load_splits(config)
     scores = model(splits.x_test, training=False)
+    assert m["test_samples"] == len(splits.y_test)
+    if config.regression:  # scikit-learn's metrics on the saved model's predictions, in the target's units
+        true, predicted = splits.target.inverse(splits.y_test), splits.target.inverse(scores.numpy().reshape(-1))
+        assert m["test_mse"] == pytest.approx(skm.mean_squared_error(true, predicted), rel=1e-5)
+        assert m["test_rmse"] == pytest.approx(skm.mean_squared_error(true, predicted) ** 0.5, rel=1e-5)
+        assert m["test_mae"] == pytest.approx(skm.mean_absolute_error(true, predicted), rel=1e-5)
+        assert m["test_r2"] == pytest.approx(skm.r2_score(true, predicted), rel=1e-5, abs=1e-6)
+        return m
+    # Called directly (not predict) so Keras computes the loss from the softmax's logits, as in training.
     logits = read_json(out_dir / "preprocessing.json")["logits"]
     loss = float(np.mean(tf.keras.losses.sparse_categorical_crossentropy(
         splits.y_test, scores, from_logits=logits).numpy()))
     scores = scores.numpy()
-    assert m["test_samples"] == len(splits.y_test)
     assert m["test_loss"] == pytest.approx(loss, rel=1e-5)
     assert m["test_accuracy"] == pytest.approx(float(np.mean(scores.argmax(1) == splits.y_test)), abs=1e-9)
     return m

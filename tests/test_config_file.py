@@ -32,22 +32,27 @@ def test_every_option_can_live_in_a_file(tmp_path):
     # Each TrainConfig field, set to a non-default value in a file, arrives in the config.
     values = {"dataset": "digits", "label_column": "y", "samples": 77, "features": 5, "classes": 4, "epochs": 9,
               "batch_size": 5, "lr": 0.3, "optimizer": "sgd", "momentum": 0.5, "lr_scaling": "sqrt",
-              "warmup_epochs": 1, "hidden": (7, 3), "activation": "tanh", "dropout": 0.25, "logits": True,
+              "warmup_epochs": 1, "hidden": (7, 3), "activation": "tanh", "dropout": 0.25, "task": "regression",
+              "loss": "huber", "model": "cnn", "filters": (8, 4), "l2": 0.001, "scale": "none",
               "batch_norm": True, "sync_batchnorm": True, "seed": 3, "shuffle_buffer": 99, "val_fraction": 0.2,
               "test_fraction": 0.3, "shuffle": False, "threads": 1, "pin_cores": False,
               "output_dir": "x", "progress": "none", "lr_schedule": "step", "lr_decay_epochs": 2,
-              "lr_decay_factor": 0.5, "early_stopping_patience": 2, "early_stopping_metric": "val_accuracy",
+              "lr_decay_factor": 0.5, "early_stopping_patience": 2, "early_stopping_metric": "val_r2",
               "early_stopping_min_delta": 0.01, "fp16_allreduce": True, "backward_passes_per_step": 2,
               "checkpoint_dir": "c", "checkpoint_every": 2, "keep_checkpoints": 1, "resume": "auto", "commit_every": 5,
               "tensorboard": True, "timeline": "t.json", "autotune": True, "autotune_log": "a.csv",
               "verbose_ranks": True}
-    assert set(values) == {f.name for f in dataclasses.fields(TrainConfig)}, "a new option needs a line here"
+    # logits is classification's (the rest regression's): it has its own line below.
+    assert set(values) | {"logits"} == {f.name for f in dataclasses.fields(TrainConfig)}, \
+        "a new option needs a line here"
     defaults = TrainConfig()
     assert all(getattr(defaults, k) != v for k, v in values.items()), "every value differs from its default"
     text = "\n".join(f"{k} = {configfile._toml_value(v)}" for k, v in values.items())
     (tmp_path / "all.toml").write_text(text)
     config, _ = cli.parse(["--config", str(tmp_path / "all.toml")])
     assert config == TrainConfig(**values)
+    (tmp_path / "logits.toml").write_text("logits = true\n")
+    assert cli.parse(["--config", str(tmp_path / "logits.toml")])[0].logits
 
 
 def test_command_line_overrides_the_file(tmp_path):
@@ -63,7 +68,7 @@ def test_command_line_overrides_the_file(tmp_path):
     ("shuffle = 1", "shuffle must be a boolean (true/false), got integer 1"),
     ("hidden = 64", "hidden must be a non-empty array of integers, e.g. [64, 32], got integer 64"),
     ("lr = true", "lr must be a number, got boolean true"),
-    ("[model]\nhidden = [3]", "unknown key 'model'"),
+    ("[network]\nhidden = [3]", "unknown key 'network'"),
     ("epochs = ", "is not valid TOML"),
 ])
 def test_bad_files_are_one_clear_error(tmp_path, text, message):

@@ -47,11 +47,47 @@ def test_class_too_small_for_split():
 def test_from_arrays_rejects_bad_arrays():
     with pytest.raises(DataError, match="NaN or inf"):
         data.from_arrays(np.array([[1.0, np.nan]]), [0])
-    with pytest.raises(DataError, match="2-D"):
+    with pytest.raises(DataError, match=r"an array \[samples, features\]"):
         data.from_arrays(np.zeros(3), [0, 1, 2])
-    with pytest.raises(DataError, match="one label per row"):
+    with pytest.raises(DataError, match="one label per sample"):
         data.from_arrays(np.zeros((3, 2)), [0, 1])
     with pytest.raises(DataError, match="numeric"):
         data.from_arrays(np.array([["a", "b"]]), [0])
 
 
+
+
+def test_regression_tables_split_and_standardise_the_target():
+    table = data.load("diabetes", task="regression")
+    assert table.regression and table.x.shape == (442, 10) and table.target_name == "disease_progression"
+    splits = data.split_and_scale(table, 0.1, 0.2, 42)
+    assert splits.n_outputs == 1 and splits.n_classes == 0
+    assert abs(float(np.mean(splits.y_train))) < 1e-6 and float(np.std(splits.y_train)) == pytest.approx(1, rel=1e-5)
+    back = splits.target.inverse(np.concatenate([splits.y_train, splits.y_val, splits.y_test]))
+    assert sorted(back) == pytest.approx(sorted(table.y), rel=1e-5)
+    with pytest.raises(DataError, match="add --task regression"):
+        data.load("diabetes")
+    synthetic = data.load("synthetic", task="regression", samples=50, features=4)
+    assert synthetic.y.dtype == np.float64 and synthetic.regression
+
+
+def test_a_regression_target_must_be_numeric():
+    with pytest.raises(DataError, match="regression needs a numeric target, and target holds values such as 'b'"):
+        data.from_arrays(np.zeros((3, 2)), ["1.5", "b", "2"], task="regression")
+    assert data.from_arrays(np.zeros((2, 2)), ["1.5", "2"], task="regression").y.tolist() == [1.5, 2.0]
+
+
+def test_images_are_standardised_per_channel():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4, 4, 2)) * np.array([1.0, 10.0]) + np.array([5.0, -3.0])
+    y = np.arange(60) % 3
+    splits = data.split_and_scale(data.from_arrays(x, y), 0.1, 0.2, 0)
+    assert splits.input_shape == (4, 4, 2) and splits.n_features == 32 and splits.model_inputs == (4, 4, 2)
+    assert splits.scaler.mean.shape == (2,)
+    assert np.abs(splits.x_train.mean(axis=(0, 1, 2))).max() < 1e-5
+    assert splits.x_train.std(axis=(0, 1, 2)) == pytest.approx([1, 1], rel=1e-4)
+    raw = data.split_and_scale(data.from_arrays(x, y), 0.1, 0.2, 0, scale="none")
+    assert raw.x_train.mean() == pytest.approx(x.mean(), abs=1.0)  # untouched
+    digits = data.load("digits", images=True)
+    assert digits.x.shape == (1797, 8, 8, 1) and len(digits.feature_names) == 64
+    assert data.load("iris", images=True).x.shape == (150, 4), "a table stays a table"

@@ -1,11 +1,16 @@
-"""Exact metric combination, with real TensorFlow on a small model."""
+"""Exact metric combination, with real TensorFlow on small models: classification and regression."""
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from sklearn import metrics as skm
 
-from hvd_train import metrics
+from hvd_train import metrics, tasks
 from hvd_train.model import build_mlp
 from hvd_train.sharding import eval_shard
+
+CLASSES = tasks.Classification(("a", "b", "c"), logits=False)
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +26,16 @@ def model_and_data():
 def test_sum_combination_is_exact_on_unequal_shards(model_and_data):
     model, x, y = model_and_data
     shards = [np.arange(0, 3), np.arange(3, 23)]  # 3 and 20 samples: very unequal
-    totals = sum(metrics.local_sums(model, x[s], y[s], from_logits=False) for s in shards)
-    combined = metrics.from_sums(totals)
+    totals = sum(metrics.local_sums(model, x[s], y[s], CLASSES) for s in shards)
+    combined = CLASSES.result(totals)
     scores = model(x, training=False).numpy()
     whole_loss = float(np.mean(tf.keras.losses.sparse_categorical_crossentropy(y, scores).numpy()))
     whole_acc = float(np.mean(np.argmax(scores, 1) == y))
     assert combined["samples"] == 23
     assert combined["loss"] == pytest.approx(whole_loss, rel=1e-6)
     assert combined["accuracy"] == pytest.approx(whole_acc, abs=1e-12)
-    per_shard = [metrics.from_sums(metrics.local_sums(model, x[s], y[s], False))["loss"] for s in shards]
+    assert combined["confusion"].tolist() == skm.confusion_matrix(y, np.argmax(scores, 1), labels=[0, 1, 2]).tolist()
+    per_shard = [CLASSES.result(metrics.local_sums(model, x[s], y[s], CLASSES))["loss"] for s in shards]
     assert abs(np.mean(per_shard) - whole_loss) > 1e-4, "a mean of rank means would differ here"
 
 
@@ -37,8 +43,10 @@ def test_empty_shard_contributes_nothing(model_and_data):
     model, x, y = model_and_data
     rows = eval_shard(1, rank=1, world_size=2)
     assert len(rows) == 0
-    assert metrics.local_sums(model, x[rows], y[rows], False).tolist() == [0.0, 0.0, 0.0]
-    assert metrics.from_sums(np.zeros(3))["samples"] == 0
+    assert not metrics.local_sums(model, x[rows], y[rows], CLASSES).any()
+    assert CLASSES.result(np.zeros(CLASSES.width()))["samples"] == 0
+    regression = tasks.Regression("mse", 0.0, 1.0)
+    assert regression.result(np.zeros(regression.width()))["samples"] == 0
 
 
 def test_logits_and_softmax_agree(model_and_data):
@@ -46,6 +54,53 @@ def test_logits_and_softmax_agree(model_and_data):
     tf.keras.utils.set_random_seed(1)
     logit_model = build_mlp(5, 3, hidden=(8,), logits=True)
     probs_model = tf.keras.Sequential([logit_model, tf.keras.layers.Softmax()])
-    a = metrics.from_sums(metrics.local_sums(logit_model, x, y, from_logits=True))
-    b = metrics.from_sums(metrics.local_sums(probs_model, x, y, from_logits=False))
+    a = tasks.Classification("abc", logits=True).result(
+        metrics.local_sums(logit_model, x, y, tasks.Classification("abc", logits=True)))
+    b = CLASSES.result(metrics.local_sums(probs_model, x, y, CLASSES))
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["accuracy"] == b["accuracy"]
+
+
+@pytest.mark.parametrize("loss", ["mse", "mae", "huber"])
+def test_regression_sums_match_scikit_learn_on_unequal_shards(loss):
+    # A target of mean 50, std 7: the model works in standardised units, figures come back in the target's.
+    tf.keras.utils.set_random_seed(2)
+    model = build_mlp(4, 1, hidden=(6,), regression=True)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(31, 4)).astype(np.float32)
+    mean, scale = 50.0, 7.0
+    z = rng.normal(size=31).astype(np.float32)  # standardised targets
+    task = tasks.Regression(loss, mean, scale)
+    shards = [np.arange(0, 2), np.arange(2, 31)]
+    got = task.result(sum(metrics.local_sums(model, x[s], z[s], task) for s in shards))
+    predicted = model(x, training=False).numpy().reshape(-1) * scale + mean
+    true = z.astype(np.float64) * scale + mean
+    assert got["samples"] == 31
+    assert got["mse"] == pytest.approx(skm.mean_squared_error(true, predicted), rel=1e-5)
+    assert got["rmse"] == pytest.approx(math.sqrt(skm.mean_squared_error(true, predicted)), rel=1e-5)
+    assert got["mae"] == pytest.approx(skm.mean_absolute_error(true, predicted), rel=1e-5)
+    assert got["r2"] == pytest.approx(skm.r2_score(true, predicted), rel=1e-5)
+    keras_loss = {"mse": tf.keras.losses.MeanSquaredError(), "mae": tf.keras.losses.MeanAbsoluteError(),
+                  "huber": tf.keras.losses.Huber()}[loss]
+    assert got["loss"] == pytest.approx(float(keras_loss(tf.constant(z), model(x, training=False))), rel=1e-5)
+    assert got["residual_mean"] == pytest.approx(np.mean(predicted - true), rel=1e-4, abs=1e-6)
+    assert got["residual_std"] == pytest.approx(np.std(predicted - true), rel=1e-4)
+    assert got["histogram"].sum() == 31
+    report = task.report(got)
+    assert sum(report["residuals"]["histogram"]["counts"]) == 31
+    assert report["residuals"]["histogram"]["edges"][0] == pytest.approx(-3 * scale)
+
+
+def test_regression_training_metrics_are_in_target_units():
+    task = tasks.Regression("mse", 10.0, 4.0)
+    mae, mse = task.metrics()
+    y_true, y_pred = tf.constant([0.0, 1.0]), tf.constant([[0.5], [0.0]])  # standardised errors 0.5 and -1
+    mae.update_state(y_true, y_pred)
+    mse.update_state(y_true, y_pred)
+    assert float(mae.result()) == pytest.approx((0.5 + 1.0) / 2 * 4.0)
+    assert float(mse.result()) == pytest.approx((0.25 + 1.0) / 2 * 16.0)
+    logs = {"mse": 4.0}
+    task.derived(logs)
+    assert logs["rmse"] == 2.0
+    huber = tasks.Regression("huber", 10.0, 4.0).per_sample_loss(tf.constant([0.0, 0.0]),
+                                                                 tf.constant([[0.5], [3.0]])).numpy()
+    assert huber.tolist() == pytest.approx([0.125, 2.5])

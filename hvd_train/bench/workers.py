@@ -24,7 +24,8 @@ import numpy as np
 
 from .. import files, runtime
 from ..data import load_splits  # the data path train() uses, for the runs that bypass train()
-from ..model import compile_model, make_optimizer, mlp_for
+from ..model import compile_model, make_optimizer, model_for
+from ..tasks import for_run
 
 
 class EpochTimer:
@@ -126,8 +127,8 @@ def run_keras(p: Dict[str, Any]) -> Dict[str, Any]:
     config = workload_config(p, 1)
     splits = load_splits(config)
     tf.keras.utils.set_random_seed(config.seed)
-    model = mlp_for(config)(splits.n_features, splits.n_classes)
-    compile_model(model, make_optimizer(config, config.lr), config.logits)
+    model = model_for(config)(splits.model_inputs, splits.n_outputs)
+    compile_model(model, make_optimizer(config, config.lr), for_run(config, splits))
     batches = ShardedBatches(splits.x_train, splits.y_train, 0, 1, config.batch_size, config.seed, config.shuffle)
     timer = EpochTimer.make()
     model.fit(batches, epochs=config.epochs, shuffle=False, callbacks=[timer], verbose=0)
@@ -153,8 +154,8 @@ def run_mwms(p: Dict[str, Any]) -> Dict[str, Any]:
                .batch(global_batch, drop_remainder=True).with_options(options).prefetch(2))
     with strategy.scope():
         tf.keras.utils.set_random_seed(config.seed)
-        model = mlp_for(config)(splits.n_features, splits.n_classes)
-        compile_model(model, make_optimizer(config, config.lr), config.logits)
+        model = model_for(config)(splits.model_inputs, splits.n_outputs)
+        compile_model(model, make_optimizer(config, config.lr), for_run(config, splits))
     timer = EpochTimer.make()
     model.fit(dataset, epochs=config.epochs, callbacks=[timer], verbose=0)
     timed = timer.seconds[1:] or timer.seconds
