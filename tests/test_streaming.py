@@ -172,3 +172,46 @@ def test_a_file_that_disappears_mid_run_stops_every_rank_with_one_message(tmp_pa
     assert re.search(r"hvd-train: error: .*part-1.parquet disappeared while being read", job.output)
     assert not re.search(r"^\[\d+\]<std\w+>:Traceback", job.output, re.M)
     assert not (out / "metrics.json").exists() and not (out / "model.keras").exists()
+
+
+def test_regression_from_files_n_processes_equal_one_process_with_exact_metrics(tmp_path):
+    # A numeric label column: the target's statistics come from the ranks' shares (merged moments),
+    # N x b == 1 x N*b holds, and the test metrics are scikit-learn's on the test rows.
+    from sklearn import metrics as skm
+
+    x, _ = make_data(tmp_path / "d", "csv")
+    target = 3.0 * x[:, 0] - x[:, 1] + 0.2 * x[:, 2] + 50.0 + np.random.default_rng(1).normal(0, 0.5, len(x))
+    start = 0
+    for i, n in enumerate(FILE_ROWS):  # the same files, the label column replaced by the numeric target
+        with open(tmp_path / "d" / f"part-{i}.csv", "w") as f:
+            f.write(",".join(FEATURES + ["label"]) + "\n")
+            f.writelines(",".join(repr(float(v)) for v in row) + f",{t!r}\n"
+                         for row, t in zip(x[start:start + n], target[start:start + n]))
+        start += n
+    dataset = f"csv:{tmp_path / 'd'}"
+    outs = {}
+    for world_size in (1, 2):
+        outs[world_size] = tmp_path / f"np{world_size}"
+        proc = horovodrun(world_size, ["--dataset", dataset, *COMMON, "--task", "regression", "--dropout", "0",
+                                       "--batch-size", str(GLOBAL_BATCH // world_size),
+                                       "--output-dir", outs[world_size]])
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    diff = max_difference(outs[1], outs[2])
+    print(f"streamed regression np=2 vs np=1: max |w_N - w_1| = {diff:.2e}")
+    assert diff <= 1e-5
+    m = read_json(outs[2] / "metrics.json")
+    assert m["test_r2"] == pytest.approx(read_json(outs[1] / "metrics.json")["test_r2"], rel=1e-5)
+    assert m["test_r2"] > 0.8
+    rows, labels, splits = rows_by_split(dataset)
+    train, test = splits == stream.TRAIN, splits == stream.TEST
+    prep = read_json(outs[2] / "preprocessing.json")
+    values = labels.astype(np.float64)
+    assert prep["target"]["mean"] == pytest.approx(values[train].mean(), rel=1e-9)
+    assert prep["target"]["scale"] == pytest.approx(values[train].std(), rel=1e-9)
+    scaler = Standardizer.from_dict(prep["scaler"])
+    model = tf.keras.models.load_model(outs[2] / "model.keras")
+    predicted = model(scaler.transform(rows[test].astype(np.float32))).numpy().reshape(-1)
+    predicted = predicted * prep["target"]["scale"] + prep["target"]["mean"]
+    assert m["test_samples"] == int(test.sum())
+    assert m["test_rmse"] == pytest.approx(skm.mean_squared_error(values[test], predicted) ** 0.5, rel=1e-5)
+    assert m["test_r2"] == pytest.approx(skm.r2_score(values[test], predicted), rel=1e-5)
