@@ -209,6 +209,17 @@ class Regression:
 Task = Any  # Classification | Regression
 
 
+def describe(config, splits, model_fn=None) -> str:
+    """One line for the log: what is learned, from what, by which model."""
+    shape = "x".join(map(str, splits.input_shape))
+    model = "the model_fn given" if model_fn else f"--model {config.model}"
+    if config.regression:
+        what = f"regression of {splits.target_name} ({config.regression_loss} loss on the standardised target)"
+    else:
+        what = f"classification into {splits.n_classes} classes"
+    return f"task: {what}; samples of shape {shape}; {model}"
+
+
 def for_run(config, splits) -> Task:
     """The task of a run: the config's, with what the data says (class names, target statistics)."""
     if config.task == "regression":

@@ -60,6 +60,7 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
     config, splits, plan = prepare(rt, config, data)
     for line in plan.lines():
         runtime.log(rt, line)
+    runtime.log(rt, tasks.describe(config, splits, model_fn))
     if rt.cores:
         runtime.log(rt, f"each process bound to its own {len(rt.cores)} core(s) (rank 0: cores "
                         f"{','.join(map(str, rt.cores))}); --no-pin-cores leaves them floating")

@@ -60,6 +60,14 @@ def test_results_json(bench):
         assert b["wait_ms"] >= 0 and b["allreduce_ms"] >= 0 and b["input_ms"] >= 0
         assert b["other_ms"] == pytest.approx(b["step_ms"] - b["compute_ms"] - b["sharing_ms"] - b["wait_ms"]
                                               - b["allreduce_ms"])
+    # The CNN workload: the same figures, in images/s, from hvd_train's --model cnn on random images.
+    c = r["cnn"]
+    assert c["workload"]["model"] == "cnn" and set(c["throughput"]) == set(s["throughput"])
+    assert all(positive(v) for v in c["throughput"].values()) and positive(c["scaling_efficiency_np2"])
+    assert set(c["controllers"]) == set(s["controllers"]) and set(c["breakdown"]) == set(s["breakdown"])
+    cnp2 = c["runs"]["hvd_np2"][0]
+    assert cnp2["samples"] == cnp2["train_samples"] * (c["workload"]["epochs"] - 1)
+    assert cnp2["train_samples"] == c["workload"]["steps"] * c["workload"]["batch"] * 2
     assert r["knobs"]["baseline"]["vs_baseline"] == 1.0 and {"fp16_allreduce", "backward_passes_2"} <= set(r["knobs"])
     assert all(positive(k["samples_per_second"]) and 0 <= k["test_accuracy"] <= 1 for k in r["knobs"].values())
 
@@ -69,7 +77,8 @@ def test_markdown_and_plots(bench):
     md = (out / "results.md").read_text()
     assert md.startswith("# hvd-bench results") and "| scaling efficiency T(2) / (2 x T(1)), best controller (" in md
     assert "## The wire" in md and "## Knobs" in md and "## Where an np=2 step's time goes" in md and md in proc.stdout
-    for name in ("scaling.png", "wire.png"):
+    assert "## The CNN workload" in md and "| run | images/s (all ranks) |" in md
+    for name in ("scaling.png", "scaling_cnn.png", "wire.png"):
         assert png_size(out / name) == (600, 400)
 
 

@@ -1,9 +1,10 @@
-"""hvd-bench: scaling, overhead, the peer (MultiWorkerMirroredStrategy), the wire and the knobs.
+"""hvd-bench: scaling, overhead, the peer (MultiWorkerMirroredStrategy), the wire and the knobs;
+the scaling figures for an MLP on a table and for a CNN on images (section ``cnn``).
 
 Every figure is a ratio of runs made in this one invocation, with the variants interleaved
 repeat by repeat (a noisy neighbour slows all of them, not one) and medians taken. Each run is
 a fresh set of processes started by the real launcher. Writes results.json, results.md,
-scaling.png and wire.png into --out.
+scaling.png, scaling_cnn.png and wire.png into --out.
 """
 from __future__ import annotations
 
@@ -33,6 +34,14 @@ FULL = {"features": 256, "hidden": [1024, 1024], "classes": 10, "batch": 1024, "
 QUICK = {"features": 16, "hidden": [32], "classes": 3, "batch": 32, "steps": 3, "epochs": 2,
          "sizes": [4 << 10, 64 << 10], "min_iters": 2, "min_seconds": 0.0, "repeats": 1,
          "quick_knobs": ["baseline", "fp16_allreduce", "backward_passes_2", "no_core_pinning"]}
+
+
+# The CNN workload (section "cnn"), as Horovod's tensorflow2_synthetic_benchmark: random images and
+# labels, images/s. A ResNet-50 at 224x224 takes seconds per image on a 2-core VM; --model cnn on
+# 32x32x3 (CIFAR's size) keeps one step near 0.1-0.2 s, like the MLP's.
+CNN_FULL = {"model": "cnn", "image": [32, 32, 3], "filters": [32, 64, 128], "classes": 10, "batch": 64,
+            "steps": 8, "epochs": 4}
+CNN_QUICK = {"model": "cnn", "image": [8, 8, 1], "filters": [4], "classes": 3, "batch": 8, "steps": 3, "epochs": 2}
 
 
 MPI_YIELD = {"OMPI_MCA_mpi_yield_when_idle": "1"}
@@ -256,9 +265,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="bench/latest", help="directory for results.json, results.md and PNGs")
     parser.add_argument("--quick", action="store_true", help="toy sizes (for tests): checks the machinery only")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per variant (default 3)")
-    parser.add_argument("--sections", default="scaling,wire,knobs",
-                        help="comma-separated subset of scaling,wire,knobs,data (data: the file-data path, not "
-                        "in the default set; see --data-rows)")
+    parser.add_argument("--sections", default="scaling,cnn,wire,knobs",
+                        help="comma-separated subset of scaling,cnn,wire,knobs,data (cnn: the scaling figures "
+                        "for a CNN on images; data: the file-data path, not in the default set; see --data-rows)")
     parser.add_argument("--data-rows", default="400000,1600000", help="data section: rows of the generated files")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per launched run")
     args = parser.parse_args(argv)
@@ -266,7 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     repeats = args.repeats or p.pop("repeats")
     p.pop("repeats", None)
     sections = set(args.sections.split(","))
-    unknown = sections - {"scaling", "wire", "knobs", "data"}
+    unknown = sections - {"scaling", "cnn", "wire", "knobs", "data"}
     if unknown or repeats < 1:
         parser.error(f"unknown sections {sorted(unknown)}" if unknown else "--repeats must be >= 1")
     controllers = ["gloo"] + (["mpi"] if shutil.which("mpirun") else [])
@@ -284,6 +293,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             if "scaling" in sections:
                 results["scaling"] = scaling_section(runner, p, controllers, repeats, log)
+            if "cnn" in sections:
+                cnn = dict(CNN_QUICK if args.quick else CNN_FULL)
+                results["cnn"] = {"workload": cnn, **scaling_section(runner, {**p, **cnn}, controllers, repeats,
+                                                                     lambda m: log(f"cnn: {m}"))}
             if "wire" in sections:
                 results["wire"] = wire_section(runner, p, controllers, log)
             if "knobs" in sections:

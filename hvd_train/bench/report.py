@@ -14,7 +14,9 @@ def write_all(results: Dict[str, Any], out: Path) -> None:
     for stale in out.glob("*.png"):
         stale.unlink()
     if "scaling" in results:
-        plot_scaling(results, out / "scaling.png")
+        plot_scaling(results["scaling"], out / "scaling.png", "samples")
+    if "cnn" in results:
+        plot_scaling(results["cnn"], out / "scaling_cnn.png", "images")
     if "wire" in results:
         plot_wire(results, out / "wire.png")
 
@@ -37,28 +39,15 @@ def markdown(r: Dict[str, Any]) -> str:
              f"{w['batch']} samples per process per step, {w['steps']} steps per epoch, {w['epochs']} epochs "
              f"(the first, which traces the graph, is not timed), 1 intra-op thread per process.", ""]
     if "scaling" in r:
-        s = r["scaling"]
-        t = s["throughput"]
-        lines += ["## Scaling, overhead, peer", "",
-                  "| run | samples/s (all ranks) |", "| --- | ---: |",
-                  f"| hvd_train, 1 process | {t['hvd_np1']:.0f} |",
-                  f"| hvd_train, 2 processes, Gloo | {t['hvd_np2']:.0f} |",
-                  *([f"| hvd_train, 2 processes, MPI (yield when idle) | {t['hvd_np2_mpi']:.0f} |"]
-                    if "hvd_np2_mpi" in t else []),
-                  f"| 2 independent 1-process jobs at once (no communication: the ceiling) "
-                  f"| {t['independent_np1_x2']:.0f} |",
-                  f"| hvd_train, 1 process with 2 threads | {t['hvd_np1_2threads']:.0f} |",
-                  f"| plain Keras fit, 1 process | {t['keras_np1']:.0f} |",
-                  f"| MultiWorkerMirroredStrategy, 2 workers | {t['mwms_np2']:.0f} |", "",
-                  "| figure | value | target |", "| --- | ---: | ---: |",
-                  f"| scaling efficiency T(2) / (2 x T(1)), best controller ({_controller(s['best_np2'])}) "
-                  f"| {s['scaling_efficiency_np2']:.3f} | |",
-                  f"| the ceiling: 2 independent jobs / (2 x T(1)) | {s['ceiling_efficiency_np2']:.3f} | |",
-                  *_controller_rows(s),
-                  f"| hvd_train overhead vs plain Keras at np=1 | {100 * s['overhead_np1_vs_keras']:+.1f}% "
-                  "| <= 2% |", ""]
-        if s.get("breakdown"):
-            lines += _breakdown_lines(s["breakdown"])
+        lines += ["## Scaling, overhead, peer", ""] + _scaling_lines(r["scaling"], "samples")
+    if "cnn" in r:
+        c = r["cnn"]["workload"]
+        lines += ["## The CNN workload: scaling, overhead, peer", "",
+                  f"--model cnn (3x3 convolutions of {', '.join(map(str, c['filters']))} filters, batch norm, average "
+                  f"pooling) on random {'x'.join(map(str, c['image']))} images and {c['classes']} random classes, as "
+                  f"Horovod's tensorflow2_synthetic_benchmark; {c['batch']} images per process per step, {c['steps']} "
+                  f"steps per epoch, {c['epochs']} epochs (the first not timed).", ""]
+        lines += _scaling_lines(r["cnn"], "images")
     if "wire" in r:
         lines += ["## The wire: hvd.allreduce between 2 processes", "",
                   "Bus bandwidth in GB/s (bytes x 2(n-1)/n / time, the convention of NCCL's tests); fp16 "
@@ -90,6 +79,30 @@ def markdown(r: Dict[str, Any]) -> str:
 
         lines += [""] + data_lines(r["data"])
     return "\n".join(lines)
+
+
+def _scaling_lines(s: Dict[str, Any], unit: str) -> List[str]:
+    t = s["throughput"]
+    lines = [f"| run | {unit}/s (all ranks) |", "| --- | ---: |",
+             f"| hvd_train, 1 process | {t['hvd_np1']:.0f} |",
+             f"| hvd_train, 2 processes, Gloo | {t['hvd_np2']:.0f} |",
+             *([f"| hvd_train, 2 processes, MPI (yield when idle) | {t['hvd_np2_mpi']:.0f} |"]
+               if "hvd_np2_mpi" in t else []),
+             f"| 2 independent 1-process jobs at once (no communication: the ceiling) "
+             f"| {t['independent_np1_x2']:.0f} |",
+             f"| hvd_train, 1 process with 2 threads | {t['hvd_np1_2threads']:.0f} |",
+             f"| plain Keras fit, 1 process | {t['keras_np1']:.0f} |",
+             f"| MultiWorkerMirroredStrategy, 2 workers | {t['mwms_np2']:.0f} |", "",
+             "| figure | value | target |", "| --- | ---: | ---: |",
+             f"| scaling efficiency T(2) / (2 x T(1)), best controller ({_controller(s['best_np2'])}) "
+             f"| {s['scaling_efficiency_np2']:.3f} | |",
+             f"| the ceiling: 2 independent jobs / (2 x T(1)) | {s['ceiling_efficiency_np2']:.3f} | |",
+             *_controller_rows(s),
+             f"| hvd_train overhead vs plain Keras at np=1 | {100 * s['overhead_np1_vs_keras']:+.1f}% "
+             "| <= 2% |", ""]
+    if s.get("breakdown"):
+        lines += _breakdown_lines(s["breakdown"])
+    return lines
 
 
 _TARGET_VS_CEILING = {"gloo": 0.90, "mpi": 0.95}
@@ -129,9 +142,9 @@ def _controller(variant: str) -> str:
     return "MPI" if variant == "mpi" or variant.endswith("_mpi") else "Gloo"
 
 
-def plot_scaling(r: Dict[str, Any], path: Path) -> None:
+def plot_scaling(section: Dict[str, Any], path: Path, unit: str) -> None:
     plt = pyplot()
-    t = r["scaling"]["throughput"]
+    t = section["throughput"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot([1, 2], [t["hvd_np1"], t["hvd_np2"]], "o-", label="hvd_train, Gloo")
     if "hvd_np2_mpi" in t:
@@ -142,10 +155,10 @@ def plot_scaling(r: Dict[str, Any], path: Path) -> None:
     ax.plot([1], [t["keras_np1"]], "^", label="plain Keras")
     ax.plot([1], [t["hvd_np1_2threads"]], "v", label="1 process, 2 threads")
     ax.set_xlabel("processes")
-    ax.set_ylabel("samples / second (all ranks)")
+    ax.set_ylabel(f"{unit} / second (all ranks)")
     ax.set_xticks([1, 2])
     ax.set_ylim(bottom=0)
-    ax.set_title(f"Throughput vs processes (efficiency {r['scaling']['scaling_efficiency_np2']:.2f})")
+    ax.set_title(f"Throughput vs processes (efficiency {section['scaling_efficiency_np2']:.2f})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

@@ -3,8 +3,10 @@
 Usage: python -m hvd_train.bench.workers TASK PARAMS_JSON RESULT_FILE
 
 Tasks:
-- ``hvd_train``: the real hvd_train.train() on the synthetic workload; throughput from epoch
-  timings taken on every rank (first epoch skipped: it traces the graph).
+- ``hvd_train``: the real hvd_train.train() on the synthetic workload (an MLP on a synthetic
+  table, or ``model: cnn``: the CNN on random images, as Horovod's
+  tensorflow2_synthetic_benchmark); throughput from epoch timings taken on every rank (first
+  epoch skipped: it traces the graph).
 - ``keras``: plain Keras fit, no Horovod, on the same model and the same batches.
 - ``mwms``: tf.distribute.MultiWorkerMirroredStrategy, one worker per process (TF_CONFIG).
 - ``wire``: hvd.allreduce bandwidth over tensor sizes, with and without fp16 compression,
@@ -50,7 +52,8 @@ class EpochTimer:
 
 
 def workload_config(p: Dict[str, Any], world_size: int):
-    """The synthetic MLP workload: ``steps`` steps per epoch of ``batch`` samples per process."""
+    """The synthetic workload: ``steps`` steps per epoch of ``batch`` samples per process; an MLP
+    on a synthetic table, or with ``model: cnn`` the CNN (``filters``) on images (workload_data)."""
     from ..config import TrainConfig
 
     test_fraction = 0.05
@@ -60,15 +63,28 @@ def workload_config(p: Dict[str, Any], world_size: int):
     samples = train_samples
     while samples - int(np.ceil(test_fraction * samples)) < train_samples:
         samples += 1
+    model = {"model": "cnn", "filters": tuple(p["filters"])} if p.get("model") == "cnn" else \
+        {"hidden": tuple(p["hidden"]), "features": p["features"]}
     return TrainConfig(
-        dataset="synthetic", samples=samples, features=p["features"], classes=p["classes"],
-        hidden=tuple(p["hidden"]), epochs=p["epochs"], batch_size=p["batch"], lr=0.001,
+        dataset="synthetic", samples=samples, classes=p["classes"], **model, epochs=p["epochs"],
+        batch_size=p["batch"], lr=0.001,
         warmup_epochs=0, val_fraction=0.0, test_fraction=test_fraction, threads=p["threads"],
         fp16_allreduce=p.get("fp16_allreduce", False),
         backward_passes_per_step=p.get("backward_passes_per_step", 1),
         output_dir=p["output_dir"], progress="none", seed=p.get("seed", 1),
         pin_cores=p.get("pin_cores", True), timeline=p.get("timeline"),
     )
+
+
+def workload_data(p: Dict[str, Any], config):
+    """The CNN workload's data, as Horovod's synthetic benchmark has it: random images (``image``:
+    height, width, channels) and random labels, the same on every rank (seeded); None for the MLP,
+    whose table is config.dataset."""
+    if p.get("model") != "cnn":
+        return None
+    rng = np.random.default_rng(config.seed)
+    x = rng.normal(size=(config.samples, *p["image"])).astype(np.float32)
+    return x, rng.integers(0, config.classes, size=config.samples)
 
 
 def _combine(samples_per_epoch: int, seconds: List[float]) -> Dict[str, float]:
@@ -93,22 +109,22 @@ def run_hvd_train(p: Dict[str, Any]) -> Dict[str, Any]:
     hvd.init()
     timer = EpochTimer.make()
     config = workload_config(p, hvd.size())
-    result = train(config, callbacks=[timer])
+    result = train(config, data=workload_data(p, config), callbacks=[timer])
     samples = result.plan.train_samples_per_rank[hvd.rank()]
     out = _combine(samples, timer.seconds)
     out.update(world_size=hvd.size(), test_accuracy=result.metrics["test_accuracy"],
                train_samples=result.plan.train_samples,
                steps_per_epoch=result.plan.steps_per_epoch, epoch_seconds=timer.seconds)
     if p.get("measure_input"):
-        out["input_ms"] = _input_ms(config, hvd.rank(), hvd.size())
+        out["input_ms"] = _input_ms(p, config, hvd.rank(), hvd.size())
     return out
 
 
-def _input_ms(config, rank: int, size: int) -> float:
+def _input_ms(p: Dict[str, Any], config, rank: int, size: int) -> float:
     """Milliseconds to assemble one of this rank's batches (what Keras's enqueuer thread does per step)."""
     from ..pipeline import ShardedBatches
 
-    splits = load_splits(config)
+    splits = load_splits(config, workload_data(p, config))
     batches = ShardedBatches(splits.x_train, splits.y_train, rank, size, config.batch_size, config.seed,
                              config.shuffle)
     start = time.perf_counter()
@@ -125,7 +141,7 @@ def run_keras(p: Dict[str, Any]) -> Dict[str, Any]:
 
     runtime.set_threads(p["threads"])
     config = workload_config(p, 1)
-    splits = load_splits(config)
+    splits = load_splits(config, workload_data(p, config))
     tf.keras.utils.set_random_seed(config.seed)
     model = model_for(config)(splits.model_inputs, splits.n_outputs)
     compile_model(model, make_optimizer(config, config.lr), for_run(config, splits))
@@ -146,7 +162,7 @@ def run_mwms(p: Dict[str, Any]) -> Dict[str, Any]:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     workers = strategy.num_replicas_in_sync
     config = workload_config(p, workers)
-    splits = load_splits(config)
+    splits = load_splits(config, workload_data(p, config))
     global_batch = config.batch_size * workers
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
