@@ -41,7 +41,7 @@ QUICK = {"features": 16, "hidden": [32], "classes": 3, "batch": 32, "steps": 3, 
 # 32x32x3 (CIFAR's size) keeps one step near 0.1-0.2 s, like the MLP's.
 CNN_FULL = {"model": "cnn", "image": [32, 32, 3], "filters": [32, 64, 128], "classes": 10, "batch": 64,
             "steps": 8, "epochs": 4}
-CNN_QUICK = {"model": "cnn", "image": [8, 8, 1], "filters": [4], "classes": 3, "batch": 8, "steps": 3, "epochs": 2}
+CNN_QUICK = {"model": "cnn", "image": [8, 8, 1], "filters": [4], "classes": 2, "batch": 8, "steps": 3, "epochs": 2}
 
 
 MPI_YIELD = {"OMPI_MCA_mpi_yield_when_idle": "1"}
