@@ -11,7 +11,9 @@ def local_sums(model, x: np.ndarray, y: np.ndarray, task, batch_size: int = 4096
     rank's rows; they add up over ranks."""
     totals = np.zeros(task.width(), np.float64)
     for start in range(0, len(y), batch_size):
-        scores = model(x[start:start + batch_size], training=False).numpy()
+        # The tensor, not .numpy(): a softmax output carries its logits, from which Keras computes the
+        # cross-entropy exactly, as in training (from probabilities it clips them at 1e-7).
+        scores = model(x[start:start + batch_size], training=False)
         totals += task.sums(scores, y[start:start + batch_size])
     return totals
 

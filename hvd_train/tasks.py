@@ -52,13 +52,14 @@ class Classification:
         """Length of the evaluation sums: [loss, correct, count] + the confusion counts."""
         return 3 + self.outputs * self.outputs
 
-    def sums(self, scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def sums(self, scores, y: np.ndarray) -> np.ndarray:
+        """``scores``: the model's output tensor (a softmax's carries its logits: exact cross-entropy)."""
         import tensorflow as tf
 
         n = self.outputs
         totals = np.zeros(self.width(), np.float64)
         losses = tf.keras.losses.sparse_categorical_crossentropy(y, scores, from_logits=self.logits).numpy()
-        predicted = np.argmax(scores, axis=1)
+        predicted = np.argmax(np.asarray(scores), axis=1)
         totals[:3] = [np.sum(losses, dtype=np.float64), np.sum(predicted == y), len(y)]
         np.add.at(totals, 3 + y * n + predicted, 1)
         return totals
@@ -143,8 +144,8 @@ class Regression:
         the residual histogram; standardised units (scaled to the target's at the end)."""
         return 7 + len(RESIDUAL_EDGES) + 1
 
-    def sums(self, scores: np.ndarray, y: np.ndarray) -> np.ndarray:
-        error = scores.reshape(-1).astype(np.float64) - y.astype(np.float64)
+    def sums(self, scores, y: np.ndarray) -> np.ndarray:
+        error = np.asarray(scores).reshape(-1).astype(np.float64) - y.astype(np.float64)
         if self.loss_name == "mae":
             losses = np.abs(error)
         elif self.loss_name == "huber":

@@ -150,6 +150,25 @@ def test_lost_worker_finishes_like_an_uninterrupted_run(tmp_path):
     assert metrics["test_loss"] == pytest.approx(reference["test_loss"], abs=0.1)
 
 
+def test_regression_goes_on_after_a_lost_worker_with_exact_metrics(tmp_path):
+    # The regression path through a reset: the committed sums of MSE/MAE and the per-sample loss
+    # carry over, every sample is counted once, and the test metrics are scikit-learn's (check_run).
+    hosts = local_hosts(3)
+    job = ElasticJob(tmp_path, hosts, 1, 3, [*WORKLOAD, "--task", "regression", "--epochs", "3",
+                                             "--commit-every", "20"])
+    job.wait_until(lambda: job.events("epoch"), 240, "the first epoch")
+    time.sleep(0.5)
+    job.set_hosts(hosts[:2])
+    job.kill_worker(host=hosts[2])
+    metrics = finished(job, 2, 3)
+    (reset,) = job.events("reset")
+    print(f"regression, worker lost in epoch {reset['epoch']}: test R^2 {metrics['test_r2']:.4f}")
+    assert (reset["old_world_size"], reset["world_size"]) == (3, 2)
+    assert metrics["task"] == "regression" and metrics["test_r2"] > 0.8
+    history = epoch_events(job)[reset["epoch"]]["metrics"]
+    assert {"loss", "mse", "rmse", "mae", "val_r2"} <= set(history)
+
+
 def test_too_few_workers_fail_within_the_timeout_and_resume_goes_on(tmp_path):
     hosts = local_hosts(2)
     ckpt = tmp_path / "ckpt"

@@ -11,6 +11,7 @@ from hvd_train.model import build_mlp
 from hvd_train.sharding import eval_shard
 
 CLASSES = tasks.Classification(("a", "b", "c"), logits=False)
+CLASSES_2 = tasks.Classification(("a", "b"), logits=False)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,15 @@ def test_regression_training_metrics_are_in_target_units():
     huber = tasks.Regression("huber", 10.0, 4.0).per_sample_loss(tf.constant([0.0, 0.0]),
                                                                  tf.constant([[0.5], [3.0]])).numpy()
     assert huber.tolist() == pytest.approx([0.125, 2.5])
+
+
+def test_cross_entropy_of_a_confident_softmax_is_not_clipped():
+    # A softmax output tensor carries its logits, and Keras's loss uses them (as in training);
+    # from plain probabilities it would clip at 1e-7, capping a wrong confident answer's loss at 16.1.
+    tf.keras.utils.set_random_seed(4)
+    inputs = tf.keras.Input(shape=(1,))
+    dense = tf.keras.layers.Dense(2, activation="softmax", kernel_initializer=tf.constant_initializer([[30.0, -30.0]]))
+    model = tf.keras.Model(inputs, dense(inputs))
+    x, y = np.array([[1.0]], np.float32), np.array([1])
+    got = CLASSES_2.result(metrics.local_sums(model, x, y, CLASSES_2))["loss"]
+    assert got == pytest.approx(60.0, rel=1e-3)

@@ -3,6 +3,7 @@ scikit-learn), a CNN on images with batch normalization, weight decay, N-d array
 API. Every guarantee of the MLP path holds here too: N x b == 1 x N*b, identical replicas,
 exact metrics, one clear message for bad input on every rank."""
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -174,3 +175,26 @@ def test_bad_arrays_are_one_clear_error_on_every_rank(tmp_path, arrays, message)
     for rank in (0, 1):
         assert f"rank {rank}: AgreedFailure: {message}" in text, text[-3000:]
     assert not out.exists()
+
+
+def test_regression_early_stopping_on_r2_and_resume_equal_uninterrupted(tmp_path):
+    # Early stopping watches a regression metric (val_r2: higher is better) ...
+    out = tmp_path / "early"
+    proc = horovodrun(2, [*REGRESSION, "--epochs", "60", "--early-stopping-patience", "3",
+                          "--early-stopping-metric", "val_r2", "--progress", "none", "--output-dir", out])
+    m = check_run(out, proc, 2)
+    assert m["stopped_early"] is True and m["epochs_completed"] < 60
+    (stop,) = [e for e in map(json.loads, (out / "events.jsonl").read_text().splitlines())
+               if e["event"] == "early_stopping"]
+    r2 = [float(r["val_r2"]) for r in history(out)]
+    assert stop["metric"] == "val_r2" and stop["best"] == pytest.approx(max(r2))
+    # ... and a checkpointed regression run resumed at epoch 3 ends where the uninterrupted one does.
+    common = [*REGRESSION, "--dropout", "0", "--progress", "none"]
+    whole, part, resumed = tmp_path / "whole", tmp_path / "part", tmp_path / "resumed"
+    check_run(whole, horovodrun(2, [*common, "--epochs", "6", "--output-dir", whole]), 2)
+    ckpt = tmp_path / "ckpt"
+    check_run(part, horovodrun(2, [*common, "--epochs", "3", "--checkpoint-dir", ckpt, "--output-dir", part]), 2)
+    check_run(resumed, horovodrun(2, [*common, "--epochs", "6", "--checkpoint-dir", ckpt, "--resume",
+                                      "--output-dir", resumed]), 2)
+    assert read_json(resumed / "metrics.json")["resumed_from_epoch"] == 3
+    assert max_difference(whole, resumed) <= TOLERANCE
