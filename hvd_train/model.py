@@ -88,7 +88,8 @@ def build_cnn(inputs: Inputs, outputs: int, filters: Sequence[int] = (32, 64), a
     Average, not max, pooling: a max pool's choice flips on near-ties (digits' pixels are small
     integers, many windows tie), so float rounding became a different gradient path and N
     processes drifted from one with the global batch (digits, --sync-batchnorm, 6 SGD steps:
-    1.7e-4 with max pooling, 1.2e-7 with average pooling; test accuracy is the same)."""
+    1.7e-4 with max pooling, 1.2e-7 with average pooling; test accuracy after the default 100
+    epochs at np=2: 0.994 with max pooling, 0.992 with average pooling)."""
     import tensorflow as tf
 
     if isinstance(inputs, int) or len(inputs) != 3:
