@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -238,19 +238,25 @@ def from_arrays(x: object, y: object, feature_names: Optional[Sequence[str]] = N
     if len(names) != width:
         raise DataError(f"{len(names)} feature names for {width} values per sample")
     if task == "regression":
-        return Table(x=x, y=_numeric_target(y, target_name), feature_names=names, class_names=(),
+        return Table(x=x, y=numeric_target(y, target_name), feature_names=names, class_names=(),
                      target_name=target_name)
     codes, class_names = _encode_labels(y)
     return Table(x=x, y=codes, feature_names=names, class_names=class_names)
 
 
-def _numeric_target(y: np.ndarray, name: str) -> np.ndarray:
-    """A regression target as float64; strings that are not numbers are one clear error."""
+def numeric_target(y: np.ndarray, name: str) -> np.ndarray:
+    """A regression target (numbers, or texts of numbers such as a file's labels) as float64;
+    anything else is one clear error naming ``name`` and a few of the values."""
     if y.dtype.kind not in "iuf":
         try:
             y = np.asarray(y, dtype=np.float64)
         except (TypeError, ValueError):
-            examples = [str(v) for v in y[:200] if not _is_number(v)][:3]
+            examples: List[str] = []  # the first three different values that are not numbers
+            for value in (str(v) for v in y if not _is_number(v)):
+                if value not in examples:
+                    examples.append(value)
+                if len(examples) == 3:
+                    break
             raise DataError(f"regression needs a numeric target, and {name} holds values such as "
                             f"{', '.join(repr(v) for v in examples)}: use --task classification for classes") from None
     y = y.astype(np.float64)

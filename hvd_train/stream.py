@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import runtime, sharding, sources
+from . import data, runtime, sharding, sources
 from .data import DataError, Standardizer, preprocessing
 from .runtime import AgreedFailure
 
@@ -277,24 +277,11 @@ def _scaler(moments: _Moments) -> Standardizer:
 
 
 def numeric_target(labels: np.ndarray, source: sources.Source) -> np.ndarray:
-    """Regression: the label texts as numbers; anything else is one clear error."""
+    """Regression: the label texts as numbers (data.numeric_target), errors naming the source."""
     try:
-        values = labels.astype(np.float64)
-    except ValueError:
-        bad = next(v for v in labels if not _is_number(v))
-        raise DataError(f"{source.spec}: regression needs a numeric target, and {source.label} holds {bad!r}: "
-                        "use --task classification for classes") from None
-    if not np.all(np.isfinite(values)):
-        raise DataError(f"{source.spec}: the target {source.label} contains NaN or inf")
-    return values
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+        return data.numeric_target(labels, source.label)
+    except DataError as err:
+        raise DataError(f"{source.spec}: {err}") from None
 
 
 def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[str, Any]:

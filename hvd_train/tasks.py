@@ -146,16 +146,11 @@ class Regression:
 
     def sums(self, scores, y: np.ndarray) -> np.ndarray:
         error = np.asarray(scores).reshape(-1).astype(np.float64) - y.astype(np.float64)
-        if self.loss_name == "mae":
-            losses = np.abs(error)
-        elif self.loss_name == "huber":
-            losses = np.where(np.abs(error) <= 1.0, 0.5 * error ** 2, np.abs(error) - 0.5)
-        else:
-            losses = error ** 2
+        losses = self.per_sample_loss(y, scores).numpy()  # the training metric's own formula
         target = y.astype(np.float64)
         totals = np.zeros(self.width(), np.float64)
-        totals[:7] = [losses.sum(), len(y), np.sum(error ** 2), np.sum(np.abs(error)), error.sum(), target.sum(),
-                      np.sum(target ** 2)]
+        totals[:7] = [np.sum(losses, dtype=np.float64), len(y), np.sum(error ** 2), np.sum(np.abs(error)),
+                      error.sum(), target.sum(), np.sum(target ** 2)]
         np.add.at(totals, 7 + np.searchsorted(RESIDUAL_EDGES, error, side="right"), 1)
         return totals
 

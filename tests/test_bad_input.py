@@ -56,7 +56,7 @@ CASES = {
     "unknown_dataset": (lambda t: ["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     "regression_string_target": (lambda t: ["--task", "regression", "--dataset", csv(t, "f1,f2,y\n" + good_rows()),
                                             "--label-column", "y"],
-                                 "regression needs a numeric target, and y holds 'b'"),
+                                 "regression needs a numeric target, and y holds values such as 'b', 'a'"),
     "classes_of_a_numeric_target": (lambda t: ["--dataset", "diabetes"],
                                     "diabetes has a numeric target, not classes: add --task regression"),
     "cnn_on_a_table": (lambda t: ["--model", "cnn"], "--model cnn needs images [samples, height, width, channels]"),

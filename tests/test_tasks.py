@@ -50,6 +50,19 @@ def history(out_dir):
         return list(csv.DictReader(f))
 
 
+def predict_rows(tmp_path, out, columns, rows):
+    """``hvd-train predict`` with a saved run on a CSV of ``rows``; the output CSV's rows, header first."""
+    path = tmp_path / "rows.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(rows.tolist())
+    proc = run([BIN / "hvd-train", "predict", "--model-dir", out, "--input", path, "--output", tmp_path / "p.csv"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "p.csv") as f:
+        return list(csv.reader(f))
+
+
 def test_regression_with_weight_decay_n_processes_equal_one_process(runs):
     args = (*REGRESSION, *EXACT, "--lr", "0.05", "--epochs", "5", "--l2", "0.001")
     one, two = runs(1, *args), runs(2, *args)
@@ -87,15 +100,7 @@ def test_diabetes_with_the_defaults(tmp_path):
     from sklearn.datasets import load_diabetes
 
     bunch = load_diabetes()
-    rows = tmp_path / "rows.csv"
-    with open(rows, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(bunch.feature_names)
-        writer.writerows(bunch.data[:50].tolist())
-    proc = run([BIN / "hvd-train", "predict", "--model-dir", out, "--input", rows, "--output", tmp_path / "p.csv"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(tmp_path / "p.csv") as f:
-        got = list(csv.reader(f))
+    got = predict_rows(tmp_path, out, bunch.feature_names, bunch.data[:50])
     assert got[0] == ["predicted_disease_progression"]
     prep = read_json(out / "preprocessing.json")
     x = (bunch.data[:50] - np.array(prep["scaler"]["mean"])) / np.array(prep["scaler"]["scale"])
@@ -119,15 +124,7 @@ def test_digits_cnn_two_processes(tmp_path):
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    rows = tmp_path / "digits.csv"
-    with open(rows, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(bunch.feature_names)
-        writer.writerows(bunch.data[:200].tolist())
-    proc = run([BIN / "hvd-train", "predict", "--model-dir", out, "--input", rows, "--output", tmp_path / "p.csv"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(tmp_path / "p.csv") as f:
-        predicted = [int(r[0]) for r in list(csv.reader(f))[1:]]
+    predicted = [int(r[0]) for r in predict_rows(tmp_path, out, bunch.feature_names, bunch.data[:200])[1:]]
     assert np.mean(np.array(predicted) == bunch.target[:200]) >= 0.95
 
 
