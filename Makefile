@@ -15,11 +15,12 @@ export TF_CPP_MIN_LOG_LEVEL ?= 1
 SHELL_SCRIPTS := $(wildcard launch/*.sh) $(wildcard launch/discover/*.sh) launch/slurm.sbatch $(wildcard scripts/*.sh) \
                  $(wildcard tests/container/*.sh) .ci/run
 
-.PHONY: help setup train test test-fast lint test-deps bench clean
+.PHONY: help setup train sweep test test-fast lint test-deps bench clean
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make train   set up on first use, then train (NP=$(NP) CONTROLLER=mpi|gloo ARGS='...')"
+	@echo "make sweep   set up on first use, then a hyperparameter sweep (ARGS='--config examples/sweep.toml')"
 	@echo "make test    set up on first use, then run the test suite (PYTEST_ARGS='...')"
 	@echo "make test-fast  the tests that start no launcher (under 2 minutes)"
 	@echo "make lint    ruff on the Python, shellcheck on the shell scripts (make test-deps installs shellcheck)"
@@ -37,6 +38,10 @@ setup: $(SETUP_STAMP)
 
 train: $(SETUP_STAMP)
 	VENV=$(abspath $(VENV)) CONTROLLER=$(CONTROLLER) launch/local.sh -n $(NP) -- $(ARGS)
+
+# Every trial is a launch/local.sh run (or the sweep file's launcher); see docs/sweeps.md.
+sweep: $(SETUP_STAMP)
+	VENV=$(abspath $(VENV)) $(VENV)/bin/hvd-train sweep $(or $(ARGS),--config examples/sweep.toml)
 
 test: $(SETUP_STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

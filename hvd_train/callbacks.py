@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from . import checkpoint, metrics, replicas, runtime, schedules, sharding, stopping, tasks
+from . import checkpoint, metrics, pruning, replicas, runtime, schedules, sharding, stopping, tasks
 from .config import TrainConfig
 from .consensus import data_fingerprint
 from .events import EventLog
@@ -71,6 +71,8 @@ def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, 
     if config.early_stopping_patience:
         early_stopping = EarlyStopping(rt, config, log, resumed.early_stopping)
         found.append(early_stopping)
+    if config.prune_file:  # a sweep trial: stop when worse than earlier trials (pruning.py)
+        found.append(Pruner(rt, config, log, resumed.history))
     checkpointer = None
     if config.checkpoint_dir:
         checkpointer = Checkpointer(rt, config, plan, data_fingerprint(splits), resumed.history, early_stopping, log)
@@ -245,7 +247,6 @@ class EarlyStopping(tf.keras.callbacks.Callback):
         self.patience, self.min_delta = config.early_stopping_patience, config.early_stopping_min_delta
         self.lower_is_better = self.metric not in ("val_accuracy", "val_r2")
         self.state = dict(state or {"best": None, "best_epoch": None, "wait": 0})
-        self.stopped = False
 
     def _improved(self, value: float) -> bool:
         best = self.state["best"]
@@ -262,11 +263,37 @@ class EarlyStopping(tf.keras.callbacks.Callback):
         # Horovod: rank 0 decides, every rank follows in the same epoch.
         self.state = runtime.broadcast(self.state, "early_stopping")
         if self.state["wait"] >= self.patience:
-            self.stopped = self.model.stop_training = True
+            self.model.stop_training = True
             self.log.emit("early_stopping", epoch=epoch + 1, metric=self.metric, **self.state)
             runtime.log(self.rt, f"early stopping after epoch {epoch + 1}: {self.metric} has not improved by more "
                                  f"than {self.min_delta:g} for {self.patience} epoch(s); best "
                                  f"{self.state['best']:.4f} at epoch {self.state['best_epoch']}")
+
+
+class Pruner(tf.keras.callbacks.Callback):
+    """Collective, every rank, epoch end, after validation: a sweep trial whose best validation
+    value so far is worse than the median of earlier trials at this epoch stops (pruning.py).
+    Rank 0 reads the rule and decides; both are broadcast, so every rank stops after the same epoch
+    (a rank stopping alone would leave the others waiting in the next allreduce)."""
+
+    def __init__(self, rt: runtime.Runtime, config: TrainConfig, log: EventLog, history: Dict[str, List[float]]):
+        super().__init__()
+        self.rt, self.log = rt, log
+        # Horovod: rank 0's reading of the file on every rank (checked at set-up: trainer.settle).
+        self.rule = runtime.broadcast(runtime.on_rank0(rt, pruning.read, config.prune_file, config.task), "prune")
+        self.values = list(history.get(self.rule["metric"], []))  # a resumed run's epochs so far
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.values.append(float(logs[self.rule["metric"]]))
+        decision = runtime.on_rank0(self.rt, pruning.decide, self.rule, epoch + 1, self.values)
+        # Horovod: rank 0 decides, every rank follows in the same epoch.
+        decision = runtime.broadcast(decision, "prune.decision")
+        if decision:
+            self.model.stop_training = True
+            self.log.emit("pruned", **decision)
+            runtime.log(self.rt, f"pruned after epoch {epoch + 1}: best {decision['metric']} so far "
+                                 f"{decision['best']:.4g} is worse than {decision['median']:.4g}, the median of "
+                                 f"{decision['trials']} earlier trial(s) at this epoch")
 
 
 class Checkpointer(tf.keras.callbacks.Callback):

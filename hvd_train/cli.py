@@ -61,6 +61,7 @@ def train_parser(plan: bool = False) -> argparse.ArgumentParser:
                         "horovodrun/mpirun (e.g. horovodrun -np 2 hvd-train ...); alone it runs one process. "
                         "'hvd-train plan --help' shows the resolved run without training; "
                         "'hvd-train predict --help' for predictions from a saved run; "
+                        "'hvd-train sweep --help' for hyperparameter search; "
                         "'hvd-train versions' prints the installed versions.",
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
@@ -113,6 +114,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         args = predict_parser().parse_args(argv[1:])
         return _run(lambda: predict_file(args.model_dir, args.input, args.output))
+    if argv[:1] == ["sweep"]:  # a driver of launchers: no TensorFlow, no Horovod in this process
+        from .sweep.cli import main as sweep_main
+
+        return sweep_main(argv[1:])
     if argv[:1] == ["versions"]:
         # Fast (no TensorFlow import): launch/hosts.sh compares this line across hosts.
         runtime.write_line(runtime.versions_line())

@@ -120,6 +120,10 @@ class TrainConfig:
         "optimisation")
     early_stopping_metric: str = _option("val_loss", group="optimisation", choices=EARLY_STOPPING_METRICS)
     early_stopping_min_delta: float = _option(0.0, "smallest change that counts as an improvement", "optimisation")
+    prune_file: Optional[str] = _option(
+        None, "sweep trials: stop after an epoch when the best value so far of FILE's validation metric is worse "
+        "than FILE's median of earlier trials at that epoch (hvd-train sweep --prune median writes it)",
+        "optimisation", metavar="FILE.json")
 
     checkpoint_dir: Optional[str] = _option(None, "rank 0 writes ckpt-epoch-NNNNNN.npz here; None = no checkpoints",
                                             "checkpoints")
@@ -226,6 +230,8 @@ class TrainConfig:
                  f"early stopping min delta must be >= 0 (got {self.early_stopping_min_delta})")
         _require(self.early_stopping_patience == 0 or self.val_fraction > 0,
                  "early stopping watches a validation metric: it needs --val-fraction > 0")
+        _require(self.prune_file is None or self.val_fraction > 0,
+                 "pruning watches a validation metric: it needs --val-fraction > 0")
         _require(self.backward_passes_per_step >= 1,
                  f"backward passes per step must be >= 1 (got {self.backward_passes_per_step})")
         _require(self.checkpoint_every >= 1, f"checkpoint every must be >= 1 (got {self.checkpoint_every})")

@@ -47,7 +47,8 @@ def _toml_type(value: Any) -> str:
             dict: "table"}.get(type(value), type(value).__name__)
 
 
-def _check(path: str, key: str, value: Any, base: Any) -> Any:
+def check_value(path: str, key: str, value: Any, base: Any) -> Any:
+    """``value`` as a ``base``-typed option value (int accepted for float, array for tuple), or one error."""
     wrong = None
     if base is bool:
         wrong = not isinstance(value, bool) and "a boolean (true/false)"
@@ -76,17 +77,30 @@ def load(path: str) -> Dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    return check_values(raw, path)
+
+
+def check_values(raw: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """``raw`` (TOML keys -> values) as TrainConfig field names -> values of the right types; an
+    unknown key names the closest option. ``source`` starts each message (a file, a table)."""
     types = value_types()
     values = {}
     for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name not in types:
-            close = difflib.get_close_matches(name, types, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{path}: unknown key {key!r}{hint}; keys are hvd-train's long options, "
-                              f"e.g. batch_size = 32")
-        values[name] = _check(path, key, value, types[name])
+        name = field_name(key, source)
+        values[name] = check_value(source, key, value, types[name])
     return values
+
+
+def field_name(key: str, source: str) -> str:
+    """The TrainConfig field a TOML key names (``-`` or ``_``), or one error naming the closest."""
+    name = key.replace("-", "_")
+    fields = value_types()
+    if name not in fields:
+        close = difflib.get_close_matches(name, fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: unknown key {key!r}{hint}; keys are hvd-train's long options, "
+                          f"e.g. batch_size = 32")
+    return name
 
 
 def dumps(config: TrainConfig) -> str:

@@ -288,6 +288,6 @@ class Commit(tf.keras.callbacks.Callback):
         self.state.progress = dataclasses.replace(
             progress, epoch=epoch + 1, position=0, sums=None, history=history,
             early_stopping=dict(self.early_stopping.state) if self.early_stopping else None,
-            stopped_early=bool(self.early_stopping and self.early_stopping.stopped))
+            stopped_early=bool(self.model.stop_training))  # early stopping or pruning
         self._start(0, None)
         self.state.commit()

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from . import checkpoint, consensus, metrics, outputs, replicas, runtime, sources, stopping, stream, tasks
+from . import checkpoint, consensus, metrics, outputs, pruning, replicas, runtime, sources, stopping, stream, tasks
 from .callbacks import EarlyStopping, StreamGuard, progress_mode, run_callbacks
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig
@@ -121,6 +121,8 @@ def settle(rt: runtime.Runtime, config: TrainConfig, splits: Optional[Splits],
             runtime.on_rank0(rt, outputs.check_file, path)
         if config.checkpoint_dir:
             runtime.on_rank0(rt, checkpoint.check_writable, config.checkpoint_dir)
+        if config.prune_file:
+            runtime.on_rank0(rt, pruning.read, config.prune_file, config.task)
     except (DataError, OutputError, ConfigError, CheckpointError) as err:
         error = error or str(err)
     runtime.agree(error, "setup")
@@ -225,8 +227,9 @@ def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spl
                     raise stream.StreamError(streamed.error)
                 history = _concat_history(history, fitted.history)
                 epoch, position, carried = epoch + len(fitted.epoch), 0, None
+                # Early stopping, pruning or a user's callback: every rank stopped after the same epoch.
                 stopper = next((c for c in callbacks if isinstance(c, EarlyStopping)), None)
-                early_stopping, done = (stopper.state, stopper.stopped) if stopper else (None, False)
+                early_stopping, done = (stopper.state if stopper else None), bool(model.stop_training)
     except stopping.Stopped as stop:
         log.emit("run_stopped", **stop.fields())
         raise
