@@ -347,3 +347,18 @@ def test_pruning_stops_a_hopeless_trial_on_every_rank(tmp_path):
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2]
     assert as_proc(trial_dir).stdout.count("pruned after epoch 2") == 1, "rank 0 alone says it"
     assert read_json(out / "best.json")["trial"] == 1, "a pruned trial is not ranked"
+
+
+@pytest.mark.integration
+def test_a_trial_out_of_time_is_stopped_and_the_budget_ends_the_sweep(tmp_path):
+    path = write(tmp_path, "trial_timeout_minutes = 0.25\ntime_budget_minutes = 0.1\n[base]\nepochs = 2000\n"
+                           "[grid]\nlr = [0.01, 0.02]\n")
+    out = tmp_path / "sweep"
+    proc = run([*SWEEP, "--config", path, "--output-dir", out], timeout=SWEEP_TIMEOUT)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # no trial finished
+    first, second = trial_rows(out)
+    assert first["status"] == "failed" and first["error"] == "timed out after 0.25 min (stopped)"
+    assert second["status"] == "pending"
+    assert "time budget of 0.1 min spent: trial 2 and later not started" in proc.stdout
+    assert not _training_processes(first["digest"]), "the stopped trial left no process"
+    assert not (out / "best.json").exists() and "no trial finished (1 failed, 1 pending)" in proc.stdout

@@ -139,7 +139,9 @@ def run(sweep: Sweep, sweep_dir: Path, retry_failed: bool = False) -> int:
                          "(the launch/ scripts beside hvd_train/)")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with _locked(sweep_dir), _Signals().installed() as signals:
-        shutil.copyfile(sweep.path, sweep_dir / "sweep.toml")
+        kept = sweep_dir / "sweep.toml"
+        if not (kept.exists() and os.path.samefile(sweep.path, kept)):  # resumed from the kept copy: as it is
+            shutil.copyfile(sweep.path, kept)
         records = read_records(sweep_dir)
         s = sweep.settings
         log(f"{len(trials)} trial(s) ({sweep.shape()}), metric {s.metric} ({sweep.mode}), {s.np} process(es) "
