@@ -70,14 +70,18 @@ def check_value(path: str, key: str, value: Any, base: Any) -> Any:
 
 def load(path: str) -> Dict[str, Any]:
     """The file's values, checked against TrainConfig's fields and types (not yet validated together)."""
+    return check_values(read_toml(path, "config"), path)
+
+
+def read_toml(path: str, kind: str) -> Dict[str, Any]:
+    """A TOML file's contents; a missing file or bad TOML is one ConfigError naming the ``kind`` of file."""
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+        raise ConfigError(f"cannot read {kind} file {path}: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
-    return check_values(raw, path)
 
 
 def check_values(raw: Dict[str, Any], source: str) -> Dict[str, Any]:

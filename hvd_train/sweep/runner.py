@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from .. import configfile, files, pruning
+from .. import configfile, events, files, pruning
+from ..outputs import EVENTS_FILE
 from . import results
 from .spec import Sweep, SweepError, Trial, show
 
@@ -282,8 +283,7 @@ def _read_run(sweep: Sweep, record: Dict[str, Any], run_dir: Path) -> Dict[str, 
             m = json.load(f)
         with open(run_dir / "history.csv", newline="") as f:
             curve = [float(row[metric]) for row in csv.DictReader(f) if row.get(metric) not in (None, "")]
-        with open(run_dir / "events.jsonl") as f:
-            pruned = any(json.loads(line).get("event") == "pruned" for line in f if line.strip())
+        pruned = any(e.get("event") == "pruned" for e in events.read(str(run_dir / EVENTS_FILE)))
     except (OSError, ValueError) as err:
         return {**record, "error": f"the run ended without its outputs: {err}"}
     if m.get(metric) is None:

@@ -16,18 +16,12 @@ import difflib
 import hashlib
 import json
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import configfile, pruning
 from ..config import TASK_METRICS, ConfigError, TrainConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.9/3.10
-    import tomli as tomllib
 
 LAUNCHERS = ("local", "hosts", "mpirun")
 DISTRIBUTIONS = ("uniform", "loguniform", "int")
@@ -177,14 +171,7 @@ def show(value: Any) -> str:
 
 
 def load(path: str) -> Sweep:
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except OSError as err:
-        raise SweepError(f"cannot read sweep file {path}: {err.strerror or err}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise SweepError(f"{path} is not valid TOML: {err}") from None
-    return parse(raw, path)
+    return parse(_checked(configfile.read_toml, path, "sweep"), path)
 
 
 def parse(raw: Dict[str, Any], path: str = "sweep") -> Sweep:
@@ -202,16 +189,12 @@ def parse(raw: Dict[str, Any], path: str = "sweep") -> Sweep:
                              f"tables [{'], ['.join(TABLES)}]")
         settings[key] = _setting(path, key, value)
     base = _checked(configfile.check_values, raw.get("base", {}), f"{path} [base]")
-    grid = {configfile_name(path, "grid", k): _grid(path, k, v) for k, v in raw.get("grid", {}).items()}
-    random = {configfile_name(path, "random", k): _random(path, k, v) for k, v in raw.get("random", {}).items()}
+    grid = dict(_grid(path, k, v) for k, v in raw.get("grid", {}).items())
+    random = dict(_random(path, k, v) for k, v in raw.get("random", {}).items())
     settings_ = Settings(**settings)
     sweep = Sweep(path, settings_, base, grid, random)
     _check_together(sweep, raw)
     return sweep
-
-
-def configfile_name(path: str, table: str, key: str) -> str:
-    return _checked(configfile.field_name, key, f"{path} [{table}]")
 
 
 def _checked(check, *args):
@@ -235,25 +218,30 @@ def _setting(path: str, key: str, value: Any) -> Any:
     return value
 
 
-def _grid(path: str, key: str, values: Any) -> List[Any]:
+def _grid(path: str, key: str, values: Any) -> Tuple[str, List[Any]]:
+    """(option, its values) of a [grid] line."""
     where = f"{path} [grid]"
+    name = _checked(configfile.field_name, key, where)
     if not isinstance(values, list):
         raise SweepError(f"{where}: {key} must be an array of the values to try, e.g. {key} = [a, b]; a single "
                          "value belongs in [base]")
     if not values:
         raise SweepError(f"{where}: {key} is an empty array: give at least one value")
-    value_type = configfile.value_types()[configfile.field_name(key, where)]
-    return [_checked(configfile.check_value, where, f"{key}[{i}]", v, value_type) for i, v in enumerate(values)]
+    value_type = configfile.value_types()[name]
+    return name, [_checked(configfile.check_value, where, f"{key}[{i}]", v, value_type) for i, v in enumerate(values)]
 
 
-def _random(path: str, key: str, spec: Any) -> Any:
+def _random(path: str, key: str, spec: Any) -> Tuple[str, Any]:
+    """(option, its list of choices or Distribution) of a [random] line."""
     where = f"{path} [random]"
-    value_type = configfile.value_types()[configfile.field_name(key, where)]
+    name = _checked(configfile.field_name, key, where)
+    value_type = configfile.value_types()[name]
     example = f"{key} = {{ distribution = \"loguniform\", low = 0.0001, high = 0.1 }}"
     if isinstance(spec, list):
         if not spec:
             raise SweepError(f"{where}: {key} is an empty array: give at least one choice")
-        return [_checked(configfile.check_value, where, f"{key}[{i}]", v, value_type) for i, v in enumerate(spec)]
+        return name, [_checked(configfile.check_value, where, f"{key}[{i}]", v, value_type)
+                      for i, v in enumerate(spec)]
     if not isinstance(spec, dict):
         raise SweepError(f"{where}: {key} must be an array of choices or a distribution table, e.g. {example}")
     unknown = set(spec) - {"distribution", "low", "high"}
@@ -271,7 +259,7 @@ def _random(path: str, key: str, spec: Any) -> Any:
         raise SweepError(f"{where}: {key} needs low < high, got low {low}, high {high}")
     if kind == "loguniform" and low <= 0:
         raise SweepError(f"{where}: {key}: a loguniform distribution needs low > 0, got {low}")
-    return Distribution(kind, low, high)
+    return name, Distribution(kind, low, high)
 
 
 def _check_together(sweep: Sweep, raw: Dict[str, Any]) -> None:
