@@ -7,7 +7,10 @@ CONTROLLER ?=
 ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
-SETUP_STAMP := $(VENV)/.hvd_train-setup-done
+# 1: set-up also installs the pinned Ray for launch/ray.py (its own stamp, so switching re-runs set-up).
+RAY ?= 0
+export RAY
+SETUP_STAMP := $(VENV)/.hvd_train-setup-done$(if $(filter 1,$(RAY)),-ray)
 # horovodrun imports TensorFlow itself; keep TF's C++ INFO lines out of the output.
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
@@ -25,7 +28,7 @@ help:
 	@echo "make test-fast  the tests that start no launcher (under 2 minutes)"
 	@echo "make lint    ruff on the Python, shellcheck on the shell scripts (make test-deps installs shellcheck)"
 	@echo "make bench   set up on first use, then the benchmark suite into bench/latest (BENCH_ARGS='...')"
-	@echo "make setup   (re)run the idempotent set-up: scripts/setup.sh"
+	@echo "make setup   (re)run the idempotent set-up: scripts/setup.sh (RAY=1 adds Ray for launch/ray.py)"
 	@echo "make test-deps  (root) install what the multi-host and container tests need; they skip without it"
 	@echo "make clean   remove the venv and runs/"
 

@@ -14,6 +14,7 @@ Environment (defaults in brackets):
   PYTHON=<first of python3.11 python3.10 python3.9 python3 that is 3.9-3.11>
   TF_PACKAGE=tensorflow-cpu  or "tensorflow" for a GPU-capable build
   HVD_GPU_OPERATIONS=        set to NCCL to build Horovod's GPU ops (GPU images only)
+  RAY=0                      1: also install the pinned Ray (launch/ray.py; Python 3.10-3.11 only)
 EOF
 }
 case "${1:-}" in
@@ -125,6 +126,13 @@ PIP=("$VENV/bin/pip" install -q -c "$CONSTRAINTS")
 "${PIP[@]}" setuptools wheel cmake numpy "$TF_PACKAGE" scikit-learn matplotlib pyarrow "tomli; python_version < '3.11'" pytest ruff
 if have_mpi; then
   "${PIP[@]}" mpi4py
+fi
+if [ "${RAY:-0}" = 1 ]; then
+  # The optional Ray extra (launch/ray.py): the pinned release has no Python 3.9 wheels.
+  "$VENV/bin/python" -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 10) else 1)' \
+    || die "RAY=1 needs Python 3.10 or 3.11 (ray $(sed -n 's/^ray==//p' "$CONSTRAINTS") has no wheels for $("$VENV/bin/python" --version))"
+  say "installing the Ray extra: ray==$(sed -n 's/^ray==//p' "$CONSTRAINTS")"
+  "${PIP[@]}" ray
 fi
 
 lacking="$(check_build)"

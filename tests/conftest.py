@@ -157,8 +157,9 @@ OUTPUT_FILES = {"model.keras", "preprocessing.json", "config.json", "config.toml
 REGRESSION_OUTPUT_FILES = OUTPUT_FILES - {"confusion_matrix.png"} | {"predictions.png"}
 
 
-def check_run(out_dir, proc, world_size):
-    """What every successful launch must show; returns metrics.json."""
+def check_run(out_dir, proc, world_size, reported="[hvd_train] outputs in"):
+    """What every successful launch must show; returns metrics.json. ``reported``: the line that
+    names the output directory, printed once (by rank 0, or by a driver such as launch/ray.py)."""
     import numpy as np
     import tensorflow as tf
     from sklearn import metrics as skm
@@ -174,7 +175,7 @@ def check_run(out_dir, proc, world_size):
     m = read_json(out_dir / "metrics.json")
     assert m["world_size"] == world_size
     assert len(m["replica_weight_digests"]) == world_size and m["replicas_identical"] is True
-    assert proc.stdout.count("[hvd_train] outputs in") == 1, "rank 0 alone reports (and writes) outputs"
+    assert proc.stdout.count(reported) == 1, "rank 0 alone reports (and writes) outputs"
     # The saved model is rank 0's final state, and every rank reported the same digest.
     model = tf.keras.models.load_model(out_dir / "model.keras")
     assert m["replica_weight_digests"] == [weights_digest(model.get_weights())] * world_size

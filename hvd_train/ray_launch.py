@@ -1,0 +1,340 @@
+"""Training on a Ray cluster through Horovod's Ray integration (``launch/ray.py`` is the script).
+
+The driver (this process) checks the hvd-train options first, so a bad one ends with one message
+before Ray starts; then it connects to a running cluster (``--address``) or starts a local Ray
+instance, places N workers with ``horovod.ray.RayExecutor`` (Gloo, one actor per rank, world rank
+= the actor's place in the executor's list) and runs ``train_worker`` on each with the same
+options: the same ``trainer.train`` as under horovodrun.
+
+Workers return an outcome instead of exiting, so every result reaches the driver: success with
+rank 0's metrics (and, with ``--fetch-to``, its output directory as a tar), or the failure rank 0
+would have printed under horovodrun. A worker that dies (killed, out of memory, its node lost)
+or raises something unexpected leaves the others blocked in a collective: they get ``--grace``
+seconds to come back, then the job is shut down. The driver prints one ``hvd-train: error:``
+line in every failed case and exits non-zero (the agreed exit code, or 1).
+
+Ray forwards the workers' output to the driver asynchronously (prefixed with the actor's pid), so
+the driver prints the lines a run is judged by itself, from the outcomes: the ``[hvd_train] ray:``
+lines below. Elastic training on Ray is not offered: see docs/running.md (Ray).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import cli, runtime
+from .config import ConfigError
+
+DEFAULT_GRACE_SECONDS = 30.0
+DEFAULT_START_TIMEOUT_SECONDS = 100.0  # horovod.ray's own default for placing the workers
+CONNECT_TIMEOUT_SECONDS = 10.0
+WAIT_SLICE_SECONDS = 1.0
+# Ray's log monitor forwards worker output about every half second: give the last lines a moment.
+LOG_FLUSH_SECONDS = 1.0
+
+
+@dataclass
+class Outcome:
+    """What one worker returned (or what became of it)."""
+
+    rank: int
+    ok: bool = False
+    message: str = ""  # the one line hvd-train would print, without "hvd-train: "
+    code: int = 1
+    died: bool = False  # the actor is gone (killed, crashed, its node lost)
+    unexpected: bool = False  # raised something hvd-train does not report as one line (a bug)
+    traceback: str = ""  # of the unexpected error, printed when it is the job's failure
+    stalled: bool = False  # still running when the grace after another worker's failure ended
+    output_dir: str = ""
+    host: str = ""
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    archive: Optional[bytes] = None  # rank 0's output directory as a gzipped tar (--fetch-to)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/ray.py",
+        usage="launch/ray.py [--address ADDR] --num-workers N [options] -- HVD_TRAIN_ARGS...",
+        description="Run hvd-train on N Ray workers through horovod.ray.RayExecutor (Gloo). "
+                    "Everything after -- goes to hvd-train (see: hvd-train --help).",
+        epilog="Example: launch/ray.py --address 10.0.0.1:6379 --num-workers 4 --fetch-to runs/iris -- "
+               "--dataset iris --epochs 50")
+    p.add_argument("--address", default=None,
+                   help="a running cluster's address (ray start --head prints it); default: start a local "
+                        "Ray instance for this job")
+    p.add_argument("--num-workers", type=int, required=True, help="Horovod processes (one Ray actor each)")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs Ray reserves for each worker")
+    p.add_argument("--gpus-per-worker", type=int, default=0, help="GPUs for each worker (0: CPU only)")
+    p.add_argument("--fetch-to", default=None, metavar="DIR",
+                   help="copy rank 0's output directory back to DIR on this machine (must not exist or be "
+                        "empty); without it the outputs stay where rank 0 wrote them (a shared filesystem)")
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE_SECONDS,
+                   help="seconds the other workers get to finish after one died or failed")
+    p.add_argument("--start-timeout", type=float, default=DEFAULT_START_TIMEOUT_SECONDS,
+                   help="seconds to wait for the cluster to have room for every worker")
+    return p
+
+
+@dataclass(frozen=True)
+class Options:
+    address: Optional[str]
+    num_workers: int
+    cpus_per_worker: int
+    gpus_per_worker: int
+    fetch_to: Optional[str]
+    grace: float
+    start_timeout: float
+    train_argv: List[str]
+
+
+def parse(argv: Sequence[str]) -> Options:
+    """The driver's options and the hvd-train options after --; exits 2 with one message when either is bad."""
+    argv = list(argv)
+    own, train_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = parser()
+    args = p.parse_args(own)
+    for name in ("num_workers", "cpus_per_worker"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.gpus_per_worker < 0:
+        p.error(f"--gpus-per-worker must be >= 0 (got {args.gpus_per_worker})")
+    for name in ("grace", "start_timeout"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    if args.address and not args.address.startswith("ray://") and args.address != "auto" \
+            and not re.fullmatch(r"[^\s:]+:\d+", args.address):
+        p.error(f"--address {args.address!r}: want HOST:PORT (what ray start --head prints), auto or ray://...")
+    if args.fetch_to and os.path.exists(args.fetch_to) and (not os.path.isdir(args.fetch_to)
+                                                           or os.listdir(args.fetch_to)):
+        p.error(f"--fetch-to {args.fetch_to} exists and is not an empty directory")
+    try:
+        # The same parsing every worker does: a bad option fails here, before Ray starts.
+        _, command = cli.parse(train_argv)
+    except ConfigError as err:
+        runtime.fail(str(err))
+    if command.get("dry_run"):
+        p.error("--dry-run: run 'hvd-train plan --np N ...' instead (no workers needed)")
+    return Options(args.address, args.num_workers, args.cpus_per_worker, args.gpus_per_worker,
+                   args.fetch_to, args.grace, args.start_timeout, train_argv)
+
+
+def train_worker(train_argv: List[str], cwd: str, fetch: bool) -> Outcome:
+    """On every Ray worker: hvd-train's training with these options. Returns, never exits."""
+    from .data import DataError
+    from .outputs import OutputError
+    from .stopping import Stopped
+
+    rank = runtime.launcher_rank()  # horovod.ray sets HOROVOD_RANK on each worker before this runs
+    outcome = Outcome(rank=rank, host=runtime.host_name())
+    if os.path.isdir(cwd):  # relative paths mean what they mean on the driver (a shared filesystem)
+        os.chdir(cwd)
+    try:
+        config, _ = cli.parse(train_argv)
+        runtime.quiet_other_ranks(config.verbose_ranks)
+        from .trainer import train
+
+        result = train(config)
+    except Stopped as stop:  # every rank stopped after the same batch (a signal reached the workers)
+        outcome.message, outcome.code = str(stop), stop.exit_code
+        return outcome
+    except (runtime.AgreedFailure, ConfigError, DataError, OutputError) as err:  # as cli._run reports them
+        outcome.message, outcome.code = f"error: {err}", 2
+        return outcome
+    except SystemExit as ex:  # cli.parse on a worker whose --config file differs from the driver's
+        outcome.message, outcome.code = "error: the options were rejected on this worker", int(ex.code or 2)
+        return outcome
+    outcome.ok, outcome.code = True, 0
+    outcome.output_dir = os.path.abspath(result.output_dir)
+    outcome.metrics = {k: v for k, v in result.metrics.items() if k.startswith("test_") or k == "world_size"}
+    if fetch and rank == 0:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            tar.add(outcome.output_dir, arcname=".")
+        outcome.archive = buffer.getvalue()
+    return outcome
+
+
+def wait(refs: list, grace: float) -> List[Outcome]:
+    """Every worker's outcome in rank order. Once one has died, raised or failed, the others get
+    ``grace`` seconds; a worker still running then is reported as stopped."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    outcomes: List[Optional[Outcome]] = [None] * len(refs)
+    rank_of = {ref: rank for rank, ref in enumerate(refs)}
+    pending, deadline = list(refs), None
+    while pending:
+        _check_signals()  # a signal is acted on here, between waits of at most a second
+        timeout = WAIT_SLICE_SECONDS if deadline is None else min(WAIT_SLICE_SECONDS, deadline - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, timeout))
+        if not done:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            continue
+        rank = rank_of[done[0]]
+        try:
+            outcomes[rank] = ray.get(done[0])
+        except RayActorError as err:
+            outcomes[rank] = Outcome(rank=rank, died=True,
+                                     message=f"error: Ray worker of rank {rank} died ({_first_line(err)})")
+        except RayTaskError as err:
+            cause = err.cause if isinstance(err.cause, BaseException) else err
+            outcomes[rank] = Outcome(rank=rank, unexpected=True, traceback=str(err), message=(
+                f"error: rank {rank} raised {type(cause).__name__}: {_first_line(cause)}"))
+        if deadline is None and not outcomes[rank].ok:
+            deadline = time.monotonic() + grace
+    for rank, outcome in enumerate(outcomes):
+        if outcome is None:
+            outcomes[rank] = Outcome(rank=rank, stalled=True,
+                                     message=f"error: rank {rank} still running {grace:g} s after another failed")
+    return outcomes
+
+
+def verdict(outcomes: List[Outcome]) -> Optional[Outcome]:
+    """The failure the driver reports, or None when every worker succeeded. The cause before its
+    consequences: a dead worker (the others then fail in a collective), then a failure hvd-train
+    reports (rank 0's first: ranks agree on those), then an unexpected error, then a worker that
+    was still running when the grace ended."""
+    def order(o: Outcome) -> tuple:
+        kind = 0 if o.died else 3 if o.stalled else 2 if o.unexpected else 1
+        return kind, o.rank
+    failed = [o for o in outcomes if not o.ok]
+    return min(failed, key=order) if failed else None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _fetch(archive: bytes, target: str) -> None:
+    """Unpack rank 0's outputs into ``target`` whole or not at all (a temporary sibling, then a rename)."""
+    partial = f"{target.rstrip(os.sep)}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            tar.extractall(partial, filter="data")  # "data": no member may land outside ``partial``
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if os.path.isdir(target):
+        os.rmdir(target)  # empty (checked before the run)
+    os.replace(partial, target)
+
+
+class _Signalled(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_received: List[int] = []  # signals the driver got; acted on between waits (never inside Ray's C++ calls)
+
+
+def _record_signal(signum, _frame):
+    _received.append(signum)
+
+
+def _check_signals() -> None:
+    if _received:
+        raise _Signalled(_received[0])
+
+
+def unreachable(address: Optional[str]) -> Optional[str]:
+    """Why a HOST:PORT cluster address cannot be reached, or None. Checked before ray.init, which
+    retries an address where nothing listens for minutes."""
+    if not address or not re.fullmatch(r"[^\s:]+:\d+", address):
+        return None  # a local instance, "auto", or Ray Client's ray://: Ray's own checks
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_SECONDS).close()
+    except OSError as err:
+        return f"cannot reach the Ray cluster at {address} ({err}); is 'ray start --head' running there?"
+    return None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    options = parse(sys.argv[1:] if argv is None else argv)
+    problem = unreachable(options.address)
+    if problem:
+        runtime.fail(problem, code=1)
+    try:
+        import ray
+        from horovod.ray import RayExecutor
+    except ImportError as err:
+        runtime.fail(f"Ray is not installed in this environment ({err}); run 'make setup RAY=1'", code=1)
+
+    write = runtime.write_line
+    executor = None
+    try:
+        # Ray's own settings (RAY_AUTH_MODE=token and its token for a cluster that requires one, ...)
+        # come from the environment, as for any Ray driver.
+        ray.init(address=options.address or "local", log_to_driver=True)
+        # After ray.init, which sets handlers of its own: SIGTERM as Ctrl-C, both leave through the
+        # clean-up below, which ends every worker.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _record_signal)
+        settings = RayExecutor.create_settings(timeout_s=60, placement_group_timeout_s=options.start_timeout)
+        executor = RayExecutor(settings, num_workers=options.num_workers, cpus_per_worker=options.cpus_per_worker,
+                               use_gpu=options.gpus_per_worker > 0, gpus_per_worker=options.gpus_per_worker or None)
+        write(f"[hvd_train] ray: starting {options.num_workers} worker(s) on "
+              f"{options.address or 'a local Ray instance'}")
+        try:
+            executor.start()
+        except TimeoutError:  # the placement group: the cluster lacks room for every worker
+            write(
+                f"hvd-train: error: Ray could not place {options.num_workers} worker(s) of {options.cpus_per_worker} "
+                f"CPU(s) and {options.gpus_per_worker} GPU(s) within {options.start_timeout:g} s; the cluster has "
+                f"{_resources(ray)}", sys.stderr)
+            return 1
+        _check_signals()
+        refs = executor.run_remote(train_worker, args=[options.train_argv, os.getcwd(), bool(options.fetch_to)])
+        outcomes = wait(refs, options.grace)
+        time.sleep(LOG_FLUSH_SECONDS)
+    except _Signalled as stop:
+        write(f"hvd-train: stopped by {stop}; every worker was ended (--checkpoint-dir and --resume "
+              "continue from the last checkpoint)", sys.stderr)
+        return 128 + stop.signum
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # the clean-up is not interrupted
+            signal.signal(signum, signal.SIG_IGN)
+        if executor is not None:
+            # A worker still blocked in a collective ends now, not at Gloo's timeout. (Removing the
+            # placement group in shutdown() ends its actors too; this does not wait for that.)
+            for worker in getattr(getattr(executor, "adapter", None), "workers", None) or []:
+                ray.kill(worker)
+            executor.shutdown()
+        ray.shutdown()
+    failure = verdict(outcomes)
+    if failure:
+        if failure.unexpected:  # a bug: its traceback first, as a crash under horovodrun shows it
+            sys.stderr.write(failure.traceback + "\n")
+        write(f"hvd-train: {failure.message}", sys.stderr)
+        return failure.code
+    chief = outcomes[0]
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in chief.metrics.items() if isinstance(v, float))
+    write(f"[hvd_train] ray: {len(outcomes)} worker(s) finished; {scores}")
+    write(f"[hvd_train] ray: outputs in {chief.output_dir} (rank 0, host {chief.host})")
+    if options.fetch_to:
+        try:
+            _fetch(chief.archive, options.fetch_to)
+        except (OSError, tarfile.TarError) as err:
+            write(f"hvd-train: error: could not copy rank 0's outputs to {options.fetch_to}: {err}", sys.stderr)
+            return 1
+        write(f"[hvd_train] ray: outputs copied to {os.path.abspath(options.fetch_to)}")
+    return 0
+
+
+def _resources(ray) -> str:
+    free = ray.available_resources()
+    return ", ".join(f"{free.get(k, 0):g} {k}" for k in ("CPU", "GPU")) + " free"

@@ -1,0 +1,160 @@
+"""launch/ray.py: the same training on Ray workers (horovod.ray.RayExecutor), against a real Ray
+head started here (`ray start --head`), and a local instance where no cluster is needed."""
+import filecmp
+import importlib.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from conftest import BIN, REPO, Background, check_run, run
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                       reason="the Ray extra is not installed: make setup RAY=1 (CI installs it)"),
+]
+
+RAY_PY = [BIN / "python", REPO / "launch" / "ray.py"]
+RAY_TIMEOUT = 300  # a Ray job starts its workers in seconds, but a cold head can take a while
+REPORTED = "[hvd_train] ray: outputs in"  # the driver's own line (worker output arrives asynchronously)
+WORKER_TITLE = b"ray::BaseHorovodWorker"  # how Ray names a Horovod worker actor's process
+
+
+def _workers() -> list:
+    """PIDs of the Horovod worker actors alive on this machine."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read().startswith(WORKER_TITLE):
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A one-node Ray cluster for this module: `ray start --head --num-cpus 2`, stopped after."""
+    with socket.socket() as s:  # a free port outside Ray's own worker range (10002-19999)
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    temp = tmp_path_factory.mktemp("ray")
+    proc = run([BIN / "ray", "start", "--head", "--num-cpus", "2", "--port", port, "--disable-usage-stats",
+                "--include-dashboard=false", "--temp-dir", temp], timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Ray names the head by this machine's address, not 127.0.0.1: use the one it prints.
+    found = re.search(r"--address='([^']+)'", proc.stdout + proc.stderr)
+    assert found, proc.stdout[-3000:]
+    yield found.group(1)
+    run([BIN / "ray", "stop", "--force"], timeout=120)
+
+
+def test_two_ray_workers_train_iris_like_horovodrun(tmp_path, ray_head):
+    out, fetched = tmp_path / "run", tmp_path / "fetched"
+    proc = run([*RAY_PY, "--address", ray_head, "--num-workers", "2", "--fetch-to", fetched, "--",
+                "--dataset", "iris", "--epochs", "40", "--output-dir", out], timeout=RAY_TIMEOUT)
+    m = check_run(out, proc, 2, reported=REPORTED)  # identical replicas, exact test metrics, every output
+    assert m["test_accuracy"] >= 0.9
+    assert proc.stdout.count("[hvd_train] ray: 2 worker(s) finished") == 1
+    # --fetch-to: the same files, byte for byte, copied back to the driver.
+    names = sorted(p.name for p in out.iterdir())
+    assert sorted(p.name for p in fetched.iterdir()) == names
+    match, mismatch, errors = filecmp.cmpfiles(out, fetched, names, shallow=False)
+    assert not mismatch and not errors, (mismatch, errors)
+    assert not (tmp_path / "fetched.partial").exists()
+    assert not _workers(), "the workers end with the job"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num-workers", "0", "--", "--epochs", "2"], "--num-workers must be >= 1"),
+    (["--num-workers", "2", "--", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+    (["--num-workers", "2", "--", "--dataset", "nope"], "unknown dataset 'nope'"),
+])
+def test_bad_option_fails_before_ray_starts(args, message):
+    started = time.monotonic()
+    proc = run([*RAY_PY, *args], timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert proc.stderr.count("error:") == 1, "one message"
+    assert "ray:" not in proc.stdout and time.monotonic() - started < 30, "Ray never started"
+
+
+def test_fetch_to_a_non_empty_directory_is_refused(tmp_path):
+    (tmp_path / "kept.txt").write_text("x")
+    proc = run([*RAY_PY, "--num-workers", "2", "--fetch-to", tmp_path, "--", "--epochs", "2"], timeout=60)
+    assert proc.returncode == 2 and "exists and is not an empty directory" in proc.stderr, proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.txt"]
+
+
+def test_unreachable_cluster_fails_at_once():
+    """ray.init retries an address where nothing listens for minutes: the driver checks first."""
+    proc = run([*RAY_PY, "--address", "127.0.0.1:1", "--num-workers", "2"], timeout=60)
+    assert proc.returncode == 1 and proc.stderr.count("error:") == 1, proc.stderr
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in proc.stderr
+
+
+def test_more_workers_than_the_cluster_holds(ray_head):
+    proc = run([*RAY_PY, "--address", ray_head, "--num-workers", "3", "--start-timeout", "5", "--",
+                "--epochs", "2"], timeout=RAY_TIMEOUT)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hvd-train: error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+    assert "could not place 3 worker(s) of 1 CPU(s)" in errors[0] and "the cluster has 2 CPU" in errors[0], errors
+    assert not _workers()
+
+
+def test_failure_on_the_workers_comes_back_as_one_message(tmp_path):
+    """A local Ray instance (no --address): the CSV is missing where the workers look for it,
+    which the driver cannot know; every worker agrees, rank 0's message is the driver's."""
+    out = tmp_path / "run"
+    proc = run([*RAY_PY, "--num-workers", "2", "--", "--dataset", f"csv:{tmp_path}/missing.csv",
+                "--epochs", "2", "--output-dir", out], timeout=RAY_TIMEOUT)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hvd-train: error:")]
+    assert len(errors) == 1 and "missing.csv" in errors[0], proc.stderr[-3000:]
+    assert not out.exists(), "no half-written output"
+
+
+def test_killed_worker_ends_the_job_with_one_message(tmp_path, ray_head):
+    out = tmp_path / "run"
+    job = Background([*RAY_PY, "--address", ray_head, "--num-workers", "2", "--grace", "10", "--",
+                      "--dataset", "synthetic", "--samples", "6000", "--epochs", "200", "--progress", "epoch",
+                      "--output-dir", out])
+    job.wait_until(lambda: re.search(r"epoch +2/200", job.output), RAY_TIMEOUT, "the second epoch")
+    workers = _workers()
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)
+    code = job.wait(120)
+    errors = [line for line in job.lines if line.startswith("hvd-train: error:")]
+    assert code == 1 and len(errors) == 1 and "died" in errors[0], job.output[-4000:]
+    assert not (out / "metrics.json").exists()
+    deadline = time.monotonic() + 30
+    while _workers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _workers(), "no worker left behind"
+
+
+def test_ctrl_c_on_the_driver_ends_every_worker(tmp_path, ray_head):
+    job = Background([*RAY_PY, "--address", ray_head, "--num-workers", "2", "--",
+                      "--dataset", "synthetic", "--samples", "6000", "--epochs", "200", "--progress", "epoch",
+                      "--output-dir", tmp_path / "run"])
+    job.wait_until(lambda: re.search(r"epoch +2/200", job.output), RAY_TIMEOUT, "the second epoch")
+    assert len(_workers()) == 2
+    os.kill(job.proc.pid, signal.SIGINT)
+    assert job.wait(60) == 130, job.output[-3000:]
+    assert job.output.count("hvd-train: stopped by SIGINT") == 1, job.output[-3000:]
+    deadline = time.monotonic() + 30
+    while _workers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _workers(), "no worker left behind"
+
+
+def test_ray_script_has_help():
+    """launch/ray.py runs from any directory without shadowing the ray package, and documents itself."""
+    proc = subprocess.run([*map(str, RAY_PY), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: launch/ray.py"), proc.stderr
+    assert "HVD_TRAIN_ARGS" in proc.stdout and "--fetch-to" in proc.stdout
