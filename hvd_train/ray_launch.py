@@ -263,11 +263,28 @@ def unreachable(address: Optional[str]) -> Optional[str]:
     return None
 
 
+def token_auth_default(address: Optional[str], environ=os.environ) -> None:
+    """Before Ray is imported: token mode for a driver joining a cluster when a token is at hand
+    and RAY_AUTH_MODE is unset, as `ray start` decides on this machine.
+
+    Ray 2.60 starts a cluster with token authentication whenever its machine has a token (and
+    ray.init's own local cluster always), but a driver joining by address sends the token only in
+    token mode, so the same token file that turned a head's authentication on made this driver
+    fail ("Authentication token is missing"). In token mode a driver joins a cluster without
+    authentication too. An explicit RAY_AUTH_MODE is left alone."""
+    if not address or "RAY_AUTH_MODE" in environ:
+        return
+    token_file = environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    if environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
+        environ["RAY_AUTH_MODE"] = "token"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     options = parse(sys.argv[1:] if argv is None else argv)
     problem = unreachable(options.address)
     if problem:
         runtime.fail(problem, code=1)
+    token_auth_default(options.address)
     try:
         import ray
         from horovod.ray import RayExecutor
@@ -277,8 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write = runtime.write_line
     executor = None
     try:
-        # Ray's own settings (RAY_AUTH_MODE=token and its token for a cluster that requires one, ...)
-        # come from the environment, as for any Ray driver.
+        # Ray's own settings (RAY_AUTH_MODE, its token, ...) come from the environment.
         ray.init(address=options.address or "local", log_to_driver=True)
         # After ray.init, which sets handlers of its own: SIGTERM as Ctrl-C, both leave through the
         # clean-up below, which ends every worker.

@@ -4,13 +4,16 @@ import filecmp
 import importlib.util
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
-from conftest import BIN, REPO, Background, check_run, run
+from conftest import BIN, REPO, Background, check_run, read_json, run
 
 pytestmark = [
     pytest.mark.integration,
@@ -40,25 +43,31 @@ def _workers() -> list:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A one-node Ray cluster for this module: `ray start --head --num-cpus 2`, stopped after."""
+    """A one-node Ray cluster for this module, with token authentication (what Ray 2.60 does
+    wherever a token exists): `ray start --head --num-cpus 2 --block`, ended by signalling that
+    process (not `ray stop`, which would end every Ray instance on the machine). Yields the
+    address and the environment a driver needs: the token's path, no RAY_AUTH_MODE (the driver
+    chooses token mode itself, ray_launch.token_auth_default)."""
     with socket.socket() as s:  # a free port outside Ray's own worker range (10002-19999)
         s.bind(("", 0))
         port = s.getsockname()[1]
     temp = tmp_path_factory.mktemp("ray")
-    proc = run([BIN / "ray", "start", "--head", "--num-cpus", "2", "--port", port, "--disable-usage-stats",
-                "--include-dashboard=false", "--temp-dir", temp], timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (temp / "token").write_text(secrets.token_hex(32))
+    driver_env = {"RAY_AUTH_TOKEN_PATH": str(temp / "token")}
+    head = Background([BIN / "ray", "start", "--head", "--block", "--num-cpus", "2", "--port", port,
+                       "--disable-usage-stats", "--include-dashboard=false", "--temp-dir", temp / "t"],
+                      env={**driver_env, "RAY_AUTH_MODE": "token"})
     # Ray names the head by this machine's address, not 127.0.0.1: use the one it prints.
-    found = re.search(r"--address='([^']+)'", proc.stdout + proc.stderr)
-    assert found, proc.stdout[-3000:]
-    yield found.group(1)
-    run([BIN / "ray", "stop", "--force"], timeout=120)
+    head.wait_until(lambda: re.search(r"--address='([^']+)'", head.output), 180, "the head's address")
+    yield SimpleNamespace(address=re.search(r"--address='([^']+)'", head.output).group(1), env=driver_env)
+    os.killpg(head.proc.pid, signal.SIGTERM)
+    head.wait(120)
 
 
 def test_two_ray_workers_train_iris_like_horovodrun(tmp_path, ray_head):
     out, fetched = tmp_path / "run", tmp_path / "fetched"
-    proc = run([*RAY_PY, "--address", ray_head, "--num-workers", "2", "--fetch-to", fetched, "--",
-                "--dataset", "iris", "--epochs", "40", "--output-dir", out], timeout=RAY_TIMEOUT)
+    proc = run([*RAY_PY, "--address", ray_head.address, "--num-workers", "2", "--fetch-to", fetched, "--",
+                "--dataset", "iris", "--epochs", "40", "--output-dir", out], timeout=RAY_TIMEOUT, env=ray_head.env)
     m = check_run(out, proc, 2, reported=REPORTED)  # identical replicas, exact test metrics, every output
     assert m["test_accuracy"] >= 0.9
     assert proc.stdout.count("[hvd_train] ray: 2 worker(s) finished") == 1
@@ -69,6 +78,24 @@ def test_two_ray_workers_train_iris_like_horovodrun(tmp_path, ray_head):
     assert not mismatch and not errors, (mismatch, errors)
     assert not (tmp_path / "fetched.partial").exists()
     assert not _workers(), "the workers end with the job"
+
+
+def test_two_ray_workers_with_batch_b_equal_one_process_with_batch_2b(tmp_path, ray_head):
+    """The core promise on Ray (tests/test_equivalence.py has it under horovodrun): same samples
+    per step, averaged gradients, so the final weights match a lone process with the global batch."""
+    import tensorflow as tf
+
+    common = ["--dataset", "iris", "--no-shuffle", "--lr-scaling", "none", "--warmup-epochs", "0", "--seed", "7",
+              "--epochs", "5", "--progress", "none", "--optimizer", "sgd", "--lr", "0.05"]
+    on_ray = run([*RAY_PY, "--address", ray_head.address, "--num-workers", "2", "--", *common, "--batch-size", "8",
+                  "--output-dir", tmp_path / "ray"], timeout=RAY_TIMEOUT, env=ray_head.env)
+    alone = run([BIN / "python", "-m", "hvd_train", *common, "--batch-size", "16", "--output-dir", tmp_path / "one"])
+    assert on_ray.returncode == 0 and alone.returncode == 0, on_ray.stderr[-3000:] + alone.stderr[-3000:]
+    m_ray, m_one = read_json(tmp_path / "ray" / "metrics.json"), read_json(tmp_path / "one" / "metrics.json")
+    assert m_ray["world_size"] == 2 and m_ray["steps_per_epoch"] == m_one["steps_per_epoch"] == 7
+    for a, b in zip(tf.keras.models.load_model(tmp_path / "ray" / "model.keras").get_weights(),
+                    tf.keras.models.load_model(tmp_path / "one" / "model.keras").get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -99,8 +126,8 @@ def test_unreachable_cluster_fails_at_once():
 
 
 def test_more_workers_than_the_cluster_holds(ray_head):
-    proc = run([*RAY_PY, "--address", ray_head, "--num-workers", "3", "--start-timeout", "5", "--",
-                "--epochs", "2"], timeout=RAY_TIMEOUT)
+    proc = run([*RAY_PY, "--address", ray_head.address, "--num-workers", "3", "--start-timeout", "5", "--",
+                "--epochs", "2"], timeout=RAY_TIMEOUT, env=ray_head.env)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hvd-train: error:")]
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
     assert "could not place 3 worker(s) of 1 CPU(s)" in errors[0] and "the cluster has 2 CPU" in errors[0], errors
@@ -121,9 +148,9 @@ def test_failure_on_the_workers_comes_back_as_one_message(tmp_path):
 
 def test_killed_worker_ends_the_job_with_one_message(tmp_path, ray_head):
     out = tmp_path / "run"
-    job = Background([*RAY_PY, "--address", ray_head, "--num-workers", "2", "--grace", "10", "--",
+    job = Background([*RAY_PY, "--address", ray_head.address, "--num-workers", "2", "--grace", "10", "--",
                       "--dataset", "synthetic", "--samples", "6000", "--epochs", "200", "--progress", "epoch",
-                      "--output-dir", out])
+                      "--output-dir", out], env=ray_head.env)
     job.wait_until(lambda: re.search(r"epoch +2/200", job.output), RAY_TIMEOUT, "the second epoch")
     workers = _workers()
     assert len(workers) == 2, workers
@@ -139,9 +166,9 @@ def test_killed_worker_ends_the_job_with_one_message(tmp_path, ray_head):
 
 
 def test_ctrl_c_on_the_driver_ends_every_worker(tmp_path, ray_head):
-    job = Background([*RAY_PY, "--address", ray_head, "--num-workers", "2", "--",
+    job = Background([*RAY_PY, "--address", ray_head.address, "--num-workers", "2", "--",
                       "--dataset", "synthetic", "--samples", "6000", "--epochs", "200", "--progress", "epoch",
-                      "--output-dir", tmp_path / "run"])
+                      "--output-dir", tmp_path / "run"], env=ray_head.env)
     job.wait_until(lambda: re.search(r"epoch +2/200", job.output), RAY_TIMEOUT, "the second epoch")
     assert len(_workers()) == 2
     os.kill(job.proc.pid, signal.SIGINT)

@@ -82,3 +82,25 @@ def test_a_broken_archive_leaves_no_output(tmp_path):
         ray_launch._fetch(_archive({"../escape.txt": "x"}), str(target))
     assert not target.exists() and not (tmp_path / "escape.txt").exists()
     assert not (tmp_path / "fetched.partial").exists()
+
+
+def test_token_mode_when_a_token_is_at_hand_and_the_mode_unset(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    env = {}
+    ray_launch.token_auth_default("10.0.0.1:6379", env)
+    assert env == {}, "no token anywhere: Ray's default"
+    token = tmp_path / "token"
+    token.write_text("0" * 64)
+    env = {"RAY_AUTH_TOKEN_PATH": str(token)}
+    ray_launch.token_auth_default(None, env)
+    assert "RAY_AUTH_MODE" not in env, "a local instance decides for itself"
+    ray_launch.token_auth_default("10.0.0.1:6379", env)
+    assert env["RAY_AUTH_MODE"] == "token"
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("0" * 64)
+    for given in ({}, {"RAY_AUTH_TOKEN": "x"}):
+        ray_launch.token_auth_default("10.0.0.1:6379", given)
+        assert given["RAY_AUTH_MODE"] == "token"
+    explicit = {"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "x"}
+    ray_launch.token_auth_default("10.0.0.1:6379", explicit)
+    assert explicit["RAY_AUTH_MODE"] == "disabled"
