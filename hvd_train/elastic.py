@@ -1,7 +1,8 @@
 """Elastic training: workers lost or added mid-run, training goes on from the last commit.
 
-``horovodrun --min-np A --max-np B --host-discovery-script S`` (launch/elastic.sh) starts every
-worker with ``HOROVOD_ELASTIC=1``; train() then comes here, no option needed. Horovod's elastic
+``horovodrun --min-np A --max-np B --host-discovery-script S`` (launch/elastic.sh), and Horovod's
+elastic Ray executor (launch/ray.py --min-workers A --max-workers B), start every worker with
+``HOROVOD_ELASTIC=1``; train() then comes here, no option needed. Horovod's elastic
 API (Gloo only) gives the mechanism: a state committed in memory, and on a failed collective
 (a worker died) or a changed host list, every surviving worker restores the last commit,
 re-initialises Horovod with the new world, and calls the training function again after the

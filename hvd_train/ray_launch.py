@@ -15,7 +15,11 @@ line in every failed case and exits non-zero (the agreed exit code, or 1).
 
 Ray forwards the workers' output to the driver asynchronously (prefixed with the actor's pid), so
 the driver prints the lines a run is judged by itself, from the outcomes: the ``[hvd_train] ray:``
-lines below. Elastic training on Ray is not offered: see docs/running.md (Ray).
+lines below.
+
+Elastic (``--min-workers/--max-workers``): Horovod's elastic Ray executor starts, replaces and adds
+the workers, each with ``HOROVOD_ELASTIC=1``, so ``train()`` takes hvd_train/elastic.py's path as
+under ``launch/elastic.sh``; the driver reports the outcomes of the workers alive at the end.
 """
 from __future__ import annotations
 
@@ -72,7 +76,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="a running cluster's address (ray start --head prints it); default: start a local "
                         "Ray instance for this job")
-    p.add_argument("--num-workers", type=int, required=True, help="Horovod processes (one Ray actor each)")
+    p.add_argument("--num-workers", type=int, default=None, help="Horovod processes (one Ray actor each)")
+    p.add_argument("--min-workers", type=int, default=None,
+                   help="elastic: train on while at least this many workers are alive (instead of --num-workers)")
+    p.add_argument("--max-workers", type=int, default=None,
+                   help="elastic: add workers up to this many as the cluster has room (default: --min-workers)")
+    p.add_argument("--network-interface", default=None, metavar="IFACE",
+                   help="elastic: the interface Gloo uses (default: found by Horovod across two or more nodes; "
+                        "the loopback on a one-node cluster)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs Ray reserves for each worker")
     p.add_argument("--gpus-per-worker", type=int, default=0, help="GPUs for each worker (0: CPU only)")
     p.add_argument("--fetch-to", default=None, metavar="DIR",
@@ -88,13 +99,19 @@ def parser() -> argparse.ArgumentParser:
 @dataclass(frozen=True)
 class Options:
     address: Optional[str]
-    num_workers: int
+    num_workers: int  # elastic: the workers to start with (--min-workers)
     cpus_per_worker: int
     gpus_per_worker: int
     fetch_to: Optional[str]
     grace: float
     start_timeout: float
     train_argv: List[str]
+    max_workers: Optional[int] = None  # set: elastic
+    network_interface: Optional[str] = None
+
+    @property
+    def elastic(self) -> bool:
+        return self.max_workers is not None
 
 
 def parse(argv: Sequence[str]) -> Options:
@@ -103,9 +120,20 @@ def parse(argv: Sequence[str]) -> Options:
     own, train_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = parser()
     args = p.parse_args(own)
-    for name in ("num_workers", "cpus_per_worker"):
-        if getattr(args, name) < 1:
+    elastic = args.min_workers is not None or args.max_workers is not None
+    if elastic == (args.num_workers is not None):
+        p.error("give --num-workers N, or --min-workers A [--max-workers B] for an elastic job")
+    if elastic and args.min_workers is None:
+        p.error("--max-workers needs --min-workers")
+    if elastic and args.max_workers is None:
+        args.max_workers = args.min_workers
+    if not elastic and args.network_interface:
+        p.error("--network-interface is for elastic jobs (--min-workers)")
+    for name in ("num_workers", "min_workers", "cpus_per_worker"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if elastic and args.max_workers < args.min_workers:
+        p.error(f"need --min-workers <= --max-workers (got {args.min_workers} > {args.max_workers})")
     if args.gpus_per_worker < 0:
         p.error(f"--gpus-per-worker must be >= 0 (got {args.gpus_per_worker})")
     for name in ("grace", "start_timeout"):
@@ -124,8 +152,9 @@ def parse(argv: Sequence[str]) -> Options:
         runtime.fail(str(err))
     if command.get("dry_run"):
         p.error("--dry-run: run 'hvd-train plan --np N ...' instead (no workers needed)")
-    return Options(args.address, args.num_workers, args.cpus_per_worker, args.gpus_per_worker,
-                   args.fetch_to, args.grace, args.start_timeout, train_argv)
+    return Options(args.address, args.min_workers if elastic else args.num_workers, args.cpus_per_worker,
+                   args.gpus_per_worker, args.fetch_to, args.grace, args.start_timeout, train_argv,
+                   args.max_workers if elastic else None, args.network_interface)
 
 
 def train_worker(train_argv: List[str], cwd: str, fetch: bool) -> Outcome:
@@ -153,6 +182,10 @@ def train_worker(train_argv: List[str], cwd: str, fetch: bool) -> Outcome:
     except SystemExit as ex:  # cli.parse on a worker whose --config file differs from the driver's
         outcome.message, outcome.code = "error: the options were rejected on this worker", int(ex.code or 2)
         return outcome
+    import horovod.tensorflow as hvd
+
+    # Horovod: the rank at the end, which an elastic reset may have changed (rank 0 fetches).
+    rank = outcome.rank = hvd.rank()
     outcome.ok, outcome.code = True, 0
     outcome.output_dir = os.path.abspath(result.output_dir)
     outcome.metrics = {k: v for k, v in result.metrics.items() if k.startswith("test_") or k == "world_size"}
@@ -300,11 +333,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # clean-up below, which ends every worker.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _record_signal)
-        settings = RayExecutor.create_settings(timeout_s=60, placement_group_timeout_s=options.start_timeout)
-        executor = RayExecutor(settings, num_workers=options.num_workers, cpus_per_worker=options.cpus_per_worker,
-                               use_gpu=options.gpus_per_worker > 0, gpus_per_worker=options.gpus_per_worker or None)
-        write(f"[hvd_train] ray: starting {options.num_workers} worker(s) on "
-              f"{options.address or 'a local Ray instance'}")
+        resources = dict(cpus_per_worker=options.cpus_per_worker, use_gpu=options.gpus_per_worker > 0,
+                         gpus_per_worker=options.gpus_per_worker or None)
+        work = [options.train_argv, os.getcwd(), bool(options.fetch_to)]
+        where = options.address or "a local Ray instance"
+        if options.elastic:
+            executor = RayExecutor(
+                RayExecutor.create_settings(timeout_s=60, nics=_elastic_interfaces(ray, options.network_interface)),
+                min_workers=options.num_workers, max_workers=options.max_workers,
+                elastic_timeout=int(options.start_timeout), **resources)
+            write(f"[hvd_train] ray: elastic, {options.num_workers} to {options.max_workers} worker(s) on {where}")
+        else:
+            settings = RayExecutor.create_settings(timeout_s=60, placement_group_timeout_s=options.start_timeout)
+            executor = RayExecutor(settings, num_workers=options.num_workers, **resources)
+            write(f"[hvd_train] ray: starting {options.num_workers} worker(s) on {where}")
         try:
             executor.start()
         except TimeoutError:  # the placement group: the cluster lacks room for every worker
@@ -314,8 +356,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"{_resources(ray)}", sys.stderr)
             return 1
         _check_signals()
-        refs = executor.run_remote(train_worker, args=[options.train_argv, os.getcwd(), bool(options.fetch_to)])
-        outcomes = wait(refs, options.grace)
+        if options.elastic:
+            outcomes = run_elastic(executor, work)
+        else:
+            outcomes = wait(executor.run_remote(train_worker, args=work), options.grace)
         time.sleep(LOG_FLUSH_SECONDS)
     except _Signalled as stop:
         write(f"hvd-train: stopped by {stop}; every worker was ended (--checkpoint-dir and --resume "
@@ -327,10 +371,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if executor is not None:
             # A worker still blocked in a collective ends now, not at Gloo's timeout. (Removing the
             # placement group in shutdown() ends its actors too; this does not wait for that.)
-            for worker in getattr(getattr(executor, "adapter", None), "workers", None) or []:
+            adapter = getattr(executor, "adapter", None)
+            for worker in getattr(adapter, "workers", None) or []:
                 ray.kill(worker)
-            executor.shutdown()
-        ray.shutdown()
+            if getattr(adapter, "driver", None) is not None:  # elastic: its driver kills the workers it runs
+                adapter.driver.stop()
+            else:
+                executor.shutdown()
+        ray.shutdown()  # and every actor this job still owns ends with it
     failure = verdict(outcomes)
     if failure:
         if failure.unexpected:  # a bug: its traceback first, as a crash under horovodrun shows it
@@ -349,6 +397,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         write(f"[hvd_train] ray: outputs copied to {os.path.abspath(options.fetch_to)}")
     return 0
+
+
+def _elastic_interfaces(ray, given: Optional[str]):
+    """Horovod's elastic start finds the interface Gloo uses by comparing two or more hosts, and
+    waits for a second host otherwise (on a one-node cluster: until its timeout). One node talks
+    to itself over the loopback."""
+    if given:
+        return {given}
+    alive = [n for n in ray.nodes() if n.get("Alive", n.get("alive"))]
+    return {"lo"} if len(alive) == 1 else None
+
+
+def run_elastic(executor, work: list) -> List[Outcome]:
+    """An elastic job to its end: the outcomes of the workers alive at the end, in rank order.
+    Horovod's driver replaces lost workers and adds new ones; a job that fails (below
+    --min-workers for its timeout, or every worker failing) is one outcome with Horovod's reason."""
+    import threading
+
+    done: Dict[str, Any] = {}
+
+    def target():
+        try:
+            done["outcomes"] = executor.run(train_worker, args=work)
+        except Exception as err:  # noqa: BLE001 - reported as the job's one message
+            done["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        _check_signals()  # between joins of at most a second, as in wait()
+        thread.join(WAIT_SLICE_SECONDS)
+    if "error" in done:
+        err = done["error"]
+        return [Outcome(rank=0, unexpected=True, traceback=f"{type(err).__name__}: {err}",
+                        message=f"error: the elastic job failed: {_first_line(err)}")]
+    return sorted(done["outcomes"], key=lambda o: o.rank)
 
 
 def _resources(ray) -> str:

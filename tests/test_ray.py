@@ -5,15 +5,19 @@ import importlib.util
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import BIN, REPO, Background, check_run, read_json, run
+
+from hvd_train import events
 
 pytestmark = [
     pytest.mark.integration,
@@ -178,6 +182,61 @@ def test_ctrl_c_on_the_driver_ends_every_worker(tmp_path, ray_head):
     while _workers() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _workers(), "no worker left behind"
+
+
+@pytest.fixture
+def two_ray_nodes(tmp_path):
+    """A head (1 CPU, on this machine's address) and a second node on 127.0.0.2 (1 CPU): two
+    hosts to Horovod, so losing one leaves the other (its elastic driver sets aside a failed
+    worker's whole host, so one node cannot show a job that survives). No authentication."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    env = {"RAY_AUTH_MODE": "disabled"}
+    common = ["--block", "--num-cpus", "1", "--disable-usage-stats"]
+    temp = tempfile.mkdtemp(prefix="ray")  # Ray's socket paths must stay under 108 bytes: not in tmp_path
+    head = Background([BIN / "ray", "start", "--head", *common, "--port", port, "--include-dashboard=false",
+                       "--temp-dir", temp], env=env)
+    head.wait_until(lambda: re.search(r"--address='([^']+)'", head.output), 180, "the head's address")
+    address = re.search(r"--address='([^']+)'", head.output).group(1)
+    node = Background([BIN / "ray", "start", "--address", address, "--node-ip-address", "127.0.0.2", *common],
+                      env=env)
+    node.wait_until(lambda: "Ray runtime started" in node.output, 180, "the second node")
+    yield SimpleNamespace(address=address, env=env, node=node)
+    for started in (node, head):
+        os.killpg(started.proc.pid, signal.SIGTERM)
+        started.wait(120)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _worker_on(node_ip: str) -> int:
+    """The Horovod worker running on the Ray node with this address (through its raylet)."""
+    for pid in _workers():
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        with open(f"/proc/{int(env[b'RAY_RAYLET_PID'])}/cmdline", "rb") as f:
+            if f"--node_ip_address={node_ip}".encode() in f.read():
+                return pid
+    pytest.fail(f"no worker on node {node_ip}")
+
+
+def test_elastic_job_on_ray_survives_a_lost_worker(tmp_path, two_ray_nodes):
+    """--min-workers 1 --max-workers 2 on two Ray nodes: the worker on one is SIGKILLed mid-run;
+    the other restores the last commit and finishes alone, with exact metrics (the elastic state
+    handling of hvd_train/elastic.py, as under horovodrun)."""
+    out = tmp_path / "run"
+    job = Background([*RAY_PY, "--address", two_ray_nodes.address, "--min-workers", "1", "--max-workers", "2",
+                      "--", "--dataset", "synthetic", "--samples", "3000", "--epochs", "30", "--progress", "epoch",
+                      "--output-dir", out], env=two_ray_nodes.env)
+    job.wait_until(lambda: re.search(r"epoch +5/30", job.output), RAY_TIMEOUT, "the fifth epoch")
+    os.kill(_worker_on("127.0.0.2"), signal.SIGKILL)
+    code = job.wait(RAY_TIMEOUT)
+    m = check_run(out, SimpleNamespace(returncode=code, stdout=job.output, stderr=""), 1, reported=REPORTED)
+    assert m["elastic_resets"] == 1 and m["epochs_completed"] == 30
+    resets = [e for e in events.read(out / "events.jsonl") if e["event"] == "reset"]
+    assert len(resets) == 1 and (resets[0]["old_world_size"], resets[0]["world_size"]) == (2, 1), resets
+    assert set(resets[0]["old_hosts"]) == {"127.0.0.2", two_ray_nodes.address.split(":")[0]}, "one worker per node"
+    assert resets[0]["hosts"] == [two_ray_nodes.address.split(":")[0]], "the lost node's worker is gone"
 
 
 def test_ray_script_has_help():

@@ -16,8 +16,16 @@ def test_options_and_the_hvd_train_options_after_the_separator():
     assert o.train_argv == ["--dataset", "wine", "--epochs", "5"] and o.grace == ray_launch.DEFAULT_GRACE_SECONDS
 
 
+def test_elastic_options():
+    o = ray_launch.parse(["--min-workers", "2", "--max-workers", "4", "--", "--epochs", "5"])
+    assert o.elastic and (o.num_workers, o.max_workers) == (2, 4)
+    fixed = ray_launch.parse(["--min-workers", "2"])
+    assert fixed.elastic and fixed.max_workers == 2
+    assert not ray_launch.parse(["--num-workers", "2"]).elastic
+
+
 @pytest.mark.parametrize("argv,message", [
-    ([], "the following arguments are required: --num-workers"),
+    ([], "give --num-workers N, or --min-workers A [--max-workers B]"),
     (["--num-workers", "2", "--cpus-per-worker", "0"], "--cpus-per-worker must be >= 1"),
     (["--num-workers", "2", "--gpus-per-worker", "-1"], "--gpus-per-worker must be >= 0"),
     (["--num-workers", "2", "--grace", "-1"], "--grace must be >= 0"),
@@ -25,6 +33,11 @@ def test_options_and_the_hvd_train_options_after_the_separator():
     (["--num-workers", "2", "--", "--dry-run"], "hvd-train plan --np N"),
     (["--num-workers", "2", "--address", "10.0.0.1"], "want HOST:PORT"),
     (["--num-workers", "2", "--start-timeout", "-5"], "--start-timeout must be >= 0"),
+    (["--num-workers", "2", "--min-workers", "1"], "give --num-workers N, or --min-workers A"),
+    (["--max-workers", "2"], "--max-workers needs --min-workers"),
+    (["--min-workers", "3", "--max-workers", "2"], "need --min-workers <= --max-workers"),
+    (["--min-workers", "0"], "--min-workers must be >= 1"),
+    (["--num-workers", "2", "--network-interface", "eth0"], "--network-interface is for elastic jobs"),
 ])
 def test_bad_options_exit_2_with_one_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
