@@ -18,6 +18,21 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT = 240  # seconds; a hang anywhere fails the test instead of the CI run
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (second variants of covered paths)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # CI's 90 minutes: a second variant of a path another test covers runs only when asked for.
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow variant of a covered path: make test PYTEST_ARGS=--run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def _env(extra=None) -> dict:
     env = dict(os.environ, **(extra or {}))
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"

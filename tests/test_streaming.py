@@ -90,7 +90,7 @@ def max_difference(a, b):
     return max(float(np.max(np.abs(u - v))) for u, v in zip(weights(a), weights(b)))
 
 
-@pytest.mark.parametrize("kind", ["csv", "parquet"])
+@pytest.mark.parametrize("kind", ["csv", pytest.param("parquet", marks=pytest.mark.slow)])
 def test_n_processes_streaming_equal_one_process_with_n_times_the_batch(runs, kind):
     one, _ = runs(kind, 1, None, "--no-shuffle")
     for world_size in (2, 3):

@@ -266,7 +266,8 @@ def _training_processes(marker: str) -> list:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGKILL],
+                         ids=["SIGINT", "SIGKILL"])
 def test_an_interrupted_sweep_resumes_with_the_unfinished_trials(tmp_path, sig):
     path = write(tmp_path, GRID.format(epochs=30))
     out = tmp_path / "sweep"
