@@ -43,6 +43,7 @@ DEFAULT_GRACE_SECONDS = 30.0
 DEFAULT_START_TIMEOUT_SECONDS = 100.0  # horovod.ray's own default for placing the workers
 CONNECT_TIMEOUT_SECONDS = 10.0
 WAIT_SLICE_SECONDS = 1.0
+HOST_PORT = re.compile(r"[^\s:]+:\d+")  # a cluster address as `ray start --head` prints it
 # Ray's log monitor forwards worker output about every half second: give the last lines a moment.
 LOG_FLUSH_SECONDS = 1.0
 
@@ -140,7 +141,7 @@ def parse(argv: Sequence[str]) -> Options:
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     if args.address and not args.address.startswith("ray://") and args.address != "auto" \
-            and not re.fullmatch(r"[^\s:]+:\d+", args.address):
+            and not HOST_PORT.fullmatch(args.address):
         p.error(f"--address {args.address!r}: want HOST:PORT (what ray start --head prints), auto or ray://...")
     if args.fetch_to and os.path.exists(args.fetch_to) and (not os.path.isdir(args.fetch_to)
                                                            or os.listdir(args.fetch_to)):
@@ -286,7 +287,7 @@ def _check_signals() -> None:
 def unreachable(address: Optional[str]) -> Optional[str]:
     """Why a HOST:PORT cluster address cannot be reached, or None. Checked before ray.init, which
     retries an address where nothing listens for minutes."""
-    if not address or not re.fullmatch(r"[^\s:]+:\d+", address):
+    if not address or not HOST_PORT.fullmatch(address):
         return None  # a local instance, "auto", or Ray Client's ray://: Ray's own checks
     host, port = address.rsplit(":", 1)
     try:

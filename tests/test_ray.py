@@ -45,25 +45,29 @@ def _workers() -> list:
     return found
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A one-node Ray cluster for this module, with token authentication (what Ray 2.60 does
-    wherever a token exists): `ray start --head --num-cpus 2 --block`, ended by signalling that
-    process (not `ray stop`, which would end every Ray instance on the machine). Yields the
-    address and the environment a driver needs: the token's path, no RAY_AUTH_MODE (the driver
-    chooses token mode itself, ray_launch.token_auth_default)."""
-    with socket.socket() as s:  # a free port outside Ray's own worker range (10002-19999)
+def _start_head(options: list, env: dict):
+    """`ray start --head --block` on a free port (outside Ray's own worker range, 10002-19999):
+    the running process and the address Ray prints (this machine's, not 127.0.0.1). Ended by
+    signalling that process, not `ray stop`, which would end every Ray instance on the machine."""
+    with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
+    head = Background([BIN / "ray", "start", "--head", "--block", "--port", port, "--disable-usage-stats",
+                       "--include-dashboard=false", *options], env=env)
+    head.wait_until(lambda: re.search(r"--address='([^']+)'", head.output), 180, "the head's address")
+    return head, re.search(r"--address='([^']+)'", head.output).group(1)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A one-node Ray cluster for this module, 2 CPUs, with token authentication (what Ray 2.60
+    does wherever a token exists). Yields the address and the environment a driver needs: the
+    token's path, no RAY_AUTH_MODE (the driver chooses token mode, ray_launch.token_auth_default)."""
     temp = tmp_path_factory.mktemp("ray")
     (temp / "token").write_text(secrets.token_hex(32))
     driver_env = {"RAY_AUTH_TOKEN_PATH": str(temp / "token")}
-    head = Background([BIN / "ray", "start", "--head", "--block", "--num-cpus", "2", "--port", port,
-                       "--disable-usage-stats", "--include-dashboard=false", "--temp-dir", temp / "t"],
-                      env={**driver_env, "RAY_AUTH_MODE": "token"})
-    # Ray names the head by this machine's address, not 127.0.0.1: use the one it prints.
-    head.wait_until(lambda: re.search(r"--address='([^']+)'", head.output), 180, "the head's address")
-    yield SimpleNamespace(address=re.search(r"--address='([^']+)'", head.output).group(1), env=driver_env)
+    head, address = _start_head(["--num-cpus", "2", "--temp-dir", temp / "t"], {**driver_env, "RAY_AUTH_MODE": "token"})
+    yield SimpleNamespace(address=address, env=driver_env)
     os.killpg(head.proc.pid, signal.SIGTERM)
     head.wait(120)
 
@@ -189,18 +193,12 @@ def two_ray_nodes(tmp_path):
     """A head (1 CPU, on this machine's address) and a second node on 127.0.0.2 (1 CPU): two
     hosts to Horovod, so losing one leaves the other (its elastic driver sets aside a failed
     worker's whole host, so one node cannot show a job that survives). No authentication."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
     env = {"RAY_AUTH_MODE": "disabled"}
-    common = ["--block", "--num-cpus", "1", "--disable-usage-stats"]
+    common = ["--num-cpus", "1"]
     temp = tempfile.mkdtemp(prefix="ray")  # Ray's socket paths must stay under 108 bytes: not in tmp_path
-    head = Background([BIN / "ray", "start", "--head", *common, "--port", port, "--include-dashboard=false",
-                       "--temp-dir", temp], env=env)
-    head.wait_until(lambda: re.search(r"--address='([^']+)'", head.output), 180, "the head's address")
-    address = re.search(r"--address='([^']+)'", head.output).group(1)
-    node = Background([BIN / "ray", "start", "--address", address, "--node-ip-address", "127.0.0.2", *common],
-                      env=env)
+    head, address = _start_head([*common, "--temp-dir", temp], env)
+    node = Background([BIN / "ray", "start", "--address", address, "--node-ip-address", "127.0.0.2", "--block",
+                       "--disable-usage-stats", *common], env=env)
     node.wait_until(lambda: "Ray runtime started" in node.output, 180, "the second node")
     yield SimpleNamespace(address=address, env=env, node=node)
     for started in (node, head):
