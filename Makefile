@@ -18,7 +18,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 1
 SHELL_SCRIPTS := $(wildcard launch/*.sh) $(wildcard launch/discover/*.sh) launch/slurm.sbatch $(wildcard scripts/*.sh) \
                  $(wildcard tests/container/*.sh) .ci/run
 
-.PHONY: help setup train sweep test test-fast lint test-deps bench clean
+.PHONY: help setup train sweep test test-fast test-all coverage lint test-deps bench clean
 .DEFAULT_GOAL := help
 
 help:
@@ -26,6 +26,8 @@ help:
 	@echo "make sweep   set up on first use, then a hyperparameter sweep (ARGS='--config examples/sweep.toml')"
 	@echo "make test    set up on first use, then run the test suite (PYTEST_ARGS='...')"
 	@echo "make test-fast  the tests that start no launcher (under 2 minutes)"
+	@echo "make test-all   make test plus the slow second variants of covered paths (--run-slow)"
+	@echo "make coverage   the suite under coverage.py, ranks under the launchers included (coverage/report.txt)"
 	@echo "make lint    ruff on the Python, shellcheck on the shell scripts (make test-deps installs shellcheck)"
 	@echo "make bench   set up on first use, then the benchmark suite into bench/latest (BENCH_ARGS='...')"
 	@echo "make setup   (re)run the idempotent set-up: scripts/setup.sh (RAY=1 adds Ray for launch/ray.py)"
@@ -52,6 +54,13 @@ test: $(SETUP_STAMP)
 # No horovodrun, mpirun, ssh or image: unit tests of the pure parts and the launchers' argument checks.
 test-fast: $(SETUP_STAMP)
 	$(VENV)/bin/python -m pytest -m "not integration and not container" $(PYTEST_ARGS)
+
+test-all: $(SETUP_STAMP)
+	$(VENV)/bin/python -m pytest --run-slow $(PYTEST_ARGS)
+
+# Line coverage of hvd_train/ over the suite, every process the tests launch included.
+coverage: $(SETUP_STAMP)
+	VENV=$(abspath $(VENV)) bash scripts/coverage.sh $(PYTEST_ARGS)
 
 lint: $(SETUP_STAMP)
 	$(VENV)/bin/ruff check .
