@@ -167,9 +167,22 @@ def build_model(config: TrainConfig, splits: Splits, lr: float, model_fn: Option
         # Horovod: optional fp16 on the wire, and local accumulation to allreduce less often.
         compression=hvd.Compression.fp16 if config.fp16_allreduce else hvd.Compression.none,
         backward_passes_per_step=config.backward_passes_per_step)
+    _allreduce_as_written(optimizer)
     compile_model(model, optimizer, tasks.for_run(config, splits))
     optimizer._create_all_weights(model.trainable_variables)
     return model, optimizer
+
+
+def _allreduce_as_written(optimizer) -> None:
+    """Horovod: trace the optimizer's gradient allreduce without AutoGraph. Horovod makes it a
+    tf.function, so Keras's first step converted Horovod's Python source statement by statement
+    (about 1 s of every run's first step here, docs/testing.md); its branches are on Python
+    values and its tf.cond explicit, so the traced graph is the same without the conversion."""
+    # The optimizer calls it, or with --backward-passes-per-step > 1 its aggregation helper.
+    for holder in (optimizer, getattr(optimizer, "_agg_helper", None)):
+        allreduce = getattr(holder, "_allreduce_grads", None)
+        if hasattr(allreduce, "python_function"):
+            holder._allreduce_grads = tf.function(allreduce.python_function, autograph=False)
 
 
 def _fit_evaluate_save(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
