@@ -1,7 +1,9 @@
-"""hvd-bench at toy sizes: every section runs through the real launchers and writes well-formed
-JSON, markdown and PNGs. No timing assertions: figures are only checked to be positive and finite."""
+"""hvd-bench at toy sizes: one invocation runs every section through the real launchers (each code
+path once: --quick) and writes well-formed JSON, markdown and PNGs. No timing assertions: figures
+are only checked to be positive and finite."""
 import json
 import math
+import shutil
 
 import pytest
 from conftest import BIN, png_size, run
@@ -16,7 +18,8 @@ def positive(x):
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = run([BIN / "hvd-bench", "--quick", "--out", out], timeout=1200)
+    proc = run([BIN / "hvd-bench", "--quick", "--sections", "scaling,cnn,wire,knobs,data,startup", "--out", out],
+               timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
 
@@ -27,7 +30,8 @@ def test_results_json(bench):
     assert r["quick"] is True and r["machine"]["cores"] >= 1 and r["machine"]["tensorflow"] == "2.15.1"
     s = r["scaling"]
     expected = {"hvd_np1", "hvd_np2", "independent_np1_x2", "hvd_np1_2threads", "keras_np1", "mwms_np2"}
-    assert set(s["throughput"]) == expected | ({"hvd_np2_mpi"} if "mpi" in r["wire"] else set())
+    controllers = {"gloo"} | ({"mpi"} if shutil.which("mpirun") else set())
+    assert set(s["throughput"]) == expected | ({"hvd_np2_mpi"} if "mpi" in controllers else set())
     assert all(positive(v) for v in s["throughput"].values())
     for key in ("scaling_efficiency_np2", "scaling_efficiency_np2_gloo", "ceiling_efficiency_np2", "np2_vs_ceiling",
                 "np2_vs_one_process_two_threads", "hvd_vs_mwms_np2"):
@@ -48,10 +52,10 @@ def test_results_json(bench):
             (b, c) for b in r["workload"]["sizes"] for c in ("none", "fp16")}
         assert all(positive(x["bus_gbps"]) and positive(x["seconds"]) for x in wire["allreduce"])
         assert all(positive(c["gbps"]) for c in wire["memcpy"])
-    assert "gloo" in r["wire"]
+    assert set(r["wire"]) == {"gloo"}, "--quick: the wire over one controller"
     # Per controller: the bars (ceiling, 1 process on all cores, the peer) and where a step's time goes,
     # the waiting and the allreduce read from a real Horovod timeline of every step.
-    assert set(s["controllers"]) == set(r["wire"]) == set(s["breakdown"])
+    assert set(s["controllers"]) == controllers == set(s["breakdown"])
     for c, bars in s["controllers"].items():
         assert all(positive(bars[k]) for k in ("vs_ceiling", "vs_one_process_all_cores", "vs_mwms"))
         b = s["breakdown"][c]
@@ -62,9 +66,11 @@ def test_results_json(bench):
                                               - b["allreduce_ms"])
     # The CNN workload: the same figures, in images/s, from hvd_train's --model cnn on random images.
     c = r["cnn"]
-    assert c["workload"]["model"] == "cnn" and set(c["throughput"]) == set(s["throughput"])
-    assert all(positive(v) for v in c["throughput"].values()) and positive(c["scaling_efficiency_np2"])
-    assert set(c["controllers"]) == set(s["controllers"]) and set(c["breakdown"]) == set(s["breakdown"])
+    assert c["workload"]["model"] == "cnn"
+    assert set(c["throughput"]) == expected and positive(c["scaling_efficiency_np2"])
+    assert all(positive(v) for v in c["throughput"].values())
+    # --quick runs the CNN over one controller (the scaling section above, over each).
+    assert set(c["controllers"]) == set(c["breakdown"]) == {"gloo"} <= set(s["controllers"])
     cnp2 = c["runs"]["hvd_np2"][0]
     assert cnp2["samples"] == cnp2["train_samples"] * (c["workload"]["epochs"] - 1)
     assert cnp2["train_samples"] == c["workload"]["steps"] * c["workload"]["batch"] * 2
@@ -87,18 +93,29 @@ def test_bad_arguments():
     assert proc.returncode == 2 and "unknown sections ['nope']" in proc.stderr
 
 
-def test_data_section_measures_the_file_paths(tmp_path):
-    out = tmp_path / "bench"
-    proc = run([BIN / "hvd-bench", "--quick", "--sections", "data", "--out", out], timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_data_section_measures_the_file_paths(bench):
+    out, _ = bench
     r = json.loads((out / "results.json").read_text())["data"]
-    assert positive(r["idle_rss_mb"]) and list(r["sizes"]) == ["4000"]
+    assert positive(r["idle_rss_mb"]) and list(r["sizes"]) == ["2000"]
     assert all(positive(b["peak_rss_mb"]) and positive(b["first_step_s"]) for b in r["baselines"].values())
-    entry = r["sizes"]["4000"]
-    assert entry["parse"]["rows"] == 4000 and positive(entry["parse"]["pyarrow_mb_s"])
+    entry = r["sizes"]["2000"]
+    assert entry["parse"]["rows"] == 2000 and positive(entry["parse"]["pyarrow_mb_s"])
     paths = ("csv_stream_np1", "csv_stream_np2", "parquet_stream_np1", "parquet_stream_np2", "memory_np1")
     for path in paths:
         assert positive(entry[path]["first_step_s"]) and positive(entry[path]["samples_per_second"])
         assert math.isfinite(entry[path]["data_mb_per_rank"]) and math.isfinite(entry[path]["data_first_step_s"])
     md = (out / "results.md").read_text()
-    assert "## Data path" in md and "- csv: 4000 rows np2/np1" in md and "data s to first step" in md
+    assert "## Data path" in md and "- csv: 2000 rows np2/np1" in md and "data s to first step" in md
+
+
+def test_startup_section_times_every_phase(bench):
+    out, _ = bench
+    r = json.loads((out / "results.json").read_text())["startup"]
+    from hvd_train.bench.startup import PHASES
+
+    (launch,) = r["runs"]
+    assert all(launch[p] >= 0 for p in PHASES) and positive(launch["launch_to_first_step"])
+    assert launch["launch_to_first_step"] == pytest.approx(sum(launch[p] for p in PHASES))
+    assert positive(r["short_run_s"]) and r["controller"] in ("gloo", "mpi")
+    md = (out / "results.md").read_text()
+    assert "## Start-up: launch to first step" in md and "| **launch to first step** |" in md

@@ -140,18 +140,21 @@ def data_section(work: Path, sizes: List[int], timeout: int, log: Callable[[str]
     out["idle_rss_mb"] = max(r["peak_rss_mb"] for r in launch("idle", 1, "-", work, timeout))
     # Each path's baseline: the same launch on a file of 2,000 rows (the libraries, the model,
     # TensorFlow's start-up and tracing), so "data" figures are what the rows add.
-    tiny = generate(work / "tiny", TINY_ROWS)
+    tiny, base_ranks = generate(work / "tiny", TINY_ROWS), {}
     for path in PATHS:
-        ranks = _launch_path(path, tiny, work, timeout)
+        ranks = base_ranks[path] = _launch_path(path, tiny, work, timeout)
         out["baselines"][path] = {"peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
                                   "first_step_s": max(r["first_step_s"] for r in ranks)}
-        log(f"data baseline {path}: {out['baselines'][path]}")
+        log(f"data baseline {path}: peak {out['baselines'][path]['peak_rss_mb']:.0f} MB, "
+            f"first step {out['baselines'][path]['first_step_s']:.1f} s")
     for rows in sizes:
-        files = generate(work / "data", rows)
+        files = tiny if rows == TINY_ROWS else generate(work / "data", rows)
         entry: Dict[str, Any] = {"parse": parse_figures(files["csv"])}
         log(f"data {rows} rows: parse {entry['parse']}")
         for path in PATHS:
-            ranks, base = _launch_path(path, files, work, timeout), out["baselines"][path]
+            base = out["baselines"][path]
+            # The baseline's own size (hvd-bench --quick): its launch is that size's measurement.
+            ranks = base_ranks[path] if rows == TINY_ROWS else _launch_path(path, files, work, timeout)
             first = max(r["first_step_s"] for r in ranks)
             entry[path] = {"first_step_s": first, "data_first_step_s": first - base["first_step_s"],
                            "data_mb_per_rank": max(r["peak_rss_mb"] for r in ranks) - base["peak_rss_mb"],

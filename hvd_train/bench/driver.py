@@ -31,9 +31,11 @@ FULL = {"features": 256, "hidden": [1024, 1024], "classes": 10, "batch": 1024, "
         "sizes": [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20],
         "min_iters": 5, "min_seconds": 0.3, "repeats": 3}
 # For the test suite: the same code paths at toy sizes.
+# Every code path once, not every combination: the knobs that change what runs, the CNN and the
+# wire over one controller (the scaling section runs both), the data section at its baseline size.
 QUICK = {"features": 16, "hidden": [32], "classes": 3, "batch": 32, "steps": 3, "epochs": 2,
          "sizes": [4 << 10, 64 << 10], "min_iters": 2, "min_seconds": 0.0, "repeats": 1,
-         "quick_knobs": ["baseline", "fp16_allreduce", "backward_passes_2", "no_core_pinning"]}
+         "quick_knobs": ["baseline", "fp16_allreduce", "backward_passes_2"]}
 
 
 # The CNN workload (section "cnn"), as Horovod's tensorflow2_synthetic_benchmark: random images and
@@ -266,8 +268,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="toy sizes (for tests): checks the machinery only")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per variant (default 3)")
     parser.add_argument("--sections", default="scaling,cnn,wire,knobs",
-                        help="comma-separated subset of scaling,cnn,wire,knobs,data (cnn: the scaling figures "
-                        "for a CNN on images; data: the file-data path, not in the default set; see --data-rows)")
+                        help="comma-separated subset of scaling,cnn,wire,knobs,data,startup (cnn: the scaling "
+                        "figures for a CNN on images; data: the file-data path, not in the default set, see "
+                        "--data-rows; startup: where a launch's seconds go before the first step, not in the "
+                        "default set)")
     parser.add_argument("--data-rows", default="400000,1600000", help="data section: rows of the generated files")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per launched run")
     args = parser.parse_args(argv)
@@ -275,10 +279,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     repeats = args.repeats or p.pop("repeats")
     p.pop("repeats", None)
     sections = set(args.sections.split(","))
-    unknown = sections - {"scaling", "cnn", "wire", "knobs", "data"}
+    unknown = sections - {"scaling", "cnn", "wire", "knobs", "data", "startup"}
     if unknown or repeats < 1:
         parser.error(f"unknown sections {sorted(unknown)}" if unknown else "--repeats must be >= 1")
     controllers = ["gloo"] + (["mpi"] if shutil.which("mpirun") else [])
+    # --quick: the scaling section runs every controller; the sections after it, one.
+    more_controllers = controllers[:1] if args.quick else controllers
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -295,17 +301,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results["scaling"] = scaling_section(runner, p, controllers, repeats, log)
             if "cnn" in sections:
                 cnn = dict(CNN_QUICK if args.quick else CNN_FULL)
-                results["cnn"] = {"workload": cnn, **scaling_section(runner, {**p, **cnn}, controllers, repeats,
+                results["cnn"] = {"workload": cnn, **scaling_section(runner, {**p, **cnn}, more_controllers, repeats,
                                                                      lambda m: log(f"cnn: {m}"))}
             if "wire" in sections:
-                results["wire"] = wire_section(runner, p, controllers, log)
+                results["wire"] = wire_section(runner, p, more_controllers, log)
             if "knobs" in sections:
                 results["knobs"] = knobs_section(runner, p, controllers, max(1, repeats - 2), log)
             if "data" in sections:
-                from .datapath import data_section
+                from .datapath import TINY_ROWS, data_section
 
-                rows = [4000] if args.quick else [int(r) for r in args.data_rows.split(",")]
+                rows = [TINY_ROWS] if args.quick else [int(r) for r in args.data_rows.split(",")]
                 results["data"] = data_section(Path(work), rows, args.timeout, log)
+            if "startup" in sections:
+                from .startup import startup_section
+
+                results["startup"] = startup_section(Path(work), repeats, args.timeout, log)
         except (BenchError, RuntimeError) as err:
             sys.stderr.write(f"hvd-bench: error: {err}\n")
             return 1

@@ -34,10 +34,11 @@ def markdown(r: Dict[str, Any]) -> str:
     lines = [f"# hvd-bench results{' (quick: toy sizes, figures meaningless)' if r.get('quick') else ''}", "",
              f"Machine: {m['cores']} cores, {m['cpu'] or 'unknown CPU'}; Python {m['python']}, "
              f"TensorFlow {m['tensorflow']}, Horovod {m['horovod']}; {m['date']}; "
-             f"{r['repeats']} interleaved repeat(s), medians; {r['seconds']:.0f} s in all.", "",
-             f"Workload: MLP {w['features']}-{'-'.join(map(str, w['hidden']))}-{w['classes']} on synthetic data, "
-             f"{w['batch']} samples per process per step, {w['steps']} steps per epoch, {w['epochs']} epochs "
-             f"(the first, which traces the graph, is not timed), 1 intra-op thread per process.", ""]
+             f"{r['repeats']} interleaved repeat(s), medians; {r['seconds']:.0f} s in all.", ""]
+    if any(section in r for section in ("scaling", "cnn", "wire", "knobs")):  # the sections of this workload
+        lines += [f"Workload: MLP {w['features']}-{'-'.join(map(str, w['hidden']))}-{w['classes']} on synthetic "
+                  f"data, {w['batch']} samples per process per step, {w['steps']} steps per epoch, {w['epochs']} "
+                  f"epochs (the first, which traces the graph, is not timed), 1 intra-op thread per process.", ""]
     if "scaling" in r:
         lines += ["## Scaling, overhead, peer", ""] + _scaling_lines(r["scaling"], "samples")
     if "cnn" in r:
@@ -78,6 +79,10 @@ def markdown(r: Dict[str, Any]) -> str:
         from .datapath import lines as data_lines
 
         lines += [""] + data_lines(r["data"])
+    if "startup" in r:
+        from .startup import lines as startup_lines
+
+        lines += [""] + startup_lines(r["startup"])
     return "\n".join(lines)
 
 
