@@ -19,6 +19,10 @@ ARG HOROVOD_VERSION=0.28.1
 # Empty for CPU; NCCL for the GPU variant (needs a CUDA/cuDNN base image with NCCL).
 ARG HOROVOD_GPU_OPERATIONS=
 ARG PYTHON=python3
+# Optional: a directory of prebuilt wheels mounted into the build at this path, used instead of
+# downloading or compiling (podman build -v "$PWD/.venv/wheels:/opt/wheels:ro": the Horovod wheel
+# scripts/setup.sh built, as tests/container/build_and_run.sh does). Absent: nothing changes.
+ARG WHEELS=/opt/wheels
 
 SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 TF_CPP_MIN_LOG_LEVEL=1 \
@@ -33,7 +37,8 @@ RUN apt-get update \
 
 COPY constraints.txt /opt/hvd_train/constraints.txt
 RUN "${PYTHON}" -m venv "${VENV}" \
- && pip install --no-cache-dir -c /opt/hvd_train/constraints.txt setuptools wheel cmake numpy \
+ && pip install --no-cache-dir $([[ -d "${WHEELS}" ]] && echo --find-links "${WHEELS}") \
+      -c /opt/hvd_train/constraints.txt setuptools wheel cmake numpy \
       "${TENSORFLOW_PACKAGE}==${TENSORFLOW_VERSION}" scikit-learn matplotlib pyarrow mpi4py
 
 # Build Horovod, check it, then drop what only the build needed or nothing runs (docs/running.md
@@ -45,7 +50,8 @@ RUN gpu_env=() \
  && if [[ -n "${HOROVOD_GPU_OPERATIONS}" ]]; then gpu_env=("HOROVOD_GPU_OPERATIONS=${HOROVOD_GPU_OPERATIONS}"); fi \
  && env "${gpu_env[@]}" HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
       HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CMAKE="${VENV}/bin/cmake" \
-      pip install --no-cache-dir --no-build-isolation -c /opt/hvd_train/constraints.txt "horovod==${HOROVOD_VERSION}" \
+      pip install --no-cache-dir --no-build-isolation $([[ -d "${WHEELS}" ]] && echo --find-links "${WHEELS}") \
+      -c /opt/hvd_train/constraints.txt "horovod==${HOROVOD_VERSION}" \
  && horovodrun --check-build | tee /tmp/check-build \
  && for need in TensorFlow Gloo MPI; do grep -q "\[X\] ${need}" /tmp/check-build \
       || { echo "horovod was built without ${need}" >&2; exit 1; }; done \

@@ -29,6 +29,7 @@ VENV="${VENV:-.venv}"
 case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 TF_PACKAGE="${TF_PACKAGE:-tensorflow-cpu}"
 CONSTRAINTS="$PWD/constraints.txt"
+WHEELS="$VENV/wheels"  # the Horovod wheel this set-up built
 HOROVOD_VERSION="$(sed -n 's/^horovod==//p' "$CONSTRAINTS")"
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -99,13 +100,19 @@ build_horovod() {
   local mpi_flag=HOROVOD_WITHOUT_MPI=1
   have_mpi && mpi_flag=HOROVOD_WITH_MPI=1
   say "building horovod==$HOROVOD_VERSION against $TF_PACKAGE (Gloo$(have_mpi && echo ' + MPI'); takes a few minutes)"
+  # The wheel is kept in $WHEELS: the container test builds the image with it instead of
+  # compiling Horovod a second time (tests/container/build_and_run.sh).
+  rm -rf "$WHEELS" && mkdir -p "$WHEELS"
   # The venv's CMake (< 4, pinned) must be the one Horovod's build finds, not a system one.
   env PATH="$VENV/bin:$PATH" HOROVOD_CMAKE="$VENV/bin/cmake" \
       HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 "$mpi_flag" \
       HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
       ${HVD_GPU_OPERATIONS:+HOROVOD_GPU_OPERATIONS="$HVD_GPU_OPERATIONS"} \
-      "$VENV/bin/pip" install -q --no-build-isolation -c "$CONSTRAINTS" "${cache_flag[@]}" \
+      "$VENV/bin/pip" wheel -q --no-deps --no-build-isolation -c "$CONSTRAINTS" "${cache_flag[@]}" -w "$WHEELS" \
       "horovod==$HOROVOD_VERSION"
+  local wheel=("$WHEELS"/horovod-"$HOROVOD_VERSION"-*.whl)
+  "$VENV/bin/pip" install -q -c "$CONSTRAINTS" "${wheel[0]}"  # its dependencies, when missing
+  "$VENV/bin/pip" install -q --no-deps --force-reinstall "${wheel[0]}"  # this build, even over another
 }
 
 install_distro_packages
@@ -142,7 +149,7 @@ if [ -n "$lacking" ]; then
   if [ -n "$lacking" ]; then
     # pip's wheel cache may hold a build made before MPI was installed: rebuild from source.
     say "cached horovod build lacks: $lacking; rebuilding without the wheel cache"
-    build_horovod --no-cache-dir --force-reinstall --no-deps
+    build_horovod --no-cache-dir
     lacking="$(check_build)"
   fi
   [ -z "$lacking" ] || die "horovodrun --check-build does not list: $lacking"

@@ -15,6 +15,8 @@ Environment:
                because no registry is reachable here; any other must already be in podman's store)
   ROOTFS_CACHE where the debootstrap tree is kept (default: /var/cache/hvd_train/bookworm-minbase)
   DEBIAN_MIRROR (default: http://deb.debian.org/debian)
+  WHEELS       a directory of prebuilt wheels the build uses instead of compiling (default: the
+               venv's wheels/, where scripts/setup.sh keeps the Horovod wheel it built)
 Layers are cached by podman, so a rebuild after a change to hvd_train/ only redoes the last layers.
 USAGE
 }
@@ -59,6 +61,13 @@ build_args=(--format docker --isolation chroot --network host --cgroup-manager c
 local_ca=/usr/local/share/ca-certificates
 if compgen -G "$local_ca/*.crt" >/dev/null; then
   build_args+=(-v "$local_ca:$local_ca:ro")
+fi
+# The Horovod wheel set-up built for this machine's Debian, Python and Open MPI: the image's
+# build installs it instead of compiling Horovod again (the Dockerfile's WHEELS; it still checks
+# the build for TensorFlow, Gloo and MPI).
+wheels="${WHEELS:-$repo/.venv/wheels}"
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  build_args+=(-v "$wheels:/opt/wheels:ro")
 fi
 if ! podman build "${build_args[@]}" -f "$repo/Dockerfile" "$repo" > "$out/build.log" 2>&1; then
   tail -40 "$out/build.log" >&2
