@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,11 +17,62 @@ import pytest
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT = 240  # seconds; a hang anywhere fails the test instead of the CI run
+# tests/parallel/ runs inside a launched job, on every rank (tests/test_parallel.py), never in this process.
+collect_ignore = [] if os.environ.get("HVD_TRAIN_IN_JOB") else ["parallel"]
 
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true",
                      help="also run the tests marked slow (second variants of covered paths)")
+
+
+# --- where the suite's time goes: per module, its tests' time and the jobs they launched ---------
+
+_LAUNCHERS = ("horovodrun", "mpirun", "mpiexec", "srun", "sbatch", "hvd-bench", "ray.py", "elastic.sh", "local.sh",
+              "hosts.sh", "mpirun.sh", "docker.sh", "build_and_run.sh")
+_ledger: dict = {}  # module -> {"tests": n, "seconds": s, "launches": n, "commands": n}
+
+
+def _module_entry(nodeid: str) -> dict:
+    return _ledger.setdefault(nodeid.split("::")[0], {"tests": 0, "seconds": 0.0, "launches": 0, "commands": 0})
+
+
+# A command that imports TensorFlow runs for seconds; one that ends sooner (--help, DRY_RUN=1, an
+# argument refused by a launcher script) started no training process.
+LAUNCH_SECONDS = 1.5
+
+
+def record_launch(cmd, seconds: float = LAUNCH_SECONDS) -> None:
+    """Count a command the current test started, and whether it launched a job: a launcher (or
+    hvd-bench, or a sweep) that ran long enough to have started training processes."""
+    current = os.environ.get("PYTEST_CURRENT_TEST", "")
+    if not current:
+        return
+    words = [os.path.basename(str(c)) for c in cmd[:3]]
+    entry = _module_entry(current)
+    entry["commands"] += 1
+    launcher = any(w in _LAUNCHERS for w in words) or (words[:1] == ["hvd-train"] and "sweep" in words)
+    if launcher and seconds >= LAUNCH_SECONDS:
+        entry["launches"] += 1
+
+
+def pytest_runtest_logreport(report):
+    entry = _module_entry(report.nodeid)
+    entry["seconds"] += report.duration
+    if report.when == "call" or (report.when == "setup" and report.skipped):
+        entry["tests"] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _ledger:
+        return
+    terminalreporter.section("time and launches per module")
+    terminalreporter.write_line("    time  launches  commands  tests  module")
+    rows = sorted(_ledger.items(), key=lambda kv: -kv[1]["seconds"]) + [
+        ("in all", {k: sum(e[k] for e in _ledger.values()) for k in ("seconds", "launches", "commands", "tests")})]
+    for module, e in rows:
+        terminalreporter.write_line(
+            f"{e['seconds']:7.0f}s {e['launches']:9d} {e['commands']:9d} {e['tests']:6d}  {module}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,11 +95,14 @@ def _env(extra=None) -> dict:
 
 def run(cmd, timeout: int = LAUNCH_TIMEOUT, cwd=None, env=None) -> subprocess.CompletedProcess:
     """Run a command, fail the test (not hang) if it outlives the timeout."""
+    started = time.monotonic()
     try:
         return subprocess.run([str(c) for c in cmd], cwd=cwd or REPO, env=_env(env), stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{err.stdout}\n{err.stderr}")
+    finally:
+        record_launch(cmd, time.monotonic() - started)
 
 
 HVD_TRAIN = (BIN / "python", "-m", "hvd_train")  # what the launchers start unless told otherwise
@@ -72,6 +127,7 @@ class Background:
     """A launcher running in its own process group, its output collected while it runs."""
 
     def __init__(self, cmd, env=None):
+        record_launch(cmd)
         # SIGINT as a terminal's foreground job has it: a test run started in the background of
         # a script (CI) inherits SIGINT ignored, and a shell cannot trap a signal ignored on entry.
         self.proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=_env(env), stdin=subprocess.DEVNULL,
@@ -225,10 +281,69 @@ def png_size(path) -> tuple:
 requires_mpi = pytest.mark.skipif(shutil.which("mpirun") is None, reason="no MPI on this machine (Gloo-only set-up)")
 
 
-def rank_reports(np_: int, args, report_dir, timeout: int = LAUNCH_TIMEOUT):
-    """Run tests/programs/rank_report.py (the Python API) under horovodrun; every rank's report."""
-    report_dir.mkdir(parents=True, exist_ok=True)
-    proc = horovodrun(np_, args, command=[BIN / "python", REPO / "tests" / "programs" / "rank_report.py"],
-                      env={"REPORT_DIR": str(report_dir)}, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [read_json(report_dir / f"rank-{rank}.json") for rank in range(np_)], proc
+class Run:
+    """One run of a many-runs job (see run_many): its output directory, every rank's report and
+    the job's output lines between this run's start and end markers (``stdout``), with the
+    ``returncode`` the run would have had (0 if every rank finished it), for check_run."""
+
+    def __init__(self, name, out, reports, stdout, job_stdout):
+        self.name, self.out, self.reports, self.stdout, self.stderr = name, out, reports, stdout, ""
+        self.job_stdout = job_stdout  # the whole job's: other ranks' lines may fall outside rank 0's markers
+        self.ok = all(r["ok"] for r in reports)
+        self.returncode = 0 if self.ok else 1
+
+    @property
+    def errors(self) -> list:
+        """Each rank's failure, as "Type: message"."""
+        return [f"{r.get('error_type')}: {r.get('error')}" for r in self.reports]
+
+    def __repr__(self):
+        failed = [r.get("traceback", "")[-1500:] for r in self.reports if not r["ok"]]
+        return f"Run({self.name}, ok={self.ok}) {' '.join(failed)}\n{self.stdout[-2000:]}"
+
+
+def run_many(np_: int, runs: dict, workdir, controller: str = "gloo", timeout: int = 600, env=None) -> dict:
+    """Make many training runs in ONE launched job (tests/programs/many_runs.py): ``runs`` maps a
+    name to hvd-train options, or to a dict of many_runs.py's run fields ("args", "model",
+    "different_init", "arrays", "script"). Each run writes into workdir/<name>/out unless its options
+    name an --output-dir. np_ 1 runs the program alone (one process, no launcher), as hvd-train
+    alone does. Returns {name: Run}, in the plan's order."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan, outs = [], {}
+    for name, spec in runs.items():
+        spec = dict(spec) if isinstance(spec, dict) else {"args": spec}
+        args = [str(a) for a in spec.get("args", [])]
+        if not spec.get("script") and "--output-dir" not in args:
+            args += ["--output-dir", str(workdir / name / "out")]
+        outs[name] = Path(args[args.index("--output-dir") + 1]) if "--output-dir" in args else None
+        plan.append({**spec, "name": name, "args": args})
+    (workdir / "plan.json").write_text(json.dumps(plan, indent=1))
+    program = [BIN / "python", REPO / "tests" / "programs" / "many_runs.py", workdir / "plan.json"]
+    cmd = [*horovodrun_cmd(np_, controller), *program] if np_ > 1 else program
+    proc = run(cmd, timeout=timeout, env={"REPORT_DIR": str(workdir), **(env or {})})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = {}
+    for spec in plan:
+        name = spec["name"]
+        marker = r"^(?:\[0\]<stdout>:)?\[many_runs\] "  # rank 0's, or the one process's
+        pattern = rf"{marker}start {re.escape(name)}$(.*?){marker}end "
+        found = re.search(pattern, proc.stdout, re.M | re.S)
+        reports = [read_json(workdir / name / f"rank-{rank}.json") for rank in range(np_)]
+        result[name] = Run(name, outs[name], reports, found.group(1) if found else "", proc.stdout)
+    return result
+
+
+class Jobs:
+    """A module's many-runs jobs by world size, each launched when a test first asks for it:
+    ``jobs[2]["name"]`` is the Run "name" of the job with 2 processes (run_many)."""
+
+    def __init__(self, workdir, plans: dict, **launch):
+        self.workdir, self.plans, self.launch, self.done = Path(workdir), plans, launch, {}
+
+    def __getitem__(self, world_size: int) -> dict:
+        if world_size not in self.done:
+            self.done[world_size] = run_many(world_size, self.plans[world_size], self.workdir / f"np{world_size}",
+                                             **self.launch)
+        return self.done[world_size]
+

@@ -15,7 +15,7 @@ moving statistics included; with local batch norm it does not (the negative cont
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import horovodrun, rank_reports, read_json
+from conftest import Jobs, read_json
 
 pytestmark = pytest.mark.integration
 
@@ -28,35 +28,49 @@ COMMON = ["--no-shuffle", "--lr-scaling", "none", "--warmup-epochs", "0", "--see
 # gradient is near zero, so its bound is looser (measured max differences are in docs/design.md).
 TOLERANCE = {"sgd": 1e-5, "adam": 1e-4}
 LR = {"sgd": "0.05", "adam": "0.01"}
+BN = ("--batch-norm", "--sync-batchnorm")
+
+
+def options(optimizer, world_size, *extra, batch=None):
+    return [*COMMON, "--optimizer", optimizer, "--lr", LR[optimizer], *extra,
+            "--batch-size", str(batch or GLOBAL_BATCH // world_size)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every run of this module: one job per world size (tests/programs/many_runs.py)."""
+    base = tmp_path_factory.mktemp("equivalence")
+    jobs = {
+        1: {"sgd": options("sgd", 1), "adam": options("adam", 1), "sgd_sync_bn": options("sgd", 1, *BN)},
+        2: {"sgd": options("sgd", 2), "adam": options("adam", 2), "sgd_sync_bn": options("sgd", 2, *BN),
+            "sgd_local_bn": options("sgd", 2, "--batch-norm"),
+            # Another global batch (2 x 16): must end elsewhere.
+            "sgd_batch_16": options("sgd", 2, batch=16),
+            # Each rank builds its model from a different seed on purpose.
+            "different_init": {"args": ["--epochs", "1"], "model": "mlp", "different_init": True}},
+        4: {"sgd": options("sgd", 4), "adam": options("adam", 4)},
+    }
+    return Jobs(base, jobs)
 
 
 def final_weights(out_dir):
     return tf.keras.models.load_model(out_dir / "model.keras").get_weights()
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    cache = {}
-
-    def get(optimizer, world_size, *extra):
-        key = (optimizer, world_size, *extra)
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"{optimizer}-np{world_size}") / "run"
-            proc = horovodrun(world_size, [*COMMON, "--optimizer", optimizer, "--lr", LR[optimizer], *extra,
-                                           "--batch-size", str(GLOBAL_BATCH // world_size), "--output-dir", out])
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-            cache[key] = out
-        return cache[key]
-    return get
+def finished(runs, world_size, name):
+    run = runs[world_size][name]
+    assert run.ok, run
+    return run.out
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_n_processes_equal_one_process_with_n_times_the_batch(runs, optimizer, world_size):
-    one, many = runs(optimizer, 1), runs(optimizer, world_size)
+    one, many = finished(runs, 1, optimizer), finished(runs, world_size, optimizer)
     m1, mn = read_json(one / "metrics.json"), read_json(many / "metrics.json")
     assert m1["global_batch_size"] == mn["global_batch_size"] == GLOBAL_BATCH
     assert m1["steps_per_epoch"] == mn["steps_per_epoch"] == 7  # K = 35 steps in all
+    assert (m1["world_size"], mn["world_size"]) == (1, world_size)
     assert mn["replicas_identical"] is True
     w1, wn = final_weights(one), final_weights(many)
     assert [w.shape for w in w1] == [w.shape for w in wn]
@@ -67,20 +81,16 @@ def test_n_processes_equal_one_process_with_n_times_the_batch(runs, optimizer, w
     assert max_diff <= TOLERANCE[optimizer]
 
 
-def test_a_different_global_batch_does_not_match(runs, tmp_path):
+def test_a_different_global_batch_does_not_match(runs):
     """The comparison can fail: 2 processes with batch 16 (global 32) end elsewhere."""
-    out = tmp_path / "run"
-    proc = horovodrun(2, [*COMMON, "--optimizer", "sgd", "--lr", LR["sgd"], "--batch-size", "16", "--output-dir", out])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    w1, w2 = final_weights(runs("sgd", 1)), final_weights(out)
+    w1, w2 = final_weights(finished(runs, 1, "sgd")), final_weights(finished(runs, 2, "sgd_batch_16"))
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2)) > 100 * TOLERANCE["sgd"]
 
 
-def test_rank0_weights_and_optimizer_state_reach_every_rank(tmp_path):
-    # Each rank builds its model from a different seed on purpose.
-    reports, _ = rank_reports(2, ["--different-init", "--epochs", "1", "--output-dir", tmp_path / "out"],
-                              tmp_path / "reports")
-    r0, r1 = reports
+def test_rank0_weights_and_optimizer_state_reach_every_rank(runs):
+    run = runs[2]["different_init"]
+    assert run.ok, run
+    r0, r1 = run.reports
     assert r0["built"] != r1["built"], "the ranks really started from different weights"
     # Before the first step every rank holds rank 0's initial weights and optimizer state ...
     assert r0["train_begin"] == r1["train_begin"] == r0["built"]
@@ -97,8 +107,7 @@ def max_difference(a_dir, b_dir):
 
 
 def test_with_sync_batchnorm_n_processes_equal_one_process_with_n_times_the_batch(runs):
-    bn = ("--batch-norm", "--sync-batchnorm")
-    one, two = runs("sgd", 1, *bn), runs("sgd", 2, *bn)
+    one, two = finished(runs, 1, "sgd_sync_bn"), finished(runs, 2, "sgd_sync_bn")
     names = [w.name for w in tf.keras.models.load_model(one / "model.keras").weights]
     assert "batchnorm_0/moving_variance:0" in names, "every weight compared, moving statistics too"
     diff = max_difference(one, two)
@@ -106,5 +115,4 @@ def test_with_sync_batchnorm_n_processes_equal_one_process_with_n_times_the_batc
     assert read_json(two / "metrics.json")["replicas_identical"] is True
     assert diff <= TOLERANCE["sgd"]
     # Negative control: batch norm over each process's slice trains another model.
-    local = runs("sgd", 2, "--batch-norm")
-    assert max_difference(one, local) > 100 * TOLERANCE["sgd"]
+    assert max_difference(one, finished(runs, 2, "sgd_local_bn")) > 100 * TOLERANCE["sgd"]

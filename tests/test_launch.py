@@ -1,4 +1,5 @@
-"""Integration: real horovodrun (Gloo and MPI) and plain mpirun, asserting on files and numbers."""
+"""Integration: real horovodrun and hvd-train alone, asserting on files and numbers. (The
+launch/ scripts, horovodrun --mpi and plain mpirun train in tests/test_launchers.py.)"""
 import os
 import re
 import shutil
@@ -6,11 +7,13 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import BIN, REPO, check_run, horovodrun, mpirun, read_json, requires_mpi, run
+from conftest import BIN, REPO, check_run, horovodrun, read_json, run, run_many
 
-from hvd_train import data
+from hvd_train import cli, data
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration
+
+
 @pytest.fixture(scope="module")
 def gloo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gloo") / "run"
@@ -18,6 +21,7 @@ def gloo_run(tmp_path_factory):
     return out, proc
 
 
+@integration
 def test_gloo_default_iris_run(gloo_run):
     out, proc = gloo_run
     m = check_run(out, proc, 2)
@@ -42,6 +46,7 @@ def test_gloo_default_iris_run(gloo_run):
     assert prep["class_names"] == ["setosa", "versicolor", "virginica"]
 
 
+@integration
 def test_predict_on_saved_model(gloo_run, tmp_path):
     out, _ = gloo_run
     table = data.load("iris")
@@ -61,42 +66,29 @@ def test_predict_on_saved_model(gloo_run, tmp_path):
         assert sum(float(v) for v in r.split(",")[1:]) == pytest.approx(1.0, abs=1e-5)
 
 
-@requires_mpi
-def test_horovodrun_mpi(tmp_path):
-    out = tmp_path / "run"
-    proc = horovodrun(2, ["--dataset", "wine", "--epochs", "30", "--logits", "--dropout", "0.1",
-                          "--lr-scaling", "sqrt", "--output-dir", out, "--progress", "none"], controller="mpi")
-    m = check_run(out, proc, 2)
-    assert m["test_accuracy"] >= 0.9
-    assert m["scaled_lr"] == pytest.approx(0.01 * 2 ** 0.5)
-    saved = read_json(out / "config.json")["config"]
-    assert (saved["logits"], saved["dropout"]) == (True, 0.1)
+@pytest.fixture(scope="module")
+def api_runs(tmp_path_factory):
+    """The Python API, in one job of 2 processes: the README's example script, and a run of 1 epoch."""
+    base = tmp_path_factory.mktemp("api")
+    return base, run_many(2, {
+        "custom_model": {"script": str(REPO / "examples" / "custom_model.py"), "args": [str(base / "custom")]},
+        "one_epoch": ["--epochs", "1", "--lr", "1e-9", "--warmup-epochs", "0", "--progress", "none"],
+    }, base / "job")
 
 
-@requires_mpi
-def test_plain_mpirun_uneven_eval_shards(tmp_path):
-    # 45 test samples over 2 ranks (23 + 22): exact metrics need the sample-weighted combination.
-    out = tmp_path / "run"
-    proc = mpirun(2, ["--epochs", "40", "--test-fraction", "0.3", "--optimizer", "sgd", "--lr", "0.05",
-                      "--warmup-epochs", "0", "--threads", "2", "--output-dir", out, "--progress", "none"])
-    m = check_run(out, proc, 2)
-    assert m["test_samples"] == 45 and m["test_accuracy"] >= 0.9
-    plan = read_json(out / "config.json")["plan"]
-    assert plan["intra_op_threads"] == 2, "--threads overrides the cores // local size default"
-    assert "learning rate 0.05 scaled to 0.1, warmup 0 epoch(s)" in proc.stdout
-
-
-def test_python_api_custom_model(tmp_path):
-    out = tmp_path / "api"
-    proc = horovodrun(2, [out], command=[BIN / "python", REPO / "examples" / "custom_model.py"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    accuracies = re.findall(r"^\[(\d)\]<stdout>:test accuracy ([\d.]+)", proc.stdout, re.M)
+@integration
+def test_python_api_custom_model(api_runs):
+    base, runs = api_runs
+    assert runs["custom_model"].ok, runs["custom_model"]
+    accuracies = re.findall(r"^\[(\d)\]<stdout>:test accuracy ([\d.]+)", runs["custom_model"].job_stdout, re.M)
     assert sorted(r for r, _ in accuracies) == ["0", "1"] and len({a for _, a in accuracies}) == 1
     assert float(accuracies[0][1]) >= 0.9
-    m = read_json(out / "metrics.json")
-    assert m["replicas_identical"] and read_json(out / "preprocessing.json")["class_names"] == ["negative", "positive"]
+    m = read_json(base / "custom" / "metrics.json")
+    assert m["replicas_identical"]
+    assert read_json(base / "custom" / "preprocessing.json")["class_names"] == ["negative", "positive"]
 
 
+@integration
 def test_single_process_without_launcher(tmp_path):
     out = tmp_path / "run"
     proc = run([BIN / "hvd-train", "--dataset", "synthetic", "--samples", "400", "--features", "8", "--classes", "4",
@@ -106,6 +98,7 @@ def test_single_process_without_launcher(tmp_path):
     assert read_json(out / "preprocessing.json")["class_names"] == ["0", "1", "2", "3"]
 
 
+@integration
 def test_setup_left_the_promised_tools():
     for tool in ("hvd-train", "horovodrun", "python"):
         assert (BIN / tool).is_file(), tool
@@ -114,24 +107,14 @@ def test_setup_left_the_promised_tools():
         assert re.search(rf"\[X\] {part}", proc.stdout), proc.stdout
 
 
-@requires_mpi
-def test_mpi4py_and_horovod_agree_under_mpirun(tmp_path):
-    # Each rank writes its own file: ranks' stdout through mpirun may interleave mid-line.
-    script = ("import sys; from mpi4py import MPI; import horovod.tensorflow as hvd; hvd.init(); c = MPI.COMM_WORLD\n"
-              "open(f'{sys.argv[1]}/rank{c.Get_rank()}', 'w').write("
-              "f'{c.Get_rank()} {hvd.rank()} {c.Get_size()} {hvd.size()} {hvd.mpi_enabled()}')\n")
-    proc = mpirun(2, [tmp_path], timeout=120, command=[BIN / "python", "-c", script])
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "rank0").read_text() == "0 0 2 2 True"
-    assert (tmp_path / "rank1").read_text() == "1 1 2 2 True"
+def test_predict_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["predict", "--model-dir", str(tmp_path), "--input", str(tmp_path / "x.csv")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.count("is not a finished training run: model.keras is missing") == 1
 
 
-def test_predict_bad_input(tmp_path):
-    proc = run([BIN / "hvd-train", "predict", "--model-dir", tmp_path, "--input", tmp_path / "x.csv"], timeout=60)
-    assert proc.returncode == 2
-    assert proc.stderr.count("is not a finished training run: model.keras is missing") == 1
-
-
+@integration
 def test_api_twice_in_one_process_with_tf_data(tmp_path):
     # API users may train several models in one process: TF's thread pools are set only once.
     # The second call also takes a batched tf.data.Dataset of (features, label).
@@ -148,18 +131,17 @@ def test_api_twice_in_one_process_with_tf_data(tmp_path):
     assert (tmp_path / "0" / "metrics.json").exists() and (tmp_path / "1" / "metrics.json").exists()
 
 
-def test_training_metrics_are_exact_over_all_ranks(tmp_path):
+@integration
+def test_training_metrics_are_exact_over_all_ranks(api_runs):
     # With a vanishing learning rate the weights barely move in one epoch, so the epoch's
     # training loss/accuracy must equal the saved model's loss/accuracy on the whole training
     # split, although the ranks hold 53 and 52 samples and the last step is split 21 + 20.
-    out = tmp_path / "run"
-    proc = horovodrun(2, ["--epochs", "1", "--lr", "1e-9", "--warmup-epochs", "0", "--output-dir", out,
-                          "--progress", "none"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    header, row = (out / "history.csv").read_text().splitlines()
+    run = api_runs[1]["one_epoch"]
+    assert run.ok, run
+    header, row = (run.out / "history.csv").read_text().splitlines()
     history = dict(zip(header.split(","), map(float, row.split(","))))
     assert "xent" not in history
-    model = tf.keras.models.load_model(out / "model.keras")
+    model = tf.keras.models.load_model(run.out / "model.keras")
     splits = data.split_and_scale(data.load("iris"), 0.1, 0.2, 42)
     scores = model(splits.x_train, training=False)
     loss = float(np.mean(tf.keras.losses.sparse_categorical_crossentropy(splits.y_train, scores).numpy()))

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import BIN, REPO, check_run, requires_mpi, run
+from conftest import BIN, REPO, check_run, read_json, requires_mpi, run
 
 LAUNCH = REPO / "launch"
 SCRIPTS = ["local.sh", "hosts.sh", "mpirun.sh", "docker.sh", "slurm.sbatch", "elastic.sh"]
@@ -76,25 +76,33 @@ def test_sample_discovery_scripts(tmp_path):
 
 @pytest.mark.integration
 def test_local_sh_trains_with_arguments_after_the_separator(tmp_path):
-    out = tmp_path / "out"
-    proc = run([LAUNCH / "local.sh", "-n", "2", "--", "--epochs", "40", "--output-dir", out, "--progress", "epoch"])
-    m = check_run(out, proc, 2)
     # The default controller, from the benchmark: MPI when mpirun is installed (horovodrun --mpi
-    # prefixes lines [1,0]), else Gloo ([0]).
+    # prefixes lines [1,0]), else Gloo ([0]). Wine, logits out of the model, sqrt LR scaling.
+    out = tmp_path / "out"
+    proc = run([LAUNCH / "local.sh", "-n", "2", "--", "--dataset", "wine", "--epochs", "30", "--logits", "--dropout",
+                "0.1", "--lr-scaling", "sqrt", "--output-dir", out, "--progress", "epoch"])
+    m = check_run(out, proc, 2)
     prefix = "[1,0]" if shutil.which("mpirun") else "[0]"
-    assert m["epochs_completed"] == 40 and f"{prefix}<stdout>:epoch 40/40" in proc.stdout, proc.stdout[-2000:]
+    assert m["epochs_completed"] == 30 and f"{prefix}<stdout>:epoch 30/30" in proc.stdout, proc.stdout[-2000:]
+    assert m["test_accuracy"] >= 0.9
+    assert m["scaled_lr"] == pytest.approx(0.01 * 2 ** 0.5)
+    saved = read_json(out / "config.json")["config"]
+    assert (saved["logits"], saved["dropout"]) == (True, 0.1)
 
 
 @pytest.mark.integration
 @requires_mpi
-def test_local_sh_mpi_and_mpirun_sh_train(tmp_path):
-    out = tmp_path / "a"
-    proc = run([LAUNCH / "local.sh", "--mpi", "--", "--epochs", "5", "--output-dir", out])
-    check_run(out, proc, 2)
-    assert "[1,0]<stdout>:" in proc.stdout, "horovodrun --mpi ran it"
-    out = tmp_path / "b"
-    proc = run([LAUNCH / "mpirun.sh", "-n", "2", "--", "--epochs", "5", "--output-dir", out])
-    check_run(out, proc, 2)
+def test_mpirun_sh_plain_mpirun_with_uneven_eval_shards(tmp_path):
+    # 45 test samples over 2 ranks (23 + 22): exact metrics need the sample-weighted combination.
+    out = tmp_path / "run"
+    proc = run([LAUNCH / "mpirun.sh", "-n", "2", "--", "--epochs", "40", "--test-fraction", "0.3", "--optimizer",
+                "sgd", "--lr", "0.05", "--warmup-epochs", "0", "--threads", "2", "--output-dir", out,
+                "--progress", "none"])
+    m = check_run(out, proc, 2)
+    assert m["test_samples"] == 45 and m["test_accuracy"] >= 0.9
+    plan = read_json(out / "config.json")["plan"]
+    assert plan["intra_op_threads"] == 2, "--threads overrides the cores // local size default"
+    assert "learning rate 0.05 scaled to 0.1, warmup 0 epoch(s)" in proc.stdout
 
 
 def test_slurm_script_turns_the_allocation_into_a_launch(tmp_path):

@@ -58,6 +58,17 @@ def _start_head(options: list, env: dict):
     return head, re.search(r"--address='([^']+)'", head.output).group(1)
 
 
+def _stop(started) -> None:
+    """End a `ray start --block` and everything it started: SIGTERM, and after a few seconds SIGKILL
+    to what is left (its graceful stop took 30 s here; a test cluster has nothing to save)."""
+    os.killpg(started.proc.pid, signal.SIGTERM)
+    try:
+        started.proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+    started.kill()
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A one-node Ray cluster for this module, 2 CPUs, with token authentication (what Ray 2.60
@@ -68,8 +79,7 @@ def ray_head(tmp_path_factory):
     driver_env = {"RAY_AUTH_TOKEN_PATH": str(temp / "token")}
     head, address = _start_head(["--num-cpus", "2", "--temp-dir", temp / "t"], {**driver_env, "RAY_AUTH_MODE": "token"})
     yield SimpleNamespace(address=address, env=driver_env)
-    os.killpg(head.proc.pid, signal.SIGTERM)
-    head.wait(120)
+    _stop(head)
 
 
 def test_two_ray_workers_train_iris_like_horovodrun(tmp_path, ray_head):
@@ -202,8 +212,7 @@ def two_ray_nodes(tmp_path):
     node.wait_until(lambda: "Ray runtime started" in node.output, 180, "the second node")
     yield SimpleNamespace(address=address, env=env, node=node)
     for started in (node, head):
-        os.killpg(started.proc.pid, signal.SIGTERM)
-        started.wait(120)
+        _stop(started)
     shutil.rmtree(temp, ignore_errors=True)
 
 

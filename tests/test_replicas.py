@@ -1,14 +1,14 @@
 """Identical replicas for every model: non-trainable state (batch-norm moving statistics, counters)
 kept in step by replicas.sync_state, and a run whose replicas still differ fails loudly.
 
-The launched tests run tests/programs/rank_report.py under real horovodrun; each rank records
-its own non-trainable state after every training batch, so the test can compare what each rank
-would have had with what hvd_train made of it.
+The launched tests are runs of one real horovodrun job (tests/programs/many_runs.py); each rank
+records its own non-trainable state after every training batch, so the test can compare what each
+rank would have had with what hvd_train made of it.
 """
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import BIN, REPO, check_run, horovodrun, rank_reports, read_json
+from conftest import Jobs, check_run, read_json
 
 from hvd_train import checkpoint, events
 from hvd_train.model import build_mlp
@@ -53,19 +53,37 @@ def test_the_mlp_with_batch_norm_and_its_saved_form():
         np.testing.assert_allclose(synced(x, training=training), local(x, training=training), atol=1e-6)
 
 
-# --- real horovodrun ----------------------------------------------------------------------------
+# --- real horovodrun: one job of 2 processes makes every run (tests/programs/many_runs.py) ------
+
+BN_RUN = ["--batch-norm", "--dataset", "wine", "--progress", "none", "--batch-size", "16"]
+EARLY = [*BN_RUN, "--epochs", "200", "--lr", "0.05", "--early-stopping-patience", "2"]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    base = tmp_path_factory.mktemp("replicas")
+    ckpt, ckpt_es = base / "ckpt", base / "ckpt-es"
+    return Jobs(base, {2: {
+        "batchnorm": {"args": ["--dataset", "wine", "--epochs", "6", "--batch-size", "16", "--progress", "none"],
+                      "model": "batchnorm"},
+        "counter": {"args": ["--epochs", "3", "--progress", "none"], "model": "counter"},
+        "straight": [*BN_RUN, "--epochs", "6", "--checkpoint-dir", ckpt, "--keep-checkpoints", "6"],
+        "resumed": [*BN_RUN, "--epochs", "6", "--resume", ckpt / checkpoint.file_name(3)],
+        "stopping": [*EARLY, "--checkpoint-dir", ckpt_es],
+        "again": [*EARLY, "--checkpoint-dir", ckpt_es, "--resume"],
+        "drift": {"args": ["--epochs", "2", "--progress", "none"], "model": "drift"},
+    }})[2]
+
 
 @integration
-def test_a_batchnorm_model_through_the_api_ends_with_identical_replicas(tmp_path):
-    out = tmp_path / "out"
-    reports, proc = rank_reports(2, ["--test-model", "batchnorm", "--dataset", "wine", "--epochs", "6",
-                                     "--batch-size", "16", "--progress", "none", "--output-dir", out],
-                                 tmp_path / "reports")
+def test_a_batchnorm_model_through_the_api_ends_with_identical_replicas(job):
+    run = job["batchnorm"]
     # Replicas identical, saved model = every rank's, test metrics = one process scoring the saved model.
-    metrics = check_run(out, proc, 2)
+    metrics = check_run(run.out, run, 2)
+    reports = run.reports
     assert reports[0]["final"] == reports[1]["final"] == metrics["replica_weight_digests"][0]
     assert reports[0]["final_state"] == reports[1]["final_state"]
-    saved = {w.name: w.numpy() for w in tf.keras.models.load_model(out / "model.keras").weights}
+    saved = {w.name: w.numpy() for w in tf.keras.models.load_model(run.out / "model.keras").weights}
     for name in ("bn/moving_mean:0", "bn/moving_variance:0"):
         own = [np.array(r["local_state"][name]) for r in reports]  # each rank's, before the sync
         drift = float(np.max(np.abs(own[0] - own[1])))
@@ -76,59 +94,42 @@ def test_a_batchnorm_model_through_the_api_ends_with_identical_replicas(tmp_path
 
 
 @integration
-def test_a_non_trainable_counter_is_broadcast_from_rank_0(tmp_path):
-    epochs = 3
-    reports, _ = rank_reports(2, ["--test-model", "counter", "--epochs", str(epochs), "--progress", "none",
-                                  "--output-dir", tmp_path / "out"], tmp_path / "reports")
-    c0, c1 = read_json(tmp_path / "out" / "config.json")["plan"]["train_samples_per_rank"]
+def test_a_non_trainable_counter_is_broadcast_from_rank_0(job):
+    epochs, run = 3, job["counter"]
+    assert run.ok, run
+    c0, c1 = read_json(run.out / "config.json")["plan"]["train_samples_per_rank"]
     assert c0 != c1, "uneven shards, so the ranks' own counts differ"
     # Rank 1 counted its own samples in the last epoch, on top of rank 0's count at the last sync ...
-    assert reports[1]["local_state"]["counter/seen:0"] == (epochs - 1) * c0 + c1
+    assert run.reports[1]["local_state"]["counter/seen:0"] == (epochs - 1) * c0 + c1
     # ... and every rank ends with rank 0's count.
-    assert [r["final_state"]["counter/seen:0"] for r in reports] == [epochs * c0] * 2
+    assert [r["final_state"]["counter/seen:0"] for r in run.reports] == [epochs * c0] * 2
 
 
 @integration
-def test_replicas_made_to_differ_fail_the_run_with_one_message_and_no_model(tmp_path):
-    out = tmp_path / "out"
-    (tmp_path / "reports").mkdir()
-    proc = horovodrun(2, ["--test-model", "drift", "--epochs", "2", "--progress", "none", "--output-dir", out],
-                      command=[BIN / "python", REPO / "tests" / "programs" / "rank_report.py"],
-                      env={"REPORT_DIR": str(tmp_path / "reports")})
-    assert proc.returncode != 0
+def test_replicas_made_to_differ_fail_the_run_with_one_message_and_no_model(job):
+    run = job["drift"]
     message = ("replicas differ after training, first in variable drift/offset:0 (1 of 7): rank(s) 1 hold "
                "another value than rank 0")
-    assert message in proc.stdout + proc.stderr
-    assert not (out / "model.keras").exists() and not (out / "metrics.json").exists()
-    failed = [e for e in events.read(out / "events.jsonl") if e["event"] == "run_failed"]
+    assert [(r["ok"], r["error_type"]) for r in run.reports] == [(False, "AgreedFailure")] * 2, "no rank returned"
+    assert all(r["error"].startswith(message) for r in run.reports)
+    assert not (run.out / "model.keras").exists() and not (run.out / "metrics.json").exists()
+    failed = [e for e in events.read(run.out / "events.jsonl") if e["event"] == "run_failed"]
     assert len(failed) == 1 and failed[0]["error"].startswith(message)
-    assert not list((tmp_path / "reports").iterdir()), "no rank returned from train()"
 
 
 @integration
-def test_resume_and_early_stopping_with_batch_norm(tmp_path):
-    common = ["--batch-norm", "--dataset", "wine", "--progress", "none", "--batch-size", "16"]
-    straight, ckpt = tmp_path / "straight", tmp_path / "ckpt"
-    proc = horovodrun(2, [*common, "--epochs", "6", "--checkpoint-dir", ckpt, "--keep-checkpoints", "6",
-                          "--output-dir", straight])
-    check_run(straight, proc, 2)
+def test_resume_and_early_stopping_with_batch_norm(job):
+    straight, resumed = job["straight"], job["resumed"]
+    check_run(straight.out, straight, 2)
     # Resumed from epoch 3, the run continues the same trajectory: the checkpoint holds the synced
     # moving statistics, as the uninterrupted run had them at that epoch's end.
-    resumed = tmp_path / "resumed"
-    proc = horovodrun(2, [*common, "--epochs", "6", "--resume", ckpt / checkpoint.file_name(3),
-                          "--output-dir", resumed])
-    assert read_json(check_run(resumed, proc, 2) and resumed / "metrics.json")["resumed_from_epoch"] == 3
-    a, b = (tf.keras.models.load_model(d / "model.keras").get_weights() for d in (straight, resumed))
+    assert check_run(resumed.out, resumed, 2)["resumed_from_epoch"] == 3
+    a, b = (tf.keras.models.load_model(r.out / "model.keras").get_weights() for r in (straight, resumed))
     assert max(float(np.max(np.abs(x - y))) for x, y in zip(a, b)) <= 1e-6
 
-    stopping = tmp_path / "stopping"
-    proc = horovodrun(2, [*common, "--epochs", "200", "--lr", "0.05", "--early-stopping-patience", "2",
-                          "--checkpoint-dir", tmp_path / "ckpt-es", "--output-dir", stopping])
-    m = check_run(stopping, proc, 2)
+    m = check_run(job["stopping"].out, job["stopping"], 2)
     assert m["stopped_early"] and m["epochs_completed"] < 200
-    again = tmp_path / "again"
-    proc = horovodrun(2, [*common, "--epochs", "200", "--lr", "0.05", "--early-stopping-patience", "2",
-                          "--checkpoint-dir", tmp_path / "ckpt-es", "--resume", "--output-dir", again])
-    m_again = check_run(again, proc, 2)
-    assert "(that run had stopped early)" in proc.stdout and m_again["epochs_trained_this_run"] == 0
+    again = job["again"]
+    m_again = check_run(again.out, again, 2)
+    assert "(that run had stopped early)" in again.stdout and m_again["epochs_trained_this_run"] == 0
     assert m_again["replica_weight_digests"] == m["replica_weight_digests"]

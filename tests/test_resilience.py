@@ -1,11 +1,11 @@
-"""Failures end the whole job cleanly: a killed rank, and ranks that disagree about the job."""
+"""Failures end the whole job cleanly: a killed rank, under each launcher."""
 import os
 import re
 import signal
 import time
 
 import pytest
-from conftest import BIN, HVD_TRAIN, MPIRUN, Background, horovodrun, horovodrun_cmd, requires_mpi
+from conftest import HVD_TRAIN, MPIRUN, Background, horovodrun_cmd, requires_mpi
 
 from hvd_train import events
 
@@ -45,39 +45,5 @@ def test_sigkill_of_one_rank_ends_the_job(tmp_path, launcher):
     assert kinds[0] == "run_start" and "epoch" in kinds and "run_end" not in kinds
 
 
-def write_csv(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("a,b,label\n" + "".join(f"{a},{b},{lab}\n" for a, b, lab in rows))
-
-
-def iris_like_rows(shift=0.0):
-    return [(i % 7 + shift, (i * 3) % 5, "yes" if i % 2 else "no") for i in range(40)]
-
-
-def test_one_rank_with_different_data_stops_every_rank(tmp_path):
-    # The same relative path on each "host" (here: a working directory per rank), different contents.
-    write_csv(tmp_path / "host0" / "data.csv", iris_like_rows())
-    rows = iris_like_rows()
-    rows[5] = (99.0, 1, "yes")
-    write_csv(tmp_path / "host1" / "data.csv", rows)
-    out = tmp_path / "out"
-    cmd = (f'cd "{tmp_path}/host$HOROVOD_RANK" && exec "{BIN}/python" -m hvd_train --dataset csv:data.csv '
-           f'--label-column label --epochs 2 --output-dir "{out}"')
-    proc = horovodrun(2, [], command=["sh", "-c", cmd], timeout=120)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0, text[-3000:]
-    errors = re.findall(r"hvd-train: error: .*", text)
-    assert len(errors) == 1, text[-3000:]
-    assert "ranks disagree, stopping before training: rank 1 differs from rank 0 in " in errors[0]
-    assert "data.files: ['data.csv:" in errors[0] and "data.sample" in errors[0] and "config." not in errors[0]
-    assert "epoch 1/" not in text and not out.exists()
-
-
-def test_one_rank_with_a_different_argument_stops_every_rank(tmp_path):
-    cmd = f'exec "{BIN}/python" -m hvd_train --epochs $((3 + HOROVOD_RANK)) --output-dir "{tmp_path}/out"'
-    proc = horovodrun(2, [], command=["sh", "-c", cmd], timeout=120)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0, text[-3000:]
-    errors = re.findall(r"hvd-train: error: .*", text)
-    assert errors == ["hvd-train: error: ranks disagree, stopping before training: "
-                      "rank 1 differs from rank 0 in config.epochs: 4 (rank 0: 3)"], text[-3000:]
+# Ranks that disagree about the job (different data on one host, a different argument on one rank):
+# tests/parallel/test_collectives.py, on the real ranks of one job.

@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import HVD_TRAIN, Background, horovodrun, horovodrun_cmd, rank_reports, read_json
+from conftest import HVD_TRAIN, Background, horovodrun_cmd, read_json, run_many
 
 from hvd_train import checkpoint, events
 from hvd_train.schedules import cosine_multiplier
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration
 
-EPOCHS = 40
+EPOCHS = 20
 SLOW = ["--dataset", "synthetic", "--samples", "4000", "--epochs", str(EPOCHS), "--progress", "epoch",
-        "--lr-schedule", "step", "--lr-decay-epochs", "15", "--lr-decay-factor", "0.5"]
+        "--lr-schedule", "step", "--lr-decay-epochs", "8", "--lr-decay-factor", "0.5"]
 
 
 def weights(out_dir):
@@ -27,6 +27,7 @@ def history_rows(out_dir):
     return (out_dir / "history.csv").read_text().splitlines()[1:]
 
 
+@integration
 def test_kill_the_whole_job_then_resume(tmp_path):
     ckpt = tmp_path / "ckpt"
     job = Background([*horovodrun_cmd(2), *HVD_TRAIN, *SLOW, "--checkpoint-dir", ckpt,
@@ -41,98 +42,121 @@ def test_kill_the_whole_job_then_resume(tmp_path):
     assert not (tmp_path / "killed" / "metrics.json").exists(), "killed: no results, only the live event log"
     assert "run_end" not in [e["event"] for e in events.read(tmp_path / "killed" / "events.jsonl")]
 
-    resumed = tmp_path / "resumed"
-    proc = horovodrun(2, [*SLOW, "--checkpoint-dir", ckpt, "--output-dir", resumed, "--resume"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"resuming from {ckpt}/ckpt-epoch-{done:06d}.npz: {done} of {EPOCHS} epoch(s) done" in proc.stdout
-    assert len(re.findall(r"^\[0\]<stdout>:epoch +\d+/", proc.stdout, re.M)) == EPOCHS - done
-    m = read_json(resumed / "metrics.json")
+    # Resumed, and the same run without the crash, in one job: resuming at the same world size
+    # continues the same trajectory (weights, optimizer slots, sample order and LR are all restored).
+    runs = run_many(2, {"resumed": [*SLOW, "--checkpoint-dir", ckpt, "--resume"], "straight": SLOW}, tmp_path / "job")
+    resumed, straight = runs["resumed"], runs["straight"]
+    assert resumed.ok and straight.ok, runs
+    assert f"resuming from {ckpt}/ckpt-epoch-{done:06d}.npz: {done} of {EPOCHS} epoch(s) done" in resumed.stdout
+    assert len(re.findall(r"^\[0\]<stdout>:epoch +\d+/", resumed.stdout, re.M)) == EPOCHS - done
+    m = read_json(resumed.out / "metrics.json")
     assert (m["epochs_completed"], m["epochs_trained_this_run"], m["resumed_from_epoch"]) == (
         EPOCHS, EPOCHS - done, done)
-    assert [int(row.split(",")[0]) for row in history_rows(resumed)] == list(range(1, EPOCHS + 1))
-
-    # The same run without the crash: resuming at the same world size continues the same
-    # trajectory (weights, optimizer slots, sample order and LR are all restored).
-    straight = tmp_path / "straight"
-    proc = horovodrun(2, [*SLOW, "--output-dir", straight])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    m_straight = read_json(straight / "metrics.json")
+    assert [int(row.split(",")[0]) for row in history_rows(resumed.out)] == list(range(1, EPOCHS + 1))
+    m_straight = read_json(straight.out / "metrics.json")
     assert m["test_accuracy"] == pytest.approx(m_straight["test_accuracy"], abs=0.01)
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(weights(resumed), weights(straight)))
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(weights(resumed.out), weights(straight.out)))
     print(f"resumed from epoch {done}: test accuracy {m['test_accuracy']:.4f} vs uninterrupted "
           f"{m_straight['test_accuracy']:.4f}; max weight difference {diff:.2e}")
     assert diff <= 1e-5
-    assert history_rows(resumed)[:done] == history_rows(straight)[:done], "history before the crash is kept"
+    assert history_rows(resumed.out)[:done] == history_rows(straight.out)[:done], "history before the crash is kept"
+
+
+SCHEDULE = ["--warmup-epochs", "2", "--lr-decay-epochs", "2", "--lr-decay-factor", "0.5", "--epochs", "8"]
 
 
 @pytest.fixture(scope="module")
-def iris_checkpoints(tmp_path_factory):
-    """6 epochs of iris on 2 processes, checkpointed every epoch (the newest 3 kept)."""
-    base = tmp_path_factory.mktemp("iris-ckpt")
-    proc = horovodrun(2, ["--epochs", "6", "--checkpoint-dir", base / "ckpt", "--output-dir", base / "out"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [e for e, _ in checkpoint.listed(str(base / "ckpt"))] == [6, 5, 4]
-    assert not list((base / "ckpt").glob("*.tmp")), "no temp files left"
-    return base / "ckpt"
+def first(tmp_path_factory):
+    """One job of 2 processes: 6 epochs of iris checkpointed every epoch (the newest 3 kept), and
+    the runs that need no checkpoint of an earlier run."""
+    base = tmp_path_factory.mktemp("resume")
+    runs = run_many(2, {
+        "checkpointed": ["--epochs", "6", "--checkpoint-dir", base / "ckpt"],
+        "auto_fresh": ["--epochs", "2", "--checkpoint-dir", base / "none-yet", "--resume"],
+        "early": {"args": ["--epochs", "200", "--early-stopping-patience", "3", "--early-stopping-metric", "val_loss",
+                           "--lr", "0.05"], "model": "mlp"},
+        "lr_step": {"args": [*SCHEDULE, "--lr-schedule", "step"], "model": "mlp"},
+        "lr_cosine": {"args": [*SCHEDULE, "--lr-schedule", "cosine"], "model": "mlp"},
+    }, base / "first")
+    assert runs["checkpointed"].ok, runs["checkpointed"]
+    ckpt = base / "ckpt"
+    assert [e for e, _ in checkpoint.listed(str(ckpt))] == [6, 5, 4]
+    assert not list(ckpt.glob("*.tmp")), "no temp files left"
+    return base, runs
 
 
-def test_corrupt_and_truncated_checkpoints_are_skipped(iris_checkpoints, tmp_path):
-    ckpt = Path(shutil.copytree(iris_checkpoints, tmp_path / "ckpt"))
-    newest = ckpt / "ckpt-epoch-000006.npz"
+@pytest.fixture(scope="module")
+def resumed(first):
+    """Resumes of the checkpoints of ``first``: from damaged copies, with another model (2 processes),
+    and on 1 process (another world size)."""
+    base, _ = first
+    damaged = Path(shutil.copytree(base / "ckpt", base / "damaged"))
+    newest = damaged / "ckpt-epoch-000006.npz"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte somewhere in the arrays
     newest.write_bytes(bytes(data))
-    middle = ckpt / "ckpt-epoch-000005.npz"
+    middle = damaged / "ckpt-epoch-000005.npz"
     middle.write_bytes(middle.read_bytes()[:1000])  # truncated, as by a full disk
-    out = tmp_path / "out"
-    proc = horovodrun(2, ["--epochs", "8", "--checkpoint-dir", ckpt, "--output-dir", out, "--resume"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"skipping checkpoint: \S+ckpt-epoch-000006.npz is (corrupt|truncated or corrupt)", proc.stdout)
-    assert re.search(r"skipping checkpoint: \S+ckpt-epoch-000005.npz is truncated or corrupt", proc.stdout)
-    assert "resuming from " + str(ckpt / "ckpt-epoch-000004.npz") + ": 4 of 8 epoch(s) done" in proc.stdout
-    assert read_json(out / "metrics.json")["epochs_completed"] == 8
-    assert len(history_rows(out)) == 8
+    other_world = Path(shutil.copytree(base / "ckpt", base / "other-world"))
+    runs = run_many(2, {
+        "damaged": ["--epochs", "8", "--checkpoint-dir", damaged, "--resume"],
+        "other_model": ["--epochs", "8", "--hidden", "16", "--checkpoint-dir", base / "ckpt", "--resume"],
+    }, base / "np2")
+    runs.update(run_many(1, {"other_world": ["--epochs", "30", "--checkpoint-dir", other_world, "--resume"]},
+                         base / "np1"))
+    return damaged, other_world, runs
 
 
-def test_resume_on_a_different_world_size(iris_checkpoints, tmp_path):
-    ckpt = Path(shutil.copytree(iris_checkpoints, tmp_path / "ckpt"))
-    out = tmp_path / "out"
-    proc = horovodrun(1, ["--epochs", "30", "--checkpoint-dir", ckpt, "--output-dir", out, "--resume"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+@integration
+def test_corrupt_and_truncated_checkpoints_are_skipped(resumed):
+    ckpt, _, runs = resumed
+    run = runs["damaged"]
+    assert run.ok, run
+    assert re.search(r"skipping checkpoint: \S+ckpt-epoch-000006.npz is (corrupt|truncated or corrupt)", run.stdout)
+    assert re.search(r"skipping checkpoint: \S+ckpt-epoch-000005.npz is truncated or corrupt", run.stdout)
+    assert "resuming from " + str(ckpt / "ckpt-epoch-000004.npz") + ": 4 of 8 epoch(s) done" in run.stdout
+    assert read_json(run.out / "metrics.json")["epochs_completed"] == 8
+    assert len(history_rows(run.out)) == 8
+
+
+@integration
+def test_resume_on_a_different_world_size(resumed):
+    _, _, runs = resumed
+    run = runs["other_world"]
+    assert run.ok, run
     assert ("it was written by 2 process(es) (global batch 64, lr 0.02); "
-            "now 1 process(es): global batch 32, lr 0.01") in proc.stdout
-    m = read_json(out / "metrics.json")
+            "now 1 process(es): global batch 32, lr 0.01") in run.stdout
+    m = read_json(run.out / "metrics.json")
     assert (m["world_size"], m["global_batch_size"], m["scaled_lr"]) == (1, 32, 0.01)
     assert (m["epochs_completed"], m["resumed_from_epoch"]) == (30, 6)
     assert m["test_accuracy"] >= 0.8, m
-    history = history_rows(out)
+    history = history_rows(run.out)
     assert len(history) == 30 and float(history[-1].split(",")[3]) == pytest.approx(0.01), "LR rescaled for 1 process"
 
 
-def test_resume_refuses_a_checkpoint_of_another_model(iris_checkpoints, tmp_path):
-    out = tmp_path / "out"
-    proc = horovodrun(2, ["--epochs", "8", "--hidden", "16", "--checkpoint-dir", iris_checkpoints,
-                          "--output-dir", out, "--resume"], timeout=120)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    errors = re.findall(r"hvd-train: error: .*", text)
-    assert len(errors) == 1 and "was written by a different run (hidden [64, 32] -> [16])" in errors[0], text[-3000:]
-    assert not out.exists()
+@integration
+def test_resume_refuses_a_checkpoint_of_another_model(resumed):
+    _, _, runs = resumed
+    run = runs["other_model"]
+    assert [r["error_type"] for r in run.reports] == ["AgreedFailure"] * 2, run
+    assert run.errors[0] == run.errors[1]
+    assert "was written by a different run (hidden [64, 32] -> [16])" in run.errors[0]
+    assert not run.out.exists()
 
 
-def test_resume_auto_without_checkpoints_starts_afresh(tmp_path):
-    out = tmp_path / "out"
-    proc = horovodrun(2, ["--epochs", "2", "--checkpoint-dir", tmp_path / "none-yet", "--output-dir", out, "--resume"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "no usable checkpoint in " in proc.stdout and "starting at epoch 1" in proc.stdout
-    assert read_json(out / "metrics.json")["resumed_from_epoch"] is None
+@integration
+def test_resume_auto_without_checkpoints_starts_afresh(first):
+    run = first[1]["auto_fresh"]
+    assert run.ok, run
+    assert "no usable checkpoint in " in run.stdout and "starting at epoch 1" in run.stdout
+    assert read_json(run.out / "metrics.json")["resumed_from_epoch"] is None
 
 
-def test_early_stopping_stops_every_rank_at_the_same_epoch(tmp_path):
-    patience = 3
-    reports, proc = rank_reports(2, ["--epochs", "200", "--early-stopping-patience", str(patience),
-                                     "--early-stopping-metric", "val_loss", "--lr", "0.05",
-                                     "--output-dir", tmp_path / "out"], tmp_path / "reports")
+@integration
+def test_early_stopping_stops_every_rank_at_the_same_epoch(first):
+    patience, run = 3, first[1]["early"]
+    assert run.ok, run
+    reports = run.reports
     stops = [r["epochs_completed"] for r in reports]
     assert stops[0] == stops[1] < 200 and all(r["stopped_early"] for r in reports)
     assert len(reports[0]["history"]["val_loss"]) == len(reports[1]["history"]["val_loss"]) == stops[0]
@@ -142,19 +166,18 @@ def test_early_stopping_stops_every_rank_at_the_same_epoch(tmp_path):
     val = reports[0]["history"]["val_loss"]
     best_epoch = int(np.argmin(val)) + 1
     assert stops[0] == best_epoch + patience
-    assert f"early stopping after epoch {stops[0]}" in proc.stdout
+    assert f"early stopping after epoch {stops[0]}" in run.stdout
 
 
+@integration
 @pytest.mark.parametrize("schedule", ["step", "cosine"])
-def test_lr_schedule_is_the_same_on_every_rank(tmp_path, schedule):
-    epochs, warmup = 8, 2
-    reports, _ = rank_reports(2, ["--epochs", str(epochs), "--warmup-epochs", str(warmup), "--lr-schedule", schedule,
-                                  "--lr-decay-epochs", "2", "--lr-decay-factor", "0.5",
-                                  "--output-dir", tmp_path / "out"], tmp_path / "reports")
-    lrs = [r["history"]["lr"] for r in reports]
+def test_lr_schedule_is_the_same_on_every_rank(first, schedule):
+    epochs, warmup, run = 8, 2, first[1][f"lr_{schedule}"]
+    assert run.ok, run
+    lrs = [r["history"]["lr"] for r in run.reports]
     assert lrs[0] == lrs[1]
     scaled = 0.02  # 0.01 x 2 processes
-    steps = read_json(tmp_path / "out" / "metrics.json")["steps_per_epoch"]
+    steps = read_json(run.out / "metrics.json")["steps_per_epoch"]
     if schedule == "step":
         # Logged at each epoch's end: warmup reaches 0.02, then halves every 2 epochs.
         expected = [scaled * 0.5 ** max(0, (e - warmup) // 2) for e in range(epochs)]

@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import BIN, horovodrun, png_size
+from conftest import horovodrun, png_size, run_many
 
 from hvd_train import events
 from hvd_train.config import TrainConfig
@@ -146,21 +146,35 @@ def test_ranks_other_than_0_are_quiet(run_dir):
     assert not re.findall(r"\[1\]<std(out|err)>:.*\S", text), re.findall(r"\[1\]<std(out|err)>:.*", text)[:5]
 
 
-def test_verbose_ranks_lets_every_rank_speak(tmp_path):
-    proc = horovodrun(2, ["--epochs", 2, "--output-dir", tmp_path / "out", "--verbose-ranks"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"\[1\]<stdout>:\[hvd_train rank 1\] world size 2", proc.stdout), proc.stdout[-3000:]
+WRONG_MODEL = """
+import sys, tensorflow as tf
+from hvd_train import TrainConfig, train
+def wrong(n_features, n_classes):
+    return tf.keras.Sequential([tf.keras.Input(shape=(n_features + 1,)), tf.keras.layers.Dense(n_classes)])
+train(TrainConfig(epochs=1, progress='none', output_dir=sys.argv[1]), model_fn=wrong)
+"""
 
 
-def test_a_failure_inside_fit_is_logged_as_run_failed(tmp_path):
-    script = ("import sys, tensorflow as tf; from hvd_train import TrainConfig, train\n"
-              "def wrong(n_features, n_classes):\n"
-              "    return tf.keras.Sequential([tf.keras.Input(shape=(n_features + 1,)),\n"
-              "                                tf.keras.layers.Dense(n_classes)])\n"
-              "train(TrainConfig(epochs=1, progress='none', output_dir=sys.argv[1]), model_fn=wrong)\n")
-    out = tmp_path / "run"
-    proc = horovodrun(2, [out], command=[BIN / "python", "-c", script], timeout=180)
-    assert proc.returncode != 0
+@pytest.fixture(scope="module")
+def api_runs(tmp_path_factory):
+    """One job of 2 processes: a run with --verbose-ranks, then a script whose model does not fit its data."""
+    base = tmp_path_factory.mktemp("api")
+    (base / "wrong.py").write_text(WRONG_MODEL)
+    return base, run_many(2, {"verbose": ["--epochs", 2, "--verbose-ranks"],
+                              "wrong_model": {"script": str(base / "wrong.py"), "args": [str(base / "wrong")]}},
+                          base / "job")
+
+
+def test_verbose_ranks_lets_every_rank_speak(api_runs):
+    run = api_runs[1]["verbose"]
+    assert run.ok, run
+    assert re.search(r"\[1\]<stdout>:\[hvd_train rank 1\] world size 2", run.job_stdout), run.job_stdout[-3000:]
+
+
+def test_a_failure_inside_fit_is_logged_as_run_failed(api_runs):
+    base, runs = api_runs
+    assert not runs["wrong_model"].ok
+    out = base / "wrong"
     log = events.read(out / "events.jsonl")
     assert [e["event"] for e in log] == ["run_start", "run_failed"]
     assert re.search(r"ValueError|InvalidArgumentError", log[-1]["error"])

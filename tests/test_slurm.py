@@ -11,7 +11,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from conftest import BIN, REPO, check_run, read_json
+from conftest import BIN, REPO, check_run, read_json, record_launch, run_many
 
 from hvd_train import events
 
@@ -86,6 +86,7 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 
 def sbatch(slurm, out_file, args, mode="srun") -> str:
+    record_launch(["sbatch"])
     proc = subprocess.run(["sbatch", "--parsable", *TASKS, f"--output={out_file}", SBATCH, "--", *args],
                           env={**slurm.env, "LAUNCH_MODE": mode, "VENV": str(BIN.parent)}, cwd=REPO,
                           capture_output=True, text=True, timeout=60)
@@ -155,7 +156,8 @@ def test_scancel_checkpoints_and_resume_equals_an_uninterrupted_run(slurm, tmp_p
     resumed = tmp_path / "resumed"
     wait_job(slurm, sbatch(slurm, tmp_path / "resumed.out", [*run, "--checkpoint-dir", ckpt, "--resume",
                                                              "--output-dir", resumed]))
-    whole = tmp_path / "whole"
-    wait_job(slurm, sbatch(slurm, tmp_path / "whole.out", [*run, "--output-dir", whole]))
-    a, b = read_json(resumed / "metrics.json"), read_json(whole / "metrics.json")
+    # The uninterrupted run needs no allocation: 2 processes of horovodrun (tests/programs/many_runs.py).
+    whole = run_many(2, {"whole": run}, tmp_path / "whole")["whole"]
+    assert whole.ok, whole
+    a, b = read_json(resumed / "metrics.json"), read_json(whole.out / "metrics.json")
     assert a["replica_weight_digests"] == b["replica_weight_digests"], "stop + resume == uninterrupted, bit for bit"

@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-from conftest import BIN, REPO, Background, read_json, requires_mpi
+from conftest import BIN, REPO, Background, read_json, requires_mpi, run_many
 
 from hvd_train import checkpoint, events
 
@@ -53,36 +53,37 @@ def stop_at_epoch(job, out, sig, epoch=2) -> tuple:
     return job.wait(10), alive(pids), took
 
 
-def test_sigterm_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_path):
+def test_ctrl_c_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "stopped"
     args = ["--epochs", "4", "--checkpoint-dir", ckpt]
     job = local(*args, "--output-dir", out)
-    code, left, took = stop_at_epoch(job, out, signal.SIGTERM)
-    print(f"SIGTERM -> launcher exited {code}; every process gone after {took:.1f}s")
-    assert code == 128 + signal.SIGTERM and not left and took <= GONE_WITHIN, job.output[-3000:]
+    code, left, took = stop_at_epoch(job, out, signal.SIGINT)
+    print(f"SIGINT -> launcher exited {code}; every process gone after {took:.1f}s")
+    assert code == 128 + signal.SIGINT and not left and took <= GONE_WITHIN, job.output[-3000:]
     (stop,) = [e for e in events.read(out / "events.jsonl") if e["event"] == "run_stopped"]
-    assert stop["signal"] == "SIGTERM" and stop["checkpoint"] == str(ckpt / checkpoint.file_name(
+    assert stop["signal"] == "SIGINT" and stop["checkpoint"] == str(ckpt / checkpoint.file_name(
         stop["epoch"], stop["position"]))
-    assert os.path.exists(stop["checkpoint"]) and "stopped by SIGTERM" in job.output
+    assert os.path.exists(stop["checkpoint"]) and "stopped by SIGINT" in job.output
     assert not (out / "metrics.json").exists(), "a stopped run writes no results"
 
-    resumed = local(*args, "--resume", "--output-dir", tmp_path / "resumed")
-    assert resumed.wait(240) == 0, resumed.output[-3000:]
-    whole = local("--epochs", "4", "--output-dir", tmp_path / "whole")
-    assert whole.wait(240) == 0, whole.output[-3000:]
-    a, b = read_json(tmp_path / "resumed" / "metrics.json"), read_json(tmp_path / "whole" / "metrics.json")
+    # The resumed run and the uninterrupted one, in one job of 2 processes.
+    runs = run_many(2, {"resumed": [*RUN, *args, "--resume"], "whole": [*RUN, "--epochs", "4"]}, tmp_path / "job")
+    assert runs["resumed"].ok and runs["whole"].ok, runs
+    resumed, whole = runs["resumed"].out, runs["whole"].out
+    a, b = read_json(resumed / "metrics.json"), read_json(whole / "metrics.json")
     # Bit for bit: the same weights, so the same test metrics; the history within float summation.
     assert a["replica_weight_digests"] == b["replica_weight_digests"]
     assert (a["test_loss"], a["test_accuracy"]) == (b["test_loss"], b["test_accuracy"])
     assert a["epochs_completed"] == b["epochs_completed"] == 4
-    history = [(tmp_path / d / "history.csv").read_text().splitlines() for d in ("resumed", "whole")]
+    history = [(d / "history.csv").read_text().splitlines() for d in (resumed, whole)]
     assert history[0][0] == history[1][0] and len(history[0]) == len(history[1]) == 5
     for row_a, row_b in zip(history[0][1:], history[1][1:]):
         assert [float(v) for v in row_a.split(",")] == pytest.approx([float(v) for v in row_b.split(",")], rel=1e-5)
 
 
+# launch/local.sh over Gloo with SIGINT: the test above. A signal to one rank only (as scancel or
+# a pod deletion delivers it): tests/parallel/test_collectives.py.
 @pytest.mark.parametrize("script,extra,sig", [
-    ("local.sh", ["-n", "2", "--gloo"], signal.SIGINT),
     pytest.param("local.sh", ["-n", "2", "--mpi"], signal.SIGTERM, marks=requires_mpi),
     pytest.param("mpirun.sh", ["-n", "2"], signal.SIGINT, marks=requires_mpi),
     ("elastic.sh", ["--min-np", "1", "--max-np", "2", "-n", "2", "--network-interface", "lo",
@@ -102,18 +103,3 @@ def test_a_signal_to_the_launcher_ends_every_process(tmp_path, script, extra, si
     kinds = [e["event"] for e in events.read(out / "events.jsonl")]
     assert kinds[-1] == "run_stopped" and "run_end" not in kinds, kinds
     assert f"stopped by {sig.name}" in job.output
-
-
-def test_sigterm_to_one_rank_stops_every_rank_after_the_same_batch(tmp_path):
-    """As a pod deletion or scancel delivers it: to a training process, not to the launcher."""
-    from conftest import horovodrun_cmd
-
-    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    job = Background([*horovodrun_cmd(2, "gloo"), BIN / "hvd-train", *RUN, "--epochs", "100", "--checkpoint-dir",
-                      ckpt, "--output-dir", out])
-    job.wait_until(lambda: re.search(r"epoch +2/", job.output), 240, "epoch 2")
-    os.kill(job.rank_pid(1), signal.SIGTERM)
-    assert job.wait(60) != 0
-    (stop,) = [e for e in events.read(out / "events.jsonl") if e["event"] == "run_stopped"]
-    assert stop["signal"] == "SIGTERM" and os.path.exists(stop["checkpoint"])
-    assert "hvd-train: stopped by SIGTERM" in job.output and "Exit code: 143" in job.output

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
-from conftest import BIN, HVD_TRAIN, Background, horovodrun, horovodrun_cmd, read_json, run
+from conftest import HVD_TRAIN, Background, Jobs, horovodrun_cmd, read_json
 
-from hvd_train import sources, stream
+from hvd_train import cli, sources, stream
 from hvd_train.data import Standardizer
 
 pytestmark = pytest.mark.integration
@@ -58,27 +58,53 @@ def rows_by_split(dataset, seed=7, val=0.1, test=0.2):
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(splits)
 
 
+def regression_data(directory):
+    """The files of make_data with the label column replaced by a numeric target."""
+    x, _ = make_data(directory, "csv")
+    target = 3.0 * x[:, 0] - x[:, 1] + 0.2 * x[:, 2] + 50.0 + np.random.default_rng(1).normal(0, 0.5, len(x))
+    start = 0
+    for i, n in enumerate(FILE_ROWS):
+        with open(directory / f"part-{i}.csv", "w") as f:
+            f.write(",".join(FEATURES + ["label"]) + "\n")
+            f.writelines(",".join(repr(float(v)) for v in row) + f",{t!r}\n"
+                         for row, t in zip(x[start:start + n], target[start:start + n]))
+        start += n
+
+
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
     base = tmp_path_factory.mktemp("files")
     for kind in ("csv", "parquet"):
         make_data(base / kind, kind)
-    return {kind: f"{kind}:{base / kind}" for kind in ("csv", "parquet")}
+    regression_data(base / "regression")
+    make_data(base / "few", "csv", n_rows=[120, 0])  # 1 unit of data, an empty file, 3 ranks
+    return {**{kind: f"{kind}:{base / kind}" for kind in ("csv", "parquet")},
+            "regression": f"csv:{base / 'regression'}", "few": f"csv:{base / 'few'}"}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, datasets):
-    cache = {}
+    """Every training run of this module: one job per world size (tests/programs/many_runs.py)."""
 
-    def get(kind, world_size, batch=None, *extra):
-        key = (kind, world_size, batch, *extra)
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"{kind}-np{world_size}") / "run"
-            proc = horovodrun(world_size, ["--dataset", datasets[kind], *COMMON, *extra, "--output-dir", out,
-                                           "--batch-size", str(batch or GLOBAL_BATCH // world_size)])
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-            cache[key] = (out, proc)
-        return cache[key]
+    def options(kind, world_size, *extra, batch=None):
+        return ["--dataset", datasets[kind], *COMMON, *extra, "--batch-size", str(batch or GLOBAL_BATCH // world_size)]
+
+    plans = {world: {} for world in (1, 2, 3)}
+    for kind in ("csv", "parquet"):
+        for world in (1, 2, 3):
+            plans[world][f"{kind}"] = options(kind, world, "--no-shuffle")
+        for world in (1, 2):  # the order is the same for every world size with shuffling too
+            plans[world][f"{kind}_shuffled"] = options(kind, world, "--shuffle-buffer", "100")
+        plans[2][f"{kind}_batch_8"] = options(kind, 2, "--no-shuffle", batch=8)
+    for world in (1, 2):
+        plans[world]["regression"] = options("regression", world, "--task", "regression", "--dropout", "0")
+    plans[3]["few"] = ["--dataset", datasets["few"], *COMMON, "--batch-size", "4"]
+    jobs = Jobs(tmp_path_factory.mktemp("streaming"), plans)
+
+    def get(name, world_size):
+        run = jobs[world_size][name]
+        assert run.ok, run
+        return run.out, run
     return get
 
 
@@ -90,11 +116,11 @@ def max_difference(a, b):
     return max(float(np.max(np.abs(u - v))) for u, v in zip(weights(a), weights(b)))
 
 
-@pytest.mark.parametrize("kind", ["csv", pytest.param("parquet", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
 def test_n_processes_streaming_equal_one_process_with_n_times_the_batch(runs, kind):
-    one, _ = runs(kind, 1, None, "--no-shuffle")
+    one, _ = runs(kind, 1)
     for world_size in (2, 3):
-        many, _ = runs(kind, world_size, None, "--no-shuffle")
+        many, _ = runs(kind, world_size)
         m = read_json(many / "metrics.json")
         assert m["replicas_identical"] and m["global_batch_size"] == GLOBAL_BATCH
         assert m["steps_per_epoch"] == read_json(one / "metrics.json")["steps_per_epoch"]
@@ -102,22 +128,22 @@ def test_n_processes_streaming_equal_one_process_with_n_times_the_batch(runs, ki
         print(f"{kind} streamed, np={world_size} vs np=1: max |w_N - w_1| = {diff:.2e}")
         assert diff <= 1e-5
     # The order is the same for every world size with shuffling too (windows and units seeded by epoch).
-    shuffled_one, _ = runs(kind, 1, None, "--shuffle-buffer", "100")
-    shuffled_two, _ = runs(kind, 2, None, "--shuffle-buffer", "100")
+    shuffled_one, _ = runs(f"{kind}_shuffled", 1)
+    shuffled_two, _ = runs(f"{kind}_shuffled", 2)
     assert max_difference(shuffled_one, shuffled_two) <= 1e-5
     assert max_difference(one, shuffled_one) > 1e-3, "shuffling changes the order"
     # Negative control: another global batch ends elsewhere.
-    other, _ = runs(kind, 2, 8, "--no-shuffle")
+    other, _ = runs(f"{kind}_batch_8", 2)
     assert max_difference(one, other) > 1e-3
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
-def test_global_facts_split_and_exact_metrics_are_the_same_for_every_world_size(runs, datasets, kind):
+def test_global_facts_split_and_exact_metrics_are_the_same_for_every_world_size(runs, datasets, kind, capsys):
     x, labels, split = rows_by_split(datasets[kind])
     train = split == stream.TRAIN
     classes = sorted(set(labels))
     for world_size in (1, 2, 3):
-        out, proc = runs(kind, world_size, None, "--no-shuffle")
+        out, proc = runs(kind, world_size)
         m = read_json(out / "metrics.json")
         plan = read_json(out / "config.json")["plan"]
         assert (plan["train_samples"], plan["val_samples"], plan["test_samples"]) == (
@@ -137,24 +163,20 @@ def test_global_facts_split_and_exact_metrics_are_the_same_for_every_world_size(
         assert m["test_loss"] == pytest.approx(loss, rel=1e-5)
         assert m["test_accuracy"] == pytest.approx(float(np.mean(scores.argmax(1) == codes)), abs=1e-9)
         assert "every rank streams the" in proc.stdout
-    proc = run([BIN / "hvd-train", "plan", "--np", "2", "--dataset", datasets[kind], "--label-column", "label"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    capsys.readouterr()
+    assert cli.main(["plan", "--np", "2", "--dataset", datasets[kind], "--label-column", "label"]) == 0
+    printed = capsys.readouterr().out
     assert re.search(r"rank 1 reads \d+ unit\(s\) of \d+ file\(s\) .*: \d+ rows, scores their \d+ "
-                     r"validation/test rows; data memory ~", proc.stdout), proc.stdout
+                     r"validation/test rows; data memory ~", printed), printed
 
 
-def test_more_ranks_than_files_and_predict_from_parquet(tmp_path):
-    make_data(tmp_path / "d", "csv", n_rows=[120, 0])  # 1 unit of data, an empty file, 3 ranks
-    out = tmp_path / "out"
-    proc = horovodrun(3, ["--dataset", f"csv:{tmp_path / 'd'}", *COMMON, "--batch-size", "4", "--output-dir", out])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_more_ranks_than_files_and_predict_from_parquet(runs, tmp_path):
+    out, proc = runs("few", 3)
     assert re.search(r"data: 2 csv file\(s\), [\d.]+ MB, 1 unit\(s\)", proc.stdout), "ranks 1 and 2 read nothing"
     assert read_json(out / "metrics.json")["replicas_identical"]
-    # predict streams a Parquet input and writes one row per input row.
+    # predict (its command line, one process) streams a Parquet input and writes one row per input row.
     make_data(tmp_path / "new", "parquet", n_rows=[70], seed=5)
-    proc = run([BIN / "hvd-train", "predict", "--model-dir", out, "--input", tmp_path / "new" / "part-0.parquet"],
-               timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert cli.main(["predict", "--model-dir", str(out), "--input", str(tmp_path / "new" / "part-0.parquet")]) == 0
     rows = (tmp_path / "new" / "part-0.predictions.csv").read_text().splitlines()
     assert rows[0].startswith("predicted_class,prob_") and len(rows) == 71
 
@@ -174,28 +196,13 @@ def test_a_file_that_disappears_mid_run_stops_every_rank_with_one_message(tmp_pa
     assert not (out / "metrics.json").exists() and not (out / "model.keras").exists()
 
 
-def test_regression_from_files_n_processes_equal_one_process_with_exact_metrics(tmp_path):
+def test_regression_from_files_n_processes_equal_one_process_with_exact_metrics(runs, datasets):
     # A numeric label column: the target's statistics come from the ranks' shares (merged moments),
     # N x b == 1 x N*b holds, and the test metrics are scikit-learn's on the test rows.
     from sklearn import metrics as skm
 
-    x, _ = make_data(tmp_path / "d", "csv")
-    target = 3.0 * x[:, 0] - x[:, 1] + 0.2 * x[:, 2] + 50.0 + np.random.default_rng(1).normal(0, 0.5, len(x))
-    start = 0
-    for i, n in enumerate(FILE_ROWS):  # the same files, the label column replaced by the numeric target
-        with open(tmp_path / "d" / f"part-{i}.csv", "w") as f:
-            f.write(",".join(FEATURES + ["label"]) + "\n")
-            f.writelines(",".join(repr(float(v)) for v in row) + f",{t!r}\n"
-                         for row, t in zip(x[start:start + n], target[start:start + n]))
-        start += n
-    dataset = f"csv:{tmp_path / 'd'}"
-    outs = {}
-    for world_size in (1, 2):
-        outs[world_size] = tmp_path / f"np{world_size}"
-        proc = horovodrun(world_size, ["--dataset", dataset, *COMMON, "--task", "regression", "--dropout", "0",
-                                       "--batch-size", str(GLOBAL_BATCH // world_size),
-                                       "--output-dir", outs[world_size]])
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    dataset = datasets["regression"]
+    outs = {world_size: runs("regression", world_size)[0] for world_size in (1, 2)}
     diff = max_difference(outs[1], outs[2])
     print(f"streamed regression np=2 vs np=1: max |w_N - w_1| = {diff:.2e}")
     assert diff <= 1e-5

@@ -8,7 +8,9 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import BIN, REPO, check_run, horovodrun, png_size, read_json, run
+from conftest import Jobs, check_run, png_size, read_json
+
+from hvd_train import cli
 
 pytestmark = pytest.mark.integration
 
@@ -21,20 +23,43 @@ GLOBAL_BATCH = 16
 TOLERANCE = 1e-5
 
 
+EQUIVALENCE = {
+    "regression_l2": (*REGRESSION, *EXACT, "--lr", "0.05", "--epochs", "5", "--l2", "0.001"),
+    # One epoch of 51 steps: over a long run ReLU boundaries turn float rounding into discrete
+    # differences (measured: 8e-7 after 50 steps, 1.5e-2 after 158), as for any deep net.
+    "cnn_sync_bn": (*CNN, *EXACT, "--lr", "0.02", "--epochs", "1", "--test-fraction", "0.45", "--sync-batchnorm"),
+}
+REGRESSION_RUN = [*REGRESSION, "--dropout", "0", "--progress", "none"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    cache = {}
+    """Every run of this module: one job per world size (tests/programs/many_runs.py), in order."""
+    base = tmp_path_factory.mktemp("tasks")
+    ckpt = base / "ckpt"
+    per_process = ["--batch-size", str(GLOBAL_BATCH // 2)]
+    return Jobs(base, {
+        1: {name: [*args, "--batch-size", str(GLOBAL_BATCH)] for name, args in EQUIVALENCE.items()},
+        2: {**{name: [*args, *per_process] for name, args in EQUIVALENCE.items()},
+            # Negative control: batch norm over each process's slice.
+            "cnn_local_bn": [*EQUIVALENCE["cnn_sync_bn"][:-1], *per_process],
+            "diabetes": REGRESSION,
+            "digits_cnn": [*CNN, "--epochs", "15", "--progress", "none"],
+            # [n, 8, 8] arrays: the CNN gets one channel added, the scaler standardises it.
+            "images_api": {"args": ["--model", "cnn", "--epochs", "20", "--progress", "none"], "arrays": "hw"},
+            "flat_arrays": {"args": ["--model", "cnn", "--progress", "none"], "arrays": "flat"},
+            "mismatched_arrays": {"args": ["--model", "cnn", "--progress", "none"], "arrays": "mismatch"},
+            "early_r2": [*REGRESSION, "--epochs", "60", "--early-stopping-patience", "3",
+                         "--early-stopping-metric", "val_r2", "--progress", "none"],
+            "whole": [*REGRESSION_RUN, "--epochs", "6"],
+            "part": [*REGRESSION_RUN, "--epochs", "3", "--checkpoint-dir", ckpt],
+            "resumed": [*REGRESSION_RUN, "--epochs", "6", "--checkpoint-dir", ckpt, "--resume"]},
+    })
 
-    def get(world_size, *args):
-        key = (world_size, *args)
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"np{world_size}") / "run"
-            proc = horovodrun(world_size, [*args, "--batch-size", str(GLOBAL_BATCH // world_size),
-                                           "--output-dir", out])
-            check_run(out, proc, world_size)
-            cache[key] = out
-        return cache[key]
-    return get
+
+def finished(run, world_size=2):
+    check_run(run.out, run, world_size)
+    return run.out
 
 
 def weights(out_dir):
@@ -51,21 +76,21 @@ def history(out_dir):
 
 
 def predict_rows(tmp_path, out, columns, rows):
-    """``hvd-train predict`` with a saved run on a CSV of ``rows``; the output CSV's rows, header first."""
+    """``hvd-train predict`` (its command line, in this process: predict is one process) with a saved run
+    on a CSV of ``rows``; the output CSV's rows, header first."""
     path = tmp_path / "rows.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         writer.writerows(rows.tolist())
-    proc = run([BIN / "hvd-train", "predict", "--model-dir", out, "--input", path, "--output", tmp_path / "p.csv"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = tmp_path / "p.csv"
+    assert cli.main(["predict", "--model-dir", str(out), "--input", str(path), "--output", str(output)]) == 0
     with open(tmp_path / "p.csv") as f:
         return list(csv.reader(f))
 
 
 def test_regression_with_weight_decay_n_processes_equal_one_process(runs):
-    args = (*REGRESSION, *EXACT, "--lr", "0.05", "--epochs", "5", "--l2", "0.001")
-    one, two = runs(1, *args), runs(2, *args)
+    one, two = finished(runs[1]["regression_l2"], 1), finished(runs[2]["regression_l2"])
     diff = max_difference(one, two)
     print(f"regression + l2, sgd np=2 vs np=1: max |w_N - w_1| = {diff:.2e}")
     assert max(float(np.max(np.abs(w))) for w in weights(one)) > 0.1, "trained"
@@ -83,10 +108,10 @@ def test_regression_with_weight_decay_n_processes_equal_one_process(runs):
     assert mean_penalty == pytest.approx(penalty, rel=0.1)
 
 
-def test_diabetes_with_the_defaults(tmp_path):
-    out = tmp_path / "run"
-    proc = horovodrun(2, [*REGRESSION, "--output-dir", out])
-    m = check_run(out, proc, 2)  # outputs, replicas identical, test metrics = scikit-learn's
+def test_diabetes_with_the_defaults(runs, tmp_path):
+    run = runs[2]["diabetes"]
+    out = run.out
+    m = check_run(out, run, 2)  # outputs, replicas identical, test metrics = scikit-learn's
     print(f"diabetes, defaults, np=2: test R^2 {m['test_r2']:.4f}, RMSE {m['test_rmse']:.2f}")
     assert m["test_r2"] >= 0.4
     assert m["task"] == "regression" and "test_accuracy" not in m
@@ -109,10 +134,10 @@ def test_diabetes_with_the_defaults(tmp_path):
     assert [float(v[0]) for v in got[1:]] == pytest.approx(expected.tolist(), rel=1e-5)
 
 
-def test_digits_cnn_two_processes(tmp_path):
-    out = tmp_path / "run"
-    proc = horovodrun(2, [*CNN, "--epochs", "15", "--progress", "none", "--output-dir", out])
-    m = check_run(out, proc, 2)
+def test_digits_cnn_two_processes(runs, tmp_path):
+    run = runs[2]["digits_cnn"]
+    out = run.out
+    m = check_run(out, run, 2)
     print(f"digits CNN, np=2, 15 epochs: test accuracy {m['test_accuracy']:.4f}")
     assert m["test_accuracy"] >= 0.95
     assert read_json(out / "preprocessing.json")["input_shape"] == [8, 8, 1]
@@ -129,69 +154,47 @@ def test_digits_cnn_two_processes(tmp_path):
 
 
 def test_cnn_with_sync_batchnorm_n_processes_equal_one_process(runs):
-    # One epoch of 51 steps: over a long run ReLU boundaries turn float rounding into discrete
-    # differences (measured: 8e-7 after 50 steps, 1.5e-2 after 158), as for any deep net.
-    args = (*CNN, *EXACT, "--lr", "0.02", "--epochs", "1", "--test-fraction", "0.45")
-    one, two = runs(1, *args, "--sync-batchnorm"), runs(2, *args, "--sync-batchnorm")
+    one, two = finished(runs[1]["cnn_sync_bn"], 1), finished(runs[2]["cnn_sync_bn"])
     names = [w.name for w in tf.keras.models.load_model(one / "model.keras").weights]
     assert "batchnorm_0/moving_variance:0" in names and "conv_0/kernel:0" in names
     diff = max_difference(one, two)
     print(f"CNN, sync batch norm, sgd np=2 vs np=1: max |w_N - w_1| = {diff:.2e}")
     assert diff <= TOLERANCE
     # Negative control: batch norm over each process's slice trains another model.
-    assert max_difference(one, runs(2, *args)) > 100 * TOLERANCE
+    assert max_difference(one, finished(runs[2]["cnn_local_bn"])) > 100 * TOLERANCE
 
 
-def arrays_run(tmp_path, arrays, *args):
-    out = tmp_path / "run"
-    proc = horovodrun(2, [*args, "--progress", "none", "--output-dir", out],
-                      command=[BIN / "python", REPO / "tests" / "programs" / "train_arrays.py"],
-                      env={"ARRAYS": arrays})
-    return out, proc
-
-
-def test_images_through_the_api(tmp_path):
-    # [n, 8, 8] arrays: the CNN gets one channel added, the scaler standardises it.
-    out, proc = arrays_run(tmp_path, "hw", "--model", "cnn", "--epochs", "20")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    m = read_json(out / "metrics.json")
+def test_images_through_the_api(runs):
+    run = runs[2]["images_api"]
+    assert run.ok, run
+    m = read_json(run.out / "metrics.json")
     assert m["world_size"] == 2 and m["replicas_identical"] is True
     assert m["test_accuracy"] >= 0.9
-    prep = read_json(out / "preprocessing.json")
+    prep = read_json(run.out / "preprocessing.json")
     assert prep["input_shape"] == [8, 8, 1] and len(prep["scaler"]["mean"]) == 1  # per channel
 
 
 @pytest.mark.parametrize("arrays, message", [
     ("flat", "features must be an array [samples, features] (or [samples, ...] for images), got shape (240,)"),
-    ("mismatch", "labels must be a 1-D array with one label per sample (240), got shape (239,)"),
+    ("mismatched", "labels must be a 1-D array with one label per sample (240), got shape (239,)"),
 ])
-def test_bad_arrays_are_one_clear_error_on_every_rank(tmp_path, arrays, message):
-    out, proc = arrays_run(tmp_path, arrays, "--model", "cnn")
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    for rank in (0, 1):
-        assert f"rank {rank}: AgreedFailure: {message}" in text, text[-3000:]
-    assert not out.exists()
+def test_bad_arrays_are_one_clear_error_on_every_rank(runs, arrays, message):
+    run = runs[2][f"{arrays}_arrays"]
+    assert run.errors == [f"AgreedFailure: {message}"] * 2, run
+    assert not run.out.exists()
 
 
-def test_regression_early_stopping_on_r2_and_resume_equal_uninterrupted(tmp_path):
+def test_regression_early_stopping_on_r2_and_resume_equal_uninterrupted(runs):
     # Early stopping watches a regression metric (val_r2: higher is better) ...
-    out = tmp_path / "early"
-    proc = horovodrun(2, [*REGRESSION, "--epochs", "60", "--early-stopping-patience", "3",
-                          "--early-stopping-metric", "val_r2", "--progress", "none", "--output-dir", out])
-    m = check_run(out, proc, 2)
+    run = runs[2]["early_r2"]
+    out = run.out
+    m = check_run(out, run, 2)
     assert m["stopped_early"] is True and m["epochs_completed"] < 60
     (stop,) = [e for e in map(json.loads, (out / "events.jsonl").read_text().splitlines())
                if e["event"] == "early_stopping"]
     r2 = [float(r["val_r2"]) for r in history(out)]
     assert stop["metric"] == "val_r2" and stop["best"] == pytest.approx(max(r2))
     # ... and a checkpointed regression run resumed at epoch 3 ends where the uninterrupted one does.
-    common = [*REGRESSION, "--dropout", "0", "--progress", "none"]
-    whole, part, resumed = tmp_path / "whole", tmp_path / "part", tmp_path / "resumed"
-    check_run(whole, horovodrun(2, [*common, "--epochs", "6", "--output-dir", whole]), 2)
-    ckpt = tmp_path / "ckpt"
-    check_run(part, horovodrun(2, [*common, "--epochs", "3", "--checkpoint-dir", ckpt, "--output-dir", part]), 2)
-    check_run(resumed, horovodrun(2, [*common, "--epochs", "6", "--checkpoint-dir", ckpt, "--resume",
-                                      "--output-dir", resumed]), 2)
+    whole, _, resumed = (finished(runs[2][name]) for name in ("whole", "part", "resumed"))
     assert read_json(resumed / "metrics.json")["resumed_from_epoch"] == 3
     assert max_difference(whole, resumed) <= TOLERANCE

@@ -1,0 +1,240 @@
+"""Collectives and in-process properties, on the real ranks of one job (see conftest.py): agreement
+on failures, consensus, replica state, exact metric sums, sharding, stopping after the same batch,
+checkpoints written once, and ranks whose data or arguments differ. Collectives first, asserts after."""
+import os
+import signal
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hvd_train import TrainConfig, checkpoint, consensus, metrics, replicas, runtime, tasks, train
+from hvd_train.model import build_mlp
+from hvd_train.pipeline import ShardedBatches
+from hvd_train.sharding import eval_shard
+from hvd_train.stopping import Stopped
+
+
+def outcome(action):
+    """What ``action`` raised on this rank ("Type: message"), or None."""
+    try:
+        action()
+    except Exception as err:  # noqa: BLE001 - the test compares every rank's
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+# --- agreement ------------------------------------------------------------------------------------
+
+def test_agree_passes_when_no_rank_failed_and_gathers_in_rank_order(rt):
+    runtime.agree(None, "test.none")
+    assert runtime.agree_gather(None, {"rank": rt.rank}, "test.payload") == [{"rank": r} for r in range(rt.size)]
+    assert runtime.broadcast(f"from {rt.rank}", "test.bcast") == "from 0"
+    assert runtime.allgather(rt.rank * 10, "test.gather") == [r * 10 for r in range(rt.size)]
+
+
+def test_mpi4py_and_horovod_agree_on_the_ranks(rt):
+    import horovod.tensorflow as hvd
+
+    if not hvd.mpi_enabled():
+        pytest.skip("the job runs over Gloo (no MPI on this machine)")
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    assert (world.Get_rank(), world.Get_size()) == (hvd.rank(), hvd.size()) == (rt.rank, rt.size)
+
+
+def test_a_failure_on_one_rank_fails_every_rank_naming_it(rt):
+    got = outcome(lambda: runtime.agree("disk full" if rt.rank == 1 else None, "test.one"))
+    assert got == "AgreedFailure: rank 1: disk full"
+
+
+def test_the_same_failure_on_every_rank_is_one_message(rt):
+    got = outcome(lambda: runtime.agree("bad value", "test.all"))
+    assert got == "AgreedFailure: bad value"
+    different = outcome(lambda: runtime.agree(f"problem {rt.rank}", "test.each"))
+    assert different == "AgreedFailure: " + "; ".join(f"rank {r}: problem {r}" for r in range(rt.size))
+
+
+def test_consensus_names_the_rank_and_the_key_that_differ(rt):
+    same = outcome(lambda: consensus.check({"config.epochs": 3, "data.train": "x"}))
+    differ = outcome(lambda: consensus.check({"config.epochs": 3 + rt.rank, "data.train": "x"}))
+    assert same is None
+    assert differ == ("AgreedFailure: ranks disagree, stopping before training: "
+                      "rank 1 differs from rank 0 in config.epochs: 4 (rank 0: 3)")
+
+
+# --- replica state ----------------------------------------------------------------------------------
+
+def _bn_model():
+    inputs = tf.keras.Input(shape=(3,))
+    x = tf.keras.layers.BatchNormalization(name="bn")(inputs)
+    frozen = tf.keras.layers.Dense(2, name="frozen")
+    frozen.trainable = False
+    return tf.keras.Model(inputs, frozen(x))
+
+
+def test_sync_state_averages_batchnorm_statistics_and_broadcasts_the_rest(rt):
+    model = _bn_model()
+    bn, frozen = model.get_layer("bn"), model.get_layer("frozen")
+    bn.moving_mean.assign(np.full(3, rt.rank + 1.0, np.float32))
+    bn.moving_variance.assign(np.full(3, 2.0 * (rt.rank + 1), np.float32))
+    frozen.kernel.assign(np.full((3, 2), float(rt.rank), np.float32))
+    replicas.sync_state(model)
+    before = [v.numpy().copy() for v in model.weights]
+    replicas.sync_state(model)  # replicas that agree: no bit changes
+    digests, problem = replicas.check(model)
+    mean_of_ranks = np.mean(np.arange(1, rt.size + 1))
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), np.full(3, mean_of_ranks, np.float32))
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), np.full(3, 2 * mean_of_ranks, np.float32))
+    np.testing.assert_array_equal(frozen.kernel.numpy(), np.zeros((3, 2), np.float32))
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.weights))
+    assert problem is None and len(set(digests)) == 1 and len(digests) == rt.size
+
+
+def test_replicas_check_names_the_first_variable_that_differs(rt):
+    tf.keras.utils.set_random_seed(0)
+    model = build_mlp(4, 3, hidden=(5,))
+    if rt.rank == 1:
+        kernel = model.weights[2]
+        kernel.assign(kernel + 1.0)
+    digests, problem = replicas.check(model)
+    assert digests[0] != digests[1]
+    assert problem.startswith(f"replicas differ after training, first in variable {model.weights[2].name} "
+                              f"(3 of {len(model.weights)}): rank(s) 1 hold another value than rank 0")
+
+
+# --- exact metrics ----------------------------------------------------------------------------------
+
+def test_evaluation_over_uneven_shares_equals_the_whole_set(rt):
+    tf.keras.utils.set_random_seed(0)
+    model = build_mlp(5, 3, hidden=(8,))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(23, 5)).astype(np.float32)
+    y = rng.integers(0, 3, size=23)
+    task = tasks.Classification(("a", "b", "c"), logits=False)
+    mine = eval_shard(23, rt.rank, rt.size)  # 12 and 11 rows
+    combined = metrics.evaluate(model, [(x[mine], y[mine])], task)
+    rank_means = runtime.allgather(task.result(metrics.local_sums(model, x[mine], y[mine], task))["loss"], "means")
+    whole = task.result(metrics.local_sums(model, x, y, task))  # this rank, every row
+    assert combined["samples"] == 23
+    assert combined["loss"] == pytest.approx(whole["loss"], rel=1e-12)
+    assert combined["accuracy"] == whole["accuracy"]
+    assert combined["confusion"].tolist() == whole["confusion"].tolist()
+    assert abs(np.mean(rank_means) - whole["loss"]) > 1e-6, "a mean of rank means would differ"
+
+
+def test_global_sums_weigh_each_rank_by_its_sample_count(rt):
+    count = 3 if rt.rank == 0 else 1
+    sums = metrics.global_sums({"loss": 1.0 + 2 * rt.rank, "accuracy": 0.5}, count, "test",
+                               carried={"loss": 10.0, "count": 5.0})
+    # rank 0: 3 samples at mean 1, rank 1: 1 sample at mean 3, plus the carried part of the epoch.
+    assert sums == {"loss": 3 * 1.0 + 1 * 3.0 + 10.0, "accuracy": 2.0, "count": 4.0 + 5.0}
+
+
+# --- sharding ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, batch", [(107, 8), (150, 32), (3, 1)])
+def test_each_epoch_every_sample_once_in_equal_steps(rt, n, batch):
+    x = np.arange(n, dtype=np.float32).reshape(n, 1)
+    seen = []
+    for epoch in range(2):
+        shards = ShardedBatches(x, np.zeros(n), rt.rank, rt.size, batch, seed=5, shuffle=True, epoch=epoch)
+        rows = [xb[:, 0].astype(int).tolist() for xb, _, _ in (shards[s] for s in range(len(shards)))]
+        seen.append(runtime.allgather(rows, f"shards.{n}.{epoch}"))
+    for epoch in seen:
+        assert len({len(steps) for steps in epoch}) == 1, "equal steps on every rank"
+        every = sorted(i for steps in epoch for step in steps for i in step)
+        assert every == list(range(n)), "disjoint and complete"
+    assert seen[0] != seen[1], "each epoch its own order, the same on every rank"
+
+
+# --- whole runs through the API ---------------------------------------------------------------------
+
+def _csv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("a,b,label\n" + "".join(f"{i % 7},{(i * 3) % 5},{'yes' if i % 2 else 'no'}\n"
+                                            for i in range(rows)))
+    return f"csv:{path}"
+
+
+def test_a_file_missing_on_one_rank_stops_every_rank_and_rank_0_writes_nothing(rt, shared_tmp):
+    data = shared_tmp / f"rank{rt.rank}.csv"
+    if rt.rank == 0:
+        _csv(data, 30)
+    out = shared_tmp / "out"
+    got = outcome(lambda: train(TrainConfig(dataset=f"csv:{data}", label_column="label", output_dir=str(out))))
+    assert got.startswith(f"AgreedFailure: rank 1: cannot read CSV {shared_tmp}/rank1.csv")
+    assert not out.exists()
+
+
+def test_different_data_on_one_rank_is_found_before_training(rt, shared_tmp):
+    # The same relative path on each "host" (here: a working directory per rank), other contents.
+    _csv(shared_tmp / f"host{rt.rank}" / "data.csv", 40 + rt.rank)  # rank 1's has a row more
+    out, cwd = shared_tmp / "out", os.getcwd()
+    os.chdir(shared_tmp / f"host{rt.rank}")
+    try:
+        got = outcome(lambda: train(TrainConfig(dataset="csv:data.csv", label_column="label", epochs=2,
+                                                output_dir=str(out))))
+    finally:
+        os.chdir(cwd)
+    assert got.startswith("AgreedFailure: ranks disagree, stopping before training: rank 1 differs from rank 0 in ")
+    assert "data.files: ['data.csv:" in got and "data.sample" in got and "config." not in got, got
+    assert not out.exists()
+
+
+def test_a_different_argument_on_one_rank_is_found_before_training(rt, shared_tmp):
+    got = outcome(lambda: train(TrainConfig(epochs=3 + rt.rank, output_dir=str(shared_tmp / "out"))))
+    assert got == ("AgreedFailure: ranks disagree, stopping before training: "
+                   "rank 1 differs from rank 0 in config.epochs: 4 (rank 0: 3)")
+
+
+def test_fewer_training_samples_than_processes(rt, shared_tmp):
+    # 4 rows, 3 of them for test: 1 training sample cannot be shared by 2 processes.
+    x, y = np.arange(8, dtype=np.float32).reshape(4, 2), np.arange(4, dtype=np.float64)
+    out = shared_tmp / "out"
+    got = outcome(lambda: train(TrainConfig(task="regression", val_fraction=0.0, test_fraction=0.75,
+                                            output_dir=str(out)), data=(x, y)))
+    assert got == "AgreedFailure: 1 training samples are fewer than the 2 processes"
+    assert not out.exists()
+
+
+def test_dry_run_for_another_world_than_the_launchers_is_refused(rt):
+    from hvd_train import dry_run
+
+    got = outcome(lambda: dry_run(TrainConfig(), world_size=3))
+    assert got == "ConfigError: --np 3 disagrees with the launcher, which started 2 processes"
+
+
+class _SignalAt(tf.keras.callbacks.Callback):
+    """Sends this process SIGTERM after ``batch`` of epoch 2, as a scheduler does to one rank."""
+
+    def __init__(self, batch):
+        super().__init__()
+        self.batch, self.epoch = batch, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == 1 and batch == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_batch_with_one_checkpoint(rt, shared_tmp):
+    ckpt, out = shared_tmp / "ckpt", shared_tmp / "out"
+    config = TrainConfig(dataset="synthetic", samples=2000, batch_size=16, epochs=4, optimizer="sgd",
+                         progress="none", checkpoint_dir=str(ckpt), output_dir=str(out))
+    stops, handler = [], signal.getsignal(signal.SIGTERM)
+    try:
+        train(config, callbacks=[_SignalAt(5)] if rt.rank == 1 else [])
+    except Stopped as stop:
+        stops.append(stop)
+    every = runtime.allgather([(s.epoch, s.position, s.checkpoint) for s in stops], "stops")
+    assert all(len(s) == 1 for s in every), f"every rank stopped: {every}"
+    (epoch, position, path), = every[0]
+    assert every == [[(epoch, position, path)]] * rt.size, "after the same batch, the same checkpoint"
+    assert 1 <= epoch <= 2 and 0 <= position < 1400, "in epoch 2, or at its end"
+    assert [p for _, p in checkpoint.listed(str(ckpt))][0] == path, "rank 0 wrote it, the newest"
+    assert signal.getsignal(signal.SIGTERM) == handler, "the handler of before the run is back"
+    assert not (out / "metrics.json").exists()
