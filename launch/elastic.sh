@@ -66,11 +66,12 @@ require_np "$gloo_timeout"
 [[ -x "$discovery" ]] || die "discovery script $discovery is not executable (chmod +x it)"
 # horovodrun runs it from elsewhere: an absolute path.
 discovery="$(cd "$(dirname "$discovery")" && pwd)/$(basename "$discovery")"
-[[ -x "$venv/bin/horovodrun" ]] || die "no horovodrun in $venv (run 'make setup' or set VENV)"
+[[ -x "$venv/bin/hvd-horovodrun" ]] || die "no hvd-horovodrun in $venv (run 'make setup' or set VENV)"
 
 # Horovod: a worker blocked on a dead peer gives up after this long, then the reset starts.
 export HOROVOD_GLOO_TIMEOUT_SECONDS="$gloo_timeout"
-command=("$venv/bin/horovodrun" -np "$np" --min-np "$min_np" --max-np "$max_np"
+# horovodrun, without the TensorFlow import of its build check (hvd_train/horovodrun.py).
+command=("$venv/bin/hvd-horovodrun" -np "$np" --min-np "$min_np" --max-np "$max_np"
          --host-discovery-script "$discovery" --slots-per-host "$slots" --elastic-timeout "$elastic_timeout")
 [[ -z "$reset_limit" ]] || command+=(--reset-limit "$reset_limit")
 [[ -z "$nic" ]] || command+=(--network-interface "$nic")

@@ -65,7 +65,7 @@ fi
 total="$(slot_sum "$hosts")"
 np="${np:-$total}"
 require_np "$np"
-[[ -x "$venv/bin/horovodrun" ]] || die "no horovodrun in $venv (run 'make setup' or set VENV)"
+[[ -x "$venv/bin/hvd-horovodrun" ]] || die "no hvd-horovodrun in $venv (run 'make setup' or set VENV)"
 IFS=',' read -r -a entries <<< "$hosts"
 
 ssh_args=(-o BatchMode=yes -o "ConnectTimeout=${SSH_CONNECT_TIMEOUT:-10}")
@@ -107,4 +107,5 @@ fi
 hvd_args=(-np "$np" -H "$hosts" "--$controller")
 [[ -n "$ssh_port" ]] && hvd_args+=(--ssh-port "$ssh_port")
 [[ -n "$ssh_key" ]] && hvd_args+=(--ssh-identity-file "$ssh_key")
-run_command "$venv/bin/horovodrun" "${hvd_args[@]}" "$venv/bin/hvd-train" "$@"
+# horovodrun, without the TensorFlow import of its build check (hvd_train/horovodrun.py).
+run_command "$venv/bin/hvd-horovodrun" "${hvd_args[@]}" "$venv/bin/hvd-train" "$@"

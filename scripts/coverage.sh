@@ -43,6 +43,6 @@ unset COVERAGE_PROCESS_START
 "$VENV/bin/python" -m coverage report > "$out/report.txt" || true
 "$VENV/bin/python" -m coverage json -q -o "$out/coverage.json" || true
 "$VENV/bin/python" -m coverage html -q -d "$out/html" || true
-echo "[coverage] $(ls "$out/data" | wc -l) data file(s) combined; $(tail -n1 "$out/report.txt")"
+echo "[coverage] $(find "$out/data" -name 'cov.*' | wc -l) process(es) measured; $(grep '^TOTAL' "$out/report.txt")"
 echo "[coverage] per module: $out/report.txt; pytest exit status $status"
 exit "$status"

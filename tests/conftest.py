@@ -28,8 +28,8 @@ def pytest_addoption(parser):
 
 # --- where the suite's time goes: per module, its tests' time and the jobs they launched ---------
 
-_LAUNCHERS = ("horovodrun", "mpirun", "mpiexec", "srun", "sbatch", "hvd-bench", "ray.py", "elastic.sh", "local.sh",
-              "hosts.sh", "mpirun.sh", "docker.sh", "build_and_run.sh")
+_LAUNCHERS = ("horovodrun", "hvd-horovodrun", "mpirun", "mpiexec", "srun", "sbatch", "hvd-bench", "ray.py",
+              "elastic.sh", "local.sh", "hosts.sh", "mpirun.sh", "docker.sh", "build_and_run.sh")
 _ledger: dict = {}  # module -> {"tests": n, "seconds": s, "launches": n, "commands": n}
 
 
@@ -108,15 +108,18 @@ def run(cmd, timeout: int = LAUNCH_TIMEOUT, cwd=None, env=None) -> subprocess.Co
 HVD_TRAIN = (BIN / "python", "-m", "hvd_train")  # what the launchers start unless told otherwise
 
 
-def horovodrun_cmd(np_: int, controller: str = "gloo") -> list:
-    return [BIN / "horovodrun", "-np", np_, "-H", f"localhost:{np_}", f"--{controller}"]
+def horovodrun_cmd(np_: int, controller: str = "gloo", launcher: str = "hvd-horovodrun") -> list:
+    """horovodrun's command line, through hvd-horovodrun as launch/ starts it (``launcher``
+    "horovodrun": Horovod's own script, as a user may run it by hand)."""
+    return [BIN / launcher, "-np", np_, "-H", f"localhost:{np_}", f"--{controller}"]
 
 
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
 
 
-def horovodrun(np_: int, args, controller: str = "gloo", timeout: int = LAUNCH_TIMEOUT, command=HVD_TRAIN, env=None):
-    return run([*horovodrun_cmd(np_, controller), *command, *args], timeout=timeout, env=env)
+def horovodrun(np_: int, args, controller: str = "gloo", timeout: int = LAUNCH_TIMEOUT, command=HVD_TRAIN, env=None,
+               launcher: str = "hvd-horovodrun"):
+    return run([*horovodrun_cmd(np_, controller, launcher), *command, *args], timeout=timeout, env=env)
 
 
 def mpirun(np_: int, args, timeout: int = LAUNCH_TIMEOUT, command=HVD_TRAIN, env=None):

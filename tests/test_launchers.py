@@ -48,10 +48,10 @@ def test_dry_run_prints_the_one_command_each_launcher_would_run(tmp_path):
     """The shared launcher helpers (launch/common.sh): venv, slot sum and DRY_RUN, alike everywhere."""
     env = {"DRY_RUN": "1", "VENV": str(BIN.parent)}
     local = run(["bash", LAUNCH / "local.sh", "-n", "3", "--gloo", "--", "--epochs", "2"], env=env)
-    assert local.stdout.split() == [f"{BIN}/horovodrun", "-np", "3", "-H", "localhost:3", "--gloo",
+    assert local.stdout.split() == [f"{BIN}/hvd-horovodrun", "-np", "3", "-H", "localhost:3", "--gloo",
                                     f"{BIN}/hvd-train", "--epochs", "2"], local.stderr
     hosts = run(["bash", LAUNCH / "hosts.sh", "--skip-preflight", "-H", "a:2,b:1", "--", "--epochs", "2"], env=env)
-    assert hosts.stdout.split()[:3] == [f"{BIN}/horovodrun", "-np", "3"], hosts.stderr
+    assert hosts.stdout.split()[:3] == [f"{BIN}/hvd-horovodrun", "-np", "3"], hosts.stderr
     mpi = run(["bash", LAUNCH / "mpirun.sh", "-n", "2", "--", "--epochs", "2"], env={**env, "MPIRUN": "bash"})
     words = mpi.stdout.split()
     assert words[:3] == ["bash", "-np", "2"] and words[-3:] == [f"{BIN}/hvd-train", "--epochs", "2"], mpi.stderr
@@ -60,7 +60,8 @@ def test_dry_run_prints_the_one_command_each_launcher_would_run(tmp_path):
     elastic = run(["bash", LAUNCH / "elastic.sh", "--min-np", "1", "--max-np", "4", "-n", "2", "--discovery",
                    discovery, "--reset-limit", "3", "--", "--epochs", "2"], env=env)
     assert elastic.stdout.split() == [
-        f"{BIN}/horovodrun", "-np", "2", "--min-np", "1", "--max-np", "4", "--host-discovery-script", str(discovery),
+        f"{BIN}/hvd-horovodrun", "-np", "2", "--min-np", "1", "--max-np", "4", "--host-discovery-script",
+        str(discovery),
         "--slots-per-host", "1", "--elastic-timeout", "600", "--reset-limit", "3",
         f"{BIN}/hvd-train", "--epochs", "2"], elastic.stderr
 
@@ -115,8 +116,8 @@ def test_slurm_script_turns_the_allocation_into_a_launch(tmp_path):
            "DRY_RUN": "1"}
     proc = run(["bash", LAUNCH / "slurm.sbatch", "--", "--epochs", "5"], env={**env, "LAUNCH_MODE": "horovodrun"})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["/work/proj/.venv/bin/horovodrun", "-np", "4", "-H", r"node1:2\,node2:2", "--gloo",
-                                   "/work/proj/.venv/bin/hvd-train", "--threads", "3", "--epochs", "5"]
+    assert proc.stdout.split() == ["/work/proj/.venv/bin/hvd-horovodrun", "-np", "4", "-H", r"node1:2\,node2:2",
+                                   "--gloo", "/work/proj/.venv/bin/hvd-train", "--threads", "3", "--epochs", "5"]
     proc = run(["bash", LAUNCH / "slurm.sbatch", "--epochs", "5"], env=env)
     assert proc.stdout.split() == ["srun", "--mpi=pmix", "--cpu-bind=none", "/work/proj/.venv/bin/hvd-train",
                                    "--threads", "3", "--epochs", "5"]

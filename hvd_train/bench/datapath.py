@@ -115,7 +115,7 @@ def launch(mode: str, np_: int, spec: str, work: Path, timeout: int) -> List[Dic
     results = work / f"res-{mode}-{np_}-{time.monotonic_ns()}"
     results.mkdir(parents=True)
     env = dict(os.environ, BENCH_LAUNCHED=str(time.time()), TF_CPP_MIN_LOG_LEVEL="2")
-    cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", str(BIN / "python"), "-m",
+    cmd = [str(BIN / "hvd-horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", str(BIN / "python"), "-m",
            "hvd_train.bench.datapath", mode, spec, str(results / "out"), str(results)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:

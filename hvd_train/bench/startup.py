@@ -1,11 +1,11 @@
 """hvd-bench section ``startup``: where a launch's seconds go before the first training step.
 
-Each repeat launches 2 processes the way ``make train`` does (horovodrun, MPI when installed,
-else Gloo) on the default run (iris) for one epoch; every rank stamps the wall clock at each
+Each repeat launches 2 processes the way ``make train`` does (hvd-horovodrun, MPI when
+installed, else Gloo) on the default run (iris) for one epoch; every rank stamps the wall clock at each
 phase and the driver takes the slower rank's stamp:
 
-- launch: from the driver starting horovodrun to the Python process existing (the launcher's
-  own start-up, its rendezvous and the interpreter's);
+- launch: from the driver starting the launcher to the rank's Python running this module (the
+  launcher's own start-up and checks, its rendezvous, the interpreter's start);
 - the imports: TensorFlow, Horovod's Keras module, then hvd_train's training modules (what
   they import on top: Keras, scikit-learn's split, pyarrow or matplotlib if they are imported);
 - hvd.init;
@@ -18,33 +18,27 @@ Also the wall time of the whole short run as a user runs it (``launch/local.sh -
 """
 from __future__ import annotations
 
-import json
-import os
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
-from typing import Any, Callable, Dict, List
+
+STARTED = time.time()  # this module's first line: the interpreter is up (a rank: its launch is done)
+
+import json  # noqa: E402 - after the first stamp
+import os  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Dict, List  # noqa: E402
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 PHASES = ("launch", "import_tensorflow", "import_horovod", "hvd_init", "import_hvd_train", "setup", "first_step")
 
 
-def process_start() -> float:
-    """This process's start, wall clock (Linux: /proc)."""
-    with open("/proc/self/stat") as f:
-        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-    with open("/proc/stat") as f:
-        boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
-
-
 def worker(result_dir: str) -> None:
     """Under horovodrun: one epoch of the default run, every phase stamped; rank-<r>.json."""
-    stamps = {"launched": float(os.environ["BENCH_LAUNCHED"]), "launch": process_start()}
+    stamps = {"launched": float(os.environ["BENCH_LAUNCHED"]), "launch": STARTED}
     import tensorflow as tf
 
     stamps["import_tensorflow"] = time.time()
@@ -84,7 +78,7 @@ def one_launch(work: Path, timeout: int) -> Dict[str, float]:
     """Seconds of each phase (the slower rank's), from one launch of 2 processes."""
     result = Path(tempfile.mkdtemp(dir=work))
     controller = _controller()
-    cmd = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", f"--{controller}", str(BIN / "python"), "-m",
+    cmd = [str(BIN / "hvd-horovodrun"), "-np", "2", "-H", "localhost:2", f"--{controller}", str(BIN / "python"), "-m",
            "hvd_train.bench.startup", "worker", str(result)]
     env = _env()
     if controller == "mpi":
