@@ -286,7 +286,7 @@ requires_mpi = pytest.mark.skipif(shutil.which("mpirun") is None, reason="no MPI
 
 class Run:
     """One run of a many-runs job (see run_many): its output directory, every rank's report and
-    the job's output lines between this run's start and end markers (``stdout``), with the
+    rank 0's output lines between this run's start and end markers (``stdout``), with the
     ``returncode`` the run would have had (0 if every rank finished it), for check_run."""
 
     def __init__(self, name, out, reports, stdout, job_stdout):
@@ -333,7 +333,9 @@ def run_many(np_: int, runs: dict, workdir, controller: str = "gloo", timeout: i
         pattern = rf"{marker}start {re.escape(name)}$(.*?){marker}end "
         found = re.search(pattern, proc.stdout, re.M | re.S)
         reports = [read_json(workdir / name / f"rank-{rank}.json") for rank in range(np_)]
-        result[name] = Run(name, outs[name], reports, found.group(1) if found else "", proc.stdout)
+        # Rank 0's lines only: another rank's (its own markers too) may land inside rank 0's window.
+        own = re.sub(r"^\[[1-9]\d*\]<std(?:out|err)>:.*\n?", "", found.group(1), flags=re.M) if found else ""
+        result[name] = Run(name, outs[name], reports, own, proc.stdout)
     return result
 
 
