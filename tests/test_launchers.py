@@ -113,7 +113,7 @@ def test_slurm_script_turns_the_allocation_into_a_launch(tmp_path):
     (tmp_path / "scontrol").chmod(0o755)
     env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NTASKS": "4",
            "SLURM_NTASKS_PER_NODE": "2(x2)", "SLURM_CPUS_PER_TASK": "3", "SLURM_SUBMIT_DIR": "/work/proj",
-           "DRY_RUN": "1"}
+           "DRY_RUN": "1", "VENV": ""}  # the script's own default venv, whatever the caller's VENV
     proc = run(["bash", LAUNCH / "slurm.sbatch", "--", "--epochs", "5"], env={**env, "LAUNCH_MODE": "horovodrun"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["/work/proj/.venv/bin/hvd-horovodrun", "-np", "4", "-H", r"node1:2\,node2:2",
