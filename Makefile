@@ -35,7 +35,7 @@ help:
 	@echo "make clean   remove the venv and runs/"
 
 # Re-run set-up only when what it installs from changes; scripts/setup.sh is itself idempotent.
-$(SETUP_STAMP): scripts/setup.sh constraints.txt setup.cfg pyproject.toml
+$(SETUP_STAMP): scripts/setup.sh constraints.txt setup.cfg pyproject.toml $(wildcard patches/*.patch)
 	bash scripts/setup.sh
 	touch $@
 

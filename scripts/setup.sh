@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time, idempotent set-up of everything hvd_train needs on this machine:
-# Open MPI from the distribution (when root), a venv with the pinned TensorFlow,
-# Horovod compiled against that TensorFlow with Gloo and MPI, and hvd_train itself.
+# Open MPI from the distribution (when root), a venv with the pinned TensorFlow and tf_keras,
+# Horovod 0.28.1 with the project's patch (patches/) compiled against that TensorFlow with Gloo
+# and MPI, and hvd_train itself.
 # Safe to re-run after a failure: every step checks whether it is already done.
 set -euo pipefail
 
@@ -11,10 +12,10 @@ Usage: scripts/setup.sh
 
 Environment (defaults in brackets):
   VENV=.venv                 where the virtual environment lives
-  PYTHON=<first of python3.11 python3.10 python3.9 python3 that is 3.9-3.11>
+  PYTHON=<the newest of python3.13 python3.12 python3.11 python3 that is 3.11-3.13>
   TF_PACKAGE=tensorflow-cpu  or "tensorflow" for a GPU-capable build
   HVD_GPU_OPERATIONS=        set to NCCL to build Horovod's GPU ops (GPU images only)
-  RAY=0                      1: also install the pinned Ray (launch/ray.py; Python 3.10-3.11 only)
+  RAY=0                      1: also install the pinned Ray (launch/ray.py)
 EOF
 }
 case "${1:-}" in
@@ -31,26 +32,29 @@ TF_PACKAGE="${TF_PACKAGE:-tensorflow-cpu}"
 CONSTRAINTS="$PWD/constraints.txt"
 WHEELS="$VENV/wheels"  # the Horovod wheel this set-up built
 HOROVOD_VERSION="$(sed -n 's/^horovod==//p' "$CONSTRAINTS")"
+PATCH="$PWD/patches/horovod-$HOROVOD_VERSION.patch"  # applied to Horovod's sdist before it is built
+export TF_USE_LEGACY_KERAS=1  # tf.keras is tf_keras (Keras 2) for horovodrun --check-build too
 
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
 supported_python() {
-  "$1" -c 'import sys; sys.exit(0 if (3, 9) <= sys.version_info[:2] <= (3, 11) else 1)' 2>/dev/null
+  "$1" -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] <= (3, 13) else 1)' 2>/dev/null
 }
 
 pick_python() {
   if [ -n "${PYTHON:-}" ]; then
-    supported_python "$PYTHON" || die "PYTHON=$PYTHON is not Python 3.9-3.11 (TensorFlow 2.15 has no wheels for others)"
+    supported_python "$PYTHON" || die "PYTHON=$PYTHON is not Python 3.11-3.13 (the pinned TensorFlow 2.21 and NumPy have wheels for these)"
     python_can_build "$PYTHON" || die "PYTHON=$PYTHON lacks venv/ensurepip or its C headers (Debian: python3-venv python3-dev)"
     echo "$PYTHON"; return
   fi
-  find_python || die "no Python 3.9-3.11 with venv and C headers found (TensorFlow 2.15 has no wheels for others); set PYTHON=/path/to/python3.11"
+  find_python || die "no Python 3.11-3.13 with venv and C headers found (the pinned TensorFlow 2.21 and NumPy have wheels for these); set PYTHON=/path/to/python3"
 }
 
 find_python() {
   local candidate
-  for candidate in python3.11 python3.10 python3.9 python3; do
+  # The newest first. A pyenv shim that refuses to run (version not selected) fails the check.
+  for candidate in python3.13 python3.12 python3.11 python3; do
     if command -v "$candidate" >/dev/null && supported_python "$candidate" && python_can_build "$candidate"; then
       echo "$candidate"; return 0
     fi
@@ -69,6 +73,7 @@ install_distro_packages() {
   command -v mpirun >/dev/null && command -v mpicc >/dev/null || wanted+=(openmpi-bin libopenmpi-dev)
   command -v g++ >/dev/null || wanted+=(g++)
   command -v make >/dev/null || wanted+=(make)
+  command -v patch >/dev/null || wanted+=(patch)
   if [ ! -x "$VENV/bin/python" ] && [ -z "${PYTHON:-}" ] && ! find_python >/dev/null; then
     wanted+=(python3 python3-venv python3-dev)
   fi
@@ -92,27 +97,44 @@ check_build() {
   grep -q '\[X\] TensorFlow' <<<"$out" || missing+=(TensorFlow)
   grep -q '\[X\] Gloo' <<<"$out" || missing+=(Gloo)
   if have_mpi; then grep -q '\[X\] MPI' <<<"$out" || missing+=(MPI); fi
+  # The project's patch (its Keras hunk is visible in the installed Python files).
+  "$VENV/bin/python" -c 'import importlib.util, pathlib, sys
+keras = pathlib.Path(importlib.util.find_spec("horovod").origin).parent / "tensorflow" / "keras"
+sys.exit(0 if "K = keras.backend" in (keras / "callbacks.py").read_text() else 1)' 2>/dev/null || missing+=("the patch")
   echo "${missing[*]:-}"
 }
 
+horovod_source() {
+  # Horovod's sdist, unpacked and patched (patches/): the tree the wheel is built from. Stops if
+  # a hunk no longer applies (another Horovod release: the patch must be redone, README).
+  local src="$VENV/build"
+  rm -rf "$src" && mkdir -p "$src"
+  "$VENV/bin/pip" download -q --no-deps --no-binary :all: -d "$src" "horovod==$HOROVOD_VERSION"
+  tar -xzf "$src/horovod-$HOROVOD_VERSION.tar.gz" -C "$src"
+  patch -d "$src/horovod-$HOROVOD_VERSION" -p1 --forward --batch --quiet < "$PATCH" \
+    || die "patches/$(basename "$PATCH") no longer applies to horovod $HOROVOD_VERSION's sdist"
+  echo "$src/horovod-$HOROVOD_VERSION"
+}
+
 build_horovod() {
-  local cache_flag=("$@")
-  local mpi_flag=HOROVOD_WITHOUT_MPI=1
+  local mpi_flag=HOROVOD_WITHOUT_MPI=1 src
   have_mpi && mpi_flag=HOROVOD_WITH_MPI=1
-  say "building horovod==$HOROVOD_VERSION against $TF_PACKAGE (Gloo$(have_mpi && echo ' + MPI'); takes a few minutes)"
+  src="$(horovod_source)"
+  say "building horovod==$HOROVOD_VERSION (patched: patches/$(basename "$PATCH")) against $TF_PACKAGE (Gloo$(have_mpi && echo ' + MPI'); takes several minutes)"
   # The wheel is kept in $WHEELS: the container test builds the image with it instead of
-  # compiling Horovod a second time (tests/container/build_and_run.sh).
+  # compiling Horovod a second time when the image's Python and MPI are the host's
+  # (tests/container/build_and_run.sh).
   rm -rf "$WHEELS" && mkdir -p "$WHEELS"
   # The venv's CMake (< 4, pinned) must be the one Horovod's build finds, not a system one.
-  env PATH="$VENV/bin:$PATH" HOROVOD_CMAKE="$VENV/bin/cmake" \
+  env PATH="$VENV/bin:$PATH" HOROVOD_CMAKE="$VENV/bin/cmake" MAKEFLAGS="-j$(nproc)" \
       HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 "$mpi_flag" \
       HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
       ${HVD_GPU_OPERATIONS:+HOROVOD_GPU_OPERATIONS="$HVD_GPU_OPERATIONS"} \
-      "$VENV/bin/pip" wheel -q --no-deps --no-build-isolation -c "$CONSTRAINTS" "${cache_flag[@]}" -w "$WHEELS" \
-      "horovod==$HOROVOD_VERSION"
+      "$VENV/bin/pip" wheel -q --no-deps --no-build-isolation -c "$CONSTRAINTS" -w "$WHEELS" "$src"
   local wheel=("$WHEELS"/horovod-"$HOROVOD_VERSION"-*.whl)
   "$VENV/bin/pip" install -q -c "$CONSTRAINTS" "${wheel[0]}"  # its dependencies, when missing
   "$VENV/bin/pip" install -q --no-deps --force-reinstall "${wheel[0]}"  # this build, even over another
+  rm -rf "$VENV/build"
 }
 
 install_distro_packages
@@ -130,14 +152,16 @@ fi
 supported_python "$VENV/bin/python" || die "$VENV uses $("$VENV/bin/python" --version); remove it and re-run"
 
 PIP=("$VENV/bin/pip" install -q -c "$CONSTRAINTS")
-"${PIP[@]}" setuptools wheel cmake numpy "$TF_PACKAGE" scikit-learn matplotlib pyarrow "tomli; python_version < '3.11'" pytest ruff
+"${PIP[@]}" setuptools wheel cmake numpy "$TF_PACKAGE" tensorboard scikit-learn matplotlib pyarrow pytest ruff
+# tf_keras (Keras 2, what Horovod's Keras API drives): without its dependencies, because the
+# tf-keras wheel requires "tensorflow", which would install a second, full TensorFlow over
+# tensorflow-cpu's files (pip check then names that requirement: expected, README).
+"${PIP[@]}" --no-deps tf-keras
 if have_mpi; then
   "${PIP[@]}" mpi4py
 fi
 if [ "${RAY:-0}" = 1 ]; then
-  # The optional Ray extra (launch/ray.py): the pinned release has no Python 3.9 wheels.
-  "$VENV/bin/python" -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 10) else 1)' \
-    || die "RAY=1 needs Python 3.10 or 3.11 (ray $(sed -n 's/^ray==//p' "$CONSTRAINTS") has no wheels for $("$VENV/bin/python" --version))"
+  # The optional Ray extra (launch/ray.py).
   say "installing the Ray extra: ray==$(sed -n 's/^ray==//p' "$CONSTRAINTS")"
   "${PIP[@]}" ray
 fi
@@ -146,12 +170,6 @@ lacking="$(check_build)"
 if [ -n "$lacking" ]; then
   build_horovod
   lacking="$(check_build)"
-  if [ -n "$lacking" ]; then
-    # pip's wheel cache may hold a build made before MPI was installed: rebuild from source.
-    say "cached horovod build lacks: $lacking; rebuilding without the wheel cache"
-    build_horovod --no-cache-dir
-    lacking="$(check_build)"
-  fi
   [ -z "$lacking" ] || die "horovodrun --check-build does not list: $lacking"
 else
   say "horovod $HOROVOD_VERSION already built with what this machine supports"
