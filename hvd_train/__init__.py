@@ -5,6 +5,10 @@ __version__ = "0.1.0"
 
 # TensorFlow's C++ INFO lines (oneDNN, CPU features) repeat once per rank; keep warnings and errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# Horovod: its Keras API (0.28) drives Keras 2. With TensorFlow >= 2.16, tf.keras is Keras 2 (the
+# tf_keras package) only when this is set before TensorFlow first resolves tf.keras; hvd_train
+# sets it on import (the launchers too), and model.py stops with a clear message if it was too late.
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
 __all__ = ["TrainConfig", "ConfigError", "DataError", "Table", "train", "dry_run", "build_mlp", "sync_replicas",
            "__version__"]

@@ -10,16 +10,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import sys
+import tomllib
 import typing
 from typing import Any, Dict
 
 from .config import ConfigError, TrainConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.9/3.10
-    import tomli as tomllib
 
 # Where a run goes and where it starts from: not part of what it trains.
 NOT_SAVED = ("output_dir", "resume")

@@ -131,14 +131,26 @@ def check_inputs(config: TrainConfig, input_shape: Tuple[int, ...], dataset: str
     return None
 
 
+def require_keras2():
+    """tf.keras, if it is Keras 2 (tf_keras); else a clear error. Horovod 0.28's Keras API cannot
+    drive Keras 3, and TensorFlow >= 2.16 gives Keras 3 unless TF_USE_LEGACY_KERAS=1 was set
+    before tf.keras was first resolved (hvd_train sets it on import)."""
+    import tensorflow as tf
+
+    if not tf.keras.__name__.startswith("tf_keras"):
+        raise RuntimeError(f"tf.keras is Keras 3 ({tf.keras.__name__}); hvd_train needs Keras 2 (tf_keras): "
+                           "import hvd_train before anything uses tf.keras, or set TF_USE_LEGACY_KERAS=1")
+    return tf.keras
+
+
 def make_optimizer(config: TrainConfig, lr: float):
     """The configured optimizer, not yet wrapped for Horovod."""
-    import tensorflow as tf
+    tf_keras = require_keras2()
 
     # Keras 2's legacy optimizers: the ones Horovod 0.28's callbacks (warmup, LR schedules) drive.
     if config.optimizer == "sgd":
-        return tf.keras.optimizers.legacy.SGD(learning_rate=lr, momentum=config.momentum)
-    return tf.keras.optimizers.legacy.Adam(learning_rate=lr)
+        return tf_keras.optimizers.legacy.SGD(learning_rate=lr, momentum=config.momentum)
+    return tf_keras.optimizers.legacy.Adam(learning_rate=lr)
 
 
 def compile_model(model, optimizer, task, exact_loss: bool = True) -> None:

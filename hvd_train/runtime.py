@@ -130,7 +130,8 @@ def _versions() -> Dict[str, str]:
         return "missing"
 
     return {"hvd_train": __version__, "tensorflow": version("tensorflow", "tensorflow-cpu"),
-            "horovod": version("horovod"), "numpy": version("numpy"), "scikit-learn": version("scikit-learn"),
+            "tf_keras": version("tf-keras"), "horovod": version("horovod"), "numpy": version("numpy"),
+            "scikit-learn": version("scikit-learn"),
             "python": platform.python_version()}
 
 
@@ -150,12 +151,34 @@ def quiet_other_ranks(verbose: bool) -> None:
     """
     global _verbose_ranks
     _verbose_ranks = verbose
-    if verbose or launcher_rank() == 0:
+    if not verbose and launcher_rank() != 0:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # TensorFlow's C++ INFO and WARNING lines
+        warnings.filterwarnings("ignore")
+        for name in ("tensorflow", "absl", "horovod", "h5py", "matplotlib"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    _import_tensorflow_quietly()
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its import-time INFO lines hidden when TF_CPP_MIN_LOG_LEVEL asks for
+    that (hvd_train's default is 1). TensorFlow >= 2.16 prints two lines at import whatever the
+    level says (absl's "All log messages before absl::InitializeLog() ..." and oneDNN's notice):
+    once per process, so N times per launch. An import error still shows: it is raised after
+    stderr is back."""
+    import sys
+
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")
+    if "tensorflow" in sys.modules or not level.isdigit() or int(level) < 1:
         return
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # TensorFlow's C++ INFO and WARNING lines
-    warnings.filterwarnings("ignore")
-    for name in ("tensorflow", "absl", "horovod", "h5py", "matplotlib"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def init(threads: Optional[int] = None, verbose_ranks: bool = False,

@@ -398,7 +398,7 @@ def _feature_matrix(table, features) -> np.ndarray:
         finite = np.isfinite(values)
         if not finite.all():
             row = int(np.flatnonzero(~finite)[0])
-            raise _BadValue(row, name, f"{values[row]!r} is not finite (NaN/inf)")
+            raise _BadValue(row, name, f"{float(values[row])!r} is not finite (NaN/inf)")
         x[:, j] = values
     return x
 

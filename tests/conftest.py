@@ -14,8 +14,15 @@ from pathlib import Path
 
 import pytest
 
+# tf.keras is tf_keras (Keras 2) in this process too, whichever test module imports TensorFlow
+# first (hvd_train sets the same on import; Horovod's Keras API needs it).
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
+# The pinned versions (constraints.txt), what set-up installed and the image carries.
+PINS = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().split()
+            if "==" in line and not line.startswith("#"))
 LAUNCH_TIMEOUT = 240  # seconds; a hang anywhere fails the test instead of the CI run
 # tests/parallel/ runs inside a launched job, on every rank (tests/test_parallel.py), never in this process.
 collect_ignore = [] if os.environ.get("HVD_TRAIN_IN_JOB") else ["parallel"]

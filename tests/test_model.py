@@ -1,4 +1,8 @@
 """The models and their compilation, on one process with plain Keras (no launcher)."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -44,3 +48,14 @@ def test_mlp_flattens_images_and_regression_has_one_linear_output():
     model = model_for(TrainConfig(task="regression"))((8, 8, 3), 1)
     assert model.output_shape == (None, 1) and model.layers[-1].activation.__name__ == "linear"
     assert model.layers[1].name == "flatten"
+
+
+def test_tf_keras_is_keras_2_and_keras_3_is_refused_clearly():
+    assert tf.keras.__name__.startswith("tf_keras"), "hvd_train (and conftest) made tf.keras Keras 2"
+    # A process that resolved tf.keras (Keras 3) before hvd_train could set TF_USE_LEGACY_KERAS.
+    code = ("import tensorflow as tf; tf.keras.layers; import hvd_train.model as m; "
+            "from hvd_train.config import TrainConfig; m.make_optimizer(TrainConfig(), 0.1)")
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "RuntimeError: tf.keras is Keras 3" in proc.stderr and "TF_USE_LEGACY_KERAS=1" in proc.stderr

@@ -21,7 +21,7 @@ SWEEP = [BIN / "hvd-train", "sweep"]
 
 
 def parse(text: str) -> spec.Sweep:
-    return spec.parse(configfile.tomllib.loads(text), "s.toml")  # tomllib, or tomli before Python 3.11
+    return spec.parse(configfile.tomllib.loads(text), "s.toml")
 
 
 def write(tmp_path, text: str, name: str = "s.toml") -> Path:
