@@ -5,16 +5,17 @@
 # lists the layer sizes.
 #
 # Versions are coupled and pinned in constraints.txt (the same file the set-up uses):
-# Horovod 0.28.1 compiles its TensorFlow ops against the TensorFlow installed first (2.15.1, the
-# last with Keras 2 as tf.keras, which Horovod's Keras callbacks need); TensorFlow 2.15 needs
-# Python 3.9-3.11 and numpy < 2. bookworm's python3 is 3.11. The ARGs below must agree with
-# constraints.txt (a test checks); change both together. Both stages use the same BASE_IMAGE, so
-# the venv's python3 and libmpi in the runtime stage are the ones Horovod was built against.
-ARG BASE_IMAGE=debian:bookworm-slim
+# Horovod 0.28.1, with the project's patch (patches/), compiles its TensorFlow ops against the
+# TensorFlow installed first (2.21.0); Horovod's Keras API drives Keras 2, so tf.keras is tf_keras
+# (TF_USE_LEGACY_KERAS=1). trixie's python3 is 3.13 (the host set-up proves 3.11). The ARGs below
+# must agree with constraints.txt (a test checks); change both together. Both stages use the same
+# BASE_IMAGE, so the venv's python3 and libmpi in the runtime stage are the ones Horovod was built
+# against.
+ARG BASE_IMAGE=debian:trixie-slim
 
 FROM ${BASE_IMAGE} AS builder
 ARG TENSORFLOW_PACKAGE=tensorflow-cpu
-ARG TENSORFLOW_VERSION=2.15.1
+ARG TENSORFLOW_VERSION=2.21.0
 ARG HOROVOD_VERSION=0.28.1
 # Empty for CPU; NCCL for the GPU variant (needs a CUDA/cuDNN base image with NCCL).
 ARG HOROVOD_GPU_OPERATIONS=
@@ -25,13 +26,13 @@ ARG PYTHON=python3
 ARG WHEELS=/opt/wheels
 
 SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
-ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 TF_CPP_MIN_LOG_LEVEL=1 \
+ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 TF_CPP_MIN_LOG_LEVEL=1 TF_USE_LEGACY_KERAS=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 VENV=/opt/hvd_train/venv
 ENV PATH=/opt/hvd_train/venv/bin:${PATH}
 
 # Compilers, CMake's runtime needs and the headers Horovod and mpi4py build against.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates g++ make binutils python3 python3-dev python3-venv \
+ && apt-get install -y --no-install-recommends ca-certificates g++ make binutils patch python3 python3-dev python3-venv \
       openmpi-bin libopenmpi-dev \
  && rm -rf /var/lib/apt/lists/*
 
@@ -39,19 +40,32 @@ COPY constraints.txt /opt/hvd_train/constraints.txt
 RUN "${PYTHON}" -m venv "${VENV}" \
  && pip install --no-cache-dir $([[ -d "${WHEELS}" ]] && echo --find-links "${WHEELS}") \
       -c /opt/hvd_train/constraints.txt setuptools wheel cmake numpy \
-      "${TENSORFLOW_PACKAGE}==${TENSORFLOW_VERSION}" scikit-learn matplotlib pyarrow mpi4py
+      "${TENSORFLOW_PACKAGE}==${TENSORFLOW_VERSION}" tensorboard scikit-learn matplotlib pyarrow mpi4py \
+ && pip install --no-cache-dir --no-deps -c /opt/hvd_train/constraints.txt tf-keras
 
 # Build Horovod, check it, then drop what only the build needed or nothing runs (docs/running.md
 # has the sizes): CMake; TensorFlow's C++ headers; libclang, which TensorFlow lists for its
 # source tooling and no module imports; TensorBoard's UI server binary (summaries are written
 # without it); the test suites of numpy, scipy, scikit-learn and matplotlib; and the debug info
 # of Horovod's library (57 MB of its 61).
+# Horovod: the wheel mounted in WHEELS if one fits this Python, else the sdist with the project's
+# patch applied (the build stops if a hunk no longer applies), built here.
+COPY patches/horovod-${HOROVOD_VERSION}.patch /opt/hvd_train/horovod.patch
 RUN gpu_env=() \
  && if [[ -n "${HOROVOD_GPU_OPERATIONS}" ]]; then gpu_env=("HOROVOD_GPU_OPERATIONS=${HOROVOD_GPU_OPERATIONS}"); fi \
- && env "${gpu_env[@]}" HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
-      HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CMAKE="${VENV}/bin/cmake" \
-      pip install --no-cache-dir --no-build-isolation $([[ -d "${WHEELS}" ]] && echo --find-links "${WHEELS}") \
-      -c /opt/hvd_train/constraints.txt "horovod==${HOROVOD_VERSION}" \
+ && if [[ -d "${WHEELS}" ]] && pip install --no-cache-dir --no-deps --no-index --find-links "${WHEELS}" \
+      "horovod==${HOROVOD_VERSION}" 2>/dev/null; then echo "horovod: the wheel from ${WHEELS}"; \
+    else pip download --no-cache-dir --no-deps --no-binary :all: -d /tmp/horovod "horovod==${HOROVOD_VERSION}" \
+      && tar -xzf "/tmp/horovod/horovod-${HOROVOD_VERSION}.tar.gz" -C /tmp/horovod \
+      && patch -d "/tmp/horovod/horovod-${HOROVOD_VERSION}" -p1 --forward --batch < /opt/hvd_train/horovod.patch \
+      && env "${gpu_env[@]}" HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
+           HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CMAKE="${VENV}/bin/cmake" MAKEFLAGS="-j$(nproc)" \
+           pip install --no-cache-dir --no-build-isolation -c /opt/hvd_train/constraints.txt \
+           "/tmp/horovod/horovod-${HOROVOD_VERSION}" \
+      && rm -rf /tmp/horovod; fi \
+ && pip install --no-cache-dir -c /opt/hvd_train/constraints.txt "horovod==${HOROVOD_VERSION}" \
+ && grep -q "K = keras.backend" "$("${VENV}/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/horovod/tensorflow/keras/callbacks.py" \
+      || { echo "horovod is not patched (patches/horovod-${HOROVOD_VERSION}.patch)" >&2; exit 1; } \
  && horovodrun --check-build | tee /tmp/check-build \
  && for need in TensorFlow Gloo MPI; do grep -q "\[X\] ${need}" /tmp/check-build \
       || { echo "horovod was built without ${need}" >&2; exit 1; }; done \
@@ -65,7 +79,7 @@ RUN gpu_env=() \
 
 FROM ${BASE_IMAGE} AS runtime
 SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
-ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1 \
+ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1 TF_USE_LEGACY_KERAS=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 VENV=/opt/hvd_train/venv
 ENV PATH=/opt/hvd_train/venv/bin:${PATH}
 

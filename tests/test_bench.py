@@ -6,7 +6,7 @@ import math
 import shutil
 
 import pytest
-from conftest import BIN, png_size, run
+from conftest import BIN, PINS, png_size, run
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ def bench(tmp_path_factory):
 def test_results_json(bench):
     out, _ = bench
     r = json.loads((out / "results.json").read_text())
-    assert r["quick"] is True and r["machine"]["cores"] >= 1 and r["machine"]["tensorflow"] == "2.15.1"
+    assert r["quick"] is True and r["machine"]["cores"] >= 1 and r["machine"]["tensorflow"] == PINS["tensorflow"]
     s = r["scaling"]
     expected = {"hvd_np1", "hvd_np2", "independent_np1_x2", "hvd_np1_2threads", "keras_np1", "mwms_np2"}
     controllers = {"gloo"} | ({"mpi"} if shutil.which("mpirun") else set())

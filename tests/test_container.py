@@ -4,7 +4,7 @@ import re
 import shutil
 
 import pytest
-from conftest import BIN, OUTPUT_FILES, REPO, read_json, run
+from conftest import BIN, OUTPUT_FILES, PINS, REPO, read_json, run
 
 TOOLS = ("podman", "buildah")
 pytestmark = [
@@ -34,6 +34,8 @@ def test_image_builds_and_trains_with_two_processes(tmp_path):
     assert m["test_accuracy"] == pytest.approx(float(printed.group(1)), abs=1e-4) and m["test_accuracy"] >= 0.85
     saved = read_json(run_dir / "config.json")
     # The image carries the same pinned stack as the set-up (the versions the run recorded).
-    assert saved["versions"]["tensorflow"] == "2.15.1" and saved["versions"]["horovod"] == "0.28.1"
+    assert saved["versions"]["tensorflow"] == PINS["tensorflow"] and saved["versions"]["horovod"] == PINS["horovod"]
     assert saved["plan"]["hosts"] == ["localhost", "localhost"]
-    assert (tmp_path / "versions.txt").read_text().startswith("hvd_train 0.1.0 tensorflow 2.15.1 horovod 0.28.1")
+    versions = (tmp_path / "versions.txt").read_text()
+    assert versions.startswith(f"hvd_train 0.1.0 tensorflow {PINS['tensorflow']} horovod {PINS['horovod']}")
+    assert " python 3.13." in versions, "the image (Debian 13) proves Python 3.13 end to end"

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import BIN, REPO, check_run, horovodrun, read_json, run, run_many
+from conftest import BIN, PINS, REPO, check_run, horovodrun, read_json, run, run_many
 
 from hvd_train import cli, data
 
@@ -42,7 +42,7 @@ def test_gloo_default_iris_run(gloo_run):
     assert saved["plan"]["train_samples_per_rank"] == [53, 52]
     # Two processes share this host's cores by default.
     assert saved["plan"]["intra_op_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
-    assert saved["versions"]["tensorflow"] == "2.15.1" and saved["versions"]["horovod"] == "0.28.1"
+    assert saved["versions"]["tensorflow"] == PINS["tensorflow"] and saved["versions"]["horovod"] == PINS["horovod"]
     prep = read_json(out / "preprocessing.json")
     assert prep["class_names"] == ["setosa", "versicolor", "virginica"]
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import BIN, REPO, check_run, read_json, requires_mpi, run
+from conftest import BIN, PINS, REPO, check_run, read_json, requires_mpi, run
 
 LAUNCH = REPO / "launch"
 SCRIPTS = ["local.sh", "hosts.sh", "mpirun.sh", "docker.sh", "slurm.sbatch", "elastic.sh"]
@@ -167,9 +167,8 @@ def test_docker_sh_mounts_keys_at_run_time(tmp_path):
 def test_dockerfile_matches_the_pins_and_caches_well():
     text = (REPO / "Dockerfile").read_text()
     args = dict(re.findall(r"^ARG (\w+)=(.*)$", text, re.M))
-    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().split()
-                if "==" in line and not line.startswith("#"))
-    assert args["BASE_IMAGE"] == "debian:bookworm-slim"
+    pins = PINS
+    assert args["BASE_IMAGE"] == "debian:trixie-slim"
     assert args["TENSORFLOW_PACKAGE"] == "tensorflow-cpu"
     assert args["TENSORFLOW_VERSION"] == pins["tensorflow-cpu"] == pins["tensorflow"]
     assert args["HOROVOD_VERSION"] == pins["horovod"]
@@ -177,6 +176,9 @@ def test_dockerfile_matches_the_pins_and_caches_well():
     # Layer order: TF and Horovod before the package source, so source edits reuse them.
     assert text.index("horovod==") < text.index("COPY hvd_train") and "horovodrun --check-build" in text
     assert "USER trainer" in text and "openssh-server" in text and "openmpi-bin" in text
+    # tf_keras as tf.keras in both stages; Horovod patched by the project's patch file.
+    assert len(re.findall(r"^ENV .*TF_USE_LEGACY_KERAS=1", text, re.M)) == 2 and "tf-keras" in text
+    assert "COPY patches/horovod-${HOROVOD_VERSION}.patch" in text and "patch -d" in text
     assert not re.search(r"^(COPY|ADD) .*(\.ssh|id_|\.pem)", text, re.M), "no keys baked into the image"
     ignore = (REPO / ".dockerignore").read_text().split()
-    assert "*" in ignore and "!hvd_train/" in ignore, "the build context is only what the image needs"
+    assert "*" in ignore and "!hvd_train/" in ignore and "!patches/" in ignore, "only what the image needs"

@@ -11,9 +11,9 @@ Usage: tests/container/build_and_run.sh OUT_DIR [-- HVD_TRAIN_ARGS...]
 Writes OUT_DIR/build.log, train.log, versions.txt, check-build.txt and run/ (the run's output directory).
 Environment:
   IMAGE        tag to build (default: localhost/hvd_train:test)
-  BASE_IMAGE   base image (default: localhost/debian:bookworm-slim, made once with debootstrap
+  BASE_IMAGE   base image (default: localhost/debian:trixie-slim, made once with debootstrap
                because no registry is reachable here; any other must already be in podman's store)
-  ROOTFS_CACHE where the debootstrap tree is kept (default: /var/cache/hvd_train/bookworm-minbase)
+  ROOTFS_CACHE where the debootstrap tree is kept (default: /var/cache/hvd_train/trixie-minbase)
   DEBIAN_MIRROR (default: http://deb.debian.org/debian)
   WHEELS       a directory of prebuilt wheels the build uses instead of compiling (default: the
                venv's wheels/, where scripts/setup.sh keeps the Horovod wheel it built)
@@ -27,8 +27,8 @@ shift
 [[ "${1:-}" == "--" ]] && shift
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 image="${IMAGE:-localhost/hvd_train:test}"
-base="${BASE_IMAGE:-localhost/debian:bookworm-slim}"
-rootfs="${ROOTFS_CACHE:-/var/cache/hvd_train/bookworm-minbase}"
+base="${BASE_IMAGE:-localhost/debian:trixie-slim}"
+rootfs="${ROOTFS_CACHE:-/var/cache/hvd_train/trixie-minbase}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
@@ -38,16 +38,16 @@ done
 
 # 1. The base image, once per machine.
 if ! podman image exists "$base"; then
-  [[ "$base" == localhost/debian:bookworm-slim ]] \
+  [[ "$base" == localhost/debian:trixie-slim ]] \
     || { echo "build_and_run.sh: base image $base is not in podman's store" >&2; exit 2; }
   command -v debootstrap >/dev/null || { echo "build_and_run.sh: debootstrap not found" >&2; exit 2; }
   if [[ ! -x "$rootfs/usr/bin/apt-get" ]]; then
     rm -rf "$rootfs.partial"
-    debootstrap --variant=minbase bookworm "$rootfs.partial" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" \
+    debootstrap --variant=minbase trixie "$rootfs.partial" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" \
       > "$out/debootstrap.log" 2>&1 || { tail -20 "$out/debootstrap.log" >&2; exit 1; }
     rm -rf "$rootfs" && mv "$rootfs.partial" "$rootfs"
   fi
-  # Like the real bookworm-slim: no downloaded .debs, package caches or lists in the image.
+  # Like the real trixie-slim: no downloaded .debs, package caches or lists in the image.
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/lib/apt/lists/*
   tar -C "$rootfs" -c . | podman import - "$base" >/dev/null
 fi
