@@ -120,8 +120,10 @@ def dumps(config: TrainConfig) -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
+    if isinstance(value, int):
+        return repr(int(value))
+    if isinstance(value, float):
+        return repr(float(value))  # a NumPy float's repr is np.float64(...), not TOML
     if isinstance(value, str):
         return json.dumps(value)  # a TOML basic string: the same escapes
     if isinstance(value, (list, tuple)):

@@ -61,6 +61,14 @@ def test_command_line_overrides_the_file(tmp_path):
     assert (config.epochs, config.shuffle, config.batch_size, config.hidden) == (8, False, 12, (24, 12))
 
 
+def test_numpy_numbers_are_written_as_toml_numbers(tmp_path):
+    # NumPy 2's repr of a float64 is "np.float64(0.25)": a config holding one must still save as TOML.
+    config = dataclasses.replace(TrainConfig(), lr=np.float64(0.25), dropout=np.float64(0.125))
+    (tmp_path / "run.toml").write_text(configfile.dumps(config))
+    again, _ = cli.parse(["--config", str(tmp_path / "run.toml")])
+    assert (again.lr, again.dropout) == (0.25, 0.125) and "np.float64" not in (tmp_path / "run.toml").read_text()
+
+
 @pytest.mark.parametrize("text, message", [
     ("epochz = 3", "unknown key 'epochz' (did you mean 'epochs'?)"),
     ('epochs = "3"', 'epochs must be an integer, got string "3"'),

@@ -66,7 +66,7 @@ def regression_data(directory):
     for i, n in enumerate(FILE_ROWS):
         with open(directory / f"part-{i}.csv", "w") as f:
             f.write(",".join(FEATURES + ["label"]) + "\n")
-            f.writelines(",".join(repr(float(v)) for v in row) + f",{t!r}\n"
+            f.writelines(",".join(repr(float(v)) for v in row) + f",{float(t)!r}\n"
                          for row, t in zip(x[start:start + n], target[start:start + n]))
         start += n
 
