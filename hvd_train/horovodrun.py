@@ -17,7 +17,7 @@ import importlib.util
 import multiprocessing
 import os
 import sys
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 TENSORFLOW_LIBRARIES = ("libtensorflow_framework.so.2", "libtensorflow_cc.so.2")
 
@@ -51,6 +51,13 @@ def built() -> Optional[Dict[str, bool]]:
         return None
     finally:
         child.join(5)
+
+
+def local_command(np_: int, controller: str = "gloo") -> List[str]:
+    """hvd-horovodrun (the one beside this Python) starting ``np_`` processes on this machine over
+    ``controller`` ("gloo" or "mpi"); the program to run follows."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "hvd-horovodrun")
+    return [launcher, "-np", str(np_), "-H", f"localhost:{np_}", f"--{controller}"]
 
 
 def main() -> int:

@@ -145,7 +145,8 @@ _verbose_ranks = False
 
 
 def quiet_other_ranks(verbose: bool) -> None:
-    """Before TensorFlow is imported: ranks other than 0 print errors only, unless ``verbose``.
+    """Before TensorFlow is imported: ranks other than 0 print errors only, unless ``verbose``;
+    then TensorFlow is imported (its import-time lines hidden as the log level asks).
 
     N copies of the same TensorFlow/Horovod warnings drown rank 0's lines; errors still show.
     """

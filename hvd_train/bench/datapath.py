@@ -112,11 +112,13 @@ def worker(mode: str, spec: str, out_dir: str, result_dir: str) -> None:
 
 
 def launch(mode: str, np_: int, spec: str, work: Path, timeout: int) -> List[Dict[str, Any]]:
+    from ..horovodrun import local_command  # the driver's side only: workers import this module too
+
     results = work / f"res-{mode}-{np_}-{time.monotonic_ns()}"
     results.mkdir(parents=True)
     env = dict(os.environ, BENCH_LAUNCHED=str(time.time()), TF_CPP_MIN_LOG_LEVEL="2")
-    cmd = [str(BIN / "hvd-horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", str(BIN / "python"), "-m",
-           "hvd_train.bench.datapath", mode, spec, str(results / "out"), str(results)]
+    cmd = [*local_command(np_), str(BIN / "python"), "-m", "hvd_train.bench.datapath", mode, spec,
+           str(results / "out"), str(results)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"{mode} np={np_} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..horovodrun import local_command
 from . import report
 
 BIN = Path(sys.executable).parent
@@ -100,14 +101,13 @@ class Runner:
     def horovod(self, task: str, np_: int, params: Dict[str, Any], controller: str = "gloo",
                 env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
         result, worker = self._job(task, params)
-        launcher = [str(BIN / "hvd-horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", f"--{controller}"]
-        return self._finish([self._start(launcher + worker, env)], result, f"{task} np={np_} {controller}")
+        return self._finish([self._start(local_command(np_, controller) + worker, env)], result,
+                            f"{task} np={np_} {controller}")
 
     def independent(self, copies: int, params: Dict[str, Any]) -> Dict[str, Any]:
         """``copies`` separate np=1 hvd_train jobs at once: the machine's ceiling without any communication."""
         jobs = [self._job("hvd_train", params) for _ in range(copies)]
-        launcher = [str(BIN / "hvd-horovodrun"), "-np", "1", "-H", "localhost:1", "--gloo"]
-        procs = [self._start(launcher + worker) for _, worker in jobs]
+        procs = [self._start(local_command(1) + worker) for _, worker in jobs]
         results = [self._finish([proc], result, f"independent copy {i}") for i, (proc, (result, _)) in
                    enumerate(zip(procs, jobs))]
         return {"samples_per_second": sum(r["samples_per_second"] for r in results), "copies": results}

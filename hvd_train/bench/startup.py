@@ -76,10 +76,11 @@ def _env() -> Dict[str, str]:
 
 def one_launch(work: Path, timeout: int) -> Dict[str, float]:
     """Seconds of each phase (the slower rank's), from one launch of 2 processes."""
+    from ..horovodrun import local_command  # the driver's side only: a rank's stamps stay its own
+
     result = Path(tempfile.mkdtemp(dir=work))
     controller = _controller()
-    cmd = [str(BIN / "hvd-horovodrun"), "-np", "2", "-H", "localhost:2", f"--{controller}", str(BIN / "python"), "-m",
-           "hvd_train.bench.startup", "worker", str(result)]
+    cmd = [*local_command(2, controller), str(BIN / "python"), "-m", "hvd_train.bench.startup", "worker", str(result)]
     env = _env()
     if controller == "mpi":
         env["OMPI_MCA_mpi_yield_when_idle"] = "1"  # as launch/local.sh runs it
