@@ -151,6 +151,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 supported_python "$VENV/bin/python" || die "$VENV uses $("$VENV/bin/python" --version); remove it and re-run"
 
+# hvd_train's own requirements are reinstalled last (below): an earlier install's metadata (for
+# example NumPy < 2, from the TensorFlow 2.15 stack) would make pip report conflicts meanwhile.
+"$VENV/bin/pip" uninstall -q -y hvd_train >/dev/null 2>&1 || true
 PIP=("$VENV/bin/pip" install -q -c "$CONSTRAINTS")
 "${PIP[@]}" setuptools wheel cmake numpy "$TF_PACKAGE" tensorboard scikit-learn matplotlib pyarrow pytest ruff
 # tf_keras (Keras 2, what Horovod's Keras API drives): without its dependencies, because the
