@@ -1,7 +1,7 @@
 """hvd_train: data-parallel training of TensorFlow/Keras models with Horovod."""
 import os
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # TensorFlow's C++ INFO lines (oneDNN, CPU features) repeat once per rank; keep warnings and errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from . import checkpoint, metrics, pruning, replicas, runtime, schedules, sharding, stopping, tasks
 from .config import TrainConfig
-from .consensus import data_fingerprint
+from .data import StreamError
 from .events import EventLog
 from .outputs import TENSORBOARD_DIR
 from .plan import Plan
@@ -75,7 +75,7 @@ def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, 
         found.append(Pruner(rt, config, log, resumed.history))
     checkpointer = None
     if config.checkpoint_dir:
-        checkpointer = Checkpointer(rt, config, plan, data_fingerprint(splits), resumed.history, early_stopping, log)
+        checkpointer = Checkpointer(rt, config, plan, splits.fingerprint(), resumed.history, early_stopping, log)
         found.append(checkpointer)
     found += user_callbacks
     progress = progress_mode(config, rt)
@@ -85,7 +85,7 @@ def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, 
     elif progress == "epoch" and rt.is_rank0:
         found.append(EpochLine(config.epochs))
     # Last: a stop after a batch, or after an epoch's end work (its checkpoint included).
-    found.append(stopping.StopCheck(rt, plan, config, cursor, carried, checkpointer, mid_epoch=not splits.streamed))
+    found.append(stopping.StopCheck(rt, plan, config, cursor, carried, checkpointer))
     return found
 
 
@@ -97,19 +97,19 @@ def progress_mode(config: TrainConfig, rt: runtime.Runtime) -> str:
     return "bar" if sys.stdout.isatty() and not runtime.under_launcher() else "epoch"
 
 
-class StreamGuard(tf.keras.callbacks.Callback):
-    """Every rank, first at each epoch's end: a training stream (stream.TrainStream) that ended on
-    a bad file stops the run here, before any collective or checkpoint of the cut-short epoch."""
+class FeedGuard(tf.keras.callbacks.Callback):
+    """Every rank, first at each epoch's end: training data that went bad while it was read (a
+    feed's ``failure``: a file of a stream deleted or changed, which ends the stream early on
+    every rank) stops the run here, before any collective or checkpoint of the cut-short epoch."""
 
-    def __init__(self, streamed):
+    def __init__(self, feed):
         super().__init__()
-        self.streamed = streamed
+        self.feed = feed
 
     def on_epoch_end(self, epoch, logs=None):
-        from .stream import StreamError
-
-        if self.streamed.error:
-            raise StreamError(self.streamed.error)
+        problem = self.feed.failure()
+        if problem:
+            raise StreamError(problem)
 
 
 class SyncReplicaState(tf.keras.callbacks.Callback):
@@ -279,7 +279,7 @@ class Pruner(tf.keras.callbacks.Callback):
     def __init__(self, rt: runtime.Runtime, config: TrainConfig, log: EventLog, history: Dict[str, List[float]]):
         super().__init__()
         self.rt, self.log = rt, log
-        # Horovod: rank 0's reading of the file on every rank (checked at set-up: trainer.settle).
+        # Horovod: rank 0's reading of the file on every rank (checked at set-up: session.settle).
         self.rule = runtime.broadcast(runtime.on_rank0(rt, pruning.read, config.prune_file, config.task), "prune")
         self.values = list(history.get(self.rule["metric"], []))  # a resumed run's epochs so far
 
@@ -318,9 +318,10 @@ class Checkpointer(tf.keras.callbacks.Callback):
     def write(self, epoch: int, position: int = 0, sums: Optional[Dict[str, float]] = None) -> str:
         """Collective: the checkpoint of ``epoch`` epochs done (and ``position`` samples of the next,
         with their metric ``sums``), written by rank 0; every rank returns its path once written."""
-        # The saved state is every rank's: a no-op after SyncReplicaState at an epoch's end, kept
-        # so that a checkpoint never depends on the callbacks' order (or is taken mid-epoch).
-        replicas.sync_state(self.model)
+        if position:
+            # Mid-epoch (a stop): the non-trainable state made every rank's first, as SyncReplicaState
+            # (the first of an epoch's end callbacks, before this one) does at an epoch's end.
+            replicas.sync_state(self.model)
         path, error = runtime.on_rank0(self.rt, self._save, epoch, position, sums) or (None, None)
         return runtime.agree_gather(error, path, "checkpoint")[0]  # rank 0's path, on every rank
 

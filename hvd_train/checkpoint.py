@@ -27,7 +27,7 @@ import numpy as np
 
 from . import files, runtime
 from .config import RESUME_FIXED_FIELDS, TrainConfig
-from .consensus import array_digest, data_fingerprint
+from .consensus import array_digest
 from .plan import Plan
 
 FORMAT = 1
@@ -149,7 +149,7 @@ def run_meta(config: TrainConfig, plan: Plan, data: Dict[str, Any], history: Dic
              early_stopping: Optional[Dict[str, Any]], stopped_early: bool, lr: float, position: int = 0,
              sums: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     """The meta record of a run's checkpoint, what load_resume_point checks and restores.
-    ``data``: consensus.data_fingerprint of the run's splits; ``position``, ``sums``: a stop mid-epoch."""
+    ``data``: the splits' fingerprint(); ``position``, ``sums``: a stop mid-epoch."""
     return {"config": config.to_dict(), "plan": asdict(plan), "versions": runtime.versions(),
             "history": history, "data": data, "early_stopping": early_stopping,
             "stopped_early": stopped_early, "lr": lr, "position": position, "sums": sums}
@@ -163,7 +163,7 @@ def check_compatible(ckpt: Checkpoint, config: TrainConfig, splits) -> None:
     if changed:
         raise CheckpointError(f"{ckpt.path} was written by a different run ({', '.join(changed)}); "
                               f"resume with the same model and data settings or start afresh without --resume")
-    if ckpt.meta.get("data") != data_fingerprint(splits):
+    if ckpt.meta.get("data") != splits.fingerprint():
         raise CheckpointError(f"{ckpt.path} was trained on different data than this run loads")
 
 

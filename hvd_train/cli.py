@@ -78,8 +78,8 @@ def train_parser(plan: bool = False) -> argparse.ArgumentParser:
 
 def predict_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hvd-train predict",
-                description="Predict classes for CSV or Parquet rows with a saved run (one process, streamed).",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                description="Predict classes (or values) for CSV or Parquet rows with a saved run (one process, "
+                            "streamed).")
     p.add_argument("--model-dir", required=True, help="output directory of a finished training run")
     p.add_argument("--input", required=True, help="a CSV or Parquet file (or csv:PATH / parquet:PATH, "
                    "PATH a directory or glob) holding the training feature columns")
@@ -140,23 +140,48 @@ def main(argv: Optional[List[str]] = None) -> int:
     return _run(lambda: train(config))
 
 
-def _run(action) -> int:
-    from .data import DataError
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """How a run ends on an error it expects: the one place that sorts them (this command line,
+    and launch/ray.py's workers, which return it to the driver instead of exiting)."""
+
+    message: str
+    code: int = 2
+    label: str = "error: "  # printed after "hvd-train: "
+    together: bool = False  # the ranks agreed on it: all leave through a barrier after rank 0 said it
+    grace: bool = True  # alone: the other ranks give rank 0 a moment to print first
+
+    def exit(self) -> NoReturn:
+        if self.together:
+            runtime.fail_together(self.message, self.code, label=self.label)
+        runtime.fail(self.message, self.code, grace=self.grace)
+
+
+def known_failure(err: BaseException) -> Optional[Failure]:
+    """The Failure an expected error means, or None for an unexpected one (a bug: traceback)."""
+    from .data import DataError, StreamError
     from .outputs import OutputError
-
-    # Agreed failures, and config errors found after hvd.init() (the same on every rank, e.g.
-    # plan --np against the launcher's world): every rank exits together.
     from .stopping import Stopped
-    from .stream import StreamError
 
+    if isinstance(err, (runtime.AgreedFailure, ConfigError)):
+        # Agreed failures, and config errors found after hvd.init() (the same on every rank, e.g.
+        # plan --np against the launcher's world): every rank exits together.
+        return Failure(str(err), together=True)
+    if isinstance(err, Stopped):  # every rank stopped after the same batch: leave together, 128 + signal
+        return Failure(str(err), err.exit_code, label="", together=True)
+    if isinstance(err, StreamError):  # mid-run: rank 0 reports, the others leave at once
+        return Failure(str(err), grace=False)
+    if isinstance(err, (DataError, OutputError)):  # predict: one process, nothing to agree on
+        return Failure(str(err))
+    return None
+
+
+def _run(action) -> int:
     try:
         action()
-    except (runtime.AgreedFailure, ConfigError) as err:
-        runtime.fail_together(str(err))
-    except Stopped as stop:  # every rank stopped after the same batch: leave together, 128 + signal
-        runtime.fail_together(str(stop), stop.exit_code, label="")
-    except StreamError as err:  # mid-run: rank 0 reports, the others leave at once (no grace needed)
-        runtime.fail(str(err), grace=False)
-    except (DataError, OutputError) as err:  # predict: one process, nothing to agree on
-        runtime.fail(str(err))
+    except Exception as err:  # noqa: BLE001 - sorted by known_failure, the rest re-raised
+        failure = known_failure(err)
+        if failure is None:
+            raise
+        failure.exit()
     return 0

@@ -37,24 +37,10 @@ def weights_digest(arrays: Sequence[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(splits) -> Dict[str, Any]:
-    """Shape and content hash of each split, and the label and feature names (a file dataset,
-    read in shares, says itself: stream.StreamSplits.fingerprint)."""
-    if hasattr(splits, "fingerprint"):
-        return splits.fingerprint()
-    out: Dict[str, Any] = {}
-    for name in ("train", "val", "test"):
-        x, y = getattr(splits, f"x_{name}"), getattr(splits, f"y_{name}")
-        out[f"data.{name}"] = f"{list(x.shape)} sha256 {array_digest(x, y)[:16]}"
-    out["data.class_names"] = [str(c) for c in splits.class_names]
-    out["data.feature_names"] = [str(c) for c in splits.feature_names]
-    return out
-
-
 def fingerprint(config, splits, plan, versions: Dict[str, str]) -> Dict[str, Any]:
     """Everything that must be identical on every rank, flattened to comparable values."""
     fp: Dict[str, Any] = {f"config.{k}": v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
-    fp.update(data_fingerprint(splits))
+    fp.update(splits.fingerprint())  # data.Splits / stream.StreamSplits
     fp["plan.steps_per_epoch"] = plan.steps_per_epoch
     fp["plan.train_samples_per_rank"] = plan.train_samples_per_rank
     fp.update({f"version.{k}": v for k, v in versions.items() if k != "python"})

@@ -19,6 +19,10 @@ class DataError(ValueError):
     """The data cannot be used; the message says why."""
 
 
+class StreamError(DataError):
+    """Data went bad while training read it (a file deleted, truncated, changed): rank 0 reports it."""
+
+
 @dataclass(frozen=True)
 class Table:
     """Samples and their labels, plus the names needed to read new data later."""
@@ -69,8 +73,48 @@ class Standardizer:
         return cls(mean=np.asarray(d["mean"], np.float64), scale=np.asarray(d["scale"], np.float64))
 
 
+class Dataset:
+    """The data interface: what a run (the training loop, the callbacks, the checks, the outputs)
+    asks of its data, whatever holds it. data.Splits (arrays every rank holds) and
+    stream.StreamSplits (files each rank reads a share of) implement it; nothing else asks
+    which one it has.
+
+    - global facts: ``n_train``, ``n_val``, ``n_test``, ``input_shape``, ``feature_names``,
+      ``class_names`` (empty for regression), ``scaler``, ``target`` (regression's scaling),
+      ``target_name``;
+    - ``train_feed(rank, size, config, epoch, position)``: this rank's training batches of an
+      epoch after its first ``position`` samples (then of the epochs after it), for a world of
+      ``size``: an object with ``steps`` (of that first epoch), ``keras_input()`` (what
+      model.fit takes) and ``failure(after_error=False)`` (data that went bad mid-run, or None);
+    - ``eval_pieces(which, rank, size)``: this rank's share of the validation or test rows;
+    - ``fingerprint()``: what the consensus check and a checkpoint record of the data, to prove
+      every rank (and a resumed run) has the same;
+    - ``plan_lines(size, shuffle_buffer)``: what each rank would read, or None.
+    """
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def n_outputs(self) -> int:
+        return self.n_classes or 1
+
+    @property
+    def model_inputs(self):
+        """model_fn's first argument: the number of features of a table, else the sample shape."""
+        return self.input_shape[0] if len(self.input_shape) == 1 else self.input_shape
+
+    def preprocessing(self) -> Dict[str, object]:
+        """What predict needs to turn a raw row into model input and a class name or a value."""
+        return preprocessing(self.feature_names, self.class_names, self.scaler, self.input_shape, self.target,
+                             self.target_name)
+
+
 @dataclass(frozen=True)
-class Splits:
+class Splits(Dataset):
+    """An in-memory dataset, split and standardised: the arrays every rank holds (Dataset)."""
+
     x_train: np.ndarray
     y_train: np.ndarray
     x_val: np.ndarray
@@ -82,8 +126,6 @@ class Splits:
     class_names: Tuple[str, ...]  # empty for regression
     target: Optional[Standardizer] = None  # regression: the target's scaling (y_* are standardised)
     target_name: str = "target"
-
-    streamed = False  # training batches from memory (stream.StreamSplits: from the files)
 
     @property
     def n_train(self) -> int:
@@ -103,21 +145,8 @@ class Splits:
         return tuple(self.x_train.shape[1:])
 
     @property
-    def model_inputs(self):
-        """model_fn's first argument: the number of features of a table, else the sample shape."""
-        return self.input_shape[0] if len(self.input_shape) == 1 else self.input_shape
-
-    @property
     def n_features(self) -> int:
         return int(np.prod(self.input_shape))
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def n_outputs(self) -> int:
-        return self.n_classes or 1
 
     def eval_pieces(self, which: str, rank: int, size: int):
         """This rank's share of the validation ("val") or test rows: r, r+N, r+2N, ... (may be empty)."""
@@ -127,10 +156,29 @@ class Splits:
         rows = eval_shard(len(y), rank, size)
         return [(x[rows], y[rows])]
 
-    def preprocessing(self) -> Dict[str, object]:
-        """What predict needs to turn a raw CSV row into model input and a class name or a value."""
-        return preprocessing(self.feature_names, self.class_names, self.scaler, self.input_shape, self.target,
-                             self.target_name)
+    def train_feed(self, rank: int, size: int, config, epoch: int, position: int = 0):
+        """This rank's training batches of ``epoch`` after its first ``position`` samples, then of
+        the epochs after it (pipeline.ArrayFeed). ``config``: batch size, seed, shuffle."""
+        from .pipeline import ArrayFeed
+
+        return ArrayFeed(self, rank, size, config, epoch, position)
+
+    def plan_lines(self, size: int, shuffle_buffer: int) -> None:
+        """Nothing to say per rank: every rank holds the arrays."""
+        return None
+
+    def fingerprint(self) -> Dict[str, Any]:
+        """Shape and content hash of each split, and the label and feature names."""
+        from .consensus import array_digest
+
+        out: Dict[str, Any] = {}
+        for name in ("train", "val", "test"):
+            x, y = getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+            out[f"data.{name}"] = f"{list(x.shape)} sha256 {array_digest(x, y)[:16]}"
+        out["data.class_names"] = [str(c) for c in self.class_names]
+        out["data.feature_names"] = [str(c) for c in self.feature_names]
+        return out
+
 
 
 def preprocessing(feature_names, class_names, scaler: Standardizer, input_shape, target: Optional[Standardizer],

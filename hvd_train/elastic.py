@@ -37,14 +37,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import tensorflow as tf
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
-from . import checkpoint, runtime, schedules, sharding, sources, stopping, trainer
-from .callbacks import EarlyStopping, run_callbacks
+from . import checkpoint, loop, runtime, schedules, session, sharding, sources
+from .callbacks import EarlyStopping
 from .config import ConfigError, TrainConfig
 from .data import DataArg, DataError, Splits, load_splits
 from .events import EventLog
 from .metrics import global_sums
 from .model import ModelFn
-from .pipeline import ShardedBatches
 from .plan import Plan
 
 # What Horovod's failed collectives say (a worker died, or Horovod shut down after it did).
@@ -78,7 +77,7 @@ class Progress:
 
 
 def train(rt: runtime.Runtime, config: TrainConfig, data: DataArg, model_fn: Optional[ModelFn],
-          user_callbacks: List[Any]) -> trainer.TrainResult:
+          user_callbacks: List[Any]) -> session.TrainResult:
     """trainer.train() under an elastic launch: local set-up, then the elastic loop."""
     import horovod.tensorflow.keras as hvd
 
@@ -91,7 +90,7 @@ def train(rt: runtime.Runtime, config: TrainConfig, data: DataArg, model_fn: Opt
         splits = load_splits(config, data)
     except (DataError, ConfigError) as err:
         runtime.fail(str(err))
-    model, optimizer = trainer.build_model(config, splits, config.lr, model_fn)
+    model, optimizer = session.build_model(config, splits, config.lr, model_fn)
     # Horovod: weights, optimizer slots and our Progress, committed and restored together.
     state = _state_class(hvd.elastic.KerasState)(model, optimizer, progress=Progress())
     result = run(_session)(state, rt, config, splits, model_fn, user_callbacks)
@@ -171,7 +170,7 @@ def _reset() -> None:
 
 
 def _session(state, rt: runtime.Runtime, config: TrainConfig, splits: Splits, model_fn: Optional[ModelFn],
-             user_callbacks: List[Any]) -> trainer.TrainResult:
+             user_callbacks: List[Any]) -> session.TrainResult:
     """One pass of the elastic loop, from the committed state to the end of the run."""
     import horovod.tensorflow as hvd_tf
 
@@ -179,7 +178,7 @@ def _session(state, rt: runtime.Runtime, config: TrainConfig, splits: Splits, mo
     progress: Progress = state.progress
     if progress.output_dir:
         config = config.replace(output_dir=progress.output_dir)
-    config, plan = trainer.settle(rt, config, splits, None)
+    config, plan = session.settle(rt, config, splits, None)
     log = EventLog(rt, config.output_dir)
     model, optimizer = state.model, state.optimizer
     if not progress.started:
@@ -212,21 +211,18 @@ def _session(state, rt: runtime.Runtime, config: TrainConfig, splits: Splits, mo
     # The learning rate of this world at the committed point (its scale and warmup position).
     tf.keras.backend.set_value(optimizer.lr, schedules.rate(
         config, plan, progress.epoch + progress.position / plan.global_batch_size / plan.steps_per_epoch))
-    try:
-        with stopping.handlers():
-            while state.progress.epoch < config.epochs and not state.progress.stopped_early:
-                _fit(state, rt, config, plan, splits, log, user_callbacks)
-    except stopping.Stopped as stop:
-        log.emit("run_stopped", **stop.fields())
-        raise
-    except Exception as err:
-        if not isinstance(err, (HostsUpdatedInterrupt, HorovodInternalError)) and not _collective_failed(err):
-            log.emit("run_failed", error=f"{type(err).__name__}: {err}")
-        raise
+    def commit(callbacks: List[Any]) -> List[Any]:
+        early_stopping = next((c for c in callbacks if isinstance(c, EarlyStopping)), None)
+        return [Commit(state, rt, plan, config, early_stopping)]  # last: after the stop check
+
+    start = checkpoint.ResumePoint(epoch=progress.epoch, history=progress.history,
+                                   early_stopping=progress.early_stopping, stopped_early=progress.stopped_early,
+                                   position=progress.position, sums=progress.sums)
+    loop.fit_epochs(rt, config, plan, splits, model, log, start, user_callbacks, extra=commit, is_reset=_is_reset)
     progress = state.progress
     seconds = time.time() - progress.started_at
     trained = progress.epoch - progress.first_epoch
-    return trainer.finish(rt, config, plan, splits, model, model_fn, log, progress.history, {
+    return session.finish(rt, config, plan, splits, model, model_fn, log, progress.history, {
         "epochs_completed": progress.epoch,
         "epochs_trained_this_run": trained,
         "resumed_from_epoch": progress.resumed_from_epoch,
@@ -237,22 +233,9 @@ def _session(state, rt: runtime.Runtime, config: TrainConfig, splits: Splits, mo
     })
 
 
-def _fit(state, rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits, log: EventLog,
-         user_callbacks: List[Any]) -> None:
-    """One model.fit from the committed point: the rest of an interrupted epoch alone (its own
-    number of steps), or every remaining whole epoch."""
-    progress: Progress = state.progress
-    batches = ShardedBatches(splits.x_train, splits.y_train, rt.rank, rt.size, config.batch_size, config.seed,
-                             config.shuffle, epoch=progress.epoch, position=progress.position)
-    epochs, steps = (progress.epoch + 1, len(batches)) if progress.position else (config.epochs, plan.steps_per_epoch)
-    resumed = checkpoint.ResumePoint(epoch=progress.epoch, history=progress.history,
-                                     early_stopping=progress.early_stopping, position=progress.position,
-                                     sums=progress.sums)
-    callbacks = run_callbacks(rt, config, plan, splits, state.model, log, resumed, user_callbacks)
-    early_stopping = next((c for c in callbacks if isinstance(c, EarlyStopping)), None)
-    callbacks.append(Commit(state, rt, plan, config, early_stopping))
-    state.model.fit(batches, epochs=epochs, initial_epoch=progress.epoch, shuffle=False, steps_per_epoch=steps,
-                    callbacks=callbacks, verbose=0)
+def _is_reset(err: BaseException) -> bool:
+    """Not a failure: a reset of the elastic loop (a host change, a failed collective)."""
+    return isinstance(err, (HostsUpdatedInterrupt, HorovodInternalError)) or _collective_failed(err)
 
 
 class Commit(tf.keras.callbacks.Callback):

@@ -1,4 +1,6 @@
-"""This rank's training batches, as a Keras Sequence following the plan in sharding.py."""
+"""This rank's training batches of an in-memory dataset, as a Keras Sequence following the plan
+in sharding.py; ``ArrayFeed`` is what the training loop gets from data.Splits.train_feed (a file
+dataset's counterpart: stream.StreamFeed)."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,3 +39,21 @@ class ShardedBatches(tf.keras.utils.Sequence):
 
     def on_epoch_end(self) -> None:
         self.set_epoch(self.epoch + 1)
+
+
+class ArrayFeed:
+    """What the epoch loop (loop.py) trains on, for arrays: this rank's batches of ``epoch``
+    after ``position`` samples of its order, then of the epochs after it. ``steps``: of the
+    first epoch (fewer than the plan's when it starts mid-epoch). Arrays cannot go bad mid-run,
+    so ``failure`` is always None."""
+
+    def __init__(self, splits, rank: int, size: int, config, epoch: int, position: int = 0):
+        self.batches = ShardedBatches(splits.x_train, splits.y_train, rank, size, config.batch_size, config.seed,
+                                      config.shuffle, epoch=epoch, position=position)
+        self.steps = len(self.batches)
+
+    def keras_input(self) -> ShardedBatches:
+        return self.batches
+
+    def failure(self, after_error: bool = False):
+        return None

@@ -1,7 +1,7 @@
 """The resolved run: global quantities derived once from the config, the data and the world.
 
 train() prints and saves it; ``hvd-train plan`` (``--dry-run``) prints it without training, from
-the same code (trainer.prepare), so the two cannot disagree.
+the same code (session.prepare), so the two cannot disagree.
 """
 from __future__ import annotations
 

@@ -160,10 +160,6 @@ def parse(argv: Sequence[str]) -> Options:
 
 def train_worker(train_argv: List[str], cwd: str, fetch: bool) -> Outcome:
     """On every Ray worker: hvd-train's training with these options. Returns, never exits."""
-    from .data import DataError
-    from .outputs import OutputError
-    from .stopping import Stopped
-
     rank = runtime.launcher_rank()  # horovod.ray sets HOROVOD_RANK on each worker before this runs
     outcome = Outcome(rank=rank, host=runtime.host_name())
     if os.path.isdir(cwd):  # relative paths mean what they mean on the driver (a shared filesystem)
@@ -174,14 +170,14 @@ def train_worker(train_argv: List[str], cwd: str, fetch: bool) -> Outcome:
         from .trainer import train
 
         result = train(config)
-    except Stopped as stop:  # every rank stopped after the same batch (a signal reached the workers)
-        outcome.message, outcome.code = str(stop), stop.exit_code
-        return outcome
-    except (runtime.AgreedFailure, ConfigError, DataError, OutputError) as err:  # as cli._run reports them
-        outcome.message, outcome.code = f"error: {err}", 2
-        return outcome
     except SystemExit as ex:  # cli.parse on a worker whose --config file differs from the driver's
         outcome.message, outcome.code = "error: the options were rejected on this worker", int(ex.code or 2)
+        return outcome
+    except Exception as err:  # noqa: BLE001 - as the command line sorts them (cli.known_failure)
+        failure = cli.known_failure(err)
+        if failure is None:
+            raise
+        outcome.message, outcome.code = failure.label + failure.message, failure.code
         return outcome
     import horovod.tensorflow as hvd
 

@@ -119,7 +119,7 @@ def _versions() -> Dict[str, str]:
     # About 8 ms of metadata lookups; asked for at set-up, at every checkpoint and at the end.
     from importlib import metadata
 
-    from . import __version__
+    from .version import __version__
 
     def version(*names: str) -> str:
         for name in names:

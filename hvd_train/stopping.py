@@ -14,8 +14,8 @@ SIGINT), as a process killed by it would, but cleanly.
 
 Outside model.fit (set-up, the final evaluation and outputs) the default handlers stay: those
 phases end at once, and the launcher (launch/common.sh) ends whatever is left after its grace.
-File datasets (csv:/parquet:, streamed) resume at epoch boundaries: a stop mid-epoch writes no
-checkpoint there, and the epoch is trained again on resume.
+In-memory and file datasets alike: a file dataset's stream starts again at the stop's position
+(stream.TrainStream skips the windows before it).
 """
 from __future__ import annotations
 
@@ -45,8 +45,7 @@ class Stopped(Exception):
         where = (f"after {position} of {n_train} samples of epoch {epoch + 1}" if position
                  else f"after epoch {epoch}")
         then = (f"checkpoint {checkpoint}: --resume continues from there" if checkpoint
-                else "no checkpoint of this point (--checkpoint-dir DIR to keep one; file datasets resume at "
-                     "epoch boundaries)")
+                else "no checkpoint of this point (--checkpoint-dir DIR to keep one)")
         super().__init__(f"stopped by {signal.Signals(signum).name} {where}; {then}")
 
     def fields(self) -> Dict[str, object]:
@@ -84,10 +83,10 @@ class StopCheck(tf.keras.callbacks.Callback):
     """Collective, every rank, after the agreed batches and last at every epoch's end: stop together."""
 
     def __init__(self, rt: runtime.Runtime, plan: Plan, config: TrainConfig, cursor: sharding.Cursor,
-                 carried: Optional[Dict[str, float]], checkpointer, mid_epoch: bool):
+                 carried: Optional[Dict[str, float]], checkpointer):
         super().__init__()
         self.rt, self.plan, self.batch_size = rt, plan, config.batch_size
-        self.cursor, self.carried, self.checkpointer, self.mid_epoch = cursor, carried, checkpointer, mid_epoch
+        self.cursor, self.carried, self.checkpointer = cursor, carried, checkpointer
         self.interval, self.steps, self.since = 1, 0, time.perf_counter()  # the first check after one batch
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -104,7 +103,7 @@ class StopCheck(tf.keras.callbacks.Callback):
         # Horovod: the epoch's metrics so far, as global sums for the resumed run (one allreduce).
         sums = global_sums({k: float(v) for k, v in (logs or {}).items()}, self.cursor.samples(done), "stop",
                            self.carried)
-        if self.checkpointer and self.mid_epoch:
+        if self.checkpointer:
             path = self.checkpointer.write(self.epoch, position, sums)
         raise Stopped(self._signal, self.epoch, position, self.plan.train_samples, path)
 

@@ -32,7 +32,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import data, runtime, sharding, sources
-from .data import DataError, Standardizer, preprocessing
+from .data import DataError, Standardizer
 from .runtime import AgreedFailure
 
 TRAIN, VAL, TEST = 0, 1, 2
@@ -89,10 +89,10 @@ class _Moments:
 
 
 @dataclass(frozen=True)
-class StreamSplits:
-    """What a run needs from a file dataset; the counterpart of data.Splits (same read interface:
-    global counts, names, scaler, ``eval_pieces``). Holds no rows: evaluation rows are read from
-    this rank's units when needed, training rows are streamed (TrainStream)."""
+class StreamSplits(data.Dataset):
+    """A file dataset, the counterpart of data.Splits behind the same interface (data.Dataset).
+    Holds no rows: evaluation rows are read from this rank's units when needed, training rows
+    are streamed (TrainStream)."""
 
     source: sources.Source
     scaler: Standardizer
@@ -107,7 +107,6 @@ class StreamSplits:
     digest: str  # over every unit's content digest, in unit order
     my_units: Tuple[int, ...]  # the units this rank read in the facts pass
     sample: str  # sources.Source.sample_digest, computed on this rank
-    streamed = True  # training batches come from TrainStream
     seed: int = 0
     val_fraction: float = 0.0
     test_fraction: float = 0.0
@@ -121,24 +120,18 @@ class StreamSplits:
         return (self.n_features,)
 
     @property
-    def model_inputs(self) -> int:
-        return self.n_features
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def n_outputs(self) -> int:
-        return self.n_classes or 1
-
-    @property
     def target_name(self) -> str:
         return self.source.label
 
     @property
     def label_dtype(self):
         return np.int64 if self.target is None else np.float32
+
+    def train_feed(self, rank: int, size: int, config, epoch: int, position: int = 0) -> "StreamFeed":
+        """This rank's training batches of ``epoch`` after its first ``position`` samples, then of
+        the epochs after it, streamed from the files (StreamFeed)."""
+        return StreamFeed(TrainStream(self, rank, size, config.batch_size, config.shuffle, config.shuffle_buffer),
+                          epoch, position)
 
     def eval_pieces(self, which: str, rank: int, size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """This rank's share of the validation ("val") or test rows, standardised, in pieces: the
@@ -148,11 +141,7 @@ class StreamSplits:
             if self.unit_rows[u] == self.unit_train_rows[u]:
                 continue
             unit = self.source.units[u]
-
-            def select(offset: int, n: int, unit: sources.Unit = unit) -> np.ndarray:
-                return _unit_splits(self, unit, offset, n) == wanted
-
-            for x, y in sources.read_unit(self.source, unit, select=select):
+            for x, y in sources.read_unit(self.source, unit, select=functools.partial(_rows_of, self, wanted, unit)):
                 if len(y):
                     yield self.scaler.transform(x), self.encode(y)
 
@@ -167,10 +156,6 @@ class StreamSplits:
         if unknown.any():  # the files changed since the facts pass
             raise DataError(f"{self.source.spec}: label {labels[unknown][0]!r} was not there when the run started")
         return codes.astype(np.int64)
-
-    def preprocessing(self) -> Dict[str, object]:
-        return preprocessing(self.feature_names, self.class_names, self.scaler, self.input_shape, self.target,
-                             self.target_name)
 
     def window_rows(self, shuffle_buffer: int) -> int:
         """Training rows of one shuffle window, at most: whole units are added until the buffer
@@ -310,34 +295,64 @@ def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[st
             "n_test": int(counts[TEST])}
 
 
+def _rows_of(config, split: int, unit: sources.Unit, offset: int, rows: int) -> np.ndarray:
+    """Which rows [offset, offset + rows) of a unit are in ``split`` (a ``select`` of sources.read_unit)."""
+    return _unit_splits(config, unit, offset, rows) == split
+
+
 def _unit_splits(config, unit: sources.Unit, offset: int, rows: int) -> np.ndarray:
     """Splits of rows [offset, offset + rows) of a unit (a unit may arrive in pieces); ``config``:
     anything with seed, val_fraction and test_fraction."""
     return row_splits(config.seed, unit.file, unit.index, offset, rows, config.val_fraction, config.test_fraction)
 
 
+class _Slices:
+    """This rank's slices of an epoch's steps, or of the steps of its rest from ``position``
+    (sharding.remaining_steps: the rule the in-memory path follows): which global positions of
+    the epoch's order are its own."""
+
+    def __init__(self, n: int, rank: int, size: int, batch_size: int, position: int = 0):
+        self.steps = sharding.remaining_steps(n, position, size, batch_size)
+        self.position, self.size = position, size
+        lo, hi = [], []
+        for start, stop in self.steps:
+            sizes = sharding.split_evenly(stop - start, size)
+            lo.append(start + sum(sizes[:rank]))
+            hi.append(lo[-1] + sizes[rank])
+        self._starts = np.array([start for start, _ in self.steps], np.int64)
+        self.lo, self.hi = np.array(lo, np.int64), np.array(hi, np.int64)
+
+    def mine(self, positions: np.ndarray) -> np.ndarray:
+        if not self.steps:
+            return np.zeros(len(positions), bool)
+        step = np.searchsorted(self._starts, positions, side="right") - 1
+        inside = step >= 0  # positions before ``position`` were trained before
+        step = np.maximum(step, 0)
+        return inside & (positions >= self.lo[step]) & (positions < self.hi[step])
+
+
 class _Window:
     """One window of the training stream as a rank reads it: training rows [base, base + total)
     of the epoch's order, arriving in file order (``target``: the window's permutation's inverse,
-    None without shuffling); the rank's own rows are written to x, y in global order."""
+    None without shuffling); the rank's own rows (``slices``) are written to x, y in global order."""
 
-    def __init__(self, stream: "TrainStream", base: int, total: int, target: Optional[np.ndarray]):
-        self.stream, self.base, self.target = stream, base, target
+    def __init__(self, splits: StreamSplits, slices: _Slices, base: int, total: int, target: Optional[np.ndarray]):
+        self.splits, self.slices, self.base, self.target = splits, slices, base, target
         positions = np.arange(base, base + total)
-        self.own = positions[stream._mine(positions)]  # this rank's positions, sorted
-        self.x = np.empty((len(self.own), stream.splits.n_features), np.float32)
-        self.y = np.empty(len(self.own), stream.splits.label_dtype)
+        self.own = positions[slices.mine(positions)]  # this rank's positions, sorted
+        self.x = np.empty((len(self.own), splits.n_features), np.float32)
+        self.y = np.empty(len(self.own), splits.label_dtype)
         self.arrived = 0
         self.places: List[np.ndarray] = []
 
     def select(self, unit: sources.Unit, offset: int, n: int) -> np.ndarray:
         """Which rows of a piece are this rank's: training rows whose global position falls in
         its slices (decided from row numbers, before the text is parsed)."""
-        train = np.flatnonzero(_unit_splits(self.stream.splits, unit, offset, n) == TRAIN)
+        train = np.flatnonzero(_unit_splits(self.splits, unit, offset, n) == TRAIN)
         index = np.arange(self.arrived, self.arrived + len(train))
         self.arrived += len(train)
         positions = self.base + (index if self.target is None else self.target[index])
-        mine = self.stream._mine(positions)
+        mine = self.slices.mine(positions)
         self.places.append(np.searchsorted(self.own, positions[mine]))
         keep = np.zeros(n, bool)
         keep[train[mine]] = True
@@ -347,7 +362,7 @@ class _Window:
         """The rows the last ``select`` chose, once read."""
         at = self.places.pop()
         # Standardised as the in-memory path does it: raw values to float32, then the scaler.
-        self.x[at] = self.stream.splits.scaler.transform(x.astype(np.float32))
+        self.x[at] = self.splits.scaler.transform(x.astype(np.float32))
         self.y[at] = codes
 
 
@@ -416,10 +431,6 @@ def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
         stop.set()
 
 
-class StreamError(DataError):
-    """A file went bad while training read it (deleted, truncated, changed): rank 0 reports it."""
-
-
 class TrainStream:
     """This rank's training batches, streamed: (x, y, loss weight) per step, epoch after epoch.
 
@@ -428,30 +439,19 @@ class TrainStream:
     permutation is known before it is read, since the facts pass counted every unit's training
     rows. So each row's global position is known as it arrives, and a rank keeps only the rows
     that fall in its own slices: memory per rank ~ window / N.
-    ``epochs(start)`` is an endless generator of steps from epoch ``start`` on: Keras takes
-    ``steps_per_epoch`` of them per epoch from one iterator.
+    ``epochs(start, position)`` is an endless generator of steps from epoch ``start`` on (its
+    first ``position`` samples already trained: the windows before them are not read): Keras
+    takes the steps of each epoch from one iterator.
     """
 
     def __init__(self, splits: StreamSplits, rank: int, size: int, batch_size: int, shuffle: bool,
                  shuffle_buffer: int):
         self.splits, self.rank, self.size = splits, rank, size
         self.batch_size, self.shuffle, self.window = batch_size, shuffle, shuffle_buffer
-        self.steps = sharding.global_steps(splits.n_train, size, batch_size)
         self.error: Optional[str] = None  # a DataError met while streaming (tf.data hides its type)
-        starts = np.array([start for start, _ in self.steps], np.int64)
-        lo, hi = [], []
-        for start, stop in self.steps:
-            sizes = sharding.split_evenly(stop - start, size)
-            lo.append(start + sum(sizes[:rank]))
-            hi.append(lo[-1] + sizes[rank])
-        self._starts, self._lo, self._hi = starts, np.array(lo, np.int64), np.array(hi, np.int64)
 
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def _mine(self, positions: np.ndarray) -> np.ndarray:
-        step = np.searchsorted(self._starts, positions, side="right") - 1
-        return (positions >= self._lo[step]) & (positions < self._hi[step])
+    def slices(self, position: int = 0) -> _Slices:
+        return _Slices(self.splits.n_train, self.rank, self.size, self.batch_size, position)
 
     def windows(self, epoch: int) -> List[List[int]]:
         """The epoch's units (those with training rows) in order, grouped into windows."""
@@ -469,18 +469,22 @@ class TrainStream:
             held += s.unit_train_rows[u]
         return out
 
-    def own_rows(self, epoch: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-        """This rank's training rows of the epoch, in global order, one window at a time:
-        (x standardised float32, class codes). Each row is written once, straight to its place."""
+    def own_rows(self, epoch: int, slices: _Slices) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """This rank's training rows of the epoch (its ``slices``), in global order, one window at
+        a time: (x standardised float32, class codes). Each row is written once, straight to its
+        place. Windows wholly before the slices' position are skipped unread (on every rank)."""
         s = self.splits
         base = 0
         for k, units in enumerate(self.windows(epoch)):
             total = sum(s.unit_train_rows[u] for u in units)
+            if base + total <= slices.position:
+                base += total
+                continue
             target = None
             if self.shuffle:  # where each arriving row goes: the inverse of the window's permutation
                 target = np.empty(total, np.int64)
                 target[np.random.default_rng([s.seed, epoch, 2, k]).permutation(total)] = np.arange(total)
-            window = _Window(self, base, total, target)
+            window = _Window(s, slices, base, total, target)
             for u in units:
                 unit = s.source.units[u]
                 for x, y in sources.read_unit(s.source, unit, select=functools.partial(window.select, unit)):
@@ -491,12 +495,14 @@ class TrainStream:
             base += total
             yield window.x, window.y
 
-    def epoch_batches(self, epoch: int) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def epoch_batches(self, epoch: int, position: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """This rank's steps of an epoch, or of its rest after ``position`` samples."""
         s = self.splits
-        rows = self.own_rows(epoch)
+        slices = self.slices(position)
+        rows = self.own_rows(epoch, slices)
         held_x: List[np.ndarray] = []  # windows (or what is left of them), oldest first
         held_y: List[np.ndarray] = []
-        for (start, stop), lo, hi in zip(self.steps, self._lo, self._hi):
+        for (start, stop), lo, hi in zip(slices.steps, slices.lo, slices.hi):
             need = int(hi - lo)
             if sum(map(len, held_y)) < need:
                 # What is left of the last window is less than a step: copy it, so the window
@@ -507,22 +513,24 @@ class TrainStream:
                     held_x.append(x)
                     held_y.append(y)
             if need:
-                xb, yb = _take(held_x, need), _take(held_y, need)
-            else:  # more ranks than rows in this step
-                xb, yb = np.zeros((0, s.n_features), np.float32), np.zeros(0, s.label_dtype)
-            weight = need * self.size / (stop - start)
-            yield xb, yb, np.full(need, weight, np.float32)
+                yield _take(held_x, need), _take(held_y, need), np.full(need, need * self.size / (stop - start),
+                                                                        np.float32)
+            else:
+                # Fewer samples left than ranks (the rest of an epoch in a bigger world): this
+                # rank runs the step on one row of zeros with loss weight 0 (sharding.local_batches).
+                yield (np.zeros((1, s.n_features), np.float32), np.zeros(1, s.label_dtype),
+                       np.zeros(1, np.float32))
 
-    def epochs(self, start: int) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def epochs(self, start: int, position: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         epoch = start
         try:
             while True:
-                yield from self.epoch_batches(epoch)
-                epoch += 1
+                yield from self.epoch_batches(epoch, position)
+                epoch, position = epoch + 1, 0
         except DataError as err:
             # End the stream instead of raising through tf.data (which logs a traceback). Every
             # rank reads the same units in the same order, so all of them end at the same step;
-            # callbacks.StreamGuard then stops them together, before the epoch's collectives.
+            # callbacks.FeedGuard then stops them together, before the epoch's collectives.
             self.error = f"{err} (epoch {epoch + 1})"
 
     def check_files(self) -> Optional[str]:
@@ -536,8 +544,9 @@ class TrainStream:
                 return f"{path} changed while being read (size {size} -> {os.path.getsize(path)} bytes)"
         return None
 
-    def dataset(self, start_epoch: int):
-        """A tf.data.Dataset of this rank's steps from ``start_epoch`` on, read ahead in the background."""
+    def dataset(self, start_epoch: int, position: int = 0):
+        """A tf.data.Dataset of this rank's steps from ``start_epoch`` on (after ``position`` samples
+        of it), read ahead in the background."""
         import tensorflow as tf
 
         f = self.splits.n_features
@@ -547,7 +556,24 @@ class TrainStream:
         window = self.splits.window_rows(self.window) if self.shuffle else 0
         depth = max(READ_AHEAD_STEPS, window // (self.size * self.batch_size) + 2)
         return tf.data.Dataset.from_generator(
-            lambda: read_ahead(self.epochs(start_epoch), depth),
+            lambda: read_ahead(self.epochs(start_epoch, position), depth),
             output_signature=(tf.TensorSpec((None, f), tf.float32),
                               tf.TensorSpec((None,), tf.as_dtype(self.splits.label_dtype)),
                               tf.TensorSpec((None,), tf.float32))).prefetch(2)
+
+
+class StreamFeed:
+    """What the epoch loop (loop.py) trains on, for files: a TrainStream from ``epoch`` after
+    ``position`` samples. ``steps``: of the first epoch. ``failure``: a file that went bad
+    while it was read (the stream then ends early, on every rank at the same step), or after
+    another error, a file that vanished or changed under the run."""
+
+    def __init__(self, stream: TrainStream, epoch: int, position: int = 0):
+        self.stream, self.epoch, self.position = stream, epoch, position
+        self.steps = len(stream.slices(position).steps)
+
+    def keras_input(self):
+        return self.stream.dataset(self.epoch, self.position)
+
+    def failure(self, after_error: bool = False) -> Optional[str]:
+        return self.stream.error or (self.stream.check_files() if after_error else None)

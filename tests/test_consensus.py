@@ -33,12 +33,12 @@ def test_a_missing_key_counts_as_a_difference():
 def test_data_fingerprint_sees_one_changed_value():
     x = np.arange(60, dtype=np.float64).reshape(30, 2)
     y = np.array([0, 1, 2] * 10)
-    a = consensus.data_fingerprint(split_and_scale(from_arrays(x, y), 0.1, 0.2, 42))
+    a = split_and_scale(from_arrays(x, y), 0.1, 0.2, 42).fingerprint()
     x2 = x.copy()
     x2[3, 1] += 0.5
-    b = consensus.data_fingerprint(split_and_scale(from_arrays(x2, y), 0.1, 0.2, 42))
+    b = split_and_scale(from_arrays(x2, y), 0.1, 0.2, 42).fingerprint()
     assert a != b and a["data.class_names"] == b["data.class_names"]
-    assert a == consensus.data_fingerprint(split_and_scale(from_arrays(x, y), 0.1, 0.2, 42))
+    assert a == split_and_scale(from_arrays(x, y), 0.1, 0.2, 42).fingerprint()
 
 
 def test_output_dir_is_not_fingerprinted():

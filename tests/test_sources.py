@@ -185,3 +185,12 @@ def test_the_mlp_trains_on_a_parquet_source_through_a_single_process_facts_pass(
     assert len({len(steps) for steps in ranks}) == 1, "equal steps"
     joined = np.concatenate([np.concatenate([ranks[r][k][0] for r in range(3)]) for k in range(len(ranks[0]))])
     np.testing.assert_array_equal(joined, epochs[0])
+    # From a position into the epoch (a stop, a resume in another world): the rest of the same
+    # order, shared by the ranks, whole windows before the position not read.
+    for size, position in ((1, 300), (2, 300), (3, 619), (4, len(joined) - 2)):
+        feeds = [s.train_feed(r, size, config.replace(batch_size=16), 0, position) for r in range(size)]
+        rest = [list(f.stream.epoch_batches(0, position)) for f in feeds]
+        assert len({f.steps for f in feeds}) == 1 and all(len(r) == feeds[0].steps for r in rest), "equal steps"
+        real = [[xb[wb > 0] for xb, _, wb in r] for r in rest]  # a rank without a sample runs a weight-0 row
+        got = np.concatenate([np.concatenate([real[r][k] for r in range(size)]) for k in range(feeds[0].steps)])
+        np.testing.assert_array_equal(got, epochs[0][position:])

@@ -102,7 +102,8 @@ def _combine(samples_per_epoch: int, seconds: List[float]) -> Dict[str, float]:
 def run_hvd_train(p: Dict[str, Any]) -> Dict[str, Any]:
     import horovod.tensorflow as hvd
 
-    from ..trainer import horovod_env, train
+    from ..session import horovod_env
+    from ..trainer import train
 
     # Horovod settings train() would put in place before hvd.init() (the timeline), which runs here first.
     os.environ.update(horovod_env(workload_config(p, 1)))

@@ -238,3 +238,52 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_batch_with_one_che
     assert [p for _, p in checkpoint.listed(str(ckpt))][0] == path, "rank 0 wrote it, the newest"
     assert signal.getsignal(signal.SIGTERM) == handler, "the handler of before the run is back"
     assert not (out / "metrics.json").exists()
+
+
+class _SignalAtBatch(tf.keras.callbacks.Callback):
+    """Sends this process SIGTERM after ``batch`` of epoch ``epoch`` (0-based)."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.at, self.epoch = (epoch, batch), 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_csv_folder_stopped_mid_epoch_resumes_to_the_uninterrupted_run(rt, shared_tmp, monkeypatch):
+    from hvd_train import stopping
+
+    # Ten files of 60 rows, windows of two files (--shuffle-buffer 64): the stop falls in the
+    # fourth window of epoch 2, so the resumed stream skips whole windows and starts inside one.
+    if rt.rank == 0:
+        for f in range(10):
+            (shared_tmp / "folder").mkdir(exist_ok=True)
+            (shared_tmp / "folder" / f"part-{f:02d}.csv").write_text("a,b,c,label\n" + "".join(
+                f"{(i * 7 + f) % 11 / 3:.3f},{(i * 5 + 2 * f) % 13 / 4:.3f},{(i * f) % 5},{(i + f) % 3}\n"
+                for i in range(60)))
+    runtime.broadcast(None, "folder.written")
+    monkeypatch.setattr(stopping, "CHECK_SECONDS", 0.0)  # the ranks agree after every batch: a known stop
+    config = TrainConfig(dataset=f"csv:{shared_tmp / 'folder'}", label_column="label", batch_size=8, epochs=3,
+                         optimizer="adam", shuffle_buffer=64, progress="none", seed=7)
+    ckpt = shared_tmp / "ckpt"
+    stopped = config.replace(checkpoint_dir=str(ckpt), output_dir=str(shared_tmp / "stopped"))
+    got = outcome(lambda: train(stopped, callbacks=[_SignalAtBatch(1, 17)] if rt.rank == 1 else []))
+    resumed = train(stopped.replace(resume="auto", output_dir=str(shared_tmp / "resumed")))
+    whole = train(config.replace(output_dir=str(shared_tmp / "whole")))
+    # 480 training rows at most, 16 a step: the stop after step 18 of epoch 2 is at position 288.
+    (epoch, path), = checkpoint.listed(str(ckpt))[:1]
+    assert got.startswith("Stopped: stopped by SIGTERM after 288 of ") and " samples of epoch 2" in got, got
+    assert path.endswith(checkpoint.file_name(1, 288)) and epoch == 1
+    differences = [float(np.max(np.abs(a - b))) for a, b in zip(resumed.model.get_weights(),
+                                                                 whole.model.get_weights())]
+    assert max(differences) <= 1e-6, differences
+    assert resumed.metrics["replica_weight_digests"] == whole.metrics["replica_weight_digests"]
+    assert resumed.metrics["test_loss"] == whole.metrics["test_loss"]
+    assert resumed.metrics["resumed_from_epoch"] == 1 and resumed.metrics["epochs_trained_this_run"] == 2
+    for key, values in whole.history.items():
+        assert resumed.history[key] == pytest.approx(values, rel=1e-5), key

@@ -1,0 +1,82 @@
+"""The package's structure: no import cycle among hvd_train's modules (imports inside functions
+included: a lazy import is still a dependency), and no module importing the package root (its
+__init__ maps public names lazily onto the modules, so that would close a cycle)."""
+from __future__ import annotations
+
+import ast
+from typing import Dict, List, Set
+
+from conftest import REPO
+
+PACKAGE = REPO / "hvd_train"
+
+
+def import_graph() -> Dict[str, Set[str]]:
+    """module -> the hvd_train modules it imports anywhere in its source."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph: Dict[str, Set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                subs = {f"{target}.{a.name}" for a in node.names} & set(modules)
+                if len(subs) < len(node.names) and target in modules:
+                    subs.add(target)  # names defined in the module (or the package's __init__) itself
+                graph[name] |= subs - {name}
+            elif isinstance(node, ast.Import):
+                graph[name] |= {a.name for a in node.names if a.name in modules} - {name}
+    return graph
+
+
+def cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    found: List[List[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while component[-1:] != [v]:
+                component.append(stack.pop())
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_in_the_package():
+    graph = import_graph()
+    assert "hvd_train.trainer" in graph and "hvd_train.loop" in graph["hvd_train.trainer"]
+    assert cycles(graph) == []
+
+
+def test_the_checker_sees_a_cycle():
+    # The two modules that imported each other before loop.py and session.py existed.
+    graph = {"hvd_train.trainer": {"hvd_train.elastic"}, "hvd_train.elastic": {"hvd_train.trainer"},
+             "hvd_train.loop": set()}
+    assert cycles(graph) == [["hvd_train.elastic", "hvd_train.trainer"]]
+
+
+def test_no_package_module_imports_the_package_root():
+    graph = import_graph()
+    inside = [m for m in graph if m.count(".") == 1 and m != "hvd_train.version"]
+    assert [m for m in inside if "hvd_train" in graph[m]] == []
