@@ -69,9 +69,15 @@ def sync_state(model) -> None:
         hvd.broadcast_variables(broadcast, root_rank=0)
 
 
-def variable_digests(model) -> List[str]:
-    """SHA-256 of each of the model's variables (``model.weights`` order), trainable or not."""
-    return [hashlib.sha256(np.ascontiguousarray(v.numpy()).tobytes()).hexdigest() for v in model.weights]
+def digests(model) -> Tuple[str, List[str]]:
+    """SHA-256 of the whole model (consensus.weights_digest of ``model.get_weights()``) and of
+    each variable (``model.weights`` order, trainable or not), from one pass over the bytes."""
+    whole, each = hashlib.sha256(), []
+    for array in model.get_weights():
+        data = np.ascontiguousarray(array).tobytes()
+        whole.update(data)
+        each.append(hashlib.sha256(data).hexdigest())
+    return whole.hexdigest(), each
 
 
 def first_difference(names: Sequence[str], per_rank: Sequence[Sequence[str]]) -> Optional[str]:
@@ -91,9 +97,7 @@ def first_difference(names: Sequence[str], per_rank: Sequence[Sequence[str]]) ->
 
 def check(model) -> Tuple[List[str], Optional[str]]:
     """Collective: every rank's whole-model digest (rank order), and the difference, if any."""
-    from .consensus import weights_digest
-
-    # Horovod: one allgather of every rank's per-variable digests; each rank compares the same list.
-    gathered = runtime.allgather((weights_digest(model.get_weights()), variable_digests(model)), "replicas")
-    problem = first_difference([v.name for v in model.weights], [d for _, d in gathered])
+    # Horovod: one allgather of every rank's digests; each rank compares the same list.
+    gathered = runtime.allgather(digests(model), "replicas")
+    problem = first_difference([v.name for v in model.weights], [each for _, each in gathered])
     return [whole for whole, _ in gathered], problem

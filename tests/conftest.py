@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Dict
 
 import pytest
 
@@ -171,18 +172,17 @@ class Background:
         host (horovodrun's name for it), among the launcher's descendants."""
         for pid in _descendants(self.proc.pid):
             try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+                env = process_environ(pid)
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmdline = f.read()
                 exe = os.readlink(f"/proc/{pid}/exe")
             except OSError:
                 continue
-            value = env.get(b"HOROVOD_RANK", env.get(b"OMPI_COMM_WORLD_RANK"))
+            value = env.get("HOROVOD_RANK", env.get("OMPI_COMM_WORLD_RANK"))
             if (b"hvd_train" in cmdline or b"hvd-train" in cmdline) and "python" in os.path.basename(exe) \
-                    and (rank is None or value == str(rank).encode()) \
-                    and (host is None or env.get(b"HOROVOD_HOSTNAME") == host.encode()):
-                return pid, {k.decode(): v.decode(errors="replace") for k, v in env.items()}
+                    and (rank is None or value == str(rank)) \
+                    and (host is None or env.get("HOROVOD_HOSTNAME") == host):
+                return pid, env
         pytest.fail(f"no process with rank {rank} / host {host} under launcher {self.proc.pid}")
 
     def wait(self, timeout: float) -> int:
@@ -208,6 +208,26 @@ class Background:
             except ProcessLookupError:
                 pass
         self.proc.wait(30)
+
+
+def saved_weights(out_dir) -> list:
+    """The weights of the model a run saved (its model.keras), as arrays."""
+    import tensorflow as tf
+
+    return tf.keras.models.load_model(Path(out_dir) / "model.keras").get_weights()
+
+
+def max_weight_difference(a_dir, b_dir) -> float:
+    """The largest absolute difference between two runs' saved weights."""
+    return max(float(abs(a - b).max()) for a, b in zip(saved_weights(a_dir), saved_weights(b_dir)))
+
+
+def process_environ(pid: int) -> Dict[str, str]:
+    """The environment a running process started with (/proc/PID/environ); OSError if it is gone."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        items = f.read().split(b"\0")
+    pairs = (item.partition(b"=") for item in items if b"=" in item)
+    return {k.decode(): v.decode(errors="replace") for k, _, v in pairs}
 
 
 def _descendants(root: int) -> list:

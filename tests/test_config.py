@@ -85,3 +85,11 @@ def test_cli_checkpoint_and_schedule_flags():
     assert (c.early_stopping_patience, c.early_stopping_metric, c.early_stopping_min_delta) == (4, "val_accuracy", 0.01)
     assert config_from_args(["--resume", "ck/ckpt-epoch-000003.npz"]).resume == "ck/ckpt-epoch-000003.npz"
     assert TrainConfig.from_dict(c.to_dict()) == c
+
+
+def test_predict_help_says_each_default_once():
+    from hvd_train import cli
+
+    text = " ".join(cli.predict_parser().format_help().split())
+    assert "(default: None)" not in text and text.count("(default:") == 1, text
+    assert "(default: <input stem>.predictions.csv)" in text

@@ -15,7 +15,7 @@ moving statistics included; with local batch norm it does not (the negative cont
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import Jobs, read_json
+from conftest import Jobs, max_weight_difference, read_json, saved_weights
 
 pytestmark = pytest.mark.integration
 
@@ -53,9 +53,6 @@ def runs(tmp_path_factory):
     return Jobs(base, jobs)
 
 
-def final_weights(out_dir):
-    return tf.keras.models.load_model(out_dir / "model.keras").get_weights()
-
 
 def finished(runs, world_size, name):
     run = runs[world_size][name]
@@ -72,7 +69,7 @@ def test_n_processes_equal_one_process_with_n_times_the_batch(runs, optimizer, w
     assert m1["steps_per_epoch"] == mn["steps_per_epoch"] == 7  # K = 35 steps in all
     assert (m1["world_size"], mn["world_size"]) == (1, world_size)
     assert mn["replicas_identical"] is True
-    w1, wn = final_weights(one), final_weights(many)
+    w1, wn = saved_weights(one), saved_weights(many)
     assert [w.shape for w in w1] == [w.shape for w in wn]
     max_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(w1, wn))
     moved = max(float(np.max(np.abs(a))) for a in w1)
@@ -83,7 +80,7 @@ def test_n_processes_equal_one_process_with_n_times_the_batch(runs, optimizer, w
 
 def test_a_different_global_batch_does_not_match(runs):
     """The comparison can fail: 2 processes with batch 16 (global 32) end elsewhere."""
-    w1, w2 = final_weights(finished(runs, 1, "sgd")), final_weights(finished(runs, 2, "sgd_batch_16"))
+    w1, w2 = saved_weights(finished(runs, 1, "sgd")), saved_weights(finished(runs, 2, "sgd_batch_16"))
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2)) > 100 * TOLERANCE["sgd"]
 
 
@@ -102,17 +99,14 @@ def test_rank0_weights_and_optimizer_state_reach_every_rank(runs):
     assert r0["final"] == r1["final"]
 
 
-def max_difference(a_dir, b_dir):
-    return max(float(np.max(np.abs(a - b))) for a, b in zip(final_weights(a_dir), final_weights(b_dir)))
-
 
 def test_with_sync_batchnorm_n_processes_equal_one_process_with_n_times_the_batch(runs):
     one, two = finished(runs, 1, "sgd_sync_bn"), finished(runs, 2, "sgd_sync_bn")
     names = [w.name for w in tf.keras.models.load_model(one / "model.keras").weights]
     assert "batchnorm_0/moving_variance:0" in names, "every weight compared, moving statistics too"
-    diff = max_difference(one, two)
+    diff = max_weight_difference(one, two)
     print(f"sync batch norm, sgd np=2 vs np=1: max |w_N - w_1| = {diff:.2e}")
     assert read_json(two / "metrics.json")["replicas_identical"] is True
     assert diff <= TOLERANCE["sgd"]
     # Negative control: batch norm over each process's slice trains another model.
-    assert max_difference(one, finished(runs, 2, "sgd_local_bn")) > 100 * TOLERANCE["sgd"]
+    assert max_weight_difference(one, finished(runs, 2, "sgd_local_bn")) > 100 * TOLERANCE["sgd"]

@@ -59,3 +59,15 @@ def test_tf_keras_is_keras_2_and_keras_3_is_refused_clearly():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "RuntimeError: tf.keras is Keras 3" in proc.stderr and "TF_USE_LEGACY_KERAS=1" in proc.stderr
+
+
+def test_replica_digests_are_the_saved_models_digest_and_one_per_variable():
+    from hvd_train.consensus import weights_digest
+    from hvd_train.replicas import digests
+
+    model = build_cnn((8, 8, 1), 3, filters=(4,))
+    whole, each = digests(model)
+    assert whole == weights_digest(model.get_weights()) and len(each) == len(model.weights)
+    model.weights[1].assign(model.weights[1] + 1.0)
+    whole_after, each_after = digests(model)
+    assert whole_after != whole and [i for i, (a, b) in enumerate(zip(each, each_after)) if a != b] == [1]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import HVD_TRAIN, Background, horovodrun_cmd, read_json, run_many
+from conftest import HVD_TRAIN, Background, horovodrun_cmd, read_json, run_many, saved_weights
 
 from hvd_train import checkpoint, events
 from hvd_train.schedules import cosine_multiplier
@@ -18,9 +18,6 @@ EPOCHS = 20
 SLOW = ["--dataset", "synthetic", "--samples", "4000", "--epochs", str(EPOCHS), "--progress", "epoch",
         "--lr-schedule", "step", "--lr-decay-epochs", "8", "--lr-decay-factor", "0.5"]
 
-
-def weights(out_dir):
-    return tf.keras.models.load_model(out_dir / "model.keras").get_weights()
 
 
 def history_rows(out_dir):
@@ -55,7 +52,7 @@ def test_kill_the_whole_job_then_resume(tmp_path):
     assert [int(row.split(",")[0]) for row in history_rows(resumed.out)] == list(range(1, EPOCHS + 1))
     m_straight = read_json(straight.out / "metrics.json")
     assert m["test_accuracy"] == pytest.approx(m_straight["test_accuracy"], abs=0.01)
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(weights(resumed.out), weights(straight.out)))
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(saved_weights(resumed.out), saved_weights(straight.out)))
     print(f"resumed from epoch {done}: test accuracy {m['test_accuracy']:.4f} vs uninterrupted "
           f"{m_straight['test_accuracy']:.4f}; max weight difference {diff:.2e}")
     assert diff <= 1e-5
@@ -195,7 +192,6 @@ def test_rate_matches_the_schedule_callbacks(schedule):
     """schedules.rate (what an elastic reset sets) gives the rate Horovod's callbacks set, at
     every batch of every epoch (one process: Horovod's warmup is then flat; the schedules are not)."""
     import horovod.tensorflow.keras as hvd
-    import tensorflow as tf
 
     from hvd_train import schedules
     from hvd_train.config import TrainConfig

@@ -11,7 +11,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from conftest import BIN, REPO, check_run, read_json, record_launch, run_many
+from conftest import BIN, REPO, check_run, process_environ, read_json, record_launch, run_many
 
 from hvd_train import events
 
@@ -112,9 +112,8 @@ def job_processes(job) -> list:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if f"SLURM_JOB_ID={job}".encode() in f.read().split(b"\0"):
-                    found.append(int(pid))
+            if process_environ(int(pid)).get("SLURM_JOB_ID") == str(job):
+                found.append(int(pid))
         except OSError:
             pass
     return found

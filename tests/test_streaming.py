@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
-from conftest import HVD_TRAIN, Background, Jobs, horovodrun_cmd, read_json
+from conftest import HVD_TRAIN, Background, Jobs, horovodrun_cmd, max_weight_difference, read_json
 
 from hvd_train import cli, sources, stream
 from hvd_train.data import Standardizer
@@ -108,12 +108,6 @@ def runs(tmp_path_factory, datasets):
     return get
 
 
-def weights(out):
-    return tf.keras.models.load_model(out / "model.keras").get_weights()
-
-
-def max_difference(a, b):
-    return max(float(np.max(np.abs(u - v))) for u, v in zip(weights(a), weights(b)))
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
@@ -124,17 +118,17 @@ def test_n_processes_streaming_equal_one_process_with_n_times_the_batch(runs, ki
         m = read_json(many / "metrics.json")
         assert m["replicas_identical"] and m["global_batch_size"] == GLOBAL_BATCH
         assert m["steps_per_epoch"] == read_json(one / "metrics.json")["steps_per_epoch"]
-        diff = max_difference(one, many)
+        diff = max_weight_difference(one, many)
         print(f"{kind} streamed, np={world_size} vs np=1: max |w_N - w_1| = {diff:.2e}")
         assert diff <= 1e-5
     # The order is the same for every world size with shuffling too (windows and units seeded by epoch).
     shuffled_one, _ = runs(f"{kind}_shuffled", 1)
     shuffled_two, _ = runs(f"{kind}_shuffled", 2)
-    assert max_difference(shuffled_one, shuffled_two) <= 1e-5
-    assert max_difference(one, shuffled_one) > 1e-3, "shuffling changes the order"
+    assert max_weight_difference(shuffled_one, shuffled_two) <= 1e-5
+    assert max_weight_difference(one, shuffled_one) > 1e-3, "shuffling changes the order"
     # Negative control: another global batch ends elsewhere.
     other, _ = runs(f"{kind}_batch_8", 2)
-    assert max_difference(one, other) > 1e-3
+    assert max_weight_difference(one, other) > 1e-3
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
@@ -203,7 +197,7 @@ def test_regression_from_files_n_processes_equal_one_process_with_exact_metrics(
 
     dataset = datasets["regression"]
     outs = {world_size: runs("regression", world_size)[0] for world_size in (1, 2)}
-    diff = max_difference(outs[1], outs[2])
+    diff = max_weight_difference(outs[1], outs[2])
     print(f"streamed regression np=2 vs np=1: max |w_N - w_1| = {diff:.2e}")
     assert diff <= 1e-5
     m = read_json(outs[2] / "metrics.json")

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import Jobs, check_run, png_size, read_json
+from conftest import Jobs, check_run, max_weight_difference, png_size, read_json, saved_weights
 
 from hvd_train import cli
 
@@ -62,12 +62,6 @@ def finished(run, world_size=2):
     return run.out
 
 
-def weights(out_dir):
-    return tf.keras.models.load_model(out_dir / "model.keras").get_weights()
-
-
-def max_difference(a_dir, b_dir):
-    return max(float(np.max(np.abs(a - b))) for a, b in zip(weights(a_dir), weights(b_dir)))
 
 
 def history(out_dir):
@@ -91,9 +85,9 @@ def predict_rows(tmp_path, out, columns, rows):
 
 def test_regression_with_weight_decay_n_processes_equal_one_process(runs):
     one, two = finished(runs[1]["regression_l2"], 1), finished(runs[2]["regression_l2"])
-    diff = max_difference(one, two)
+    diff = max_weight_difference(one, two)
     print(f"regression + l2, sgd np=2 vs np=1: max |w_N - w_1| = {diff:.2e}")
-    assert max(float(np.max(np.abs(w))) for w in weights(one)) > 0.1, "trained"
+    assert max(float(np.max(np.abs(w))) for w in saved_weights(one)) > 0.1, "trained"
     assert diff <= TOLERANCE
     # The exact epoch loss (per-sample loss + the step's L2 penalty, counted over all ranks) is the same.
     h1, h2 = history(one), history(two)
@@ -157,11 +151,11 @@ def test_cnn_with_sync_batchnorm_n_processes_equal_one_process(runs):
     one, two = finished(runs[1]["cnn_sync_bn"], 1), finished(runs[2]["cnn_sync_bn"])
     names = [w.name for w in tf.keras.models.load_model(one / "model.keras").weights]
     assert "batchnorm_0/moving_variance:0" in names and "conv_0/kernel:0" in names
-    diff = max_difference(one, two)
+    diff = max_weight_difference(one, two)
     print(f"CNN, sync batch norm, sgd np=2 vs np=1: max |w_N - w_1| = {diff:.2e}")
     assert diff <= TOLERANCE
     # Negative control: batch norm over each process's slice trains another model.
-    assert max_difference(one, finished(runs[2]["cnn_local_bn"])) > 100 * TOLERANCE
+    assert max_weight_difference(one, finished(runs[2]["cnn_local_bn"])) > 100 * TOLERANCE
 
 
 def test_images_through_the_api(runs):
@@ -197,4 +191,4 @@ def test_regression_early_stopping_on_r2_and_resume_equal_uninterrupted(runs):
     # ... and a checkpointed regression run resumed at epoch 3 ends where the uninterrupted one does.
     whole, _, resumed = (finished(runs[2][name]) for name in ("whole", "part", "resumed"))
     assert read_json(resumed / "metrics.json")["resumed_from_epoch"] == 3
-    assert max_difference(whole, resumed) <= TOLERANCE
+    assert max_weight_difference(whole, resumed) <= TOLERANCE

@@ -51,7 +51,9 @@ def rows(sweep: Sweep, trials: List[Trial], records: Dict[str, Dict[str, Any]]) 
     return out
 
 
-def write(sweep: Sweep, sweep_dir: Path, trials: List[Trial], records: Dict[str, Dict[str, Any]]) -> None:
+def write(sweep: Sweep, sweep_dir: Path, trials: List[Trial],
+          records: Dict[str, Dict[str, Any]]) -> Optional[Tuple[Trial, Dict]]:
+    """The sweep's result files from the trials' records; returns the best trial and its record."""
     table = rows(sweep, trials, records)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(table[0]))
@@ -82,6 +84,7 @@ def write(sweep: Sweep, sweep_dir: Path, trials: List[Trial], records: Dict[str,
             params_plot(sweep, finished, found, tmp)
         with files.atomic_path(str(sweep_dir / CURVES_PNG)) as tmp:
             curves_plot(sweep, finished, found, tmp)
+    return found
 
 
 def _cell(value: Any) -> str:

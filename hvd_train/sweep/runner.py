@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .. import configfile, events, files, pruning
 from ..outputs import EVENTS_FILE
@@ -165,25 +165,23 @@ def run(sweep: Sweep, sweep_dir: Path, retry_failed: bool = False) -> int:
             files.write_text(str(trial_dir / TRIAL_FILE), json.dumps(record, indent=2) + "\n")
             records[trial.digest] = record
             done_now += 1
-            results.write(sweep, sweep_dir, trials, records)
-            best = results.best(sweep, trials, records)
+            best = results.write(sweep, sweep_dir, trials, records)
             log(f"trial {trial.index}/{len(trials)} {record['status']}: {_outcome(sweep, record)}"
                 + (f"; best so far: trial {best[0].index} {s.metric} {best[1]['value']:.4g}" if best else ""))
-        results.write(sweep, sweep_dir, trials, records)
-        return _finish(sweep, sweep_dir, trials, records, signals.received)
+        best = results.write(sweep, sweep_dir, trials, records)
+        return _finish(sweep_dir, trials, records, best, sweep.settings.metric, signals.received)
 
 
-def _finish(sweep: Sweep, sweep_dir: Path, trials: List[Trial], records: Dict[str, Dict[str, Any]],
-            received: int) -> int:
+def _finish(sweep_dir: Path, trials: List[Trial], records: Dict[str, Dict[str, Any]],
+            best: Optional[Tuple[Trial, Dict[str, Any]]], metric: str, received: int) -> int:
     counts: Dict[str, int] = {}
     for t in trials:
         status = records.get(t.digest, {}).get("status", "pending")
         counts[status] = counts.get(status, 0) + 1
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    best = results.best(sweep, trials, records)
     if best:
         trial, record = best
-        log(f"best: trial {trial.index} {trial.label()}: {sweep.settings.metric} {record['value']:.4g} "
+        log(f"best: trial {trial.index} {trial.label()}: {metric} {record['value']:.4g} "
             f"({summary}); {sweep_dir / results.RESULTS_MD}, re-run it with --config {sweep_dir / results.BEST_TOML}")
     else:
         log(f"no trial finished ({summary}); see {sweep_dir / results.TRIALS_CSV}")
