@@ -6,8 +6,9 @@ import dataclasses
 import sys
 from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
-from . import configfile, runtime
-from .config import GROUPS, ConfigError, TrainConfig
+from . import runtime
+from .config import configfile
+from .config.options import GROUPS, ConfigError, TrainConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,12 +111,12 @@ def config_from_args(argv: Optional[List[str]] = None) -> TrainConfig:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["predict"]:
-        from .predict import predict_file
+        from .outputs.predict import predict_file
 
         args = predict_parser().parse_args(argv[1:])
         return _run(lambda: predict_file(args.model_dir, args.input, args.output))
     if argv[:1] == ["sweep"]:  # a driver of launchers: no TensorFlow, no Horovod in this process
-        from .sweep.cli import main as sweep_main
+        from .tools.sweep.cli import main as sweep_main
 
         return sweep_main(argv[1:])
     if argv[:1] == ["versions"]:
@@ -133,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         runtime.fail(str(err))
     # Before TensorFlow is imported: ranks other than 0 keep to errors unless --verbose-ranks.
     runtime.quiet_other_ranks(config.verbose_ranks)
-    from .trainer import dry_run, train
+    from .training.trainer import dry_run, train
 
     if plan or command.get("dry_run"):
         return _run(lambda: dry_run(config, world_size=command.get("np"), as_json=command.get("json", False)))
@@ -159,9 +160,9 @@ class Failure:
 
 def known_failure(err: BaseException) -> Optional[Failure]:
     """The Failure an expected error means, or None for an unexpected one (a bug: traceback)."""
-    from .data import DataError, StreamError
-    from .outputs import OutputError
-    from .stopping import Stopped
+    from .data.interface import DataError, StreamError
+    from .outputs.run_dir import OutputError
+    from .training.stopping import Stopped
 
     if isinstance(err, (runtime.AgreedFailure, ConfigError)):
         # Agreed failures, and config errors found after hvd.init() (the same on every rank, e.g.

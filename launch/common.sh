@@ -50,7 +50,7 @@ run_command() {
 # Runs the job in a session of its own and passes a stop on. SIGTERM, SIGINT or SIGHUP to this
 # launcher (Ctrl-C, `kill` from a script, a scheduler) goes to the job's training processes on
 # this host, which stop together after a batch (within about a second), checkpoint (--checkpoint-dir) and exit
-# (hvd_train/stopping.py); whatever is left of the job STOP_GRACE seconds later (default 30) is
+# (hvd_train/training/stopping.py); whatever is left of the job STOP_GRACE seconds later (default 30) is
 # terminated, then killed. No process of the job outlives the launcher, which exits 128+signal
 # after a stop and with the job's status otherwise.
 run_job() {

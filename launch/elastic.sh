@@ -70,7 +70,7 @@ discovery="$(cd "$(dirname "$discovery")" && pwd)/$(basename "$discovery")"
 
 # Horovod: a worker blocked on a dead peer gives up after this long, then the reset starts.
 export HOROVOD_GLOO_TIMEOUT_SECONDS="$gloo_timeout"
-# horovodrun, without the TensorFlow import of its build check (hvd_train/horovodrun.py).
+# horovodrun, without the TensorFlow import of its build check (hvd_train/launchers/horovodrun.py).
 command=("$venv/bin/hvd-horovodrun" -np "$np" --min-np "$min_np" --max-np "$max_np"
          --host-discovery-script "$discovery" --slots-per-host "$slots" --elastic-timeout "$elastic_timeout")
 [[ -z "$reset_limit" ]] || command+=(--reset-limit "$reset_limit")

@@ -107,5 +107,5 @@ fi
 hvd_args=(-np "$np" -H "$hosts" "--$controller")
 [[ -n "$ssh_port" ]] && hvd_args+=(--ssh-port "$ssh_port")
 [[ -n "$ssh_key" ]] && hvd_args+=(--ssh-identity-file "$ssh_key")
-# horovodrun, without the TensorFlow import of its build check (hvd_train/horovodrun.py).
+# horovodrun, without the TensorFlow import of its build check (hvd_train/launchers/horovodrun.py).
 run_command "$venv/bin/hvd-horovodrun" "${hvd_args[@]}" "$venv/bin/hvd-train" "$@"

@@ -59,5 +59,5 @@ cores="$(nproc 2>/dev/null || echo 1)"
 if [[ "$controller" == mpi && "$np" -ge "$cores" ]]; then
   export OMPI_MCA_mpi_yield_when_idle="${OMPI_MCA_mpi_yield_when_idle:-1}"
 fi
-# horovodrun, without the TensorFlow import of its build check (hvd_train/horovodrun.py).
+# horovodrun, without the TensorFlow import of its build check (hvd_train/launchers/horovodrun.py).
 run_command "$venv/bin/hvd-horovodrun" -np "$np" -H "localhost:$np" "--$controller" "$venv/bin/hvd-train" "$@"

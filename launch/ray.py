@@ -5,7 +5,7 @@
         [--gpus-per-worker G] [--fetch-to DIR] [--grace S] -- HVD_TRAIN_ARGS...
 
 Without --address it starts a local Ray instance for the job. The driver is
-hvd_train/ray_launch.py; docs/running.md (Ray) has the cluster step by step.
+hvd_train/launchers/ray_launch.py; docs/running.md (Ray) has the cluster step by step.
 """
 import os
 import sys
@@ -14,7 +14,7 @@ import sys
 _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 
-from hvd_train.ray_launch import main  # noqa: E402
+from hvd_train.launchers.ray_launch import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -265,9 +265,9 @@ def check_run(out_dir, proc, world_size, reported="[hvd_train] outputs in"):
     import tensorflow as tf
     from sklearn import metrics as skm
 
-    from hvd_train import data
-    from hvd_train.config import TrainConfig
-    from hvd_train.consensus import weights_digest
+    from hvd_train.config.options import TrainConfig
+    from hvd_train.data import arrays as data
+    from hvd_train.training.consensus import weights_digest
 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     config = TrainConfig.from_dict(read_json(out_dir / "config.json")["config"])

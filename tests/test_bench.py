@@ -111,7 +111,7 @@ def test_data_section_measures_the_file_paths(bench):
 def test_startup_section_times_every_phase(bench):
     out, _ = bench
     r = json.loads((out / "results.json").read_text())["startup"]
-    from hvd_train.bench.startup import PHASES
+    from hvd_train.tools.bench.startup import PHASES
 
     (launch,) = r["runs"]
     assert all(launch[p] >= 0 for p in PHASES) and positive(launch["launch_to_first_step"])

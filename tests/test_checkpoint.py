@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from hvd_train import checkpoint
-from hvd_train.checkpoint import CheckpointError
+from hvd_train.training import checkpoint
+from hvd_train.training.checkpoint import CheckpointError
 
 
 def arrays(seed=0):

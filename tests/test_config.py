@@ -5,7 +5,7 @@ import math
 import pytest
 
 from hvd_train.cli import config_from_args
-from hvd_train.config import ConfigError, TrainConfig, scaled_learning_rate
+from hvd_train.config.options import ConfigError, TrainConfig, scaled_learning_rate
 
 
 def test_defaults_are_valid_and_frozen():

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from conftest import run_many
 
-from hvd_train import cli, configfile
-from hvd_train.config import ConfigError, TrainConfig
+from hvd_train import cli
+from hvd_train.config import configfile
+from hvd_train.config.options import ConfigError, TrainConfig
 
 RUN_TOML = """
 # a run, as a user would write it

@@ -1,9 +1,9 @@
 """The rank-consensus comparison on its own (the collective itself is tested under horovodrun)."""
 import numpy as np
 
-from hvd_train import consensus
-from hvd_train.config import TrainConfig
-from hvd_train.data import from_arrays, split_and_scale
+from hvd_train.config.options import TrainConfig
+from hvd_train.data.arrays import from_arrays, split_and_scale
+from hvd_train.training import consensus
 
 
 def fp(**changes):

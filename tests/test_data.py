@@ -3,8 +3,8 @@ training-only scaling."""
 import numpy as np
 import pytest
 
-from hvd_train import data
-from hvd_train.data import DataError
+from hvd_train.data import arrays as data
+from hvd_train.data.interface import DataError
 
 
 @pytest.mark.parametrize("name,n,features,classes", [

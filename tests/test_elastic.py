@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import BIN, REPO, Background, check_run
 
-from hvd_train import checkpoint, events
+from hvd_train.outputs import events
+from hvd_train.training import checkpoint
 
 pytestmark = pytest.mark.integration
 

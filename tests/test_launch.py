@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 from conftest import BIN, PINS, REPO, check_run, horovodrun, read_json, run, run_many
 
-from hvd_train import cli, data
+from hvd_train import cli
+from hvd_train.data import arrays as data
 
 integration = pytest.mark.integration
 
@@ -102,7 +103,7 @@ def test_single_process_without_launcher(tmp_path):
 def test_setup_left_the_promised_tools():
     import horovod.tensorflow as hvd
 
-    from hvd_train import horovodrun
+    from hvd_train.launchers import horovodrun
 
     for tool in ("hvd-train", "hvd-horovodrun", "horovodrun", "python"):
         assert (BIN / tool).is_file(), tool
@@ -114,7 +115,7 @@ def test_setup_left_the_promised_tools():
 
 
 def test_hvd_horovodrun_leaves_horovods_own_check_when_the_library_cannot_be_asked(monkeypatch):
-    from hvd_train import horovodrun
+    from hvd_train.launchers import horovodrun
 
     monkeypatch.setattr(horovodrun, "TENSORFLOW_LIBRARIES", ("libtensorflow_nothing.so.2",))
     assert horovodrun.built() is None

@@ -1,6 +1,7 @@
-"""The package's structure: no import cycle among hvd_train's modules (imports inside functions
-included: a lazy import is still a dependency), and no module importing the package root (its
-__init__ maps public names lazily onto the modules, so that would close a cycle)."""
+"""The package's structure: a subpackage per layer, each saying what belongs in it; no import
+cycle among hvd_train's modules (imports inside functions included: a lazy import is still a
+dependency); no library module importing the package root (its __init__ maps public names
+lazily onto the modules, so that would close a cycle)."""
 from __future__ import annotations
 
 import ast
@@ -65,7 +66,7 @@ def cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
 
 def test_no_import_cycle_in_the_package():
     graph = import_graph()
-    assert "hvd_train.trainer" in graph and "hvd_train.loop" in graph["hvd_train.trainer"]
+    assert "hvd_train.training.trainer" in graph and "hvd_train.training.loop" in graph["hvd_train.training.trainer"]
     assert cycles(graph) == []
 
 
@@ -78,5 +79,16 @@ def test_the_checker_sees_a_cycle():
 
 def test_no_package_module_imports_the_package_root():
     graph = import_graph()
-    inside = [m for m in graph if m.count(".") == 1 and m != "hvd_train.version"]
-    assert [m for m in inside if "hvd_train" in graph[m]] == []
+    library = [m for m in graph if m != "hvd_train" and not m.startswith("hvd_train.tools")]
+    assert [m for m in library if "hvd_train" in graph[m]] == []
+
+
+LAYERS = ("config", "data", "training", "outputs", "launchers", "tools")
+
+
+def test_a_subpackage_per_layer_each_saying_what_belongs_there():
+    top = sorted(p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists())
+    assert top == sorted(["__init__.py", "__main__.py", "cli.py", "runtime.py", "version.py", *LAYERS])
+    for layer in LAYERS:
+        doc = ast.get_docstring(ast.parse((PACKAGE / layer / "__init__.py").read_text()))
+        assert doc and len(doc) > 80, f"hvd_train/{layer}/__init__.py says what belongs there"

@@ -6,9 +6,9 @@ import pytest
 import tensorflow as tf
 from sklearn import metrics as skm
 
-from hvd_train import metrics, tasks
-from hvd_train.model import build_mlp
-from hvd_train.sharding import eval_shard
+from hvd_train.data.sharding import eval_shard
+from hvd_train.training import metrics, tasks
+from hvd_train.training.model import build_mlp
 
 CLASSES = tasks.Classification(("a", "b", "c"), logits=False)
 CLASSES_2 = tasks.Classification(("a", "b"), logits=False)

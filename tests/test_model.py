@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hvd_train import tasks
-from hvd_train.config import TrainConfig
-from hvd_train.model import build_cnn, check_inputs, compile_model, model_for
+from hvd_train.config.options import TrainConfig
+from hvd_train.training import tasks
+from hvd_train.training.model import build_cnn, check_inputs, compile_model, model_for
 
 
 @pytest.mark.parametrize("task", [tasks.Classification("abc", logits=False), tasks.Regression("huber", 3.0, 2.0)])
@@ -53,8 +53,8 @@ def test_mlp_flattens_images_and_regression_has_one_linear_output():
 def test_tf_keras_is_keras_2_and_keras_3_is_refused_clearly():
     assert tf.keras.__name__.startswith("tf_keras"), "hvd_train (and conftest) made tf.keras Keras 2"
     # A process that resolved tf.keras (Keras 3) before hvd_train could set TF_USE_LEGACY_KERAS.
-    code = ("import tensorflow as tf; tf.keras.layers; import hvd_train.model as m; "
-            "from hvd_train.config import TrainConfig; m.make_optimizer(TrainConfig(), 0.1)")
+    code = ("import tensorflow as tf; tf.keras.layers; import hvd_train.training.model as m; "
+            "from hvd_train.config.options import TrainConfig; m.make_optimizer(TrainConfig(), 0.1)")
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
@@ -62,8 +62,8 @@ def test_tf_keras_is_keras_2_and_keras_3_is_refused_clearly():
 
 
 def test_replica_digests_are_the_saved_models_digest_and_one_per_variable():
-    from hvd_train.consensus import weights_digest
-    from hvd_train.replicas import digests
+    from hvd_train.training.consensus import weights_digest
+    from hvd_train.training.replicas import digests
 
     model = build_cnn((8, 8, 1), 3, filters=(4,))
     whole, each = digests(model)

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import BIN, REPO, Background, check_run, max_weight_difference, process_environ, read_json, run
 
-from hvd_train import events
+from hvd_train.outputs import events
 
 pytestmark = [
     pytest.mark.integration,
@@ -225,7 +225,7 @@ def _worker_on(node_ip: str) -> int:
 def test_elastic_job_on_ray_survives_a_lost_worker(tmp_path, two_ray_nodes):
     """--min-workers 1 --max-workers 2 on two Ray nodes: the worker on one is SIGKILLed mid-run;
     the other restores the last commit and finishes alone, with exact metrics (the elastic state
-    handling of hvd_train/elastic.py, as under horovodrun)."""
+    handling of hvd_train/training/elastic.py, as under horovodrun)."""
     out = tmp_path / "run"
     job = Background([*RAY_PY, "--address", two_ray_nodes.address, "--min-workers", "1", "--max-workers", "2",
                       "--", "--dataset", "synthetic", "--samples", "3000", "--epochs", "30", "--progress", "epoch",

@@ -1,4 +1,4 @@
-"""hvd_train.ray_launch without Ray: the driver's option checks, which failure it reports, and
+"""hvd_train.launchers.ray_launch without Ray: the driver's option checks, which failure it reports, and
 the copy-back. The Ray runs themselves are tests/test_ray.py."""
 import io
 import os
@@ -6,8 +6,8 @@ import tarfile
 
 import pytest
 
-from hvd_train import ray_launch
-from hvd_train.ray_launch import Outcome
+from hvd_train.launchers import ray_launch
+from hvd_train.launchers.ray_launch import Outcome
 
 
 def test_options_and_the_hvd_train_options_after_the_separator():

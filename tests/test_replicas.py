@@ -10,9 +10,10 @@ import pytest
 import tensorflow as tf
 from conftest import Jobs, check_run, max_weight_difference, read_json
 
-from hvd_train import checkpoint, events
-from hvd_train.model import build_mlp
-from hvd_train.replicas import first_difference, split_state
+from hvd_train.outputs import events
+from hvd_train.training import checkpoint
+from hvd_train.training.model import build_mlp
+from hvd_train.training.replicas import first_difference, split_state
 
 integration = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import time
 import pytest
 from conftest import HVD_TRAIN, MPIRUN, Background, horovodrun_cmd, requires_mpi
 
-from hvd_train import events
+from hvd_train.outputs import events
 
 pytestmark = pytest.mark.integration
 

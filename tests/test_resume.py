@@ -9,8 +9,9 @@ import pytest
 import tensorflow as tf
 from conftest import HVD_TRAIN, Background, horovodrun_cmd, read_json, run_many, saved_weights
 
-from hvd_train import checkpoint, events
-from hvd_train.schedules import cosine_multiplier
+from hvd_train.outputs import events
+from hvd_train.training import checkpoint
+from hvd_train.training.schedules import cosine_multiplier
 
 integration = pytest.mark.integration
 
@@ -193,9 +194,9 @@ def test_rate_matches_the_schedule_callbacks(schedule):
     every batch of every epoch (one process: Horovod's warmup is then flat; the schedules are not)."""
     import horovod.tensorflow.keras as hvd
 
-    from hvd_train import schedules
-    from hvd_train.config import TrainConfig
-    from hvd_train.plan import make_plan
+    from hvd_train.config.options import TrainConfig
+    from hvd_train.config.plan import make_plan
+    from hvd_train.training import schedules
 
     hvd.init()
     config = TrainConfig(epochs=6, warmup_epochs=2, lr_schedule=schedule, lr_decay_epochs=2, lr=0.1)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import horovodrun, png_size, run_many
 
-from hvd_train import events
-from hvd_train.config import TrainConfig
+from hvd_train.config.options import TrainConfig
+from hvd_train.outputs import events
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ def test_report_json_matches_the_saved_model_on_the_test_split(run_dir):
     import tensorflow as tf
     from sklearn.metrics import classification_report, confusion_matrix
 
-    from hvd_train.data import load_splits
+    from hvd_train.data.arrays import load_splits
 
     out, _, _ = run_dir
     report = json.loads((out / "report.json").read_text())

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from hvd_train import sharding
+from hvd_train.data import sharding
 
 COUNTS = [1, 2, 3, 7, 8, 9, 31, 33, 64, 65, 97, 100, 127, 1000, 1023]
 BATCHES = [1, 2, 3, 16, 32]

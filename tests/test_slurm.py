@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import BIN, REPO, check_run, process_environ, read_json, record_launch, run_many
 
-from hvd_train import events
+from hvd_train.outputs import events
 
 pytestmark = pytest.mark.integration
 

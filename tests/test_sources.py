@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hvd_train import sources, stream
-from hvd_train.config import TrainConfig
-from hvd_train.data import DataError
+from hvd_train.config.options import TrainConfig
+from hvd_train.data import sources, stream
+from hvd_train.data.interface import DataError
 
 
 def write(tmp_path, text, name="d.csv"):

@@ -9,7 +9,8 @@ import time
 import pytest
 from conftest import BIN, REPO, Background, read_json, requires_mpi, run_many
 
-from hvd_train import checkpoint, events
+from hvd_train.outputs import events
+from hvd_train.training import checkpoint
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,9 @@ import pytest
 import tensorflow as tf
 from conftest import HVD_TRAIN, Background, Jobs, horovodrun_cmd, max_weight_difference, read_json
 
-from hvd_train import cli, sources, stream
-from hvd_train.data import Standardizer
+from hvd_train import cli
+from hvd_train.data import sources, stream
+from hvd_train.data.interface import Standardizer
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,10 @@ from types import SimpleNamespace
 import pytest
 from conftest import BIN, REPO, Background, check_run, png_size, read_json, requires_mpi, run
 
-from hvd_train import configfile, pruning
-from hvd_train.config import ConfigError
-from hvd_train.sweep import results, spec
+from hvd_train.config import configfile
+from hvd_train.config.options import ConfigError
+from hvd_train.tools.sweep import results, spec
+from hvd_train.training import pruning
 
 SWEEP = [BIN / "hvd-train", "sweep"]
 

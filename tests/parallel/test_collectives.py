@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hvd_train import TrainConfig, checkpoint, consensus, metrics, replicas, runtime, tasks, train
-from hvd_train.model import build_mlp
-from hvd_train.pipeline import ShardedBatches
-from hvd_train.sharding import eval_shard
-from hvd_train.stopping import Stopped
+from hvd_train import TrainConfig, runtime, train
+from hvd_train.data.pipeline import ShardedBatches
+from hvd_train.data.sharding import eval_shard
+from hvd_train.training import checkpoint, consensus, metrics, replicas, tasks
+from hvd_train.training.model import build_mlp
+from hvd_train.training.stopping import Stopped
 
 
 def outcome(action):
@@ -256,7 +257,7 @@ class _SignalAtBatch(tf.keras.callbacks.Callback):
 
 
 def test_a_csv_folder_stopped_mid_epoch_resumes_to_the_uninterrupted_run(rt, shared_tmp, monkeypatch):
-    from hvd_train import stopping
+    from hvd_train.training import stopping
 
     # Ten files of 60 rows, windows of two files (--shuffle-buffer 64): the stop falls in the
     # fourth window of epoch 2, so the resumed stream skips whole windows and starts inside one.

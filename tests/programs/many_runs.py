@@ -40,9 +40,9 @@ import tensorflow as tf
 
 from hvd_train import build_mlp, train
 from hvd_train.cli import config_from_args
-from hvd_train.consensus import weights_digest as digest
-from hvd_train.model import model_for
 from hvd_train.runtime import write_line
+from hvd_train.training.consensus import weights_digest as digest
+from hvd_train.training.model import model_for
 
 
 class SampleCounter(tf.keras.layers.Layer):

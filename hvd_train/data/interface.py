@@ -1,0 +1,100 @@
+"""The data interface: what every dataset gives a run, whatever holds it (Dataset), and what
+both kinds share: the training split's scaling (Standardizer), preprocessing.json, the errors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """The data cannot be used; the message says why."""
+
+
+class StreamError(DataError):
+    """Data went bad while training read it (a file deleted, truncated, changed): rank 0 reports it."""
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    """Scaling fitted on the training split only (no leakage from val/test): per feature of a
+    table, per channel (the last axis) of N-d samples such as images, or of a 1-D target."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> "Standardizer":
+        axes = tuple(range(max(x.ndim - 1, 1)))  # all but the last (channel) axis; a 1-D target: axis 0
+        mean = x.mean(axis=axes, dtype=np.float64)
+        std = x.std(axis=axes, dtype=np.float64)
+        return cls(mean=mean, scale=np.where(std > 0, std, 1.0))
+
+    @classmethod
+    def identity(cls, x: np.ndarray) -> "Standardizer":
+        """``--scale none``: the inputs as they are (float32)."""
+        channels = x.shape[-1] if x.ndim > 1 else ()
+        return cls(mean=np.zeros(channels), scale=np.ones(channels))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) / self.scale).astype(np.float32)
+
+    def inverse(self, z: np.ndarray) -> np.ndarray:
+        return np.asarray(z, np.float64) * self.scale + self.mean
+
+    def to_dict(self) -> Dict[str, list]:
+        return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, list]) -> "Standardizer":
+        return cls(mean=np.asarray(d["mean"], np.float64), scale=np.asarray(d["scale"], np.float64))
+
+
+class Dataset:
+    """The data interface: what a run (the training loop, the callbacks, the checks, the outputs)
+    asks of its data, whatever holds it. data.Splits (arrays every rank holds) and
+    stream.StreamSplits (files each rank reads a share of) implement it; nothing else asks
+    which one it has.
+
+    - global facts: ``n_train``, ``n_val``, ``n_test``, ``input_shape``, ``feature_names``,
+      ``class_names`` (empty for regression), ``scaler``, ``target`` (regression's scaling),
+      ``target_name``;
+    - ``train_feed(rank, size, config, epoch, position)``: this rank's training batches of an
+      epoch after its first ``position`` samples (then of the epochs after it), for a world of
+      ``size``: an object with ``steps`` (of that first epoch), ``keras_input()`` (what
+      model.fit takes) and ``failure(after_error=False)`` (data that went bad mid-run, or None);
+    - ``eval_pieces(which, rank, size)``: this rank's share of the validation or test rows;
+    - ``fingerprint()``: what the consensus check and a checkpoint record of the data, to prove
+      every rank (and a resumed run) has the same;
+    - ``plan_lines(size, shuffle_buffer)``: what each rank would read, or None.
+    """
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def n_outputs(self) -> int:
+        return self.n_classes or 1
+
+    @property
+    def model_inputs(self):
+        """model_fn's first argument: the number of features of a table, else the sample shape."""
+        return self.input_shape[0] if len(self.input_shape) == 1 else self.input_shape
+
+    def preprocessing(self) -> Dict[str, object]:
+        """What predict needs to turn a raw row into model input and a class name or a value."""
+        return preprocessing(self.feature_names, self.class_names, self.scaler, self.input_shape, self.target,
+                             self.target_name)
+
+
+def preprocessing(feature_names, class_names, scaler: Standardizer, input_shape, target: Optional[Standardizer],
+                  target_name: str) -> Dict[str, object]:
+    """preprocessing.json of a run (in-memory and streamed data alike)."""
+    prep: Dict[str, object] = {"task": "regression" if target is not None else "classification",
+                               "feature_names": list(feature_names), "class_names": list(class_names),
+                               "scaler": scaler.to_dict(), "input_shape": [int(v) for v in input_shape]}
+    if target is not None:
+        prep.update(target=target.to_dict(), target_name=target_name)
+    return prep

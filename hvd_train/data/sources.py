@@ -1,0 +1,436 @@
+"""File datasets: ``csv:PATH`` and ``parquet:PATH``, read with pyarrow, in units.
+
+PATH is a file, a directory (its ``*.csv`` / ``*.parquet`` files) or a glob; files are taken in
+sorted order and must share one header (CSV) or schema (Parquet). A file is read in *units*:
+Parquet row groups, or CSV byte ranges of ``CSV_UNIT_BYTES`` (a row belongs to the range its
+first byte is in; a row is one non-empty line: line breaks quoted inside values are refused).
+Units are the same for every world size, so they can be dealt out to ranks (stream.py), and a
+row is identified by (file, unit, row within the unit) whoever reads it.
+
+A reader may pass ``select``, a mask of the rows it wants, decided from row numbers alone
+(splits, shards): a CSV unit is then cut into lines and only the chosen lines are parsed, so a
+rank that keeps a tenth of the rows parses a tenth of the text. Parquet decodes whole columns
+and drops the other rows after.
+
+Every function here is local (no collectives). Bad input raises data.DataError naming the file,
+and the line (CSV, the header being line 1) or row (Parquet, 1-based) and column where there is one.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .arrays import DataError
+
+KINDS = ("csv", "parquet")
+CSV_UNIT_BYTES = 1 << 20  # part of the row identity (so of the split): changing it changes the split
+READ_BATCH_ROWS = 8192  # rows per Parquet piece: a few MB per copy, so a handful of copies stay small
+PARQUET_GROUP_BYTES = 64 << 20  # row groups up to this size (decoded) are read column by column
+
+# select(offset, n) -> bool mask over rows [offset, offset + n) of a unit: the rows to return.
+Select = Callable[[int, int], np.ndarray]
+
+
+def is_file_source(dataset: str) -> bool:
+    return any(dataset.startswith(f"{kind}:") for kind in KINDS)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of one file: a Parquet row group, or a CSV byte range [start, stop)."""
+
+    file: int  # index into Source.files
+    index: int  # row group / range number within the file
+    start: int = 0
+    stop: int = 0
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "csv" or "parquet"
+    spec: str  # the PATH as given
+    files: Tuple[str, ...]
+    sizes: Tuple[int, ...]  # bytes per file
+    columns: Tuple[str, ...]
+    label: str
+    units: Tuple[Unit, ...]
+    data_starts: Tuple[int, ...] = ()  # CSV: byte offset of each file's first data row
+
+    @property
+    def features(self) -> Tuple[str, ...]:
+        return tuple(c for c in self.columns if c != self.label)
+
+    def listing(self) -> List[str]:
+        """What every rank must see alike: file names and sizes (the consensus fingerprint)."""
+        return [f"{os.path.basename(p)}:{s}" for p, s in zip(self.files, self.sizes)]
+
+    def sample_digest(self, edge: int = 1 << 16) -> str:
+        """SHA-256 over the first and last ``edge`` bytes of every file: a cheap local check that
+        this host's files hold what the others' do (the full content digest comes from the
+        ranks' shares and is the same everywhere by construction)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for path, size in zip(self.files, self.sizes):
+            with open(path, "rb") as f:
+                h.update(f.read(edge))
+                f.seek(max(size - edge, 0))
+                h.update(f.read(edge))
+        return h.hexdigest()
+
+
+def open_source(dataset: str, label: str) -> Source:
+    """List the files of ``csv:PATH`` / ``parquet:PATH``, check their headers agree, cut units."""
+    kind, _, spec = dataset.partition(":")
+    if kind not in KINDS or not spec:
+        raise DataError(f"dataset {dataset!r}: expected csv:PATH or parquet:PATH")
+    _lean_memory_pool()
+    files = list_files(kind, spec)
+    if kind == "csv":
+        return _open_csv(spec, files, label)
+    return _open_parquet(spec, files, label)
+
+
+def _lean_memory_pool() -> None:
+    """pyarrow's default pool, mimalloc, keeps the pages it frees: reading Parquet row groups
+    one after the other measured ~40 MB more peak RSS per process than with jemalloc (or the
+    system allocator). Use jemalloc where the wheel has it, unless ARROW_DEFAULT_MEMORY_POOL says."""
+    import pyarrow as pa
+
+    if "ARROW_DEFAULT_MEMORY_POOL" in os.environ or pa.default_memory_pool().backend_name != "mimalloc":
+        return
+    try:
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+    except NotImplementedError:  # a build without jemalloc
+        pa.set_memory_pool(pa.system_memory_pool())
+
+
+def list_files(kind: str, spec: str) -> List[str]:
+    if os.path.isdir(spec):
+        found = sorted(p for p in glob.glob(os.path.join(spec, f"*.{kind}")) if os.path.isfile(p))
+        if not found:
+            raise DataError(f"directory {spec} holds no *.{kind} files")
+        return found
+    if os.path.isfile(spec):
+        return [spec]
+    found = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+    if not found:
+        if glob.has_magic(spec):
+            raise DataError(f"{spec} matches no files")
+        raise DataError(f"cannot read {kind.upper() if kind == 'csv' else 'Parquet'} {spec}: no such file or directory")
+    return found
+
+
+def _check_header(path: str, columns: Sequence[str], label: str) -> None:
+    empty = [i + 1 for i, c in enumerate(columns) if not c.strip()]
+    if empty:
+        raise DataError(f"{path}: column(s) {', '.join(map(str, empty))} of the header have no name")
+    seen, dup = set(), []
+    for c in columns:
+        if c in seen and c not in dup:
+            dup.append(c)
+        seen.add(c)
+    if dup:
+        raise DataError(f"{path}: duplicated column name(s) {', '.join(repr(d) for d in dup)}")
+    if not label:  # predict: no label column
+        return
+    if label not in columns:
+        raise DataError(f"label column {label!r} not found in {path}; columns are: {', '.join(columns)}")
+    if len(columns) < 2:
+        raise DataError(f"{path} has no feature columns besides {label!r}")
+
+
+def _csv_header(path: str) -> Tuple[List[str], int]:
+    """(column names, byte offset of the first data row)."""
+    import csv
+
+    try:
+        with open(path, "rb") as f:
+            line = f.readline()
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+    if not line.strip():
+        raise DataError(f"CSV {path} is empty (a header row is required)")
+    if b"\0" in line:
+        raise DataError(f"cannot parse CSV {path}: not text")
+    try:
+        header = next(csv.reader([line.decode().rstrip("\r\n")]))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"cannot parse the header of CSV {path}: {err}") from None
+    return [h.strip() for h in header], len(line)
+
+
+def _open_csv(spec: str, files: List[str], label: str) -> Source:
+    columns, units, sizes, starts = None, [], [], []
+    for i, path in enumerate(files):
+        header, data_start = _csv_header(path)
+        _check_header(path, header, label)
+        if columns is None:
+            columns = header
+        elif header != columns:
+            raise DataError(f"{path} has columns {header}, but {files[0]} has {columns}: all files need one header")
+        size = os.path.getsize(path)
+        sizes.append(size)
+        starts.append(data_start)
+        for k, start in enumerate(range(data_start, max(size, data_start + 1), CSV_UNIT_BYTES)):
+            if start < size:
+                units.append(Unit(i, k, start, min(start + CSV_UNIT_BYTES, size)))
+    return Source("csv", spec, tuple(files), tuple(sizes), tuple(columns), label, tuple(units), tuple(starts))
+
+
+def _parquet_file(path: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # column pages read as needed
+    except FileNotFoundError:
+        raise DataError(f"{path} disappeared while being read") from None
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path} is not a readable Parquet file ({err})") from None
+
+
+def _open_parquet(spec: str, files: List[str], label: str) -> Source:
+    schema, units, sizes = None, [], []
+    for i, path in enumerate(files):
+        pf = _parquet_file(path)
+        names = list(pf.schema_arrow.names)
+        _check_header(path, names, label)
+        if schema is None:
+            schema, first = pf.schema_arrow, names
+            if label:  # training: every other column is a feature (predict reads the model's own)
+                _check_types(path, schema, label)
+        elif not pf.schema_arrow.equals(schema):
+            raise DataError(f"{path} has schema {_show_schema(pf.schema_arrow)}, but {files[0]} has "
+                            f"{_show_schema(schema)}: all files need one schema")
+        sizes.append(os.path.getsize(path))
+        units += [Unit(i, k) for k in range(pf.metadata.num_row_groups)]
+    return Source("parquet", spec, tuple(files), tuple(sizes), tuple(first), label, tuple(units))
+
+
+def _show_schema(schema) -> str:
+    return "[" + ", ".join(f"{f.name}: {f.type}" for f in schema) + "]"
+
+
+def _check_types(path: str, schema, label: str) -> None:
+    import pyarrow as pa
+
+    for field in schema:
+        if field.name != label and not (pa.types.is_integer(field.type) or pa.types.is_floating(field.type)
+                                        or pa.types.is_boolean(field.type)):
+            raise DataError(f"{path}: feature column {field.name!r} has type {field.type}, not a number")
+
+
+def _csv_range(source: Source, unit: Unit) -> bytes:
+    """The bytes of the rows that start in [start, stop): from after the first line end at or
+    after start - 1 (unless start is the first data row) to the first line end at or after stop - 1."""
+    path = source.files[unit.file]
+    try:
+        with open(path, "rb") as f:
+            begin = unit.start
+            if begin > source.data_starts[unit.file]:
+                f.seek(begin - 1)
+                begin = _next_line(f, begin - 1)
+            end = unit.stop
+            if end < source.sizes[unit.file]:
+                f.seek(end - 1)
+                end = _next_line(f, end - 1)
+            if end <= begin:
+                return b""
+            f.seek(begin)
+            return f.read(end - begin)
+    except FileNotFoundError:
+        raise DataError(f"{path} disappeared while being read") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def _next_line(f, position: int) -> int:
+    """Offset just after the first b"\\n" at or after ``position`` (f is positioned there), or EOF."""
+    while True:
+        block = f.read(1 << 16)
+        if not block:
+            return position
+        at = block.find(b"\n")
+        if at >= 0:
+            return position + at + 1
+        position += len(block)
+
+
+def read_unit(source: Source, unit: Unit, columns: Optional[Sequence[str]] = None, select: Optional[Select] = None
+              ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(features float64 [n, f], labels as str [n]) pieces of a unit, in row order; features
+    checked numeric and finite. ``columns``: feature columns to read (default: all but the label);
+    a source without a label column (predict) gives labels of "" . ``select``: only the rows it
+    marks, called once per piece in row order (CSV: the other lines are not parsed)."""
+    features = list(columns or source.features)
+    missing = [c for c in features if c not in source.columns]
+    if missing:
+        raise DataError(f"{source.files[unit.file]} lacks column(s) {', '.join(missing)}")
+    if source.kind == "csv":
+        yield _read_csv_unit(source, unit, features, select)
+        return
+    offset = 0
+    for x, y in _read_parquet_unit(source, unit, features):
+        if select is not None:
+            keep = select(offset, len(y))
+            offset += len(y)
+            x, y = x[keep], y[keep]
+        yield x, y
+
+
+def _read_parquet_unit(source, unit, features):
+    import pyarrow as pa
+
+    path = source.files[unit.file]
+    want = features + ([source.label] if source.label else [])
+    try:
+        pf = _parquet_file(path)
+        done = _rows_before_group(pf, unit.index)
+        if pf.metadata.row_group(unit.index).total_byte_size <= PARQUET_GROUP_BYTES:
+            # One column at a time: Arrow's reader then holds one column's pages, not every
+            # column's (which costs ~1 MB per column whatever the batch size); the decoded group
+            # is sliced into pieces without copying.
+            table = pa.table({c: pf.read_row_group(unit.index, columns=[c], use_threads=False).column(0)
+                              for c in want})
+            batches = iter(table.to_batches(max_chunksize=READ_BATCH_ROWS))
+        else:
+            batches = pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[unit.index], columns=want,
+                                      use_threads=False)
+        for batch in batches:
+            try:
+                x = _feature_matrix(batch, features)
+            except _BadValue as bad:
+                raise DataError(f"{path} row {done + bad.row + 1}, column {bad.column!r}: {bad.what}") from None
+            labels = (np.asarray(batch.column(source.label).cast(pa.string()).to_numpy(zero_copy_only=False), str)
+                      if source.label else np.full(batch.num_rows, "", str))
+            done += batch.num_rows
+            yield x, labels
+    except FileNotFoundError:
+        raise DataError(f"{path} disappeared while being read") from None
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"cannot read {path} row group {unit.index}: {err}") from None
+
+
+def _rows_before_group(pf, group: int) -> int:
+    return sum(pf.metadata.row_group(g).num_rows for g in range(group))
+
+
+def csv_lines(data: bytes) -> Tuple[np.ndarray, np.ndarray]:
+    """(start, end) byte offsets of the non-empty lines of ``data``, each end just past its line
+    break (or at the end of the data): a CSV unit's rows, as pyarrow counts them."""
+    buf = np.frombuffer(data, np.uint8)
+    if not len(buf):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ends = np.flatnonzero(buf == 10) + 1
+    if buf[-1] != 10:
+        ends = np.append(ends, len(buf))
+    starts = np.concatenate([np.zeros(1, np.int64), ends[:-1]])
+    content = ends - (buf[ends - 1] == 10)  # end of the text, without "\n" ...
+    cr = content > starts
+    cr[cr] = buf[content[cr] - 1] == 13
+    content = content - cr  # ... and without the "\r" of "\r\n"
+    keep = content > starts
+    return starts[keep], ends[keep]
+
+
+def _read_csv_unit(source, unit, features, select=None):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    data = _csv_range(source, unit)
+    starts, ends = csv_lines(data)
+    text = data
+    if select is not None:
+        keep = np.asarray(select(0, len(starts)), bool)
+        text = b"".join(data[a:b] for a, b in zip(starts[keep].tolist(), ends[keep].tolist()))
+        expected = int(keep.sum())
+    else:
+        expected = len(starts)
+    if not expected:
+        return np.zeros((0, len(features))), np.zeros(0, str)
+    types = {c: pa.float64() for c in features}
+    extra = [source.label] if source.label else []
+    types.update({c: pa.string() for c in extra})
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(text),
+            read_options=pacsv.ReadOptions(column_names=list(source.columns), use_threads=False),
+            parse_options=pacsv.ParseOptions(),
+            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=features + extra,
+                                                 null_values=[""], strings_can_be_null=False))
+        x = _feature_matrix(table, features)
+    except (pa.ArrowInvalid, _BadValue) as err:  # find the line and say what is wrong, from the text
+        raise DataError(_csv_problem(source, unit, data, features, str(err))) from None
+    if table.num_rows != expected:  # a line break inside quotes, or lines ended by a lone "\r"
+        raise DataError(f"{source.files[unit.file]}: {table.num_rows} rows parsed from {expected} lines near line "
+                        f"{_first_line(source, unit)}; each row must be one line (no line breaks inside quotes, "
+                        f"lines ended by \\n or \\r\\n)")
+    if not source.label:
+        return x, np.full(len(x), "", str)
+    labels = np.asarray(table.column(source.label).to_numpy(zero_copy_only=False), str)
+    return x, np.char.strip(labels)
+
+
+class _BadValue(Exception):
+    def __init__(self, row: int, column: str, what: str):
+        super().__init__(what)
+        self.row, self.column, self.what = row, column, what
+
+
+def _feature_matrix(table, features) -> np.ndarray:
+    """float64 [n, f] of the feature columns; a missing or non-finite value raises _BadValue."""
+    import pyarrow as pa
+
+    x = np.empty((table.num_rows, len(features)), np.float64)
+    for j, name in enumerate(features):
+        column = table.column(name)
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise _BadValue(row, name, "missing value")
+        values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        finite = np.isfinite(values)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite)[0])
+            raise _BadValue(row, name, f"{float(values[row])!r} is not finite (NaN/inf)")
+        x[:, j] = values
+    return x
+
+
+def _first_line(source, unit) -> int:
+    """The file line number (the header is line 1) of a CSV unit's first line (error path only)."""
+    begin = _csv_range(source, Unit(unit.file, 0, 0, unit.start)) if unit.start > source.data_starts[unit.file] else b""
+    return (begin.count(b"\n") if begin else 1) + 1
+
+
+def _csv_problem(source, unit, data, features, arrow_message) -> str:
+    """A bad value in a CSV unit, as file, line and column (error path only: rescans the text)."""
+    import csv
+    import io
+    import math
+
+    path = source.files[unit.file]
+    first_line = _first_line(source, unit)
+    at = [source.columns.index(c) for c in features]
+    reader = csv.reader(io.StringIO(data.decode(errors="replace")))
+    for row in reader:
+        if not row:
+            continue
+        line = first_line + reader.line_num - 1
+        if len(row) != len(source.columns):
+            return f"{path} line {line}: {len(row)} fields, header has {len(source.columns)}"
+        for i in at:
+            text = row[i].strip()
+            try:
+                value = float(text)
+            except ValueError:
+                return f"{path} line {line}, column {source.columns[i]!r}: {text!r} is not a number"
+            if not math.isfinite(value):
+                return f"{path} line {line}, column {source.columns[i]!r}: {text!r} is not finite (NaN/inf)"
+    return f"cannot parse CSV {path}: {arrow_message}"

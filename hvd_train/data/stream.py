@@ -1,0 +1,580 @@
+"""File datasets at scale: each rank reads a share of the units, global facts by collectives,
+training batches streamed from the files every epoch; no rank holds the dataset.
+
+The facts pass (``load``, collective): the units of sources.py are dealt out round-robin
+(unit u to rank u mod N). Each rank reads only its units and, for every row, decides its split
+from the seed and the row's identity (file, unit, row in unit), so the split is the same for
+every world size. From its training rows it keeps per-feature count/mean/M2 (combined over
+ranks exactly, Chan et al.), and from every row the label (the vocabulary is the union); for
+regression, the moments of the numeric target instead (its scaler).
+Evaluation (``StreamSplits.eval_pieces``) reads the validation or test rows of the same units
+again when needed: rank r scores its units' rows, and the exact metrics add per-rank sums.
+
+The training stream (``TrainStream``): the global training order is the units in file order
+(permuted per epoch when shuffling), training rows in row order within a unit, then permuted in
+windows of whole units holding at least ``--shuffle-buffer`` rows, all seeded by (seed, epoch):
+the same on every rank and for every world size. Step s takes the global positions
+sharding.global_steps gives (the same rule as in memory), rank r its contiguous slice. So, with
+or without shuffling, N processes x batch b train on exactly the batches 1 process x batch N*b
+does. Every rank reads every unit of the stream, but keeps only the rows of its own slices,
+chosen from row numbers before parsing: CSV text is parsed for those rows alone (so the parsing
+per rank falls as 1/N), Parquet columns are decoded whole and filtered. The memory (about two
+windows / N, one training and one read ahead, plus a piece being read) falls with N and does
+not grow with the data.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import runtime
+from ..runtime import AgreedFailure
+from . import arrays, sharding, sources
+from .interface import DataError, Dataset, Standardizer
+
+TRAIN, VAL, TEST = 0, 1, 2
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, vectorised over uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def row_splits(seed: int, file: int, unit: int, first: int, rows: int, val_fraction: float,
+               test_fraction: float) -> np.ndarray:
+    """The split (TRAIN, VAL, TEST) of rows [first, first + rows) of a unit: a hash of (seed, file,
+    unit, row) mapped to [0, 1); below test_fraction is test, then validation. World-size free."""
+    with np.errstate(over="ignore"):
+        key = _mix(np.uint64(seed % (1 << 64)) ^ _mix(np.uint64(file) * _GOLDEN + np.uint64(unit)))
+        row = np.arange(first, first + rows, dtype=np.uint64)
+        u = (_mix(key + row * _GOLDEN) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    out = np.full(rows, TRAIN, np.int8)
+    out[u < test_fraction + val_fraction] = VAL
+    out[u < test_fraction] = TEST
+    return out
+
+
+@dataclass
+class _Moments:
+    """Count, mean and sum of squared deviations per feature (float64), mergeable exactly."""
+
+    n: int = 0
+    mean: Optional[np.ndarray] = None
+    m2: Optional[np.ndarray] = None
+
+    def add(self, x: np.ndarray) -> None:
+        if not len(x):
+            return
+        other = _Moments(len(x), x.mean(axis=0), ((x - x.mean(axis=0)) ** 2).sum(axis=0))
+        self.merge(other)
+
+    def merge(self, o: "_Moments") -> None:
+        if not o.n:
+            return
+        if not self.n:
+            self.n, self.mean, self.m2 = o.n, o.mean.copy(), o.m2.copy()
+            return
+        n = self.n + o.n
+        delta = o.mean - self.mean
+        self.mean = self.mean + delta * (o.n / n)
+        self.m2 = self.m2 + o.m2 + delta ** 2 * (self.n * o.n / n)
+        self.n = n
+
+
+@dataclass(frozen=True)
+class StreamSplits(Dataset):
+    """A file dataset, the counterpart of arrays.Splits behind the same interface (interface.Dataset).
+    Holds no rows: evaluation rows are read from this rank's units when needed, training rows
+    are streamed (TrainStream)."""
+
+    source: sources.Source
+    scaler: Standardizer
+    feature_names: Tuple[str, ...]
+    class_names: Tuple[str, ...]  # empty for regression
+    target: Optional[Standardizer]  # regression: the target's scaling (labels are standardised values)
+    unit_train_rows: Tuple[int, ...]  # training rows per unit, global
+    unit_rows: Tuple[int, ...]  # rows per unit, global
+    n_train: int
+    n_val: int
+    n_test: int
+    digest: str  # over every unit's content digest, in unit order
+    my_units: Tuple[int, ...]  # the units this rank read in the facts pass
+    sample: str  # sources.Source.sample_digest, computed on this rank
+    seed: int = 0
+    val_fraction: float = 0.0
+    test_fraction: float = 0.0
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def input_shape(self) -> Tuple[int, ...]:
+        return (self.n_features,)
+
+    @property
+    def target_name(self) -> str:
+        return self.source.label
+
+    @property
+    def label_dtype(self):
+        return np.int64 if self.target is None else np.float32
+
+    def train_feed(self, rank: int, size: int, config, epoch: int, position: int = 0) -> "StreamFeed":
+        """This rank's training batches of ``epoch`` after its first ``position`` samples, then of
+        the epochs after it, streamed from the files (StreamFeed)."""
+        return StreamFeed(TrainStream(self, rank, size, config.batch_size, config.shuffle, config.shuffle_buffer),
+                          epoch, position)
+
+    def eval_pieces(self, which: str, rank: int, size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """This rank's share of the validation ("val") or test rows, standardised, in pieces: the
+        rows of the units it read in the facts pass (unit u mod N), read again now."""
+        wanted = VAL if which == "val" else TEST
+        for u in range(rank, len(self.source.units), size):
+            if self.unit_rows[u] == self.unit_train_rows[u]:
+                continue
+            unit = self.source.units[u]
+            for x, y in sources.read_unit(self.source, unit, select=functools.partial(_rows_of, self, wanted, unit)):
+                if len(y):
+                    yield self.scaler.transform(x), self.encode(y)
+
+    def encode(self, labels: np.ndarray) -> np.ndarray:
+        """Label texts -> class codes: class_names is sorted, so a code is a sorted position;
+        regression: the standardised numeric target."""
+        if self.target is not None:
+            return self.target.transform(numeric_target(labels, self.source))
+        names = np.asarray(self.class_names)
+        codes = np.minimum(np.searchsorted(names, labels), len(names) - 1)
+        unknown = names[codes] != labels
+        if unknown.any():  # the files changed since the facts pass
+            raise DataError(f"{self.source.spec}: label {labels[unknown][0]!r} was not there when the run started")
+        return codes.astype(np.int64)
+
+    def window_rows(self, shuffle_buffer: int) -> int:
+        """Training rows of one shuffle window, at most: whole units are added until the buffer
+        is reached, so a window can overshoot it by one unit."""
+        biggest = max(self.unit_train_rows or (0,))
+        return min(self.n_train, max(shuffle_buffer, biggest) + biggest)
+
+    def plan_lines(self, size: int, shuffle_buffer: int) -> List[str]:
+        """What each rank would read at this world size, and an estimate of its data memory."""
+        src = self.source
+        total_bytes = sum(src.sizes)
+        lines = [f"data: {len(src.files)} {src.kind} file(s), {total_bytes / 1e6:.1f} MB, {len(src.units)} unit(s) "
+                 f"({'row groups' if src.kind == 'parquet' else f'{sources.CSV_UNIT_BYTES >> 20} MB ranges'}), "
+                 f"{sum(self.unit_rows)} rows; every rank streams the {self.n_train} training rows each epoch "
+                 f"and keeps its slices"]
+        f = self.n_features
+        piece = max(self.unit_rows or (0,)) if src.kind == "csv" else min(sources.READ_BATCH_ROWS,
+                                                                           max(self.unit_rows or (0,)))
+        window = self.window_rows(shuffle_buffer)
+        for rank in range(size):
+            mine = range(rank, len(src.units), size)
+            rows = sum(self.unit_rows[u] for u in mine)
+            evaluation = sum(self.unit_rows[u] - self.unit_train_rows[u] for u in mine)
+            files = sorted({src.units[u].file for u in mine})
+            names = ", ".join(src.files[i].rsplit("/", 1)[-1] for i in files[:4]) + (", ..." if len(files) > 4 else "")
+            # Two windows' own rows (float32 and a code; one training, one being read ahead), the
+            # window's positions and permutation (3 int64 per row), and a piece being read (a few
+            # float64 copies; Parquet: the decoded row group besides).
+            group = max(self.unit_rows or (0,)) * f * 4 if src.kind == "parquet" else 0
+            memory = 2 * window / size * (4 * f + 8) + window * 24 + 4 * piece * 8 * f + group
+            lines.append(f"rank {rank} reads {len(mine)} unit(s) of {len(files)} file(s) ({names or 'none'}): "
+                         f"{rows} rows, scores their {evaluation} validation/test rows; data memory ~"
+                         f"{memory / 1e6:.1f} MB")
+        return lines
+
+    def fingerprint(self) -> Dict[str, Any]:
+        return {"data.source": f"{self.source.kind}:{self.source.spec}", "data.files": self.source.listing(),
+                "data.rows": [self.n_train, self.n_val, self.n_test], "data.sha256": self.digest[:16],
+                "data.sample": self.sample[:16],
+                "data.class_names": list(self.class_names), "data.feature_names": list(self.feature_names),
+                "data.target": None if self.target is None else self.target.to_dict()}
+
+
+def load(config, rank: int, size: int) -> StreamSplits:
+    """Collective: the facts pass (module doc). Raises AgreedFailure on every rank if any rank's
+    read failed, with that rank's message."""
+    # 1. Every rank lists the files and reads their headers (cheap): the same errors everywhere,
+    # unless a host sees other files, which the consensus fingerprint catches later.
+    source, error = None, None
+    try:
+        source = sources.open_source(config.dataset, config.label_column or "")
+    except DataError as err:
+        error = str(err)
+    runtime.agree(error, "data.open")
+
+    # 2. This rank's units: split, moments of training rows, labels, evaluation rows, digests.
+    mine = tuple(range(rank, len(source.units), size))
+    local: Dict[str, Any] = {}
+    try:
+        local = _read_share(source, mine, config)
+    except DataError as err:
+        error = str(err)
+    gathered = runtime.agree_gather(error, local, "data.facts")
+
+    # 3. Global facts, computed alike on every rank from the gathered summaries.
+    moments, target_moments = _Moments(), _Moments()
+    for g in gathered:
+        moments.merge(g["moments"])
+        target_moments.merge(g["target"])
+    unit_train = [0] * len(source.units)
+    unit_rows = [0] * len(source.units)
+    unit_digest = [""] * len(source.units)
+    for g in gathered:
+        for u, (rows, n, d) in g["units"].items():
+            unit_rows[u], unit_train[u], unit_digest[u] = rows, n, d
+    labels = sorted(set().union(*(g["labels"] for g in gathered)))
+    n_val = sum(g["n_val"] for g in gathered)
+    n_test = sum(g["n_test"] for g in gathered)
+    n_train = moments.n
+    if n_train == 0:
+        raise AgreedFailure(f"{config.dataset}: no training rows (read {n_val + n_test} validation/test rows)")
+    target = None
+    if config.regression:
+        target = _scaler(target_moments)
+    elif "" in labels:
+        raise AgreedFailure(f"{config.dataset}: some rows have an empty label")
+    elif len(labels) < 2:
+        raise AgreedFailure(f"{config.dataset}: need at least 2 classes, found {len(labels)}")
+    scaler = _scaler(moments)
+    if config.scale == "none":
+        scaler = Standardizer(mean=np.zeros_like(scaler.mean), scale=np.ones_like(scaler.scale))
+    digest = hashlib.sha256("".join(unit_digest).encode()).hexdigest()
+    return StreamSplits(
+        source=source, scaler=scaler, feature_names=source.features, class_names=tuple(labels), target=target,
+        unit_train_rows=tuple(unit_train), unit_rows=tuple(unit_rows), n_train=n_train, n_val=n_val, n_test=n_test,
+        digest=digest, my_units=mine,
+        sample=source.sample_digest(),
+        seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction)
+
+
+def _scaler(moments: _Moments) -> Standardizer:
+    std = np.sqrt(moments.m2 / moments.n)
+    return Standardizer(mean=moments.mean, scale=np.where(std > 0, std, 1.0))
+
+
+def numeric_target(labels: np.ndarray, source: sources.Source) -> np.ndarray:
+    """Regression: the label texts as numbers (arrays.numeric_target), errors naming the source."""
+    try:
+        return arrays.numeric_target(labels, source.label)
+    except DataError as err:
+        raise DataError(f"{source.spec}: {err}") from None
+
+
+def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[str, Any]:
+    moments, target = _Moments(), _Moments()
+    labels: set = set()
+    per_unit: Dict[int, Tuple[int, int, str]] = {}
+    counts = np.zeros(3, np.int64)
+    for u in units:
+        unit = source.units[u]
+        h = hashlib.sha256()
+        offset, n_train = 0, 0
+        for x, y in sources.read_unit(source, unit):
+            split = _unit_splits(config, unit, offset, len(y))
+            offset += len(y)
+            h.update(x)  # contiguous float64: hashed in place
+            h.update("\0".join(y).encode())
+            moments.add(x[split == TRAIN])
+            n_train += int(np.sum(split == TRAIN))
+            counts += np.bincount(split, minlength=3)
+            if config.regression:
+                target.add(numeric_target(y, source)[split == TRAIN])
+            else:
+                labels.update(np.unique(y).tolist())
+        per_unit[u] = (offset, n_train, h.hexdigest())
+    return {"moments": moments, "target": target, "labels": labels, "units": per_unit, "n_val": int(counts[VAL]),
+            "n_test": int(counts[TEST])}
+
+
+def _rows_of(config, split: int, unit: sources.Unit, offset: int, rows: int) -> np.ndarray:
+    """Which rows [offset, offset + rows) of a unit are in ``split`` (a ``select`` of sources.read_unit)."""
+    return _unit_splits(config, unit, offset, rows) == split
+
+
+def _unit_splits(config, unit: sources.Unit, offset: int, rows: int) -> np.ndarray:
+    """Splits of rows [offset, offset + rows) of a unit (a unit may arrive in pieces); ``config``:
+    anything with seed, val_fraction and test_fraction."""
+    return row_splits(config.seed, unit.file, unit.index, offset, rows, config.val_fraction, config.test_fraction)
+
+
+class _Slices:
+    """This rank's slices of an epoch's steps, or of the steps of its rest from ``position``
+    (sharding.remaining_steps: the rule the in-memory path follows): which global positions of
+    the epoch's order are its own."""
+
+    def __init__(self, n: int, rank: int, size: int, batch_size: int, position: int = 0):
+        self.steps = sharding.remaining_steps(n, position, size, batch_size)
+        self.position, self.size = position, size
+        lo, hi = [], []
+        for start, stop in self.steps:
+            sizes = sharding.split_evenly(stop - start, size)
+            lo.append(start + sum(sizes[:rank]))
+            hi.append(lo[-1] + sizes[rank])
+        self._starts = np.array([start for start, _ in self.steps], np.int64)
+        self.lo, self.hi = np.array(lo, np.int64), np.array(hi, np.int64)
+
+    def mine(self, positions: np.ndarray) -> np.ndarray:
+        if not self.steps:
+            return np.zeros(len(positions), bool)
+        step = np.searchsorted(self._starts, positions, side="right") - 1
+        inside = step >= 0  # positions before ``position`` were trained before
+        step = np.maximum(step, 0)
+        return inside & (positions >= self.lo[step]) & (positions < self.hi[step])
+
+
+class _Window:
+    """One window of the training stream as a rank reads it: training rows [base, base + total)
+    of the epoch's order, arriving in file order (``target``: the window's permutation's inverse,
+    None without shuffling); the rank's own rows (``slices``) are written to x, y in global order."""
+
+    def __init__(self, splits: StreamSplits, slices: _Slices, base: int, total: int, target: Optional[np.ndarray]):
+        self.splits, self.slices, self.base, self.target = splits, slices, base, target
+        positions = np.arange(base, base + total)
+        self.own = positions[slices.mine(positions)]  # this rank's positions, sorted
+        self.x = np.empty((len(self.own), splits.n_features), np.float32)
+        self.y = np.empty(len(self.own), splits.label_dtype)
+        self.arrived = 0
+        self.places: List[np.ndarray] = []
+
+    def select(self, unit: sources.Unit, offset: int, n: int) -> np.ndarray:
+        """Which rows of a piece are this rank's: training rows whose global position falls in
+        its slices (decided from row numbers, before the text is parsed)."""
+        train = np.flatnonzero(_unit_splits(self.splits, unit, offset, n) == TRAIN)
+        index = np.arange(self.arrived, self.arrived + len(train))
+        self.arrived += len(train)
+        positions = self.base + (index if self.target is None else self.target[index])
+        mine = self.slices.mine(positions)
+        self.places.append(np.searchsorted(self.own, positions[mine]))
+        keep = np.zeros(n, bool)
+        keep[train[mine]] = True
+        return keep
+
+    def put(self, x: np.ndarray, codes: np.ndarray) -> None:
+        """The rows the last ``select`` chose, once read."""
+        at = self.places.pop()
+        # Standardised as the in-memory path does it: raw values to float32, then the scaler.
+        self.x[at] = self.splits.scaler.transform(x.astype(np.float32))
+        self.y[at] = codes
+
+
+def _take(held: List[np.ndarray], n: int) -> np.ndarray:
+    """The first n > 0 rows of the arrays in ``held``, removed from it (a view where one array has them)."""
+    parts, got = [], 0
+    while got < n:
+        k = min(n - got, len(held[0]))
+        parts.append(held[0][:k])
+        got += k
+        if k == len(held[0]):
+            held.pop(0)
+        else:
+            held[0] = held[0][k:]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+READ_AHEAD_STEPS = 16  # batches made ahead of training by the reader thread, at least
+
+
+def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``items`` produced by a thread of our own, up to ``depth`` ahead of the consumer.
+
+    tf.data runs a generator on TensorFlow's inter-op pool, which ``--threads`` sizes (one
+    thread on a 2-core host with 2 ranks): there, reading and training took turns. Our own
+    thread parses (pyarrow releases the GIL) while TensorFlow computes. An exception in the
+    thread is raised here; closing this generator stops the thread.
+    """
+    import queue
+    import threading
+
+    out: "queue.Queue" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def offer(entry: Tuple[bool, Any]) -> bool:
+        """Queue an entry unless the consumer has gone; False if it has."""
+        while not stop.is_set():
+            try:
+                out.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((True, item)):
+                    return
+            offer((True, done))
+        except BaseException as err:  # handed to the consumer
+            offer((False, err))
+
+    thread = threading.Thread(target=produce, name="hvd_train-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = out.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+class TrainStream:
+    """This rank's training batches, streamed: (x, y, loss weight) per step, epoch after epoch.
+
+    The global order (module doc) is cut into windows of whole units holding at least
+    ``shuffle_buffer`` training rows (one unit per window without shuffling); a window's
+    permutation is known before it is read, since the facts pass counted every unit's training
+    rows. So each row's global position is known as it arrives, and a rank keeps only the rows
+    that fall in its own slices: memory per rank ~ window / N.
+    ``epochs(start, position)`` is an endless generator of steps from epoch ``start`` on (its
+    first ``position`` samples already trained: the windows before them are not read): Keras
+    takes the steps of each epoch from one iterator.
+    """
+
+    def __init__(self, splits: StreamSplits, rank: int, size: int, batch_size: int, shuffle: bool,
+                 shuffle_buffer: int):
+        self.splits, self.rank, self.size = splits, rank, size
+        self.batch_size, self.shuffle, self.window = batch_size, shuffle, shuffle_buffer
+        self.error: Optional[str] = None  # a DataError met while streaming (tf.data hides its type)
+
+    def slices(self, position: int = 0) -> _Slices:
+        return _Slices(self.splits.n_train, self.rank, self.size, self.batch_size, position)
+
+    def windows(self, epoch: int) -> List[List[int]]:
+        """The epoch's units (those with training rows) in order, grouped into windows."""
+        s = self.splits
+        order = np.arange(len(s.source.units))
+        if self.shuffle:
+            order = np.random.default_rng([s.seed, epoch, 1]).permutation(order)
+        out: List[List[int]] = []
+        held = self.window  # start a new window at the first unit
+        for u in (int(u) for u in order if s.unit_train_rows[u]):
+            if held >= self.window or not self.shuffle:
+                out.append([])
+                held = 0
+            out[-1].append(u)
+            held += s.unit_train_rows[u]
+        return out
+
+    def own_rows(self, epoch: int, slices: _Slices) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """This rank's training rows of the epoch (its ``slices``), in global order, one window at
+        a time: (x standardised float32, class codes). Each row is written once, straight to its
+        place. Windows wholly before the slices' position are skipped unread (on every rank)."""
+        s = self.splits
+        base = 0
+        for k, units in enumerate(self.windows(epoch)):
+            total = sum(s.unit_train_rows[u] for u in units)
+            if base + total <= slices.position:
+                base += total
+                continue
+            target = None
+            if self.shuffle:  # where each arriving row goes: the inverse of the window's permutation
+                target = np.empty(total, np.int64)
+                target[np.random.default_rng([s.seed, epoch, 2, k]).permutation(total)] = np.arange(total)
+            window = _Window(s, slices, base, total, target)
+            for u in units:
+                unit = s.source.units[u]
+                for x, y in sources.read_unit(s.source, unit, select=functools.partial(window.select, unit)):
+                    window.put(x, s.encode(y))
+            if window.arrived != total:
+                raise DataError(f"{s.source.spec}: the files changed since the run started "
+                                f"({window.arrived} training rows where there were {total})")
+            base += total
+            yield window.x, window.y
+
+    def epoch_batches(self, epoch: int, position: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """This rank's steps of an epoch, or of its rest after ``position`` samples."""
+        s = self.splits
+        slices = self.slices(position)
+        rows = self.own_rows(epoch, slices)
+        held_x: List[np.ndarray] = []  # windows (or what is left of them), oldest first
+        held_y: List[np.ndarray] = []
+        for (start, stop), lo, hi in zip(slices.steps, slices.lo, slices.hi):
+            need = int(hi - lo)
+            if sum(map(len, held_y)) < need:
+                # What is left of the last window is less than a step: copy it, so the window
+                # itself is freed before the next one is read.
+                held_x, held_y = [x.copy() for x in held_x], [y.copy() for y in held_y]
+                while sum(map(len, held_y)) < need:
+                    x, y = next(rows)
+                    held_x.append(x)
+                    held_y.append(y)
+            if need:
+                yield _take(held_x, need), _take(held_y, need), np.full(need, need * self.size / (stop - start),
+                                                                        np.float32)
+            else:
+                # Fewer samples left than ranks (the rest of an epoch in a bigger world): this
+                # rank runs the step on one row of zeros with loss weight 0 (sharding.local_batches).
+                yield (np.zeros((1, s.n_features), np.float32), np.zeros(1, s.label_dtype),
+                       np.zeros(1, np.float32))
+
+    def epochs(self, start: int, position: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        epoch = start
+        try:
+            while True:
+                yield from self.epoch_batches(epoch, position)
+                epoch, position = epoch + 1, 0
+        except DataError as err:
+            # End the stream instead of raising through tf.data (which logs a traceback). Every
+            # rank reads the same units in the same order, so all of them end at the same step;
+            # callbacks.FeedGuard then stops them together, before the epoch's collectives.
+            self.error = f"{err} (epoch {epoch + 1})"
+
+    def check_files(self) -> Optional[str]:
+        """After a failure: did a file vanish or change under the run? (Every rank finds the same.)"""
+        import os
+
+        for path, size in zip(self.splits.source.files, self.splits.source.sizes):
+            if not os.path.exists(path):
+                return f"{path} disappeared while being read"
+            if os.path.getsize(path) != size:
+                return f"{path} changed while being read (size {size} -> {os.path.getsize(path)} bytes)"
+        return None
+
+    def dataset(self, start_epoch: int, position: int = 0):
+        """A tf.data.Dataset of this rank's steps from ``start_epoch`` on (after ``position`` samples
+        of it), read ahead in the background."""
+        import tensorflow as tf
+
+        f = self.splits.n_features
+        # A window is read whole before its first batch (with shuffling, that batch may need its
+        # last row): read ahead up to a window's steps, so the next window is read while this
+        # one trains. The queued batches are views of the window: ~2 windows / N in memory.
+        window = self.splits.window_rows(self.window) if self.shuffle else 0
+        depth = max(READ_AHEAD_STEPS, window // (self.size * self.batch_size) + 2)
+        return tf.data.Dataset.from_generator(
+            lambda: read_ahead(self.epochs(start_epoch, position), depth),
+            output_signature=(tf.TensorSpec((None, f), tf.float32),
+                              tf.TensorSpec((None,), tf.as_dtype(self.splits.label_dtype)),
+                              tf.TensorSpec((None,), tf.float32))).prefetch(2)
+
+
+class StreamFeed:
+    """What the epoch loop (loop.py) trains on, for files: a TrainStream from ``epoch`` after
+    ``position`` samples. ``steps``: of the first epoch. ``failure``: a file that went bad
+    while it was read (the stream then ends early, on every rank at the same step), or after
+    another error, a file that vanished or changed under the run."""
+
+    def __init__(self, stream: TrainStream, epoch: int, position: int = 0):
+        self.stream, self.epoch, self.position = stream, epoch, position
+        self.steps = len(stream.slices(position).steps)
+
+    def keras_input(self):
+        return self.stream.dataset(self.epoch, self.position)
+
+    def failure(self, after_error: bool = False) -> Optional[str]:
+        return self.stream.error or (self.stream.check_files() if after_error else None)

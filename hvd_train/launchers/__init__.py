@@ -1,0 +1,3 @@
+"""How a run is launched, Python side: horovodrun.py (hvd-horovodrun, what launch/*.sh start)
+and ray_launch.py (launch/ray.py on a Ray cluster). A new launcher is a thin script in launch/
+that ends in one of these or in mpirun; launch/common.sh holds the shared shell helpers."""

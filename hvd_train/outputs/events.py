@@ -1,0 +1,65 @@
+"""The run's event log, ``events.jsonl``, written live by rank 0 into the output directory.
+
+One JSON object per line, ``{"event": ..., "time": ..., ...}``: ``run_start`` (config, plan,
+versions), ``epoch`` (the global metrics, learning rate and the training samples they count;
+callbacks.EpochEvents), ``checkpoint`` (path), ``early_stopping``, ``reset`` (an elastic reset:
+old and new world size and hosts, the epoch and the position in it; elastic.py), ``run_end``
+(final metrics and files) or ``run_failed`` (the error). A run without ``run_end`` did not finish.
+
+Every method may be called on every rank; only rank 0 writes (runtime.on_rank0).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+from typing import Any, Dict, List
+
+from .. import runtime
+from .run_dir import EVENTS_FILE
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: numpy scalars to Python numbers, non-finite floats to null."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class EventLog:
+    def __init__(self, rt: runtime.Runtime, output_dir: str):
+        self.rt, self.path = rt, os.path.join(output_dir, EVENTS_FILE)
+
+    def start(self, **fields: Any) -> None:
+        """Creates the output directory (set-up checks have all passed by now) and logs run_start."""
+        runtime.on_rank0(self.rt, os.makedirs, os.path.dirname(self.path), exist_ok=True)
+        self.emit("run_start", **fields)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        runtime.on_rank0(self.rt, self._append, event, fields)
+
+    def finish(self, metrics: Dict[str, Any]) -> None:
+        """``run_end``, with the final metrics and the files the run left (the log itself included)."""
+        runtime.on_rank0(self.rt, lambda: self._append("run_end", {
+            "metrics": metrics, "files": sorted(os.listdir(os.path.dirname(self.path)))}))
+
+    def _append(self, event: str, fields: Dict[str, Any]) -> None:
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+        record = {"event": event, "time": now, **_plain(fields)}
+        # One write of one whole line, flushed: a reader tailing the file never sees half a record.
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=False, allow_nan=False) + "\n")
+
+
+def read(path: str) -> List[Dict[str, Any]]:
+    """The events of a run, in order (for tools and tests)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+

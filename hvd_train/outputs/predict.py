@@ -1,0 +1,63 @@
+"""Predictions from a finished run's model.keras and preprocessing.json, on one process."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from .. import runtime
+from ..data import sources
+from ..data.interface import DataError, Standardizer
+from . import files, run_dir
+
+
+def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = None) -> str:
+    """Write <class, probability per class> (regression: the predicted value, in the target's
+    units) for every row of the input (N-d models: each row holds a sample's values flattened,
+    row-major, in the order of preprocessing.json's feature names) (a CSV or Parquet file,
+    or ``csv:``/``parquet:`` PATH with a directory or glob), read and written in pieces, so inputs
+    larger than memory work; the output appears atomically when complete. Returns its path."""
+    model_path = os.path.join(model_dir, run_dir.MODEL_FILE)
+    prep_path = os.path.join(model_dir, run_dir.PREPROCESSING_FILE)
+    for path in (model_path, prep_path):
+        if not os.path.isfile(path):
+            raise DataError(f"{model_dir} is not a finished training run: {os.path.basename(path)} is missing")
+    with open(prep_path) as f:
+        prep = json.load(f)
+    spec = input_path if sources.is_file_source(input_path) else (
+        f"parquet:{input_path}" if input_path.endswith(".parquet") else f"csv:{input_path}")
+    source = sources.open_source(spec, "")
+    scaler = Standardizer.from_dict(prep["scaler"])
+    classes = prep["class_names"]
+    shape = tuple(prep.get("input_shape") or (len(prep["feature_names"]),))
+    target = Standardizer.from_dict(prep["target"]) if prep.get("task") == "regression" else None
+
+    import tensorflow as tf
+
+    model = tf.keras.models.load_model(model_path)
+    stem = spec.split(":", 1)[1]
+    output_csv = output_csv or (os.path.splitext(stem)[0] if os.path.isfile(stem) else stem.rstrip("/*"))
+    output_csv = output_csv if output_csv.endswith(".csv") else output_csv + ".predictions.csv"
+    count = 0
+    with files.atomic_path(output_csv) as tmp, open(tmp, "w", newline="") as out:
+        writer = csv.writer(out)
+        if target is not None:
+            writer.writerow([f"predicted_{prep.get('target_name') or 'target'}"])
+        else:
+            writer.writerow(["predicted_class"] + [f"prob_{c}" for c in classes])
+        for unit in source.units:
+            for x, _ in sources.read_unit(source, unit, prep["feature_names"]):
+                if not len(x):
+                    continue
+                scores = model.predict(scaler.transform(x.reshape((-1, *shape))), verbose=0, batch_size=4096)
+                if target is not None:
+                    writer.writerows([f"{v:.8g}"] for v in target.inverse(scores.reshape(-1)))
+                else:
+                    probs = tf.nn.softmax(scores).numpy() if prep.get("logits") else scores
+                    writer.writerows([classes[int(np.argmax(row))]] + [f"{p:.6f}" for p in row] for row in probs)
+                count += len(scores)
+    runtime.write_line(f"[hvd_train] wrote {count} predictions to {output_csv}")
+    return output_csv

@@ -1,0 +1,342 @@
+"""The Keras callbacks of a run, and their order (run_callbacks).
+
+Each class says whether it is collective (every rank must run it, in the same epoch) or rank 0
+only (files and printing, never a collective). Order matters: metrics are made global first,
+so every later callback (early stopping, checkpoints, the event log, the progress line, the
+user's own) sees the same numbers on every rank.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import tensorflow as tf
+
+from .. import runtime
+from ..config.options import TrainConfig
+from ..config.plan import Plan
+from ..data import sharding
+from ..data.interface import StreamError
+from ..outputs.events import EventLog
+from ..outputs.run_dir import TENSORBOARD_DIR
+from . import checkpoint, metrics, pruning, replicas, schedules, stopping, tasks
+
+
+class _SkipSlowCallbackWarning(logging.Filter):
+    # Horovod's one-off broadcast after step 1 trips Keras's "callback is slow" check on tiny models.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is slow compared to the batch time" not in record.getMessage()
+
+
+tf.get_logger().addFilter(_SkipSlowCallbackWarning())
+
+
+def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, model, log: EventLog,
+                  resumed: checkpoint.ResumePoint, user_callbacks: List[Any]) -> List[Any]:
+    """Every callback of a run, in order; hvd_train's own first, the user's after them.
+
+    ``resumed``: where this fit starts; a ``position`` into the epoch (after an elastic reset, or
+    resumed from a stop mid-epoch) makes it a fit of the rest of that epoch, its ``sums`` carried.
+    """
+    import horovod.tensorflow.keras as hvd
+
+    # Horovod: rank 0's weights and optimizer state again after the first step (Horovod's
+    # standard guard for state created lazily inside the first step) ...
+    first_step = hvd.callbacks.BroadcastGlobalVariablesCallback(0)
+    for statistic in replicas.batchnorm_statistics(model):
+        # ... but batch-norm statistics stay each rank's: they are averaged at the epoch's end, and
+        # overwriting them after step 1 would change that average (and a resumed run's, so resumed
+        # and uninterrupted runs would differ).
+        first_step.register_local_var(statistic)
+    found: List[Any] = [
+        first_step,
+        # Before validation, checkpoints and everything else at the epoch's end.
+        SyncReplicaState(),
+    ]
+    position, carried = resumed.position, resumed.sums
+    cursor = sharding.Cursor(plan.train_samples, rt.rank, rt.size, config.batch_size, position)
+    task = tasks.for_run(config, splits)
+    train_metrics = ExactTrainMetrics(cursor.samples(cursor.steps), task, carried=carried)
+    found.append(train_metrics)
+    if plan.val_samples:
+        found.append(GlobalValidation(splits, rt, task))
+    found += schedules.callbacks(config, plan, position / plan.global_batch_size)
+    found.append(LearningRateLog())
+    found.append(EpochEvents(log, config.epochs, train_metrics))
+    if config.tensorboard and rt.is_rank0:
+        # Rank 0 only, and free of collectives: it writes files from values already global.
+        found.append(TensorBoardScalars(os.path.join(config.output_dir, TENSORBOARD_DIR)))
+    early_stopping = None
+    if config.early_stopping_patience:
+        early_stopping = EarlyStopping(rt, config, log, resumed.early_stopping)
+        found.append(early_stopping)
+    if config.prune_file:  # a sweep trial: stop when worse than earlier trials (pruning.py)
+        found.append(Pruner(rt, config, log, resumed.history))
+    checkpointer = None
+    if config.checkpoint_dir:
+        checkpointer = Checkpointer(rt, config, plan, splits.fingerprint(), resumed.history, early_stopping, log)
+        found.append(checkpointer)
+    found += user_callbacks
+    progress = progress_mode(config, rt)
+    if progress == "bar" and rt.is_rank0:
+        # Last in the list, so the bar shows metrics after they have been combined over ranks.
+        found.append(tf.keras.callbacks.ProgbarLogger(count_mode="steps"))
+    elif progress == "epoch" and rt.is_rank0:
+        found.append(EpochLine(config.epochs))
+    # Last: a stop after a batch, or after an epoch's end work (its checkpoint included).
+    found.append(stopping.StopCheck(rt, plan, config, cursor, carried, checkpointer))
+    return found
+
+
+def progress_mode(config: TrainConfig, rt: runtime.Runtime) -> str:
+    """``--progress`` resolved: launchers pipe (or pty) and prefix each chunk of output, so a
+    live bar only when run alone on a terminal."""
+    if config.progress != "auto":
+        return config.progress
+    return "bar" if sys.stdout.isatty() and not runtime.under_launcher() else "epoch"
+
+
+class FeedGuard(tf.keras.callbacks.Callback):
+    """Every rank, first at each epoch's end: training data that went bad while it was read (a
+    feed's ``failure``: a file of a stream deleted or changed, which ends the stream early on
+    every rank) stops the run here, before any collective or checkpoint of the cut-short epoch."""
+
+    def __init__(self, feed):
+        super().__init__()
+        self.feed = feed
+
+    def on_epoch_end(self, epoch, logs=None):
+        problem = self.feed.failure()
+        if problem:
+            raise StreamError(problem)
+
+
+class SyncReplicaState(tf.keras.callbacks.Callback):
+    """Collective, every rank, epoch end, first: the non-trainable state (batch-norm moving
+    statistics averaged, the rest rank 0's) identical on every rank (replicas.sync_state)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        replicas.sync_state(self.model)
+
+
+class ExactTrainMetrics(tf.keras.callbacks.Callback):
+    """Collective, every rank, epoch end: training metrics over all ranks' samples.
+
+    Horovod's MetricAverageCallback takes the plain mean of the rank means; this weighs each
+    rank by the samples it trained on. Keras's "loss" carries the uneven-step weights of
+    sharding.py, so "loss" is replaced by tasks.EXACT_LOSS: the unweighted per-sample loss plus
+    the regularisation of each sample's step (model.compile_model), whose mean over all samples is
+    what one process with the global batch reports. Then the task's derived figures (RMSE).
+    ``carried``: global sums of the epoch's part trained before an elastic reset (elastic.py).
+    """
+
+    def __init__(self, samples_this_rank: int, task, carried: Optional[Dict[str, float]] = None):
+        super().__init__()
+        self.samples_this_rank, self.task, self.carried = samples_this_rank, task, carried
+
+    def on_epoch_end(self, epoch, logs=None):
+        sums = metrics.global_sums(logs, self.samples_this_rank, "train", self.carried)
+        self.counted = int(sums["count"])  # every rank's samples of the epoch (the event log records it)
+        logs.update({k: sums[k] / sums["count"] for k in list(logs)})
+        self.carried = None  # the next epoch starts afresh
+        logs["loss"] = logs.pop(tasks.EXACT_LOSS)
+        self.task.derived(logs)
+
+
+class GlobalValidation(tf.keras.callbacks.Callback):
+    """Collective, on every rank at every epoch end: exact validation figures (loss and accuracy,
+    or loss, MSE, RMSE, MAE and R^2)."""
+
+    def __init__(self, splits, rt, task):
+        super().__init__()
+        self.splits, self.rt, self.task = splits, rt, task
+
+    def on_epoch_end(self, epoch, logs=None):
+        pieces = self.splits.eval_pieces("val", self.rt.rank, self.rt.size)
+        result = metrics.evaluate(self.model, pieces, self.task)
+        logs.update({f"val_{k}": v for k, v in self.task.scores(result).items()})
+
+
+class LearningRateLog(tf.keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        logs["lr"] = float(self.model.optimizer.lr.numpy())
+
+
+class EpochEvents(tf.keras.callbacks.Callback):
+    """Every rank, epoch end, after the metrics are global: one ``epoch`` event (rank 0 writes),
+    with the number of training samples the epoch's metrics count (``train_samples``)."""
+
+    def __init__(self, log: EventLog, epochs: int, train_metrics: ExactTrainMetrics):
+        super().__init__()
+        self.log, self.epochs, self.train_metrics = log, epochs, train_metrics
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        lr = logs.pop("lr", None)
+        self.log.emit("epoch", epoch=epoch + 1, epochs=self.epochs, metrics=logs, lr=lr,
+                      train_samples=self.train_metrics.counted, seconds=round(time.perf_counter() - self.start, 6))
+
+
+class TensorBoardScalars(tf.keras.callbacks.Callback):
+    """Rank 0 only (no collectives): each epoch's global metrics as TensorBoard scalars.
+
+    Training and validation values go to two runs (``train``, ``validation``) under the same tags
+    (``epoch_loss``, ``epoch_accuracy``), so TensorBoard draws them in one chart, as Keras does.
+    """
+
+    def __init__(self, log_dir: str):
+        super().__init__()
+        self.log_dir = log_dir
+        self.writers: Dict[str, Any] = {}
+
+    def _writer(self, run: str):
+        if run not in self.writers:
+            self.writers[run] = tf.summary.create_file_writer(os.path.join(self.log_dir, run))
+        return self.writers[run]
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            run, name = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+            name = "learning_rate" if name == "lr" else name
+            with self._writer(run).as_default(step=epoch + 1):
+                tf.summary.scalar(f"epoch_{name}", float(value))
+        for writer in self.writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs=None):
+        for writer in self.writers.values():
+            writer.close()
+
+
+class EpochLine(tf.keras.callbacks.Callback):
+    """Rank 0 only: one line per epoch with a bar over the whole run, readable through launcher pipes."""
+
+    WIDTH = 20
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = int(self.WIDTH * (epoch + 1) / self.epochs)
+        values = "  ".join(f"{k} {v:.4g}" for k, v in sorted((logs or {}).items()))
+        runtime.write_line(f"epoch {epoch + 1:>{len(str(self.epochs))}}/{self.epochs} "
+                           f"[{'#' * done}{'.' * (self.WIDTH - done)}] {values}  "
+                           f"{time.perf_counter() - self.start:.2f}s")
+
+
+class EarlyStopping(tf.keras.callbacks.Callback):
+    """Collective, every rank, epoch end: stop when the global validation metric stops improving.
+
+    The metric is the exact cross-rank value from GlobalValidation, so every rank sees the same
+    number; rank 0's state and decision are broadcast anyway, so no rounding can split the ranks.
+    The state is checkpointed, so a resumed run keeps counting where the interrupted one was.
+    """
+
+    def __init__(self, rt: runtime.Runtime, config: TrainConfig, log: EventLog,
+                 state: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.rt, self.log, self.metric = rt, log, config.early_stopping_metric
+        self.patience, self.min_delta = config.early_stopping_patience, config.early_stopping_min_delta
+        self.lower_is_better = self.metric not in ("val_accuracy", "val_r2")
+        self.state = dict(state or {"best": None, "best_epoch": None, "wait": 0})
+
+    def _improved(self, value: float) -> bool:
+        best = self.state["best"]
+        if best is None:
+            return True
+        return value < best - self.min_delta if self.lower_is_better else value > best + self.min_delta
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = float(logs[self.metric])
+        if self._improved(value):
+            self.state.update(best=value, best_epoch=epoch + 1, wait=0)
+        else:
+            self.state["wait"] += 1
+        # Horovod: rank 0 decides, every rank follows in the same epoch.
+        self.state = runtime.broadcast(self.state, "early_stopping")
+        if self.state["wait"] >= self.patience:
+            self.model.stop_training = True
+            self.log.emit("early_stopping", epoch=epoch + 1, metric=self.metric, **self.state)
+            runtime.log(self.rt, f"early stopping after epoch {epoch + 1}: {self.metric} has not improved by more "
+                                 f"than {self.min_delta:g} for {self.patience} epoch(s); best "
+                                 f"{self.state['best']:.4f} at epoch {self.state['best_epoch']}")
+
+
+class Pruner(tf.keras.callbacks.Callback):
+    """Collective, every rank, epoch end, after validation: a sweep trial whose best validation
+    value so far is worse than the median of earlier trials at this epoch stops (pruning.py).
+    Rank 0 reads the rule and decides; both are broadcast, so every rank stops after the same epoch
+    (a rank stopping alone would leave the others waiting in the next allreduce)."""
+
+    def __init__(self, rt: runtime.Runtime, config: TrainConfig, log: EventLog, history: Dict[str, List[float]]):
+        super().__init__()
+        self.rt, self.log = rt, log
+        # Horovod: rank 0's reading of the file on every rank (checked at set-up: session.settle).
+        self.rule = runtime.broadcast(runtime.on_rank0(rt, pruning.read, config.prune_file, config.task), "prune")
+        self.values = list(history.get(self.rule["metric"], []))  # a resumed run's epochs so far
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.values.append(float(logs[self.rule["metric"]]))
+        decision = runtime.on_rank0(self.rt, pruning.decide, self.rule, epoch + 1, self.values)
+        # Horovod: rank 0 decides, every rank follows in the same epoch.
+        decision = runtime.broadcast(decision, "prune.decision")
+        if decision:
+            self.model.stop_training = True
+            self.log.emit("pruned", **decision)
+            runtime.log(self.rt, f"pruned after epoch {epoch + 1}: best {decision['metric']} so far "
+                                 f"{decision['best']:.4g} is worse than {decision['median']:.4g}, the median of "
+                                 f"{decision['trials']} earlier trial(s) at this epoch")
+
+
+class Checkpointer(tf.keras.callbacks.Callback):
+    """Collective, every rank, epoch end: rank 0 writes a checkpoint every N epochs and at the end;
+    all ranks then agree that it was written, so a full disk stops the job with one message, not a hang."""
+
+    def __init__(self, rt, config: TrainConfig, plan: Plan, data: Dict[str, Any],
+                 history: Dict[str, List[float]], early_stopping: Optional[EarlyStopping], log: EventLog):
+        super().__init__()
+        self.rt, self.config, self.plan, self.data = rt, config, plan, data
+        self.history = {k: list(v) for k, v in history.items()}  # the resumed run's, extended each epoch
+        self.early_stopping, self.log = early_stopping, log
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        done = epoch + 1
+        if done % self.config.checkpoint_every and done != self.config.epochs and not self.model.stop_training:
+            return
+        self.write(done)
+
+    def write(self, epoch: int, position: int = 0, sums: Optional[Dict[str, float]] = None) -> str:
+        """Collective: the checkpoint of ``epoch`` epochs done (and ``position`` samples of the next,
+        with their metric ``sums``), written by rank 0; every rank returns its path once written."""
+        if position:
+            # Mid-epoch (a stop): the non-trainable state made every rank's first, as SyncReplicaState
+            # (the first of an epoch's end callbacks, before this one) does at an epoch's end.
+            replicas.sync_state(self.model)
+        path, error = runtime.on_rank0(self.rt, self._save, epoch, position, sums) or (None, None)
+        return runtime.agree_gather(error, path, "checkpoint")[0]  # rank 0's path, on every rank
+
+    def _save(self, epoch: int, position: int, sums: Optional[Dict[str, float]]) -> Tuple[Optional[str], Optional[str]]:
+        meta = checkpoint.run_meta(
+            self.config, self.plan, self.data, self.history,
+            self.early_stopping.state if self.early_stopping else None, bool(self.model.stop_training),
+            float(tf.keras.backend.get_value(self.model.optimizer.lr)), position, sums)
+        try:
+            path = checkpoint.save(self.config.checkpoint_dir, epoch, self.model.get_weights(),
+                                   self.model.optimizer.get_weights(), meta, self.config.keep_checkpoints)
+        except OSError as err:
+            return None, f"could not write the checkpoint for epoch {epoch} in {self.config.checkpoint_dir}: {err}"
+        runtime.log(self.rt, f"checkpoint {path}")
+        self.log.emit("checkpoint", epoch=epoch, path=path, **({"position": position} if position else {}))
+        return path, None

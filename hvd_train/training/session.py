@@ -1,0 +1,183 @@
+"""What every run does before and after its epoch loop, plain or elastic.
+
+Before: the data loaded and checked on every rank, agreed, the plan for this world, the
+consensus check (``prepare``, ``settle``); the model with its Horovod optimizer (``build_model``).
+After: exact test metrics from replicas proven identical, then the outputs (``finish``).
+trainer.py (a plain run) and elastic.py (an elastic one) call these around loop.fit_epochs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import tensorflow as tf
+
+from .. import runtime
+from ..config.options import ConfigError, TrainConfig
+from ..config.plan import Plan, make_plan
+from ..data import sources, stream
+from ..data.arrays import DataArg, Splits, load_splits
+from ..data.interface import DataError
+from ..outputs import run_dir
+from ..outputs.events import EventLog
+from ..outputs.run_dir import OutputError
+from . import checkpoint, consensus, metrics, pruning, replicas, tasks
+from .checkpoint import CheckpointError
+from .model import ModelFn, check_inputs, compile_model, make_optimizer, model_for
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output_dir: str
+    metrics: Dict[str, Any]
+    history: Dict[str, List[float]]
+    plan: Plan
+    model: Any  # the trained tf.keras.Model (identical on every rank)
+
+
+def prepare(rt: runtime.Runtime, config: TrainConfig, data: DataArg) -> Tuple[TrainConfig, Splits, Plan]:
+    """Collective: load and check the data and directories on every rank, agree, plan, check consensus."""
+    splits, error = None, None
+    try:
+        if data is None and sources.is_file_source(config.dataset):
+            # Collective (each rank reads its share); a failure anywhere raises on every rank.
+            splits = stream.load(config, *((0, 1) if rt.simulated else (rt.rank, rt.size)))
+        else:
+            splits = load_splits(config, data)
+    except (DataError, ConfigError) as err:
+        error = str(err)
+    config, plan = settle(rt, config, splits, error)
+    return config, splits, plan
+
+
+def settle(rt: runtime.Runtime, config: TrainConfig, splits: Optional[Splits],
+           error: Optional[str]) -> Tuple[TrainConfig, Plan]:
+    """Collective: every rank's data (or its loading ``error``) and directories checked and
+    agreed, then the plan for this world and the consensus check. Returns the config with rank
+    0's output directory, and the plan."""
+    # 1. Data, output and checkpoint directories. A failure on any rank stops every rank with one message.
+    output_dir = None
+    try:
+        if error is None and splits.n_train < rt.size:
+            raise DataError(f"{splits.n_train} training samples are fewer than the {rt.size} processes")
+        error = error or check_inputs(config, splits.input_shape, config.dataset)
+        output_dir = runtime.on_rank0(rt, run_dir.check_dir, config.output_dir)
+        for path in filter(None, (config.timeline, config.autotune_log)):
+            runtime.on_rank0(rt, run_dir.check_file, path)
+        if config.checkpoint_dir:
+            runtime.on_rank0(rt, checkpoint.check_writable, config.checkpoint_dir)
+        if config.prune_file:
+            runtime.on_rank0(rt, pruning.read, config.prune_file, config.task)
+    except (DataError, OutputError, ConfigError, CheckpointError) as err:
+        error = error or str(err)
+    runtime.agree(error, "setup")
+    # Horovod: rank 0 chose the directory (its default holds a timestamp); everyone uses it.
+    config = config.replace(output_dir=runtime.broadcast(output_dir, "output_dir"))
+    hosts = runtime.allgather(runtime.host_name(), "host")
+    if rt.simulated:  # every imagined rank on this host
+        hosts = hosts * rt.size
+    reading = splits.plan_lines(rt.size, config.shuffle_buffer)  # file datasets: who reads what
+    plan = make_plan(config, splits.n_train, splits.n_val, splits.n_test, rt.size, rt.intra_op_threads, hosts,
+                     reading)
+
+    # 2. Consensus: same config, data, plan and versions on every rank, or nobody trains.
+    consensus.check(consensus.fingerprint(config, splits, plan, runtime.versions()))
+    return config, plan
+
+
+def horovod_env(config: TrainConfig) -> Dict[str, str]:
+    """Horovod settings that must be in the environment before hvd.init() (this rank's)."""
+    env = {}
+    if config.timeline:
+        # Horovod: a timeline started later (hvd.start_timeline), once the set-up checks have passed.
+        env["HOROVOD_TIMELINE"] = "DYNAMIC"
+    if config.autotune:
+        # Horovod: Bayesian search of fusion threshold, cycle time, ... while training.
+        env["HOROVOD_AUTOTUNE"] = "1"
+        if runtime.launcher_rank() == 0:  # one writer for the log, rank 0
+            env["HOROVOD_AUTOTUNE_LOG"] = os.path.abspath(config.autotune_log or run_dir.autotune_scratch())
+    return env
+
+
+def build_model(config: TrainConfig, splits: Splits, lr: float, model_fn: Optional[ModelFn]):
+    """Local: the compiled model with its Horovod optimizer, whose slots already exist (so they
+    can be restored and broadcast before the first step). Returns (model, optimizer)."""
+    import horovod.tensorflow.keras as hvd
+
+    tf.keras.utils.set_random_seed(config.seed)
+    model = (model_fn or model_for(config))(splits.model_inputs, splits.n_outputs)
+    # Horovod: gradients are averaged across ranks by ring-allreduce before every update.
+    optimizer = hvd.DistributedOptimizer(
+        make_optimizer(config, lr),
+        # Horovod: optional fp16 on the wire, and local accumulation to allreduce less often.
+        compression=hvd.Compression.fp16 if config.fp16_allreduce else hvd.Compression.none,
+        backward_passes_per_step=config.backward_passes_per_step)
+    _allreduce_as_written(optimizer)
+    compile_model(model, optimizer, tasks.for_run(config, splits))
+    optimizer._create_all_weights(model.trainable_variables)
+    return model, optimizer
+
+
+def _allreduce_as_written(optimizer) -> None:
+    """Horovod: trace the optimizer's gradient allreduce without AutoGraph. Horovod makes it a
+    tf.function, so Keras's first step converted Horovod's Python source statement by statement
+    (about 1 s of every run's first step here, docs/testing.md); its branches are on Python
+    values and its tf.cond explicit, so the traced graph is the same without the conversion."""
+    # The optimizer calls it, or with --backward-passes-per-step > 1 its aggregation helper.
+    for holder in (optimizer, getattr(optimizer, "_agg_helper", None)):
+        allreduce = getattr(holder, "_allreduce_grads", None)
+        if hasattr(allreduce, "python_function"):
+            holder._allreduce_grads = tf.function(allreduce.python_function, autograph=False)
+
+
+_EPOCH_FACTS = ("epochs_completed", "epochs_trained_this_run", "resumed_from_epoch", "stopped_early")
+
+
+def finish(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits, model, model_fn: Optional[ModelFn],
+           log: EventLog, full_history: Dict[str, List[float]], facts: Dict[str, Any]) -> TrainResult:
+    """Collective: after training, exact test metrics from replicas proven identical, then the
+    outputs (rank 0) and the result. ``facts``: what the fit loop knows (epochs, time, ...)."""
+    import horovod.tensorflow as hvd_tf
+
+    # 7. Exact test metrics from identical replicas, and the proof that they are identical: the
+    # non-trainable state (batch-norm statistics, ...) synced once more, every variable compared.
+    replicas.sync_state(model)
+    task = tasks.for_run(config, splits)
+    test = metrics.evaluate(model, splits.eval_pieces("test", rt.rank, rt.size), task)
+    report, points = task.report(test), None
+    if config.regression:  # predicted-vs-true points for the plot, gathered from every rank's share
+        points = task.to_units(metrics.gather_predictions(model, splits.eval_pieces("test", rt.rank, rt.size),
+                                                          rt.size, tasks.PLOT_POINTS))
+    weight_digests, differ = replicas.check(model)
+    if config.timeline:
+        hvd_tf.stop_timeline()  # Horovod: closes the file, on every rank
+    if differ:  # the same verdict on every rank: all stop together, nothing written
+        log.emit("run_failed", error=differ)
+        raise runtime.AgreedFailure(differ)
+    result_metrics = {
+        "task": config.task,
+        **{f"test_{k}": v for k, v in task.scores(test).items()},
+        "test_samples": test["samples"],
+        "world_size": rt.size,
+        "global_batch_size": plan.global_batch_size,
+        "scaled_lr": plan.scaled_lr,
+        **{k: facts[k] for k in _EPOCH_FACTS},
+        "steps_per_epoch": plan.steps_per_epoch,
+        **{k: v for k, v in facts.items() if k not in _EPOCH_FACTS},  # time, throughput, elastic resets
+        "replica_weight_digests": weight_digests,
+        "replicas_identical": True,  # checked above, over every variable
+    }
+    for key in task.val_metrics:
+        if full_history.get(key):
+            result_metrics[key] = full_history[key][-1]
+
+    # 8. Outputs, written once by rank 0.
+    save_fn = model_fn or model_for(config, inference=True)  # ours saves plain Keras layers
+    runtime.on_rank0(rt, run_dir.write_run, config, plan, splits, task, model, save_fn, full_history,
+                     result_metrics, report, points)
+    log.finish({k: v for k, v in result_metrics.items() if k != "replica_weight_digests"})
+    runtime.log(rt, f"{task.summary(test)} on {test['samples']} samples from {rt.size} process(es)")
+    runtime.log(rt, f"outputs in {config.output_dir}")
+    return TrainResult(output_dir=config.output_dir, metrics=result_metrics,
+                       history=full_history, plan=plan, model=model)

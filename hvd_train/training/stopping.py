@@ -1,0 +1,131 @@
+"""Stopping a run on a signal: SIGTERM (Kubernetes, Slurm, a launcher passing a stop on) or SIGINT.
+
+While model.fit runs, a handler only records the signal. About once a second, after a batch
+the ranks have agreed on, and at every epoch's end, they agree whether any of them got one (one
+small allreduce, max), so all stop after the same batch however the signal reached them: one
+rank or all, at different moments. Not after every batch: a lone eager allreduce costs about
+9 ms here (Horovod's cycle), more than a small model's whole step; rank 0 sizes the interval
+from its step time and sends it in the same allreduce. Then, with
+``--checkpoint-dir``, rank 0 writes a checkpoint of that point: the epochs done, the samples of
+the current epoch already trained and their global metric sums, so that ``--resume`` continues
+with nothing lost or repeated (stop and resume equals an uninterrupted run). The event log
+records ``run_stopped``; every rank exits 128 + the signal number (143 for SIGTERM, 130 for
+SIGINT), as a process killed by it would, but cleanly.
+
+Outside model.fit (set-up, the final evaluation and outputs) the default handlers stay: those
+phases end at once, and the launcher (launch/common.sh) ends whatever is left after its grace.
+In-memory and file datasets alike: a file dataset's stream starts again at the stop's position
+(stream.TrainStream skips the windows before it).
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from typing import Dict, Iterator, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from .. import runtime
+from ..config.options import TrainConfig
+from ..config.plan import Plan
+from ..data import sharding
+from .metrics import global_sums
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+CHECK_SECONDS = 1.0  # about how often the ranks agree on a stop: at most this much more training
+_received = {"signal": 0}
+
+
+class Stopped(Exception):
+    """Every rank raises this after the same batch once any rank received a stop signal."""
+
+    def __init__(self, signum: int, epoch: int, position: int, n_train: int, checkpoint: Optional[str]):
+        self.signum, self.epoch, self.position, self.checkpoint = signum, epoch, position, checkpoint
+        where = (f"after {position} of {n_train} samples of epoch {epoch + 1}" if position
+                 else f"after epoch {epoch}")
+        then = (f"checkpoint {checkpoint}: --resume continues from there" if checkpoint
+                else "no checkpoint of this point (--checkpoint-dir DIR to keep one)")
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}; {then}")
+
+    def fields(self) -> Dict[str, object]:
+        """The ``run_stopped`` event's fields."""
+        return {"signal": signal.Signals(self.signum).name, "epoch": self.epoch, "position": self.position,
+                "checkpoint": self.checkpoint}
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def received() -> int:
+    """The signal this process received since handlers() began (0: none)."""
+    return _received["signal"]
+
+
+@contextlib.contextmanager
+def handlers() -> Iterator[None]:
+    """Within: SIGTERM and SIGINT are recorded for StopCheck instead of ending the process."""
+    _received["signal"] = 0
+
+    def record(signum, frame):
+        _received["signal"] = _received["signal"] or signum
+
+    previous = {sig: signal.signal(sig, record) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class StopCheck(tf.keras.callbacks.Callback):
+    """Collective, every rank, after the agreed batches and last at every epoch's end: stop together."""
+
+    def __init__(self, rt: runtime.Runtime, plan: Plan, config: TrainConfig, cursor: sharding.Cursor,
+                 carried: Optional[Dict[str, float]], checkpointer):
+        super().__init__()
+        self.rt, self.plan, self.batch_size = rt, plan, config.batch_size
+        self.cursor, self.carried, self.checkpointer = cursor, carried, checkpointer
+        self.interval, self.steps, self.since = 1, 0, time.perf_counter()  # the first check after one batch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = batch + 1
+        self.steps += 1
+        if done >= self.cursor.steps or self.steps < self.interval:  # the last batch: the epoch's end decides
+            return
+        if not self._agreed():
+            return
+        position, path = self.cursor.position(done), None
+        # Horovod: the epoch's metrics so far, as global sums for the resumed run (one allreduce).
+        sums = global_sums({k: float(v) for k, v in (logs or {}).items()}, self.cursor.samples(done), "stop",
+                           self.carried)
+        if self.checkpointer:
+            path = self.checkpointer.write(self.epoch, position, sums)
+        raise Stopped(self._signal, self.epoch, position, self.plan.train_samples, path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.cursor = sharding.Cursor(self.plan.train_samples, self.rt.rank, self.rt.size, self.batch_size)
+        self.carried = None
+        if self._agreed():
+            path = self.checkpointer.write(epoch + 1) if self.checkpointer else None
+            raise Stopped(self._signal, epoch + 1, 0, self.plan.train_samples, path)
+
+    def _agreed(self) -> bool:
+        import horovod.tensorflow as hvd
+
+        local, now = received(), time.perf_counter()
+        if self.rt.size > 1:
+            # Rank 0 proposes the batches until the next check (about CHECK_SECONDS of its steps).
+            step = (now - self.since) / max(self.steps, 1)
+            interval = max(1, int(CHECK_SECONDS / step)) if self.rt.is_rank0 and step > 0 else 0
+            # Horovod: every rank asks after the same batches; a signal on any rank stops all
+            # together, and everyone takes rank 0's interval (the only non-zero one).
+            local, self.interval = (int(v) for v in hvd.allreduce(
+                np.array([local, interval], np.int32), op=hvd.Max, name="stop.check").numpy())
+        self.steps, self.since, self._signal = 0, now, local
+        return bool(local)
