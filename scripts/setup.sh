@@ -16,6 +16,10 @@ Environment (defaults in brackets):
   TF_PACKAGE=tensorflow-cpu  or "tensorflow" for a GPU-capable build
   HVD_GPU_OPERATIONS=        set to NCCL to build Horovod's GPU ops (GPU images only)
   RAY=0                      1: also install the pinned Ray (launch/ray.py)
+  HVD_TRAIN_WHEEL_CACHE=~/.cache/hvd_train/wheels
+                             Horovod wheels built here, one per Horovod, patch, Python,
+                             TensorFlow and MPI: another venv reuses one instead of compiling
+                             (empty: always compile)
 EOF
 }
 case "${1:-}" in
@@ -33,6 +37,7 @@ CONSTRAINTS="$PWD/constraints.txt"
 WHEELS="$VENV/wheels"  # the Horovod wheel this set-up built
 HOROVOD_VERSION="$(sed -n 's/^horovod==//p' "$CONSTRAINTS")"
 PATCH="$PWD/patches/horovod-$HOROVOD_VERSION.patch"  # applied to Horovod's sdist before it is built
+WHEEL_CACHE="${HVD_TRAIN_WHEEL_CACHE-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hvd_train/wheels}"
 export TF_USE_LEGACY_KERAS=1  # tf.keras is tf_keras (Keras 2) for horovodrun --check-build too
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -121,20 +126,52 @@ build_horovod() {
   have_mpi && mpi_flag=HOROVOD_WITH_MPI=1
   src="$(horovod_source)"
   say "building horovod==$HOROVOD_VERSION (patched: patches/$(basename "$PATCH")) against $TF_PACKAGE (Gloo$(have_mpi && echo ' + MPI'); takes several minutes)"
-  # The wheel is kept in $WHEELS: the container test builds the image with it instead of
-  # compiling Horovod a second time when the image's Python and MPI are the host's
-  # (tests/container/build_and_run.sh).
-  rm -rf "$WHEELS" && mkdir -p "$WHEELS"
   # The venv's CMake (< 4, pinned) must be the one Horovod's build finds, not a system one.
   env PATH="$VENV/bin:$PATH" HOROVOD_CMAKE="$VENV/bin/cmake" MAKEFLAGS="-j$(nproc)" \
       HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 "$mpi_flag" \
       HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
       ${HVD_GPU_OPERATIONS:+HOROVOD_GPU_OPERATIONS="$HVD_GPU_OPERATIONS"} \
       "$VENV/bin/pip" wheel -q --no-deps --no-build-isolation -c "$CONSTRAINTS" -w "$WHEELS" "$src"
+  rm -rf "$VENV/build"
+}
+
+wheel_key() {
+  # What a compiled Horovod depends on: its version and our patch, the interpreter's ABI and
+  # platform, the TensorFlow it was compiled against, the MPI, the GPU operations.
+  {
+    echo "$HOROVOD_VERSION"
+    sha256sum < "$PATCH"
+    "$VENV/bin/python" -c 'import sys, sysconfig; print(sys.implementation.cache_tag, sysconfig.get_platform())'
+    "$VENV/bin/pip" show "$TF_PACKAGE" 2>/dev/null | grep '^Version'
+    if have_mpi; then mpirun --version 2>/dev/null | head -n1; else echo "no MPI"; fi
+    echo "${HVD_GPU_OPERATIONS:-}"
+  } | sha256sum | cut -c1-16
+}
+
+install_horovod() {
+  # The wheel is kept in $WHEELS: the container test builds the image with it instead of
+  # compiling Horovod a second time when the image's Python and MPI are the host's
+  # (tests/container/build_and_run.sh). A copy goes to $WHEEL_CACHE under wheel_key, where the
+  # next venv on this machine with the same key finds it.
+  local cached=""
+  FROM_CACHE=""
+  [ -z "$WHEEL_CACHE" ] || cached="$WHEEL_CACHE/horovod-$HOROVOD_VERSION-$(wheel_key)"
+  rm -rf "$WHEELS" && mkdir -p "$WHEELS"
+  if [ -n "$cached" ] && compgen -G "$cached/horovod-$HOROVOD_VERSION-*.whl" >/dev/null; then
+    say "installing horovod==$HOROVOD_VERSION built earlier on this machine for this Python, $TF_PACKAGE and MPI ($cached)"
+    cp "$cached"/horovod-"$HOROVOD_VERSION"-*.whl "$WHEELS"/
+    FROM_CACHE="$cached"
+  else
+    build_horovod
+  fi
   local wheel=("$WHEELS"/horovod-"$HOROVOD_VERSION"-*.whl)
   "$VENV/bin/pip" install -q -c "$CONSTRAINTS" "${wheel[0]}"  # its dependencies, when missing
   "$VENV/bin/pip" install -q --no-deps --force-reinstall "${wheel[0]}"  # this build, even over another
-  rm -rf "$VENV/build"
+  if [ -n "$cached" ] && [ -z "$FROM_CACHE" ] && [ -z "$(check_build)" ]; then
+    # Only a wheel that passed the check is kept; written aside, then renamed: never half a wheel.
+    mkdir -p "$WHEEL_CACHE" && rm -rf "$cached.tmp" && mkdir "$cached.tmp"
+    cp "${wheel[0]}" "$cached.tmp"/ && rm -rf "$cached" && mv "$cached.tmp" "$cached"
+  fi
 }
 
 install_distro_packages
@@ -171,8 +208,14 @@ fi
 
 lacking="$(check_build)"
 if [ -n "$lacking" ]; then
-  build_horovod
+  install_horovod
   lacking="$(check_build)"
+  if [ -n "$lacking" ] && [ -n "$FROM_CACHE" ]; then
+    say "the cached wheel lacks: $lacking; removing it and compiling"
+    rm -rf "$FROM_CACHE"
+    install_horovod
+    lacking="$(check_build)"
+  fi
   [ -z "$lacking" ] || die "horovodrun --check-build does not list: $lacking"
 else
   say "horovod $HOROVOD_VERSION already built with what this machine supports"
