@@ -379,3 +379,9 @@ class Jobs:
                                              **self.launch)
         return self.done[world_size]
 
+    def finished(self, world_size: int, name: str):
+        """The Run ``name`` of the job with ``world_size`` processes, which must have succeeded."""
+        run = self[world_size][name]
+        assert run.ok, run
+        return run
+

@@ -54,16 +54,10 @@ def runs(tmp_path_factory):
 
 
 
-def finished(runs, world_size, name):
-    run = runs[world_size][name]
-    assert run.ok, run
-    return run.out
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_n_processes_equal_one_process_with_n_times_the_batch(runs, optimizer, world_size):
-    one, many = finished(runs, 1, optimizer), finished(runs, world_size, optimizer)
+    one, many = runs.finished(1, optimizer).out, runs.finished(world_size, optimizer).out
     m1, mn = read_json(one / "metrics.json"), read_json(many / "metrics.json")
     assert m1["global_batch_size"] == mn["global_batch_size"] == GLOBAL_BATCH
     assert m1["steps_per_epoch"] == mn["steps_per_epoch"] == 7  # K = 35 steps in all
@@ -80,7 +74,7 @@ def test_n_processes_equal_one_process_with_n_times_the_batch(runs, optimizer, w
 
 def test_a_different_global_batch_does_not_match(runs):
     """The comparison can fail: 2 processes with batch 16 (global 32) end elsewhere."""
-    w1, w2 = saved_weights(finished(runs, 1, "sgd")), saved_weights(finished(runs, 2, "sgd_batch_16"))
+    w1, w2 = saved_weights(runs.finished(1, "sgd").out), saved_weights(runs.finished(2, "sgd_batch_16").out)
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2)) > 100 * TOLERANCE["sgd"]
 
 
@@ -101,7 +95,7 @@ def test_rank0_weights_and_optimizer_state_reach_every_rank(runs):
 
 
 def test_with_sync_batchnorm_n_processes_equal_one_process_with_n_times_the_batch(runs):
-    one, two = finished(runs, 1, "sgd_sync_bn"), finished(runs, 2, "sgd_sync_bn")
+    one, two = runs.finished(1, "sgd_sync_bn").out, runs.finished(2, "sgd_sync_bn").out
     names = [w.name for w in tf.keras.models.load_model(one / "model.keras").weights]
     assert "batchnorm_0/moving_variance:0" in names, "every weight compared, moving statistics too"
     diff = max_weight_difference(one, two)
@@ -109,4 +103,4 @@ def test_with_sync_batchnorm_n_processes_equal_one_process_with_n_times_the_batc
     assert read_json(two / "metrics.json")["replicas_identical"] is True
     assert diff <= TOLERANCE["sgd"]
     # Negative control: batch norm over each process's slice trains another model.
-    assert max_weight_difference(one, finished(runs, 2, "sgd_local_bn")) > 100 * TOLERANCE["sgd"]
+    assert max_weight_difference(one, runs.finished(2, "sgd_local_bn").out) > 100 * TOLERANCE["sgd"]

@@ -100,22 +100,16 @@ def runs(tmp_path_factory, datasets):
     for world in (1, 2):
         plans[world]["regression"] = options("regression", world, "--task", "regression", "--dropout", "0")
     plans[3]["few"] = ["--dataset", datasets["few"], *COMMON, "--batch-size", "4"]
-    jobs = Jobs(tmp_path_factory.mktemp("streaming"), plans)
-
-    def get(name, world_size):
-        run = jobs[world_size][name]
-        assert run.ok, run
-        return run.out, run
-    return get
+    return Jobs(tmp_path_factory.mktemp("streaming"), plans)
 
 
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
 def test_n_processes_streaming_equal_one_process_with_n_times_the_batch(runs, kind):
-    one, _ = runs(kind, 1)
+    one = runs.finished(1, kind).out
     for world_size in (2, 3):
-        many, _ = runs(kind, world_size)
+        many = runs.finished(world_size, kind).out
         m = read_json(many / "metrics.json")
         assert m["replicas_identical"] and m["global_batch_size"] == GLOBAL_BATCH
         assert m["steps_per_epoch"] == read_json(one / "metrics.json")["steps_per_epoch"]
@@ -123,12 +117,12 @@ def test_n_processes_streaming_equal_one_process_with_n_times_the_batch(runs, ki
         print(f"{kind} streamed, np={world_size} vs np=1: max |w_N - w_1| = {diff:.2e}")
         assert diff <= 1e-5
     # The order is the same for every world size with shuffling too (windows and units seeded by epoch).
-    shuffled_one, _ = runs(f"{kind}_shuffled", 1)
-    shuffled_two, _ = runs(f"{kind}_shuffled", 2)
+    shuffled_one = runs.finished(1, f"{kind}_shuffled").out
+    shuffled_two = runs.finished(2, f"{kind}_shuffled").out
     assert max_weight_difference(shuffled_one, shuffled_two) <= 1e-5
     assert max_weight_difference(one, shuffled_one) > 1e-3, "shuffling changes the order"
     # Negative control: another global batch ends elsewhere.
-    other, _ = runs(f"{kind}_batch_8", 2)
+    other = runs.finished(2, f"{kind}_batch_8").out
     assert max_weight_difference(one, other) > 1e-3
 
 
@@ -138,7 +132,8 @@ def test_global_facts_split_and_exact_metrics_are_the_same_for_every_world_size(
     train = split == stream.TRAIN
     classes = sorted(set(labels))
     for world_size in (1, 2, 3):
-        out, proc = runs(kind, world_size)
+        proc = runs.finished(world_size, kind)
+        out = proc.out
         m = read_json(out / "metrics.json")
         plan = read_json(out / "config.json")["plan"]
         assert (plan["train_samples"], plan["val_samples"], plan["test_samples"]) == (
@@ -166,7 +161,8 @@ def test_global_facts_split_and_exact_metrics_are_the_same_for_every_world_size(
 
 
 def test_more_ranks_than_files_and_predict_from_parquet(runs, tmp_path):
-    out, proc = runs("few", 3)
+    proc = runs.finished(3, "few")
+    out = proc.out
     assert re.search(r"data: 2 csv file\(s\), [\d.]+ MB, 1 unit\(s\)", proc.stdout), "ranks 1 and 2 read nothing"
     assert read_json(out / "metrics.json")["replicas_identical"]
     # predict (its command line, one process) streams a Parquet input and writes one row per input row.
@@ -197,7 +193,7 @@ def test_regression_from_files_n_processes_equal_one_process_with_exact_metrics(
     from sklearn import metrics as skm
 
     dataset = datasets["regression"]
-    outs = {world_size: runs("regression", world_size)[0] for world_size in (1, 2)}
+    outs = {world_size: runs.finished(world_size, "regression").out for world_size in (1, 2)}
     diff = max_weight_difference(outs[1], outs[2])
     print(f"streamed regression np=2 vs np=1: max |w_N - w_1| = {diff:.2e}")
     assert diff <= 1e-5
