@@ -22,6 +22,27 @@ def good_rows(n=30):
     return "".join(f"{i % 7},{(i * 3) % 5},{'a' if i % 2 else 'b'}\n" for i in range(n))
 
 
+def rare_class_only_in_test(tmp_path, kind, n=60):
+    """A table of n rows whose class "rare" is on rows the seed-42 hash puts in the test split
+    only (a file's split is drawn per row: data/stream.py), "a"/"b" elsewhere: the dataset spec."""
+    import numpy as np
+
+    from hvd_train.data import stream
+
+    split = stream.row_splits(42, 0, 0, 0, n, 0.1, 0.2)
+    labels = np.where(split == stream.TEST, "rare", np.where(np.arange(n) % 2, "a", "b"))
+    labels[np.flatnonzero(split == stream.TEST)[3:]] = "a"  # three rare rows, all in test
+    f1, f2 = np.arange(n) % 7, (np.arange(n) * 3) % 5
+    if kind == "csv":
+        return csv(tmp_path, "f1,f2,y\n" + "".join(f"{a},{b},{c}\n" for a, b, c in zip(f1, f2, labels)))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "skewed.parquet"
+    pq.write_table(pa.table({"f1": f1.astype(float), "f2": f2.astype(float), "y": labels}), path)
+    return f"parquet:{path}"
+
+
 def prepare(tmp_path):
     """The files some cases point at: a file where a directory is expected, a damaged checkpoint."""
     (tmp_path / "file.txt").write_text("not a directory")
@@ -54,6 +75,14 @@ CASES = {
     "bad_value_in_a_later_file": (lambda t: ["--dataset", files(t, {"a.csv": "f1,f2,y\n" + good_rows(),
                                                                     "b.csv": "f1,f2,y\n1,2,a\n3,x7,b\n"}),
                                              "--label-column", "y"], "b.csv line 3, column 'f2': 'x7' is not a number"),
+    # Small and skewed data through the file path (data/interface.check_splits): the same rule as arrays.
+    "three_rows_csv": (lambda t: ["--dataset", csv(t, "f1,f2,y\n1,2,a\n3,4,b\n5,6,a\n"), "--label-column", "y"],
+                       "the validation split is empty: 3 sample(s) gave train/val/test 2/0/1 with --val-fraction 0.1"),
+    "class_only_in_test_csv": (lambda t: ["--dataset", rare_class_only_in_test(t, "csv"), "--label-column", "y"],
+                               "class 'rare' has no training samples (train/val/test 0/0/3)"),
+    "class_only_in_test_parquet": (lambda t: ["--dataset", rare_class_only_in_test(t, "parquet"),
+                                              "--label-column", "y"],
+                                   "class 'rare' has no training samples (train/val/test 0/0/3)"),
     "unknown_dataset": (lambda t: ["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     "regression_string_target": (lambda t: ["--task", "regression", "--dataset", csv(t, "f1,f2,y\n" + good_rows()),
                                             "--label-column", "y"],

@@ -32,6 +32,7 @@ class Plan:
     intra_op_threads: int
     hosts: List[str]  # the host of each rank, in rank order
     reading: List[str] = field(default_factory=list)  # file datasets: what each rank reads (stream.py)
+    classes: Dict[str, List[int]] = field(default_factory=dict)  # classification: train/val/test rows per class
 
     def lines(self) -> List[str]:
         return [
@@ -47,7 +48,8 @@ class Plan:
 
 
 def make_plan(config: TrainConfig, n_train: int, n_val: int, n_test: int, world_size: int,
-              intra_op_threads: int, hosts: List[str], reading: Optional[List[str]] = None) -> Plan:
+              intra_op_threads: int, hosts: List[str], reading: Optional[List[str]] = None,
+              classes: Optional[Dict[str, Any]] = None) -> Plan:
     order = np.arange(n_train)
     per_rank = [sum(len(rows) for rows, _ in sharding.local_batches(n_train, r, world_size, config.batch_size, order))
                 for r in range(world_size)]
@@ -59,6 +61,7 @@ def make_plan(config: TrainConfig, n_train: int, n_val: int, n_test: int, world_
         steps_per_epoch=sharding.steps_per_epoch(n_train, world_size, config.batch_size),
         train_samples=n_train, val_samples=n_val, test_samples=n_test,
         train_samples_per_rank=per_rank, intra_op_threads=intra_op_threads, hosts=hosts, reading=list(reading or []),
+        classes={str(k): [int(n) for n in v] for k, v in (classes or {}).items()},
     )
 
 
@@ -96,4 +99,7 @@ def report_lines(plan: Plan, config: TrainConfig) -> List[str]:
                      f"{view['steps']} steps of {view['first_batch']}"
                      f"{'' if view['last_batch'] == view['first_batch'] else ', the last ' + str(view['last_batch'])}"
                      f"{first}")
+    if plan.classes:  # classification: how each class falls into the splits
+        lines.append("classes, train/val/test samples: " + ", ".join(
+            f"{name} {'/'.join(map(str, counts))}" for name, counts in plan.classes.items()))
     return lines + plan.reading[1:]

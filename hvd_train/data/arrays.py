@@ -88,6 +88,13 @@ class Splits(Dataset):
         """Nothing to say per rank: every rank holds the arrays."""
         return None
 
+    def class_counts(self) -> List[Tuple[int, int, int]]:
+        if self.target is not None:
+            return []
+        k = len(self.class_names)
+        per = [np.bincount(y, minlength=k) for y in (self.y_train, self.y_val, self.y_test)]
+        return [(int(a), int(b), int(c)) for a, b, c in zip(*per)]
+
     def fingerprint(self) -> Dict[str, Any]:
         """Shape and content hash of each split, and the label and feature names."""
         from ..training.consensus import array_digest

@@ -3,7 +3,7 @@ both kinds share: the training split's scaling (Standardizer), preprocessing.jso
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -67,7 +67,9 @@ class Dataset:
     - ``eval_pieces(which, rank, size)``: this rank's share of the validation or test rows;
     - ``fingerprint()``: what the consensus check and a checkpoint record of the data, to prove
       every rank (and a resumed run) has the same;
-    - ``plan_lines(size, shuffle_buffer)``: what each rank would read, or None.
+    - ``plan_lines(size, shuffle_buffer)``: what each rank would read, or None;
+    - ``class_counts()``: classification: (train, val, test) rows of each class, in
+      ``class_names`` order (empty for regression), which ``check_splits`` holds to one rule.
     """
 
     @property
@@ -82,6 +84,9 @@ class Dataset:
     def model_inputs(self):
         """model_fn's first argument: the number of features of a table, else the sample shape."""
         return self.input_shape[0] if len(self.input_shape) == 1 else self.input_shape
+
+    def class_counts(self) -> List[Tuple[int, int, int]]:
+        raise NotImplementedError
 
     def preprocessing(self) -> Dict[str, object]:
         """What predict needs to turn a raw row into model input and a class name or a value."""
@@ -98,3 +103,27 @@ def preprocessing(feature_names, class_names, scaler: Standardizer, input_shape,
     if target is not None:
         prep.update(target=target.to_dict(), target_name=target_name)
     return prep
+
+
+SPLITS = ("training", "validation", "test")
+
+
+def check_splits(dataset: Dataset, val_fraction: float, test_fraction: float) -> Optional[str]:
+    """The rule every dataset meets before training, in memory or from files: a split asked for
+    is not empty, and (classification) every class has training samples. None, or one message
+    naming the split or the class, with the counts. Arithmetic on global facts: every rank finds
+    the same."""
+    counts = (dataset.n_train, dataset.n_val, dataset.n_test)
+    shown = "/".join(map(str, counts))
+    options = ("", f"--val-fraction {val_fraction:g}", f"--test-fraction {test_fraction:g}")
+    for name, n, fraction, option in zip(SPLITS, counts, (1.0, val_fraction, test_fraction), options):
+        if fraction > 0 and n == 0:
+            remedy = f" with {option}: more data or a larger fraction" if option else ""
+            if name == "validation":
+                remedy += " (or --val-fraction 0: no validation)"
+            return f"the {name} split is empty: {sum(counts)} sample(s) gave train/val/test {shown}{remedy}"
+    for name, per_split in zip(dataset.class_names, dataset.class_counts()):
+        if per_split[0] == 0:
+            return (f"class {name!r} has no training samples (train/val/test {'/'.join(map(str, per_split))}): "
+                    f"a model cannot learn it; more data for it, or leave its rows out")
+    return None

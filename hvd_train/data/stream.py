@@ -107,6 +107,7 @@ class StreamSplits(Dataset):
     n_test: int
     digest: str  # over every unit's content digest, in unit order
     my_units: Tuple[int, ...]  # the units this rank read in the facts pass
+    counts: Tuple[Tuple[int, int, int], ...]  # classification: (train, val, test) rows of each class
     sample: str  # sources.Source.sample_digest, computed on this rank
     seed: int = 0
     val_fraction: float = 0.0
@@ -192,6 +193,9 @@ class StreamSplits(Dataset):
                          f"{memory / 1e6:.1f} MB")
         return lines
 
+    def class_counts(self) -> List[Tuple[int, int, int]]:
+        return list(self.counts)
+
     def fingerprint(self) -> Dict[str, Any]:
         return {"data.source": f"{self.source.kind}:{self.source.spec}", "data.files": self.source.listing(),
                 "data.rows": [self.n_train, self.n_val, self.n_test], "data.sha256": self.digest[:16],
@@ -232,7 +236,11 @@ def load(config, rank: int, size: int) -> StreamSplits:
     for g in gathered:
         for u, (rows, n, d) in g["units"].items():
             unit_rows[u], unit_train[u], unit_digest[u] = rows, n, d
-    labels = sorted(set().union(*(g["labels"] for g in gathered)))
+    per_label: Dict[str, np.ndarray] = {}
+    for g in gathered:
+        for name, row in g["labels"].items():
+            per_label[name] = per_label.get(name, 0) + row
+    labels = sorted(per_label)
     n_val = sum(g["n_val"] for g in gathered)
     n_test = sum(g["n_test"] for g in gathered)
     n_train = moments.n
@@ -251,6 +259,7 @@ def load(config, rank: int, size: int) -> StreamSplits:
     digest = hashlib.sha256("".join(unit_digest).encode()).hexdigest()
     return StreamSplits(
         source=source, scaler=scaler, feature_names=source.features, class_names=tuple(labels), target=target,
+        counts=tuple(tuple(int(v) for v in per_label[name]) for name in labels) if target is None else (),
         unit_train_rows=tuple(unit_train), unit_rows=tuple(unit_rows), n_train=n_train, n_val=n_val, n_test=n_test,
         digest=digest, my_units=mine,
         sample=source.sample_digest(),
@@ -272,7 +281,7 @@ def numeric_target(labels: np.ndarray, source: sources.Source) -> np.ndarray:
 
 def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[str, Any]:
     moments, target = _Moments(), _Moments()
-    labels: set = set()
+    labels: Dict[str, np.ndarray] = {}  # classification: rows of each label per split (train, val, test)
     per_unit: Dict[int, Tuple[int, int, str]] = {}
     counts = np.zeros(3, np.int64)
     for u in units:
@@ -290,7 +299,11 @@ def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[st
             if config.regression:
                 target.add(numeric_target(y, source)[split == TRAIN])
             else:
-                labels.update(np.unique(y).tolist())
+                names, inverse = np.unique(y, return_inverse=True)
+                per = np.zeros((len(names), 3), np.int64)
+                np.add.at(per, (inverse, split), 1)
+                for name, row in zip(names.tolist(), per):
+                    labels[name] = labels.get(name, 0) + row
         per_unit[u] = (offset, n_train, h.hexdigest())
     return {"moments": moments, "target": target, "labels": labels, "units": per_unit, "n_val": int(counts[VAL]),
             "n_test": int(counts[TEST])}

@@ -18,7 +18,7 @@ from ..config.options import ConfigError, TrainConfig
 from ..config.plan import Plan, make_plan
 from ..data import sources, stream
 from ..data.arrays import DataArg, Splits, load_splits
-from ..data.interface import DataError
+from ..data.interface import DataError, check_splits
 from ..outputs import run_dir
 from ..outputs.events import EventLog
 from ..outputs.run_dir import OutputError
@@ -61,6 +61,7 @@ def settle(rt: runtime.Runtime, config: TrainConfig, splits: Optional[Splits],
     try:
         if error is None and splits.n_train < rt.size:
             raise DataError(f"{splits.n_train} training samples are fewer than the {rt.size} processes")
+        error = error or check_splits(splits, config.val_fraction, config.test_fraction)
         error = error or check_inputs(config, splits.input_shape, config.dataset)
         output_dir = runtime.on_rank0(rt, run_dir.check_dir, config.output_dir)
         for path in filter(None, (config.timeline, config.autotune_log)):
@@ -79,7 +80,7 @@ def settle(rt: runtime.Runtime, config: TrainConfig, splits: Optional[Splits],
         hosts = hosts * rt.size
     reading = splits.plan_lines(rt.size, config.shuffle_buffer)  # file datasets: who reads what
     plan = make_plan(config, splits.n_train, splits.n_val, splits.n_test, rt.size, rt.intra_op_threads, hosts,
-                     reading)
+                     reading, dict(zip(splits.class_names, splits.class_counts())))
 
     # 2. Consensus: same config, data, plan and versions on every rank, or nobody trains.
     consensus.check(consensus.fingerprint(config, splits, plan, runtime.versions()))
