@@ -200,6 +200,22 @@ def test_fewer_training_samples_than_processes(rt, shared_tmp):
     assert not out.exists()
 
 
+def test_small_and_skewed_arrays_end_in_one_message_on_every_rank(rt, shared_tmp):
+    """The in-memory side of the small-data rule (the file side: tests/bad_inputs.py's cases)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3))
+    skewed = np.array(["a", "b"] * 19 + ["rare", "rare"])
+    tiny = np.array(["a", "b"] * 2)
+    got = [outcome(lambda y=y: train(TrainConfig(output_dir=str(shared_tmp / "out")), data=(x[:len(y)], y)))
+           for y in (skewed, tiny)]
+    every = runtime.allgather(got, "small_data")
+    assert every == [every[0]] * rt.size, "the same failure on every rank"
+    assert every[0][0] == ("AgreedFailure: class 'rare' has 2 sample(s): too few for a stratified "
+                           "train/val/test split (needs >= 3)"), every
+    assert every[0][1].startswith("AgreedFailure: class 'a' has 2 sample(s)"), every
+    assert not (shared_tmp / "out").exists()
+
+
 def test_dry_run_for_another_world_than_the_launchers_is_refused(rt):
     from hvd_train import dry_run
 
