@@ -38,6 +38,19 @@ slot_sum() {
 
 # The final step of every launcher: DRY_RUN=1 prints the command (shell-quoted), else runs it
 # as the job (run_job).
+# This machine's names and interface addresses, space-separated and padded ("  a b  "): the hosts
+# horovodrun runs without ssh.
+this_machine() {
+  local names
+  names=" localhost 127.0.0.1 $(hostname) $(hostname -f 2>/dev/null || true) "
+  if command -v ip >/dev/null 2>&1; then
+    names+="$(ip -o addr show 2>/dev/null | awk '{split($4, a, "/"); printf "%s ", a[1]}')"
+  else
+    names+="$(hostname -I 2>/dev/null || true) "
+  fi
+  echo "$names "
+}
+
 run_command() {
   if [[ -n "${DRY_RUN:-}" ]]; then
     printf '%q ' "$@"
@@ -67,6 +80,7 @@ run_job() {
   done
   trap - TERM INT HUP
   [[ -z "${watchdog:-}" ]] || kill "$watchdog" 2>/dev/null || true
+  [[ -z "${helper:-}" ]] || kill "$helper" 2>/dev/null || true  # a launcher's own background loop
   # Leftovers (a rank orphaned by its launcher, a stuck mpirun): none may outlive the job.
   kill_job KILL
   [[ -z "$stop_signal" ]] || exit $((128 + stop_signal))

@@ -9,7 +9,8 @@ Usage: launch/elastic.sh --min-np A --max-np B --discovery SCRIPT [options] [-- 
 Runs hvd-train elastic (Gloo) with horovodrun: between A and B processes on the hosts SCRIPT
 prints (one host:slots per line; polled every second). A lost worker costs the batches since
 the last commit (--commit-every, default each epoch end) and the Gloo timeout below; a host that
-appears is joined at the next commit. Fewer than A processes for --elastic-timeout: the job fails.
+appears is joined at the next commit. Fewer than A processes for --elastic-timeout: the job fails
+(meanwhile a line every few seconds says what it waits for).
   --min-np A            fewest processes to train with
   --max-np B            most processes to use
   --discovery SCRIPT    executable printing the available hosts (samples: launch/discover/)
@@ -20,7 +21,8 @@ appears is joined at the next commit. Fewer than A processes for --elastic-timeo
   --gloo-timeout S      a dead peer is noticed after at most S seconds, and an added host
                         is joined S seconds after it appears (default 10;
                         \$HOROVOD_GLOO_TIMEOUT_SECONDS; Horovod's own default is 30)
-  --network-interface IF  the interface(s) Gloo uses, e.g. lo or eth0 (default: Horovod finds them)
+  --network-interface IF  the interface(s) Gloo uses, e.g. lo or eth0 (default: lo when every
+                        listed host is this machine, else Horovod finds them)
   -h, --help            this text
 Everything after -- goes to hvd-train (see: hvd-train --help). Environment: VENV (default: the
 repository's .venv), DRY_RUN=1 (print the command instead of running it).
@@ -68,6 +70,39 @@ require_np "$gloo_timeout"
 discovery="$(cd "$(dirname "$discovery")" && pwd)/$(basename "$discovery")"
 [[ -x "$venv/bin/hvd-horovodrun" ]] || die "no hvd-horovodrun in $venv (run 'make setup' or set VENV)"
 
+# Horovod compares two hosts' network interfaces before an elastic job starts, and waits without
+# a word (up to --elastic-timeout) while it cannot. When every host the discovery script lists is
+# this machine there is nothing to compare: Gloo gets the loopback interface.
+discovered="$("$discovery" 2>/dev/null || true)"
+if [[ -z "$nic" && -n "$discovered" ]]; then
+  names="$(this_machine)" all_here=1
+  while read -r line; do
+    [[ -z "$line" || "$names" == *" ${line%%:*} "* ]] || all_here=0
+  done <<<"$discovered"
+  if (( all_here )); then
+    nic=lo
+    echo "elastic.sh: every host the discovery script lists is this machine: Gloo uses the loopback interface (--network-interface lo)" >&2
+  fi
+fi
+
+# While fewer than --min-np slots are listed, horovodrun waits in silence: say what for, every
+# few seconds, until there are enough (or the job ends).
+wait_for_hosts() {
+  local listed slots line n
+  while :; do
+    listed="$("$discovery" 2>&1)" || listed="the discovery script failed: ${listed##*$'\n'}"
+    slots=0
+    while read -r line; do
+      [[ "$line" =~ ^[^[:space:]:]+(:([0-9]+))?$ ]] || continue
+      n="${BASH_REMATCH[2]:-$slots_per_host}"
+      slots=$((slots + n))
+    done <<<"$listed"
+    (( slots < min_np )) || return 0
+    echo "elastic.sh: waiting for hosts: --min-np $min_np needs $min_np slot(s), the discovery script lists $slots (${listed//$'\n'/ }); the job gives up after --elastic-timeout $elastic_timeout s" >&2
+    sleep "${ELASTIC_WAIT_REPORT_SECONDS:-5}"
+  done
+}
+
 # Horovod: a worker blocked on a dead peer gives up after this long, then the reset starts.
 export HOROVOD_GLOO_TIMEOUT_SECONDS="$gloo_timeout"
 # horovodrun, without the TensorFlow import of its build check (hvd_train/launchers/horovodrun.py).
@@ -75,4 +110,9 @@ command=("$venv/bin/hvd-horovodrun" -np "$np" --min-np "$min_np" --max-np "$max_
          --host-discovery-script "$discovery" --slots-per-host "$slots" --elastic-timeout "$elastic_timeout")
 [[ -z "$reset_limit" ]] || command+=(--reset-limit "$reset_limit")
 [[ -z "$nic" ]] || command+=(--network-interface "$nic")
+if [[ -z "${DRY_RUN:-}" ]]; then
+  slots_per_host="$slots"
+  wait_for_hosts &
+  helper=$!
+fi
 run_command "${command[@]}" "$venv/bin/hvd-train" "$@"

@@ -75,12 +75,7 @@ ssh_args=(-o BatchMode=yes -o "ConnectTimeout=${SSH_CONNECT_TIMEOUT:-10}")
 [[ -n "${SSH_OPTS:-}" ]] && ssh_args+=(${SSH_OPTS})
 
 # Hosts horovodrun runs without ssh: this machine's names and interface addresses.
-local_names=" localhost 127.0.0.1 $(hostname) $(hostname -f 2>/dev/null || true) "
-if command -v ip >/dev/null 2>&1; then
-  local_names+="$(ip -o addr show 2>/dev/null | awk '{split($4, a, "/"); printf "%s ", a[1]}')"
-else
-  local_names+="$(hostname -I 2>/dev/null || true) "
-fi
+local_names="$(this_machine)"
 
 if (( preflight )); then
   want="$("$venv/bin/hvd-train" versions)"

@@ -64,6 +64,29 @@ def test_dry_run_prints_the_one_command_each_launcher_would_run(tmp_path):
         str(discovery),
         "--slots-per-host", "1", "--elastic-timeout", "600", "--reset-limit", "3",
         f"{BIN}/hvd-train", "--epochs", "2"], elastic.stderr
+    # Every listed host is this machine: Gloo on the loopback, said in one line (Horovod would
+    # otherwise wait in silence to compare two hosts' interfaces).
+    (tmp_path / "hosts.txt").write_text("localhost:1\n127.0.0.1:1\n")
+    here = run(["bash", LAUNCH / "elastic.sh", "--min-np", "1", "--max-np", "2", "--discovery", discovery],
+               env={**env, "HOSTS_FILE": str(tmp_path / "hosts.txt")})
+    assert "--network-interface lo" in here.stdout and here.stderr.count("loopback interface") == 1, here.stderr
+    (tmp_path / "hosts.txt").write_text("localhost:1\nnode7:1\n")
+    there = run(["bash", LAUNCH / "elastic.sh", "--min-np", "1", "--max-np", "2", "--discovery", discovery],
+                env={**env, "HOSTS_FILE": str(tmp_path / "hosts.txt")})
+    assert "--network-interface" not in there.stdout and "loopback" not in there.stderr, there.stderr
+
+
+@pytest.mark.integration
+def test_elastic_sh_says_what_it_waits_for(tmp_path):
+    """Too few slots listed: a line every few seconds saying so, then horovodrun's timeout ends it."""
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("localhost:1\n")
+    proc = run(["bash", LAUNCH / "elastic.sh", "--min-np", "2", "--max-np", "2", "--elastic-timeout", "6",
+                "--discovery", LAUNCH / "discover" / "hostfile.sh", "--", "--epochs", "1"],
+               env={"VENV": str(BIN.parent), "HOSTS_FILE": str(hosts), "ELASTIC_WAIT_REPORT_SECONDS": "2"}, timeout=60)
+    waiting = [line for line in proc.stderr.splitlines() if line.startswith("elastic.sh: waiting for hosts")]
+    assert proc.returncode != 0 and len(waiting) >= 2, proc.stderr[-2000:]
+    assert "--min-np 2 needs 2 slot(s), the discovery script lists 1 (localhost:1)" in waiting[0]
 
 
 def test_sample_discovery_scripts(tmp_path):
