@@ -32,7 +32,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Dict, List  # noqa: E402
 
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]  # hvd_train/tools/bench/startup.py -> the repository
 PHASES = ("launch", "import_tensorflow", "import_horovod", "hvd_init", "import_hvd_train", "setup", "first_step")
 
 

@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...config import configfile
+from ...launchers import LAUNCH_DIR
 from ...outputs import events, files
 from ...outputs.run_dir import EVENTS_FILE
 from ...training import pruning
 from . import results
 from .spec import Sweep, SweepError, Trial, show
 
-LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"
 TRIALS_DIR = "trials"
 TRIAL_FILE = "trial.json"
 FINISHED = ("ok", "pruned", "failed")  # a resumed sweep keeps these (failed: unless --retry-failed)
