@@ -92,3 +92,11 @@ def test_a_subpackage_per_layer_each_saying_what_belongs_there():
     for layer in LAYERS:
         doc = ast.get_docstring(ast.parse((PACKAGE / layer / "__init__.py").read_text()))
         assert doc and len(doc) > 80, f"hvd_train/{layer}/__init__.py says what belongs there"
+
+
+def test_paths_to_the_repository_from_inside_the_package_exist():
+    from hvd_train.launchers import LAUNCH_DIR
+    from hvd_train.tools.bench import startup
+
+    assert (LAUNCH_DIR / "local.sh").is_file() and LAUNCH_DIR.parent == REPO
+    assert startup.REPO == REPO
