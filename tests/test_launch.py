@@ -132,7 +132,8 @@ def test_predict_bad_input(tmp_path, capsys):
 def test_api_twice_in_one_process_with_tf_data(tmp_path):
     # API users may train several models in one process: TF's thread pools are set only once.
     # The second call also takes a batched tf.data.Dataset of (features, label).
-    script = ("import sys, tensorflow as tf; from hvd_train import TrainConfig, train, data\n"
+    script = ("import sys, tensorflow as tf; from hvd_train import TrainConfig, train\n"
+              "from hvd_train.data import arrays as data\n"
               "iris = data.load('iris')\n"
               "inputs = [None, tf.data.Dataset.from_tensor_slices((iris.x, iris.y)).batch(8)]\n"
               "for i in range(2):\n"
