@@ -290,10 +290,10 @@ def test_a_csv_folder_stopped_mid_epoch_resumes_to_the_uninterrupted_run(rt, sha
     ckpt = shared_tmp / "ckpt"
     stopped = config.replace(checkpoint_dir=str(ckpt), output_dir=str(shared_tmp / "stopped"))
     got = outcome(lambda: train(stopped, callbacks=[_SignalAtBatch(1, 17)] if rt.rank == 1 else []))
+    (epoch, path), = checkpoint.listed(str(ckpt))[:1]  # the newest, before the resumed run adds its own
     resumed = train(stopped.replace(resume="auto", output_dir=str(shared_tmp / "resumed")))
     whole = train(config.replace(output_dir=str(shared_tmp / "whole")))
-    # 480 training rows at most, 16 a step: the stop after step 18 of epoch 2 is at position 288.
-    (epoch, path), = checkpoint.listed(str(ckpt))[:1]
+    # 16 samples a step: the stop after step 18 of epoch 2 is at position 288.
     assert got.startswith("Stopped: stopped by SIGTERM after 288 of ") and " samples of epoch 2" in got, got
     assert path.endswith(checkpoint.file_name(1, 288)) and epoch == 1
     differences = [float(np.max(np.abs(a - b))) for a, b in zip(resumed.model.get_weights(),
