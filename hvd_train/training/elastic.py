@@ -214,8 +214,8 @@ def _session(state, rt: runtime.Runtime, config: TrainConfig, splits: Splits, mo
     # The learning rate of this world at the committed point (its scale and warmup position).
     tf.keras.backend.set_value(optimizer.lr, schedules.rate(
         config, plan, progress.epoch + progress.position / plan.global_batch_size / plan.steps_per_epoch))
-    def commit(callbacks: List[Any]) -> List[Any]:
-        early_stopping = next((c for c in callbacks if isinstance(c, EarlyStopping)), None)
+
+    def commit(early_stopping: Optional[EarlyStopping]) -> List[Any]:
         return [Commit(state, rt, plan, config, early_stopping)]  # last: after the stop check
 
     start = checkpoint.ResumePoint(epoch=progress.epoch, history=progress.history,

@@ -4,13 +4,14 @@ From a starting point (epoch, position into its order, the carried metric sums, 
 so far) to the requested number of epochs: the rest of an epoch a stop or an elastic reset
 interrupted (a fit of its own, with that rest's number of steps), then every remaining epoch.
 What it trains on comes from the data interface (``splits.train_feed``: arrays or files alike);
-what happens around each epoch, from the callbacks (callbacks.run_callbacks), with ``extra``
-ones at the end (elastic.py adds its commit there). It logs a stop or a failure to the event
-log and re-raises; ``is_reset`` names errors that are not failures (an elastic reset).
+what happens around each epoch, from the callbacks (callbacks.run_callbacks), with
+``extra(early_stopping)``'s at the end (elastic.py adds its commit there). It logs a stop or a
+failure to the event log and re-raises; ``is_reset`` names errors that are not failures (an
+elastic reset).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from .. import runtime
 from ..config.options import TrainConfig
@@ -24,7 +25,7 @@ from .checkpoint import ResumePoint
 
 def fit_epochs(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, model, log: EventLog,
                start: ResumePoint, user_callbacks: List[Any],
-               extra: Callable[[List[Any]], List[Any]] = lambda callbacks: [],
+               extra: Callable[[Optional[EarlyStopping]], List[Any]] = lambda early_stopping: [],
                is_reset: Callable[[BaseException], bool] = lambda err: False) -> ResumePoint:
     """Collective: train from ``start`` (its ``epoch`` is the first to train, ``stopped_early``
     means nothing is left) until the last epoch or an early stop; returns where training ended."""
@@ -34,7 +35,8 @@ def fit_epochs(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, mod
         with stopping.handlers():
             while point.epoch < config.epochs and not point.stopped_early:
                 callbacks = run_callbacks(rt, config, plan, splits, model, log, point, user_callbacks)
-                callbacks += extra(callbacks)
+                stopper = next((c for c in callbacks if isinstance(c, EarlyStopping)), None)
+                callbacks += extra(stopper)
                 feed = splits.train_feed(rt.rank, rt.size, config, point.epoch, point.position)
                 whole = not point.position  # else the rest of one epoch, alone
                 fitted = model.fit(feed.keras_input(), epochs=config.epochs if whole else point.epoch + 1,
@@ -45,7 +47,6 @@ def fit_epochs(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, mod
                 if problem:  # the data ran out without an epoch's end (FeedGuard saw none)
                     raise StreamError(problem)
                 # Early stopping, pruning or a user's callback: every rank stopped after the same epoch.
-                stopper = next((c for c in callbacks if isinstance(c, EarlyStopping)), None)
                 point = ResumePoint(epoch=point.epoch + len(fitted.epoch),
                                     history=_concat_history(point.history, fitted.history),
                                     early_stopping=stopper.state if stopper else None,
