@@ -73,11 +73,24 @@ discovery="$(cd "$(dirname "$discovery")" && pwd)/$(basename "$discovery")"
 # Horovod compares two hosts' network interfaces before an elastic job starts, and waits without
 # a word (up to --elastic-timeout) while it cannot. When every host the discovery script lists is
 # this machine there is nothing to compare: Gloo gets the loopback interface.
-discovered="$("$discovery" 2>/dev/null || true)"
+# The discovery script's "host[:slots]" lines as "host slots" (--slots for a line without them).
+listed_hosts() {
+  local line
+  while read -r line; do
+    if [[ "$line" =~ ^([^[:space:]:]+)(:([0-9]+))?$ ]]; then
+      echo "${BASH_REMATCH[1]} ${BASH_REMATCH[3]:-$slots}"
+    fi
+  done <<<"$1"
+}
+
+# Horovod compares two hosts' network interfaces before an elastic job starts, and waits without
+# a word (up to --elastic-timeout) while it cannot. When every host the discovery script lists is
+# this machine there is nothing to compare: Gloo gets the loopback interface.
+discovered="$(listed_hosts "$("$discovery" 2>/dev/null || true)")"
 if [[ -z "$nic" && -n "$discovered" ]]; then
   names="$(this_machine)" all_here=1
-  while read -r line; do
-    [[ -z "$line" || "$names" == *" ${line%%:*} "* ]] || all_here=0
+  while read -r host _; do
+    [[ "$names" == *" $host "* ]] || all_here=0
   done <<<"$discovered"
   if (( all_here )); then
     nic=lo
@@ -88,17 +101,15 @@ fi
 # While fewer than --min-np slots are listed, horovodrun waits in silence: say what for, every
 # few seconds, until there are enough (or the job ends).
 wait_for_hosts() {
-  local listed slots line n
+  local listed total n
   while :; do
     listed="$("$discovery" 2>&1)" || listed="the discovery script failed: ${listed##*$'\n'}"
-    slots=0
-    while read -r line; do
-      [[ "$line" =~ ^[^[:space:]:]+(:([0-9]+))?$ ]] || continue
-      n="${BASH_REMATCH[2]:-$slots_per_host}"
-      slots=$((slots + n))
-    done <<<"$listed"
-    (( slots < min_np )) || return 0
-    echo "elastic.sh: waiting for hosts: --min-np $min_np needs $min_np slot(s), the discovery script lists $slots (${listed//$'\n'/ }); the job gives up after --elastic-timeout $elastic_timeout s" >&2
+    total=0
+    while read -r _ n; do
+      total=$((total + ${n:-0}))
+    done <<<"$(listed_hosts "$listed")"
+    (( total < min_np )) || return 0
+    echo "elastic.sh: waiting for hosts: --min-np $min_np needs $min_np slot(s), the discovery script lists $total (${listed//$'\n'/ }); the job gives up after --elastic-timeout $elastic_timeout s" >&2
     sleep "${ELASTIC_WAIT_REPORT_SECONDS:-5}"
   done
 }
@@ -111,7 +122,6 @@ command=("$venv/bin/hvd-horovodrun" -np "$np" --min-np "$min_np" --max-np "$max_
 [[ -z "$reset_limit" ]] || command+=(--reset-limit "$reset_limit")
 [[ -z "$nic" ]] || command+=(--network-interface "$nic")
 if [[ -z "${DRY_RUN:-}" ]]; then
-  slots_per_host="$slots"
   wait_for_hosts &
   helper=$!
 fi
