@@ -151,8 +151,8 @@ wheel_key() {
 install_horovod() {
   # The wheel is kept in $WHEELS: the container test builds the image with it instead of
   # compiling Horovod a second time when the image's Python and MPI are the host's
-  # (tests/container/build_and_run.sh). A copy goes to $WHEEL_CACHE under wheel_key, where the
-  # next venv on this machine with the same key finds it.
+  # (tests/container/build_and_run.sh). A copy that passes the check goes to $WHEEL_CACHE under
+  # wheel_key (keep_wheel), where the next venv on this machine with the same key finds it.
   local cached=""
   FROM_CACHE=""
   [ -z "$WHEEL_CACHE" ] || cached="$WHEEL_CACHE/horovod-$HOROVOD_VERSION-$(wheel_key)"
@@ -167,11 +167,16 @@ install_horovod() {
   local wheel=("$WHEELS"/horovod-"$HOROVOD_VERSION"-*.whl)
   "$VENV/bin/pip" install -q -c "$CONSTRAINTS" "${wheel[0]}"  # its dependencies, when missing
   "$VENV/bin/pip" install -q --no-deps --force-reinstall "${wheel[0]}"  # this build, even over another
-  if [ -n "$cached" ] && [ -z "$FROM_CACHE" ] && [ -z "$(check_build)" ]; then
-    # Only a wheel that passed the check is kept; written aside, then renamed: never half a wheel.
-    mkdir -p "$WHEEL_CACHE" && rm -rf "$cached.tmp" && mkdir "$cached.tmp"
-    cp "${wheel[0]}" "$cached.tmp"/ && rm -rf "$cached" && mv "$cached.tmp" "$cached"
-  fi
+}
+
+keep_wheel() {
+  # After the check passed: the wheel just compiled goes to the cache, written aside, then
+  # renamed (never half a wheel). One from the cache is there already.
+  [ -n "$WHEEL_CACHE" ] && [ -z "$FROM_CACHE" ] || return 0
+  local cached wheel=("$WHEELS"/horovod-"$HOROVOD_VERSION"-*.whl)
+  cached="$WHEEL_CACHE/horovod-$HOROVOD_VERSION-$(wheel_key)"
+  mkdir -p "$WHEEL_CACHE" && rm -rf "$cached.tmp" && mkdir "$cached.tmp"
+  cp "${wheel[0]}" "$cached.tmp"/ && rm -rf "$cached" && mv "$cached.tmp" "$cached"
 }
 
 install_distro_packages
@@ -217,6 +222,7 @@ if [ -n "$lacking" ]; then
     lacking="$(check_build)"
   fi
   [ -z "$lacking" ] || die "horovodrun --check-build does not list: $lacking"
+  keep_wheel
 else
   say "horovod $HOROVOD_VERSION already built with what this machine supports"
 fi
