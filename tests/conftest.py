@@ -267,6 +267,7 @@ def check_run(out_dir, proc, world_size, reported="[hvd_train] outputs in"):
 
     from hvd_train.config.options import TrainConfig
     from hvd_train.data import arrays as data
+    from hvd_train.data import sources
     from hvd_train.training.consensus import weights_digest
 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -281,11 +282,15 @@ def check_run(out_dir, proc, world_size, reported="[hvd_train] outputs in"):
     model = tf.keras.models.load_model(out_dir / "model.keras")
     assert m["replica_weight_digests"] == [weights_digest(model.get_weights())] * world_size
     # Test metrics equal a single-process evaluation of the whole test split: exact, not a mean of means.
-    splits = data.load_splits(config)
-    scores = model(splits.x_test, training=False)
-    assert m["test_samples"] == len(splits.y_test)
+    if sources.is_file_source(config.dataset):
+        x_test, y_test, target = file_test_split(config, out_dir)
+    else:
+        splits = data.load_splits(config)
+        x_test, y_test, target = splits.x_test, splits.y_test, splits.target
+    scores = model(x_test, training=False)
+    assert m["test_samples"] == len(y_test)
     if config.regression:  # scikit-learn's metrics on the saved model's predictions, in the target's units
-        true, predicted = splits.target.inverse(splits.y_test), splits.target.inverse(scores.numpy().reshape(-1))
+        true, predicted = target.inverse(y_test), target.inverse(scores.numpy().reshape(-1))
         assert m["test_mse"] == pytest.approx(skm.mean_squared_error(true, predicted), rel=1e-5)
         assert m["test_rmse"] == pytest.approx(skm.mean_squared_error(true, predicted) ** 0.5, rel=1e-5)
         assert m["test_mae"] == pytest.approx(skm.mean_absolute_error(true, predicted), rel=1e-5)
@@ -294,11 +299,35 @@ def check_run(out_dir, proc, world_size, reported="[hvd_train] outputs in"):
     # Called directly (not predict) so Keras computes the loss from the softmax's logits, as in training.
     logits = read_json(out_dir / "preprocessing.json")["logits"]
     loss = float(np.mean(tf.keras.losses.sparse_categorical_crossentropy(
-        splits.y_test, scores, from_logits=logits).numpy()))
+        y_test, scores, from_logits=logits).numpy()))
     scores = scores.numpy()
     assert m["test_loss"] == pytest.approx(loss, rel=1e-5)
-    assert m["test_accuracy"] == pytest.approx(float(np.mean(scores.argmax(1) == splits.y_test)), abs=1e-9)
+    assert m["test_accuracy"] == pytest.approx(float(np.mean(scores.argmax(1) == y_test)), abs=1e-9)
     return m
+
+
+def file_test_split(config, out_dir):
+    """A file dataset's test rows as the run's model takes them, (x, y, target scaling or None),
+    found by this process alone (files.rows_by_split) with the run's saved scaling; the run's
+    plan must count every split as this reading does."""
+    import numpy as np
+    from files import rows_by_split
+
+    from hvd_train.data import stream
+    from hvd_train.data.interface import Standardizer
+
+    x, labels, split = rows_by_split(config.dataset, config.seed, config.val_fraction, config.test_fraction,
+                                     config.label_column or "")
+    plan = read_json(out_dir / "config.json")["plan"]
+    assert [plan["train_samples"], plan["val_samples"], plan["test_samples"]] == [
+        int((split == s).sum()) for s in (stream.TRAIN, stream.VAL, stream.TEST)]
+    prep = read_json(out_dir / "preprocessing.json")
+    test = split == stream.TEST
+    x_test = Standardizer.from_dict(prep["scaler"]).transform(x[test])
+    if config.regression:
+        target = Standardizer.from_dict(prep["target"])
+        return x_test, target.transform(labels[test].astype(np.float64)), target
+    return x_test, np.array([prep["class_names"].index(v) for v in labels[test]]), None
 
 
 def png_size(path) -> tuple:
