@@ -11,9 +11,12 @@ import signal
 import socket
 import time
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
-from conftest import BIN, REPO, Background, check_run
+from bad_inputs import CASES
+from conftest import BIN, REPO, Background, check_run, read_json
+from files import make_data
 
 from hvd_train.outputs import events
 from hvd_train.training import checkpoint
@@ -47,7 +50,7 @@ def local_hosts(count: int) -> list:
 class ElasticJob(Background):
     """launch/elastic.sh, or with ``command`` plain horovodrun's elastic flags around it."""
 
-    def __init__(self, tmp_path, hosts, min_np, max_np, args, launcher_args=(), command=()):
+    def __init__(self, tmp_path, hosts, min_np, max_np, args, launcher_args=(), command=(), interface="lo"):
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.hosts_file, self.out = tmp_path / "hosts.txt", tmp_path / "out"
         self.set_hosts(hosts)
@@ -57,7 +60,7 @@ class ElasticJob(Background):
                         "--host-discovery-script", discovery, "--network-interface", "lo", *launcher_args, *command]
         else:
             launcher = [ELASTIC, "--min-np", min_np, "--max-np", max_np, "-n", len(hosts), "--discovery", discovery,
-                        "--network-interface", "lo", *launcher_args, "--"]
+                        *(["--network-interface", interface] if interface else []), *launcher_args, "--"]
         super().__init__([*launcher, *args, "--output-dir", self.out],
                          env={"HOSTS_FILE": str(self.hosts_file), "VENV": str(BIN.parent),
                               "HOROVOD_GLOO_TIMEOUT_SECONDS": "10"})
@@ -91,7 +94,8 @@ def seconds_after(event, moment: float) -> float:
     return datetime.fromisoformat(event["time"]).timestamp() - moment
 
 
-def finished(job, world_size: int, epochs: int, first: int = 1):
+def finished(job, world_size: int, epochs: int, first: int = 1, n_train: Optional[int] = N_TRAIN):
+    """``n_train`` None: the plan's count (check_run proves it for a file dataset)."""
     code = job.wait(300)
     proc = SimpleNamespace(returncode=code, stdout=job.output, stderr="")
     metrics = check_run(job.out, proc, world_size)  # outputs, replicas identical, exact test metrics
@@ -99,7 +103,8 @@ def finished(job, world_size: int, epochs: int, first: int = 1):
     per_epoch = epoch_events(job)
     assert sorted(per_epoch) == list(range(first, epochs + 1))
     # Every epoch's training metrics count each training sample once, resets or not.
-    assert [per_epoch[e]["train_samples"] for e in sorted(per_epoch)] == [N_TRAIN] * (epochs + 1 - first)
+    n_train = n_train or read_json(job.out / "config.json")["plan"]["train_samples"]
+    assert [per_epoch[e]["train_samples"] for e in sorted(per_epoch)] == [n_train] * (epochs + 1 - first)
     return metrics
 
 
@@ -134,6 +139,48 @@ def test_rank0_dies_then_a_host_joins(tmp_path):
     assert took < 60, "a lost worker is noticed within the Gloo timeout, not the default 30 s and more"
     assert metrics["elastic_resets"] == 2 and metrics["world_size"] == 3
     assert "elastic reset: 3 -> 2 process(es)" in job.output and "elastic reset: 2 -> 3 process(es)" in job.output
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_file_dataset_loses_a_worker_mid_epoch_and_gains_one(tmp_path, kind):
+    # Files are read in shares and streamed: after each reset the rest of the epoch is re-shared
+    # from the committed position, and the newcomer learns the data's facts from the state's
+    # sync (it never ran the facts pass). CSV loses a worker, Parquet (read in windows of row
+    # groups) rank 0 itself. No --network-interface: elastic.sh picks the loopback.
+    make_data(tmp_path / kind, kind, n_rows=[1800, 0, 1400, 1800])  # about 3500 training rows
+    hosts = local_hosts(4)
+    job = ElasticJob(tmp_path, hosts[:3], 2, 3, [
+        "--dataset", f"{kind}:{tmp_path / kind}", "--label-column", "label", "--batch-size", "16", "--epochs", "40",
+        "--commit-every", "10", "--shuffle-buffer", "1000", "--progress", "epoch"], interface=None)
+    job.wait_until(lambda: job.events("epoch"), 240, "the first epoch")
+    time.sleep(0.5)  # into epoch 2, past a commit or two
+    pid, env = job.worker(rank=0 if kind == "parquet" else 2)
+    lost = env["HOROVOD_HOSTNAME"]
+    job.set_hosts([h for h in hosts[:3] if h != lost])
+    os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    job.wait_until(lambda: job.events("reset"), 120, "the reset after a worker died")
+    job.set_hosts([h for h in hosts if h != lost])
+    job.wait_until(lambda: len(job.events("reset")) >= 2, 120, "the reset that adds the new host")
+    metrics = finished(job, 3, 40, n_train=None)  # every row once per epoch, exact test metrics
+    shrink, grow = job.events("reset")[:2]
+    assert (shrink["old_world_size"], shrink["world_size"]) == (3, 2) and lost not in shrink["hosts"]
+    assert (grow["old_world_size"], grow["world_size"]) == (2, 3) and hosts[3] in grow["hosts"]
+    assert shrink["epoch"] >= 2 and 0 < shrink["position"] < shrink["samples_per_epoch"], "cut mid-epoch"
+    assert metrics["elastic_resets"] == 2 and metrics["test_accuracy"] > 0.9
+    assert "loopback interface" in job.output
+    # The reset's cost: kill -> training resumed, and the rest of the cut epoch against the time
+    # that share of a typical epoch takes (the rest is re-read from the files by the new world).
+    per_epoch = epoch_events(job)
+    cut = per_epoch[shrink["epoch"]]
+    rest = 1 - shrink["position"] / shrink["samples_per_epoch"]
+    typical = sorted(e["seconds"] for n, e in per_epoch.items() if n not in (shrink["epoch"], grow["epoch"]))
+    typical = typical[len(typical) // 2]
+    print(f"{kind}: rank {0 if kind == 'parquet' else 2} killed -> training resumed after "
+          f"{seconds_after(shrink, killed):.1f}s; the rest of epoch {shrink['epoch']} ({rest:.0%}) took "
+          f"{seconds_after(cut, 0) - seconds_after(shrink, 0):.2f}s against {rest * typical:.2f}s of a median epoch "
+          f"({typical:.2f}s); test accuracy {metrics['test_accuracy']:.4f}")
+    assert seconds_after(shrink, killed) < 60
 
 
 def test_lost_worker_finishes_like_an_uninterrupted_run(tmp_path):
@@ -189,3 +236,16 @@ def test_an_error_that_is_not_horovods_fails_the_run(tmp_path):
     failed = job.events("run_failed")
     assert failed and "boom" in failed[0]["error"]
     assert not (job.out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("case", ["three_rows_csv", "class_only_in_test_parquet"])
+def test_bad_data_under_an_elastic_launch_ends_with_one_message(tmp_path, case):
+    # The facts pass of a file dataset runs inside the elastic session; its agreed failure ends
+    # the job with rank 0's message and its status, and hvd-horovodrun adds no traceback.
+    args, message = CASES[case][0](tmp_path), CASES[case][1]
+    job = ElasticJob(tmp_path, local_hosts(2), 1, 2, args, interface=None)
+    code = job.wait(120)
+    assert code == 2, job.output[-3000:]
+    assert job.output.count("hvd-train: error: ") == 1 and message in job.output, job.output[-3000:]
+    assert "Traceback" not in job.output and "exit with status code" not in job.output, job.output[-3000:]
+    assert not job.out.exists(), "nothing written"

@@ -69,7 +69,10 @@ class Dataset:
       every rank (and a resumed run) has the same;
     - ``plan_lines(size, shuffle_buffer)``: what each rank would read, or None;
     - ``class_counts()``: classification: (train, val, test) rows of each class, in
-      ``class_names`` order (empty for regression), which ``check_splits`` holds to one rule.
+      ``class_names`` order (empty for regression), which ``check_splits`` holds to one rule;
+    - ``here(config)``: the dataset as this host sees it, when its facts came from another rank
+      (an elastic worker learns them from the state's sync): what the consensus check compares
+      is this host's own. Raises DataError.
     """
 
     @property
@@ -87,6 +90,9 @@ class Dataset:
 
     def class_counts(self) -> List[Tuple[int, int, int]]:
         raise NotImplementedError
+
+    def here(self, config) -> "Dataset":
+        return self  # rows every rank loaded itself
 
     def preprocessing(self) -> Dict[str, object]:
         """What predict needs to turn a raw row into model input and a class name or a value."""

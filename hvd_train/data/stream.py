@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -106,7 +106,6 @@ class StreamSplits(Dataset):
     n_val: int
     n_test: int
     digest: str  # over every unit's content digest, in unit order
-    my_units: Tuple[int, ...]  # the units this rank read in the facts pass
     counts: Tuple[Tuple[int, int, int], ...]  # classification: (train, val, test) rows of each class
     sample: str  # sources.Source.sample_digest, computed on this rank
     seed: int = 0
@@ -196,6 +195,12 @@ class StreamSplits(Dataset):
     def class_counts(self) -> List[Tuple[int, int, int]]:
         return list(self.counts)
 
+    def here(self, config) -> "StreamSplits":
+        """These facts (another rank's facts pass) with this host's files: listed and sampled here,
+        so the consensus check compares this host's view, not the sender's."""
+        source = sources.open_source(config.dataset, config.label_column or "")
+        return replace(self, source=source, sample=source.sample_digest())
+
     def fingerprint(self) -> Dict[str, Any]:
         return {"data.source": f"{self.source.kind}:{self.source.spec}", "data.files": self.source.listing(),
                 "data.rows": [self.n_train, self.n_val, self.n_test], "data.sha256": self.digest[:16],
@@ -261,7 +266,7 @@ def load(config, rank: int, size: int) -> StreamSplits:
         source=source, scaler=scaler, feature_names=source.features, class_names=tuple(labels), target=target,
         counts=tuple(tuple(int(v) for v in per_label[name]) for name in labels) if target is None else (),
         unit_train_rows=tuple(unit_train), unit_rows=tuple(unit_rows), n_train=n_train, n_val=n_val, n_test=n_test,
-        digest=digest, my_units=mine,
+        digest=digest,
         sample=source.sample_digest(),
         seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction)
 

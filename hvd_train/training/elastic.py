@@ -24,7 +24,12 @@ state is broadcast from the new rank 0. What that function must redo is ours (..
 Every collective of the set-up (agreement, output directory, consensus) happens inside the
 training function, never before it: a worker added mid-run starts while the others are in the
 state broadcast of the reset, so before it only local work (data, model) may happen.
-File datasets (csv:/parquet:, read in per-rank shares) are not elastic yet: refused at start.
+
+File datasets (csv:/parquet:) work the same way: their global order does not depend on the world
+size, so the rest of an epoch is re-shared like an array's. Their facts pass (stream.load: the
+scaler, classes, rows per unit) is collective, so it runs in the first session, and its result,
+a few numbers per file unit, is part of the committed state: a worker added later learns it in
+the state's sync (before the model can exist, see State) instead of reading the data again.
 """
 from __future__ import annotations
 
@@ -40,8 +45,8 @@ from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrup
 from .. import runtime
 from ..config.options import ConfigError, TrainConfig
 from ..config.plan import Plan
-from ..data import sharding, sources
-from ..data.arrays import DataArg, Splits, load_splits
+from ..data import sharding
+from ..data.arrays import DataArg, load_splits
 from ..data.interface import DataError
 from ..outputs.events import EventLog
 from . import checkpoint, loop, schedules, session
@@ -82,21 +87,20 @@ class Progress:
 def train(rt: runtime.Runtime, config: TrainConfig, data: DataArg, model_fn: Optional[ModelFn],
           user_callbacks: List[Any]) -> session.TrainResult:
     """trainer.train() under an elastic launch: local set-up, then the elastic loop."""
-    import horovod.tensorflow.keras as hvd
-
     # Local only (see the module doc), so no agreement: a failure here is the same on every
     # worker (the data and options are), and each exits with rank 0's one message.
-    try:
-        if data is None and sources.is_file_source(config.dataset):
-            raise ConfigError(f"elastic training reads in-memory datasets; {config.dataset} is read in per-rank "
-                              "shares and cannot be re-shared after a reset yet: launch it without --min-np/--max-np")
-        splits = load_splits(config, data)
-    except (DataError, ConfigError) as err:
-        runtime.fail(str(err))
-    model, optimizer = session.build_model(config, splits, config.lr, model_fn)
-    # Horovod: weights, optimizer slots and our Progress, committed and restored together.
-    state = _state_class(hvd.elastic.KerasState)(model, optimizer, progress=Progress())
-    result = run(_session)(state, rt, config, splits, model_fn, user_callbacks)
+    local = None
+    if not session.streamed(config, data):  # else the facts pass, in the first session
+        try:
+            local = load_splits(config, data)
+        except (DataError, ConfigError) as err:
+            runtime.fail(str(err))
+
+    def build(dataset):
+        return session.build_model(config, dataset, config.lr, model_fn)
+
+    state = _state_class()(local, build, progress=Progress())
+    result = run(_session)(state, rt, config, model_fn, user_callbacks)
     if result is None:  # never silently: see the trap in the module doc
         raise RuntimeError("elastic training returned no result")
     return result
@@ -107,21 +111,75 @@ def gloo_timeout() -> float:
     return float(os.environ.get("HOROVOD_GLOO_TIMEOUT_SECONDS", 30))
 
 
-def _state_class(keras_state):
-    """Horovod's KerasState, joining added hosts one Gloo timeout after they appear.
+def _state_class():
+    """Horovod's elastic state for a Keras model (its KerasState's role), with two differences.
 
-    A host added to the discovery output starts its worker at once, and the others re-form the
-    world at their next commit; the rendezvous then waits for the newcomer at most the Gloo
-    timeout, and a newcomer still importing TensorFlow (5-12 s here) makes every worker abort
-    (C++, not catchable): the whole job lost. Holding additions back for one timeout lets the
-    newcomer arrive first, or wait for the others at most that long. Removals act at once.
+    The model may not exist yet. A file dataset's facts (features, classes) come from the
+    collective facts pass inside the first session, and a worker added later learns them from
+    the sync; so sync() broadcasts the objects first (our Progress and the facts), then builds
+    the model from the facts if this worker has none, then broadcasts the variables. Every rank
+    decides from the synced facts, so all reach the same collectives.
+
+    Added hosts join one Gloo timeout after they appear. A host added to the discovery output
+    starts its worker at once, and the others re-form the world at their next commit; the
+    rendezvous then waits for the newcomer at most the Gloo timeout, and a newcomer still
+    importing TensorFlow (5-12 s here) makes every worker abort (C++, not catchable): the whole
+    job lost. Holding additions back for one timeout lets the newcomer arrive first, or wait for
+    the others at most that long. Removals act at once.
     """
+    import horovod.tensorflow as hvd_tf
+    from horovod.common.elastic import ObjectState
     from horovod.runner.elastic.worker import HostUpdateResult
 
-    class State(keras_state):
-        def __init__(self, *args, **kwargs):
+    class State(ObjectState):
+        """``local``: a dataset every rank loads itself (arrays), or None (files: ``facts``,
+        synced). ``build(dataset)`` -> (model, optimizer). Attributes committed: ``progress``,
+        ``facts``, and the model's and optimizer's variables."""
+
+        def __init__(self, local, build, progress: Progress):
             self._held: List[Tuple[float, int, float]] = []  # (driver's timestamp, update, when seen)
-            super().__init__(*args, **kwargs)
+            self._local, self._build = local, build
+            self.model = self.optimizer = None
+            super().__init__(bcast_object=hvd_tf.broadcast_object, get_rank=hvd_tf.rank, progress=progress,
+                             facts=None)
+            self.use(local)
+
+        @property
+        def dataset(self):
+            """The dataset of the run, or None before a file dataset's facts pass."""
+            return self._local if self._local is not None else self.facts
+
+        def use(self, dataset) -> None:
+            """Local: the model for ``dataset`` (a fresh one for new facts), and ``facts`` for files."""
+            if dataset is not None:
+                if dataset is not self._local:
+                    self.facts = dataset
+                self.model, self.optimizer = self._build(dataset)
+            self._save_variables()
+
+        def _variables(self) -> list:
+            return [] if self.model is None else self.model.variables + self.optimizer.variables()
+
+        def _save_variables(self) -> None:
+            self._saved = [tf.identity(v) for v in self._variables()]
+
+        def save(self):
+            self._save_variables()
+            super().save()
+
+        def restore(self):
+            for var, saved in zip(self._variables(), self._saved):
+                var.assign(saved)
+            super().restore()
+
+        def sync(self):
+            super().sync()  # Horovod: rank 0's committed objects, facts included
+            if self.dataset is not None:
+                if self.model is None:  # a newcomer to a file dataset's run
+                    self.model, self.optimizer = self._build(self.dataset)
+                # Horovod: rank 0's committed weights and optimizer slots.
+                hvd_tf.broadcast_variables(self._variables(), root_rank=0)
+            self._save_variables()
 
         def reset(self):
             self._held = []
@@ -172,7 +230,7 @@ def _reset() -> None:
     hvd.init()
 
 
-def _session(state, rt: runtime.Runtime, config: TrainConfig, splits: Splits, model_fn: Optional[ModelFn],
+def _session(state, rt: runtime.Runtime, config: TrainConfig, model_fn: Optional[ModelFn],
              user_callbacks: List[Any]) -> session.TrainResult:
     """One pass of the elastic loop, from the committed state to the end of the run."""
     import horovod.tensorflow as hvd_tf
@@ -181,7 +239,17 @@ def _session(state, rt: runtime.Runtime, config: TrainConfig, splits: Splits, mo
     progress: Progress = state.progress
     if progress.output_dir:
         config = config.replace(output_dir=progress.output_dir)
-    config, plan = session.settle(rt, config, splits, None)
+    if state.dataset is None:
+        # A file dataset's first session: the facts pass (collective), then the model for them.
+        config, splits, plan = session.prepare(rt, config, None)
+        state.use(splits)
+    else:
+        splits, error = state.dataset, None
+        try:
+            splits = splits.here(config)  # files: this host's own listing for the consensus check
+        except DataError as err:
+            error = str(err)
+        config, plan = session.settle(rt, config, splits, error)
     log = EventLog(rt, config.output_dir)
     model, optimizer = state.model, state.optimizer
     if not progress.started:

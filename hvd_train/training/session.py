@@ -36,11 +36,17 @@ class TrainResult:
     model: Any  # the trained tf.keras.Model (identical on every rank)
 
 
+def streamed(config: TrainConfig, data: DataArg) -> bool:
+    """Whether the run reads a file dataset in per-rank shares, whose facts pass (stream.load) is
+    collective; otherwise every rank loads the data itself (load_splits)."""
+    return data is None and sources.is_file_source(config.dataset)
+
+
 def prepare(rt: runtime.Runtime, config: TrainConfig, data: DataArg) -> Tuple[TrainConfig, Splits, Plan]:
     """Collective: load and check the data and directories on every rank, agree, plan, check consensus."""
     splits, error = None, None
     try:
-        if data is None and sources.is_file_source(config.dataset):
+        if streamed(config, data):
             # Collective (each rank reads its share); a failure anywhere raises on every rank.
             splits = stream.load(config, *((0, 1) if rt.simulated else (rt.rank, rt.size)))
         else:
