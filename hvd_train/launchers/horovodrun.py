@@ -7,7 +7,12 @@ facts are in Horovod's compiled library: with TensorFlow's two C++ libraries loa
 Python), Horovod's TensorFlow op library answers horovod_gloo_built() and horovod_mpi_built()
 in about 0.4 s. That is asked in a child process too, so the launcher stays small, and anything
 unexpected (another layout, a library missing) leaves horovodrun's own check in place.
-Everything else is horovodrun's: options, controllers, elastic mode, its messages.
+Everything else is horovodrun's: options, controllers, elastic mode, its messages, with one
+exception: how a job ends when its processes agreed to fail. hvd-train's ranks exit 2 after a
+bad input (rank 0 printed the one message) and 128 + N after a stop by SIGTERM or SIGINT (rank
+0 said so); horovodrun then narrates each exit and raises its RuntimeError with a traceback. Here
+that narration and the traceback are left out and the job exits with the processes' status
+(``Ending``); any other exit keeps horovodrun's lines, and one line replaces its traceback.
 """
 from __future__ import annotations
 
@@ -16,7 +21,10 @@ import glob
 import importlib.util
 import multiprocessing
 import os
+import re
+import signal
 import sys
+import threading
 from typing import Dict, List, Optional
 
 TENSORFLOW_LIBRARIES = ("libtensorflow_framework.so.2", "libtensorflow_cc.so.2")
@@ -60,6 +68,64 @@ def local_command(np_: int, controller: str = "gloo") -> List[str]:
     return [launcher, "-np", str(np_), "-H", f"localhost:{np_}", f"--{controller}"]
 
 
+def said_why(code: int) -> bool:
+    """Whether a rank's exit status means hvd-train's rank 0 already said why (see module doc):
+    2, or a stop by one of the signals training stops on (a SIGKILL, 137, is not one)."""
+    return code == 2 or code - 128 in (signal.SIGTERM, signal.SIGINT)
+
+
+# What Horovod's driver prints as workers exit (gloo_run, elastic registration), and the error
+# horovodrun raises after a worker's non-zero exit (static and elastic runs alike).
+_EXITED = re.compile(r"Process (\S+) exit with status code (-?\d+)\.")
+_TERMINATING = re.compile(r"Terminating remaining workers after failure of Process (\S+)\.")
+_FAILURE_COUNT = re.compile(r"(ERROR:root:)?failure count == \d+ -> stop running")
+_TERMINATED = re.compile(r"\[\d+\]<stderr>:Terminated")  # a worker's shell, as Horovod stops the rest
+_JOB_FAILED = re.compile(r"exited with non-zero status.*Process name: (?P<name>.*)\nExit code: (?P<code>-?\d+)", re.S)
+
+
+class Ending:
+    """A text stream for the launcher's own stdout/stderr: workers' lines pass through whole
+    (a line at a time, per thread); the driver's narration of exits that said_why() covers is
+    left out, and so is the "Terminated" of the workers Horovod then stops. Horovod writes a
+    worker's forwarded line at once, and print() a line then "\n": each thread's partial line
+    waits for its end."""
+
+    def __init__(self, stream, statuses: Dict[str, int]):
+        self.stream, self.statuses = stream, statuses  # shared by stdout's and stderr's Ending
+        self._lock, self._local = threading.Lock(), threading.local()
+
+    def write(self, text: str) -> int:
+        *lines, self._local.pending = (getattr(self._local, "pending", "") + text).split("\n")
+        kept = [line for line in lines if not self._narration(line)]
+        if kept:
+            with self._lock:
+                self.stream.write("\n".join(kept) + "\n")
+        return len(text)
+
+    def _narration(self, line: str) -> bool:
+        exited = _EXITED.fullmatch(line)
+        if exited:
+            self.statuses[exited.group(1)] = int(exited.group(2))
+            return said_why(int(exited.group(2)))
+        terminating = _TERMINATING.fullmatch(line)
+        if terminating:
+            return said_why(self.statuses.get(terminating.group(1), 0))
+        if _TERMINATED.fullmatch(line):  # stopped by Horovod after a process that said why
+            return any(map(said_why, self.statuses.values()))
+        return bool(_FAILURE_COUNT.fullmatch(line)) and all(map(said_why, self.statuses.values()))
+
+    def flush(self) -> None:
+        pending = getattr(self._local, "pending", "")
+        if pending:
+            self._local.pending = ""
+            with self._lock:
+                self.stream.write(pending)
+        self.stream.flush()
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...
+        return getattr(self.stream, name)
+
+
 def main() -> int:
     from horovod.runner import launch
 
@@ -69,7 +135,22 @@ def main() -> int:
         launch.gloo_built = lambda verbose=False: facts["gloo"]
         launch.mpi_built = lambda verbose=False: facts["mpi"]
     sys.argv[0] = "horovodrun"  # its usage and messages name itself
-    return launch.run_commandline()
+    statuses: Dict[str, int] = {}
+    sys.stdout, sys.stderr = Ending(sys.stdout, statuses), Ending(sys.stderr, statuses)
+    try:
+        return launch.run_commandline()
+    except RuntimeError as err:
+        failed = _JOB_FAILED.search(str(err))
+        if not failed:
+            raise
+        code = int(failed.group("code"))
+        if not said_why(code):
+            print(f"horovodrun: the job failed: process {failed.group('name')} exited with status {code}",
+                  file=sys.stderr)
+        return code if 0 < code < 256 else 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 if __name__ == "__main__":
