@@ -139,12 +139,20 @@ def test_unreachable_cluster_fails_at_once():
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in proc.stderr
 
 
-def test_more_workers_than_the_cluster_holds(ray_head):
-    proc = run([*RAY_PY, "--address", ray_head.address, "--num-workers", "3", "--start-timeout", "5", "--",
-                "--epochs", "2"], timeout=RAY_TIMEOUT, env=ray_head.env)
+@pytest.mark.parametrize("workers", [["--num-workers", "3"], ["--min-workers", "3"]], ids=["fixed", "elastic"])
+def test_more_workers_than_the_cluster_holds(ray_head, workers):
+    elastic = workers[0] == "--min-workers"
+    proc = run([*RAY_PY, "--address", ray_head.address, *workers, "--start-timeout", "8" if elastic else "5", "--",
+                "--epochs", "2"], timeout=RAY_TIMEOUT, env={**ray_head.env, "RAY_WAIT_REPORT_SECONDS": "2"})
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hvd-train: error:")]
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
     assert "could not place 3 worker(s) of 1 CPU(s)" in errors[0] and "the cluster has 2 CPU" in errors[0], errors
+    assert "Traceback" not in proc.stderr
+    if elastic:  # never silent while Horovod waits for room: a line every RAY_WAIT_REPORT_SECONDS
+        waiting = [line for line in proc.stdout.splitlines() if line.startswith("[hvd_train] ray: waiting for room")]
+        assert len(waiting) >= 2 and "--min-workers 3 needs 3 worker(s) of 1 CPU(s)" in waiting[0], proc.stdout
+        assert "the alive nodes hold 2" in waiting[0]
+        assert proc.stdout.count("Gloo uses the loopback interface (lo)") == 1, "one node: said once"
     assert not _workers()
 
 

@@ -24,6 +24,7 @@ under ``launch/elastic.sh``; the driver reports the outcomes of the workers aliv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import re
@@ -34,7 +35,7 @@ import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .. import cli, runtime
 from ..config.options import ConfigError
@@ -43,6 +44,7 @@ DEFAULT_GRACE_SECONDS = 30.0
 DEFAULT_START_TIMEOUT_SECONDS = 100.0  # horovod.ray's own default for placing the workers
 CONNECT_TIMEOUT_SECONDS = 10.0
 WAIT_SLICE_SECONDS = 1.0
+WAIT_REPORT_SECONDS = float(os.environ.get("RAY_WAIT_REPORT_SECONDS", 5))  # elastic: "waiting for room" lines
 HOST_PORT = re.compile(r"[^\s:]+:\d+")  # a cluster address as `ray start --head` prints it
 # Ray's log monitor forwards worker output about every half second: give the last lines a moment.
 LOG_FLUSH_SECONDS = 1.0
@@ -318,6 +320,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         import ray
         from horovod.ray import RayExecutor
+        from horovod.runner.common.util.timeout import TimeoutException
     except ImportError as err:
         runtime.fail(f"Ray is not installed in this environment ({err}); run 'make setup RAY=1'", code=1)
 
@@ -335,8 +338,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         work = [options.train_argv, os.getcwd(), bool(options.fetch_to)]
         where = options.address or "a local Ray instance"
         if options.elastic:
+            nics = _elastic_interfaces(ray, options.network_interface)
+            if nics == {"lo"} and not options.network_interface:
+                write("[hvd_train] ray: the cluster is one node: Gloo uses the loopback interface (lo)")
             executor = RayExecutor(
-                RayExecutor.create_settings(timeout_s=60, nics=_elastic_interfaces(ray, options.network_interface)),
+                RayExecutor.create_settings(timeout_s=60, nics=nics),
                 min_workers=options.num_workers, max_workers=options.max_workers,
                 elastic_timeout=int(options.start_timeout), **resources)
             write(f"[hvd_train] ray: elastic, {options.num_workers} to {options.max_workers} worker(s) on {where}")
@@ -344,19 +350,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             settings = RayExecutor.create_settings(timeout_s=60, placement_group_timeout_s=options.start_timeout)
             executor = RayExecutor(settings, num_workers=options.num_workers, **resources)
             write(f"[hvd_train] ray: starting {options.num_workers} worker(s) on {where}")
-        try:
-            executor.start()
-        except TimeoutError:  # the placement group: the cluster lacks room for every worker
-            write(
-                f"hvd-train: error: Ray could not place {options.num_workers} worker(s) of {options.cpus_per_worker} "
-                f"CPU(s) and {options.gpus_per_worker} GPU(s) within {options.start_timeout:g} s; the cluster has "
-                f"{_resources(ray)}", sys.stderr)
-            return 1
-        _check_signals()
-        if options.elastic:
-            outcomes = run_elastic(executor, work)
-        else:
-            outcomes = wait(executor.run_remote(train_worker, args=work), options.grace)
+        with reporting(lambda: _waiting(ray, options) if options.elastic else None):
+            try:
+                executor.start()
+            except (TimeoutError, TimeoutException):  # the cluster lacks room for every worker (elastic: min)
+                write(
+                    f"hvd-train: error: Ray could not place {options.num_workers} worker(s) of "
+                    f"{options.cpus_per_worker} CPU(s) and {options.gpus_per_worker} GPU(s) within "
+                    f"{options.start_timeout:g} s; the cluster has {_resources(ray)}", sys.stderr)
+                return 1
+            _check_signals()
+            if options.elastic:
+                outcomes = run_elastic(executor, work)
+            else:
+                outcomes = wait(executor.run_remote(train_worker, args=work), options.grace)
         time.sleep(LOG_FLUSH_SECONDS)
     except _Signalled as stop:
         write(f"hvd-train: stopped by {stop}; every worker was ended (--checkpoint-dir and --resume "
@@ -404,6 +411,49 @@ def _elastic_interfaces(ray, given: Optional[str]):
         return {given}
     alive = [n for n in ray.nodes() if n.get("Alive", n.get("alive"))]
     return {"lo"} if len(alive) == 1 else None
+
+
+def _waiting(ray, options: Options) -> Optional[str]:
+    """What an elastic job waits for, if the alive nodes lack room for --min-workers, counted as
+    Horovod's Ray discovery counts it (per node: its CPUs (and GPUs) // a worker's); else None."""
+    room = 0
+    for node in ray.nodes():
+        if node.get("Alive", node.get("alive")):
+            have = node.get("Resources", {})
+            slots = have.get("CPU", 0) // options.cpus_per_worker
+            if options.gpus_per_worker:
+                slots = min(slots, have.get("GPU", 0) // options.gpus_per_worker)
+            room += int(slots)
+    if room >= options.num_workers:
+        return None
+    return (f"[hvd_train] ray: waiting for room: --min-workers {options.num_workers} needs {options.num_workers} "
+            f"worker(s) of {options.cpus_per_worker} CPU(s) and {options.gpus_per_worker} GPU(s), the alive nodes "
+            f"hold {room}; the job gives up after --start-timeout {options.start_timeout:g} s")
+
+
+@contextlib.contextmanager
+def reporting(waiting: Callable[[], Optional[str]]):
+    """While the block runs, ``waiting()``'s line every WAIT_REPORT_SECONDS when it has one: an
+    elastic job is never silent while Horovod waits for room (at the start, or after a loss)."""
+    import threading
+
+    done = threading.Event()
+
+    def report():
+        while not done.wait(WAIT_REPORT_SECONDS):
+            try:
+                line = waiting()
+            except Exception:  # noqa: BLE001 - the cluster's state is unknown for now: say nothing
+                continue
+            if line:
+                runtime.write_line(line)
+
+    thread = threading.Thread(target=report, name="hvd_train-waiting", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def run_elastic(executor, work: list) -> List[Outcome]:
