@@ -18,8 +18,8 @@ def positive(x):
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = run([BIN / "hvd-bench", "--quick", "--sections", "scaling,cnn,wire,knobs,data,startup", "--out", out],
-               timeout=1200)
+    sections = "scaling,cnn,wire,knobs,data,startup,profile"
+    proc = run([BIN / "hvd-bench", "--quick", "--sections", sections, "--out", out], timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
 
@@ -119,3 +119,19 @@ def test_startup_section_times_every_phase(bench):
     assert positive(r["short_run_s"]) and r["controller"] in ("gloo", "mpi")
     md = (out / "results.md").read_text()
     assert "## Start-up: launch to first step" in md and "| **launch to first step** |" in md
+
+
+def test_profile_section_splits_an_epoch_into_its_parts(bench):
+    out, _ = bench
+    r = json.loads((out / "results.json").read_text())["profile"]
+    for workload in ("mlp", "cnn"):
+        keras, ours = r[workload]["variants"]["keras"], r[workload]["variants"]["hvd_train"]
+        for v in (keras, ours):
+            assert positive(v["epoch_ms"]) and positive(v["step_ms"]) and math.isfinite(v["rest_ms"])
+            assert v["epoch_ms"] == pytest.approx(v["steps_ms"] + sum(v["hooks_ms"].values()) + v["rest_ms"])
+        assert not keras["hooks_ms"], "plain Keras runs none of hvd_train's callbacks"
+        # hvd_train's own hooks, each timed by name (the profiler's own callback is not among them).
+        assert {"ExactTrainMetrics.on_epoch_end", "StopCheck.on_train_batch_end"} <= set(ours["hooks_ms"])
+        assert not any(k.startswith("Boundaries.") for k in ours["hooks_ms"])
+    md = (out / "results.md").read_text()
+    assert "## Profile: an epoch at np=1" in md and "| steps (train function) |" in md

@@ -272,7 +272,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="comma-separated subset of scaling,cnn,wire,knobs,data,startup (cnn: the scaling "
                         "figures for a CNN on images; data: the file-data path, not in the default set, see "
                         "--data-rows; startup: where a launch's seconds go before the first step, not in the "
-                        "default set)")
+                        "default set; profile: an epoch's time at np=1, hvd_train against plain Keras, part by part, "
+                        "not in the default set)")
     parser.add_argument("--data-rows", default="400000,1600000", help="data section: rows of the generated files")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per launched run")
     args = parser.parse_args(argv)
@@ -280,7 +281,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     repeats = args.repeats or p.pop("repeats")
     p.pop("repeats", None)
     sections = set(args.sections.split(","))
-    unknown = sections - {"scaling", "cnn", "wire", "knobs", "data", "startup"}
+    unknown = sections - {"scaling", "cnn", "wire", "knobs", "data", "startup", "profile"}
     if unknown or repeats < 1:
         parser.error(f"unknown sections {sorted(unknown)}" if unknown else "--repeats must be >= 1")
     controllers = ["gloo"] + (["mpi"] if shutil.which("mpirun") else [])
@@ -317,6 +318,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 from .startup import startup_section
 
                 results["startup"] = startup_section(Path(work), repeats, args.timeout, log)
+            if "profile" in sections:
+                from .profile import profile_section
+
+                results["profile"] = profile_section(runner, p, CNN_QUICK if args.quick else CNN_FULL,
+                                                     repeats if args.quick else max(3, repeats), log)
         except (BenchError, RuntimeError) as err:
             sys.stderr.write(f"hvd-bench: error: {err}\n")
             return 1

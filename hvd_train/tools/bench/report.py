@@ -83,6 +83,10 @@ def markdown(r: Dict[str, Any]) -> str:
         from .startup import lines as startup_lines
 
         lines += [""] + startup_lines(r["startup"])
+    if "profile" in r:
+        from .profile import lines as profile_lines
+
+        lines += [""] + profile_lines(r["profile"])
     return "\n".join(lines)
 
 

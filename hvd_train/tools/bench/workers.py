@@ -9,6 +9,8 @@ Tasks:
   epoch skipped: it traces the graph).
 - ``keras``: plain Keras fit, no Horovod, on the same model and the same batches.
 - ``mwms``: tf.distribute.MultiWorkerMirroredStrategy, one worker per process (TF_CONFIG).
+- ``profile``: plain Keras and hvd_train alternated in one np=1 process, every epoch's time
+  split into the step, each callback hook and the rest (profile.py).
 - ``wire``: hvd.allreduce bandwidth over tensor sizes, with and without fp16 compression,
   and a single-threaded memory copy of the same sizes as the physical baseline.
 Total throughput is sum(samples over ranks) / max(seconds over ranks): an allreduce of each
@@ -226,7 +228,13 @@ def run_wire(p: Dict[str, Any]) -> Dict[str, Any]:
     return {"world_size": n, "allreduce": rows, "memcpy": copies}
 
 
-TASKS = {"hvd_train": run_hvd_train, "keras": run_keras, "mwms": run_mwms, "wire": run_wire}
+def run_profile(p: Dict[str, Any]) -> Dict[str, Any]:
+    from .profile import worker
+
+    return worker(p)
+
+
+TASKS = {"hvd_train": run_hvd_train, "keras": run_keras, "mwms": run_mwms, "wire": run_wire, "profile": run_profile}
 
 
 def main(argv=None) -> int:
