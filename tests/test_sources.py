@@ -89,6 +89,33 @@ def test_parquet_schema_types_and_bad_values(tmp_path):
         read_all(f"parquet:{tmp_path}/n.parquet", "y")
 
 
+def test_a_parquet_selection_keeps_its_rows_as_each_column_is_decoded(tmp_path, monkeypatch):
+    # A row group is decoded column by column, each column cut to the selected rows at once (what
+    # a rank holds falls with its share); the rows arrive in order, in pieces of READ_BATCH_ROWS.
+    x = np.arange(300, dtype=np.float64)
+    pq.write_table(pa.table({"a": x, "b": -x, "y": (x % 3).astype(int)}), tmp_path / "p.parquet", row_group_size=120)
+    src = sources.open_source(f"parquet:{tmp_path}/p.parquet", "y")
+    monkeypatch.setattr(sources, "READ_BATCH_ROWS", 16)
+    calls = []
+
+    def every_third(offset, n):
+        calls.append((offset, n))
+        return (np.arange(offset, offset + n) % 3) == 1
+
+    pieces = [piece for unit in src.units for piece in sources.read_unit(src, unit, select=every_third)]
+    got = np.concatenate([p[0] for p in pieces])
+    kept = np.concatenate([np.arange(n)[(np.arange(n) % 3) == 1] + 120 * g for g, n in enumerate((120, 120, 60))])
+    assert got[:, 0].tolist() == kept.tolist() and got[:, 1].tolist() == (-kept).tolist()
+    assert calls == [(0, 120), (0, 120), (0, 60)], "once per row group, before it is decoded"
+    assert max(len(p[1]) for p in pieces) == 16
+    # A bad value in a selected row names the file's row; one the selection skips is never checked.
+    pq.write_table(pa.table({"a": [1.0, 2.0, 3.0, float("nan")], "y": [1, 2, 1, 2]}), tmp_path / "n.parquet")
+    bad = sources.open_source(f"parquet:{tmp_path}/n.parquet", "y")
+    assert len(list(sources.read_unit(bad, bad.units[0], select=lambda o, n: np.arange(n) < 3))[0][1]) == 3
+    with pytest.raises(DataError, match="n.parquet row 4, column 'a': nan is not finite"):
+        list(sources.read_unit(bad, bad.units[0], select=lambda o, n: np.arange(n) % 2 == 1))
+
+
 def test_csv_units_cover_every_row_once_whatever_the_cut(tmp_path, monkeypatch):
     rows = [f"{i},{i % 3}\n" for i in range(5000)]
     path = write(tmp_path, "f,y\n" + "".join(rows))

@@ -266,7 +266,9 @@ def read_unit(source: Source, unit: Unit, columns: Optional[Sequence[str]] = Non
     """(features float64 [n, f], labels as str [n]) pieces of a unit, in row order; features
     checked numeric and finite. ``columns``: feature columns to read (default: all but the label);
     a source without a label column (predict) gives labels of "" . ``select``: only the rows it
-    marks, called once per piece in row order (CSV: the other lines are not parsed)."""
+    marks, called in row order on consecutive ranges that cover the unit (a CSV unit or a Parquet
+    row group: once; a big row group: once per piece), before those rows are parsed or kept;
+    the rows it marks then arrive in order, in one piece or several."""
     features = list(columns or source.features)
     missing = [c for c in features if c not in source.columns]
     if missing:
@@ -274,16 +276,16 @@ def read_unit(source: Source, unit: Unit, columns: Optional[Sequence[str]] = Non
     if source.kind == "csv":
         yield _read_csv_unit(source, unit, features, select)
         return
-    offset = 0
-    for x, y in _read_parquet_unit(source, unit, features):
-        if select is not None:
-            keep = select(offset, len(y))
-            offset += len(y)
-            x, y = x[keep], y[keep]
-        yield x, y
+    yield from _read_parquet_unit(source, unit, features, select)
 
 
-def _read_parquet_unit(source, unit, features):
+def _read_parquet_unit(source, unit, features, select: Optional[Select]):
+    """A row group's pieces. A group up to PARQUET_GROUP_BYTES is decoded one column at a time
+    (Arrow's reader then holds one column's pages, not every column's, which costs ~1 MB per
+    column whatever the batch size), and with ``select`` each column keeps only the chosen rows
+    as it is decoded (``select`` is then called once, for the whole group): what a rank holds
+    falls with its share of the rows, not a decoded group per reader whatever N. Bigger groups
+    are read in pieces of READ_BATCH_ROWS, ``select`` called per piece."""
     import pyarrow as pa
 
     path = source.files[unit.file]
@@ -291,24 +293,34 @@ def _read_parquet_unit(source, unit, features):
     try:
         pf = _parquet_file(path)
         done = _rows_before_group(pf, unit.index)
-        if pf.metadata.row_group(unit.index).total_byte_size <= PARQUET_GROUP_BYTES:
-            # One column at a time: Arrow's reader then holds one column's pages, not every
-            # column's (which costs ~1 MB per column whatever the batch size); the decoded group
-            # is sliced into pieces without copying.
-            table = pa.table({c: pf.read_row_group(unit.index, columns=[c], use_threads=False).column(0)
-                              for c in want})
-            batches = iter(table.to_batches(max_chunksize=READ_BATCH_ROWS))
+        group = pf.metadata.row_group(unit.index)
+        rows = np.arange(group.num_rows)  # the group's row numbers (an error names the file's row)
+        if group.total_byte_size <= PARQUET_GROUP_BYTES:
+            columns = {}
+            if select is not None:
+                rows = np.flatnonzero(select(0, group.num_rows))
+                taken, select = pa.array(rows), None
+            for c in want:
+                column = pf.read_row_group(unit.index, columns=[c], use_threads=False).column(0)
+                columns[c] = column if len(rows) == group.num_rows else column.take(taken)
+            batches = iter(pa.table(columns).to_batches(max_chunksize=READ_BATCH_ROWS))
         else:
             batches = pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[unit.index], columns=want,
                                       use_threads=False)
+        offset = 0  # rows of the group (taken rows with a select already applied) before the batch
         for batch in batches:
+            at = rows[offset:offset + batch.num_rows]
+            offset += batch.num_rows
+            if select is not None:
+                keep = select(int(at[0]), batch.num_rows)
+                batch, at = batch.filter(pa.array(keep)), at[keep]
             try:
                 x = _feature_matrix(batch, features)
             except _BadValue as bad:
-                raise DataError(f"{path} row {done + bad.row + 1}, column {bad.column!r}: {bad.what}") from None
+                raise DataError(f"{path} row {done + int(at[bad.row]) + 1}, column {bad.column!r}: "
+                                f"{bad.what}") from None
             labels = (np.asarray(batch.column(source.label).cast(pa.string()).to_numpy(zero_copy_only=False), str)
                       if source.label else np.full(batch.num_rows, "", str))
-            done += batch.num_rows
             yield x, labels
     except FileNotFoundError:
         raise DataError(f"{path} disappeared while being read") from None

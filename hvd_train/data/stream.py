@@ -184,8 +184,9 @@ class StreamSplits(Dataset):
             names = ", ".join(src.files[i].rsplit("/", 1)[-1] for i in files[:4]) + (", ..." if len(files) > 4 else "")
             # Two windows' own rows (float32 and a code; one training, one being read ahead), the
             # window's positions and permutation (3 int64 per row), and a piece being read (a few
-            # float64 copies; Parquet: the decoded row group besides).
-            group = max(self.unit_rows or (0,)) * f * 4 if src.kind == "parquet" else 0
+            # float64 copies; Parquet: one decoded column of a row group, and the group's rows
+            # this rank keeps, every column).
+            group = max(self.unit_rows or (0,)) * 8 * (1 + f / size) if src.kind == "parquet" else 0
             memory = 2 * window / size * (4 * f + 8) + window * 24 + 4 * piece * 8 * f + group
             lines.append(f"rank {rank} reads {len(mine)} unit(s) of {len(files)} file(s) ({names or 'none'}): "
                          f"{rows} rows, scores their {evaluation} validation/test rows; data memory ~"
@@ -378,8 +379,11 @@ class _Window:
         return keep
 
     def put(self, x: np.ndarray, codes: np.ndarray) -> None:
-        """The rows the last ``select`` chose, once read."""
-        at = self.places.pop()
+        """The next rows the ``select`` calls chose, once read (in their order; the rows one
+        selection chose may arrive in several pieces)."""
+        if not len(codes):
+            return
+        at = _take(self.places, len(codes))
         # Standardised as the in-memory path does it: raw values to float32, then the scaler.
         self.x[at] = self.splits.scaler.transform(x.astype(np.float32))
         self.y[at] = codes

@@ -47,6 +47,9 @@ CNN_FULL = {"model": "cnn", "image": [32, 32, 3], "filters": [32, 64, 128], "cla
 CNN_QUICK = {"model": "cnn", "image": [8, 8, 1], "filters": [4], "classes": 2, "batch": 8, "steps": 3, "epochs": 2}
 
 
+PROFILE_EPOCHS = 9  # section "profile": 8 timed epochs per run
+
+
 MPI_YIELD = {"OMPI_MCA_mpi_yield_when_idle": "1"}
 
 
@@ -322,7 +325,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 from .profile import profile_section
 
                 results["profile"] = profile_section(runner, p, CNN_QUICK if args.quick else CNN_FULL,
-                                                     repeats if args.quick else max(3, repeats), log)
+                                                     repeats if args.quick else max(3, repeats), log,
+                                                     epochs=None if args.quick else PROFILE_EPOCHS)
         except (BenchError, RuntimeError) as err:
             sys.stderr.write(f"hvd-bench: error: {err}\n")
             return 1

@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 HOOKS = ("on_epoch_begin", "on_epoch_end", "on_train_batch_begin", "on_train_batch_end", "on_batch_begin",
          "on_batch_end", "on_train_begin", "on_train_end", "on_test_begin", "on_test_end", "on_test_batch_end")
@@ -157,7 +157,7 @@ def worker(p: Dict[str, Any]) -> Dict[str, Any]:
         undo()
         loop.run_callbacks = run_callbacks
     steps = p["steps"]
-    return {"steps_per_epoch": steps, "batch": p["batch"], "repeats": p["repeats"],
+    return {"steps_per_epoch": steps, "batch": p["batch"], "repeats": p["repeats"], "epochs": p["epochs"],
             "variants": {name: summarize(epochs, steps) for name, epochs in runs.items()}}
 
 
@@ -175,11 +175,14 @@ def summarize(repeats: List[List[Dict[str, float]]], steps: int) -> Dict[str, An
             "epochs_ms_per_repeat": per_repeat("epoch")}
 
 
-def profile_section(runner, p: Dict[str, Any], cnn: Dict[str, Any], repeats: int, log) -> Dict[str, Any]:
-    """The MLP and the CNN workloads, each in its own np=1 process."""
+def profile_section(runner, p: Dict[str, Any], cnn: Dict[str, Any], repeats: int, log,
+                    epochs: Optional[int] = None) -> Dict[str, Any]:
+    """The MLP and the CNN workloads, each in its own np=1 process; ``epochs`` per run (more
+    timed epochs per repeat than the scaling section's, for a steadier split)."""
     out = {}
     for name, workload in (("mlp", p), ("cnn", {**p, **cnn})):
-        result = runner.horovod("profile", 1, {**workload, "threads": 1, "repeats": repeats})
+        workload = {**workload, "threads": 1, "repeats": repeats, "epochs": epochs or workload["epochs"]}
+        result = runner.horovod("profile", 1, workload)
         keras, ours = result["variants"]["keras"], result["variants"]["hvd_train"]
         result["overhead"] = ours["epoch_ms"] / keras["epoch_ms"] - 1
         out[name] = result
@@ -194,7 +197,8 @@ def lines(r: Dict[str, Any]) -> List[str]:
     for name, result in r.items():
         keras, ours = result["variants"]["keras"], result["variants"]["hvd_train"]
         out += [f"{name.upper()}: {result['steps_per_epoch']} steps of {result['batch']} per epoch, "
-                f"{result['repeats']} interleaved repeats; overhead {result['overhead']:+.1%}", "",
+                f"{result['epochs'] - 1} timed epochs per run, {result['repeats']} interleaved repeats; overhead "
+                f"{result['overhead']:+.1%}", "",
                 "| part | plain Keras | hvd_train | difference |", "|---|---:|---:|---:|"]
         rows = [("epoch", keras["epoch_ms"], ours["epoch_ms"]),
                 ("steps (train function)", keras["steps_ms"], ours["steps_ms"]),
