@@ -205,3 +205,24 @@ def test_dockerfile_matches_the_pins_and_caches_well():
     assert not re.search(r"^(COPY|ADD) .*(\.ssh|id_|\.pem)", text, re.M), "no keys baked into the image"
     ignore = (REPO / ".dockerignore").read_text().split()
     assert "*" in ignore and "!hvd_train/" in ignore and "!patches/" in ignore, "only what the image needs"
+
+
+def test_hvd_horovodrun_leaves_out_the_narration_of_a_failure_rank_0_explained():
+    # What horovodrun's driver printed in a CI run: rank 0 explained the failure (exit 2), Horovod
+    # stopped rank 1, whose teardown outlived the grace and got SIGKILL (137): all of it a
+    # consequence. A crash (status 1) keeps Horovod's lines.
+    import io
+
+    from hvd_train.launchers.horovodrun import Ending
+
+    out = io.StringIO()
+    ending = Ending(out, {}, set())
+    for text in ["[0]<stderr>:hvd-train: error: bad data\n", "Process 0 exit with status code 2.", "\n",
+                 "Terminating remaining workers after failure of Process 0.\n", "[1]<stderr>:Terminated\n",
+                 "[1]<stderr>:Killed\n", "Process 1 exit with status code 137.\n"]:
+        ending.write(text)
+    assert out.getvalue() == "[0]<stderr>:hvd-train: error: bad data\n"
+    crash = io.StringIO()
+    Ending(crash, {}, set()).write("Process 1 exit with status code 1.\n"
+                                   "Terminating remaining workers after failure of Process 1.\n")
+    assert crash.getvalue().count("\n") == 2

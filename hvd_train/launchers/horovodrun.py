@@ -25,7 +25,7 @@ import re
 import signal
 import sys
 import threading
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 TENSORFLOW_LIBRARIES = ("libtensorflow_framework.so.2", "libtensorflow_cc.so.2")
 
@@ -79,7 +79,7 @@ def said_why(code: int) -> bool:
 _EXITED = re.compile(r"Process (\S+) exit with status code (-?\d+)\.")
 _TERMINATING = re.compile(r"Terminating remaining workers after failure of Process (\S+)\.")
 _FAILURE_COUNT = re.compile(r"(ERROR:root:)?failure count == \d+ -> stop running")
-_TERMINATED = re.compile(r"\[\d+\]<stderr>:Terminated")  # a worker's shell, as Horovod stops the rest
+_TERMINATED = re.compile(r"\[\d+\]<stderr>:(Terminated|Killed)")  # a worker's shell, as Horovod stops the rest
 _JOB_FAILED = re.compile(r"exited with non-zero status.*Process name: (?P<name>.*)\nExit code: (?P<code>-?\d+)", re.S)
 
 
@@ -90,8 +90,10 @@ class Ending:
     worker's forwarded line at once, and print() a line then "\n": each thread's partial line
     waits for its end."""
 
-    def __init__(self, stream, statuses: Dict[str, int]):
-        self.stream, self.statuses = stream, statuses  # shared by stdout's and stderr's Ending
+    def __init__(self, stream, statuses: Dict[str, int], stopped_for: Set[str]):
+        # Shared by stdout's and stderr's Ending: each process's exit status, and the processes
+        # whose failure made Horovod stop the others.
+        self.stream, self.statuses, self.stopped_for = stream, statuses, stopped_for
         self._lock, self._local = threading.Lock(), threading.local()
 
     def write(self, text: str) -> int:
@@ -105,10 +107,14 @@ class Ending:
     def _narration(self, line: str) -> bool:
         exited = _EXITED.fullmatch(line)
         if exited:
+            # After Horovod began stopping the rest for a process that said why, each exit is a
+            # consequence (a rank still tearing down is killed after Horovod's grace: 137).
+            stopping = any(said_why(code) for name, code in self.statuses.items() if name in self.stopped_for)
             self.statuses[exited.group(1)] = int(exited.group(2))
-            return said_why(int(exited.group(2)))
+            return stopping or said_why(int(exited.group(2)))
         terminating = _TERMINATING.fullmatch(line)
         if terminating:
+            self.stopped_for.add(terminating.group(1))
             return said_why(self.statuses.get(terminating.group(1), 0))
         if _TERMINATED.fullmatch(line):  # stopped by Horovod after a process that said why
             return any(map(said_why, self.statuses.values()))
@@ -136,7 +142,8 @@ def main() -> int:
         launch.mpi_built = lambda verbose=False: facts["mpi"]
     sys.argv[0] = "horovodrun"  # its usage and messages name itself
     statuses: Dict[str, int] = {}
-    sys.stdout, sys.stderr = Ending(sys.stdout, statuses), Ending(sys.stderr, statuses)
+    stopped_for: Set[str] = set()
+    sys.stdout, sys.stderr = Ending(sys.stdout, statuses, stopped_for), Ending(sys.stderr, statuses, stopped_for)
     try:
         return launch.run_commandline()
     except RuntimeError as err:

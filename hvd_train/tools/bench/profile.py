@@ -109,8 +109,9 @@ def _time_steps(clock: Clock) -> Callable[[], None]:
     return lambda: setattr(tf.keras.Model, "make_train_function", original)
 
 
-def worker(p: Dict[str, Any]) -> Dict[str, Any]:
-    """In one np=1 process: ``repeats`` x (plain Keras, hvd_train) on the workload ``p``."""
+def worker(p: Dict[str, Any], workload_config: Callable, workload_data: Callable) -> Dict[str, Any]:
+    """In one np=1 process: ``repeats`` x (plain Keras, hvd_train) on the workload ``p``, whose
+    config and data come from workers.py's workload_config and workload_data."""
     import horovod.tensorflow as hvd
     import tensorflow as tf
 
@@ -121,7 +122,6 @@ def worker(p: Dict[str, Any]) -> Dict[str, Any]:
     from ...training.model import compile_model, make_optimizer, model_for
     from ...training.tasks import for_run
     from ...training.trainer import train
-    from .workers import workload_config, workload_data
 
     hvd.init()
     runtime.set_threads(p["threads"])

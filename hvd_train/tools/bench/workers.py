@@ -231,7 +231,7 @@ def run_wire(p: Dict[str, Any]) -> Dict[str, Any]:
 def run_profile(p: Dict[str, Any]) -> Dict[str, Any]:
     from .profile import worker
 
-    return worker(p)
+    return worker(p, workload_config, workload_data)
 
 
 TASKS = {"hvd_train": run_hvd_train, "keras": run_keras, "mwms": run_mwms, "wire": run_wire, "profile": run_profile}
