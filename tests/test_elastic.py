@@ -108,6 +108,27 @@ def finished(job, world_size: int, epochs: int, first: int = 1, n_train: Optiona
     return metrics
 
 
+def shrink_then_grow(job, hosts, rank: int):
+    """Into epoch 2 of a job on hosts[:3]: the worker of ``rank`` dies and its host leaves the list
+    (3 -> 2 workers), then hosts[3] appears (2 -> 3). Returns the lost host, the kill's time and
+    the two reset events."""
+    job.wait_until(lambda: job.events("epoch"), 240, "the first epoch")
+    time.sleep(0.5)  # into epoch 2, past a commit or two
+    pid, env = job.worker(rank=rank)
+    lost = env["HOROVOD_HOSTNAME"]
+    job.set_hosts([h for h in hosts[:3] if h != lost])
+    os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    job.wait_until(lambda: job.events("reset"), 120, f"the reset after rank {rank} died")
+    # A new host appears: the job grows back at its next commit.
+    job.set_hosts([h for h in hosts if h != lost])
+    job.wait_until(lambda: len(job.events("reset")) >= 2, 120, "the reset that adds the new host")
+    shrink, grow = job.events("reset")[:2]
+    assert (shrink["old_world_size"], shrink["world_size"]) == (3, 2) and lost not in shrink["hosts"]
+    assert (grow["old_world_size"], grow["world_size"]) == (2, 3) and hosts[3] in grow["hosts"]
+    return lost, killed, shrink, grow
+
+
 def test_rank0_dies_then_a_host_joins(tmp_path):
     # A regressor: the regression path through resets too (the committed sums of MSE/MAE and the
     # per-sample loss carry over, every sample is counted once, test metrics are scikit-learn's).
@@ -115,26 +136,13 @@ def test_rank0_dies_then_a_host_joins(tmp_path):
     # Enough epochs (about 1.3 s each) for the newcomer to start and be let in (one Gloo timeout).
     job = ElasticJob(tmp_path, hosts[:3], 2, 3, [*WORKLOAD, "--task", "regression", "--epochs", "24",
                                                  "--commit-every", "10"])
-    job.wait_until(lambda: job.events("epoch"), 240, "the first epoch")
-    time.sleep(0.5)  # into epoch 2, past a commit or two
-    # Rank 0 itself: its host leaves the list and its process dies mid-epoch 2.
-    pid, env = job.worker(rank=0)
-    lost = env["HOROVOD_HOSTNAME"]
-    job.set_hosts([h for h in hosts[:3] if h != lost])
-    os.kill(pid, signal.SIGKILL)
-    killed = time.time()
-    job.wait_until(lambda: job.events("reset"), 120, "the reset after rank 0 died")
-    # A new host appears: the job grows back at its next commit.
-    job.set_hosts([h for h in hosts if h != lost])
-    job.wait_until(lambda: len(job.events("reset")) >= 2, 120, "the reset that adds the new host")
+    # Rank 0 itself: its host leaves the list and its process dies mid-epoch 2; a host joins later.
+    _, killed, shrink, _ = shrink_then_grow(job, hosts, rank=0)
     metrics = finished(job, 3, 24)
-    shrink, grow = job.events("reset")[:2]
     took = seconds_after(shrink, killed)
     print(f"rank 0 killed -> reset logged and training resumed after {took:.1f}s; test R^2 {metrics['test_r2']:.4f}")
     assert metrics["task"] == "regression" and metrics["test_r2"] > 0.8
     assert {"loss", "mse", "rmse", "mae", "val_r2"} <= set(epoch_events(job)[shrink["epoch"]]["metrics"])
-    assert (shrink["old_world_size"], shrink["world_size"]) == (3, 2) and lost not in shrink["hosts"]
-    assert (grow["old_world_size"], grow["world_size"]) == (2, 3) and hosts[3] in grow["hosts"]
     assert shrink["epoch"] >= 2 and 0 <= shrink["position"] < N_TRAIN
     assert took < 60, "a lost worker is noticed within the Gloo timeout, not the default 30 s and more"
     assert metrics["elastic_resets"] == 2 and metrics["world_size"] == 3
@@ -152,20 +160,9 @@ def test_a_file_dataset_loses_a_worker_mid_epoch_and_gains_one(tmp_path, kind):
     job = ElasticJob(tmp_path, hosts[:3], 2, 3, [
         "--dataset", f"{kind}:{tmp_path / kind}", "--label-column", "label", "--batch-size", "16", "--epochs", "40",
         "--commit-every", "10", "--shuffle-buffer", "1000", "--progress", "epoch"], interface=None)
-    job.wait_until(lambda: job.events("epoch"), 240, "the first epoch")
-    time.sleep(0.5)  # into epoch 2, past a commit or two
-    pid, env = job.worker(rank=0 if kind == "parquet" else 2)
-    lost = env["HOROVOD_HOSTNAME"]
-    job.set_hosts([h for h in hosts[:3] if h != lost])
-    os.kill(pid, signal.SIGKILL)
-    killed = time.time()
-    job.wait_until(lambda: job.events("reset"), 120, "the reset after a worker died")
-    job.set_hosts([h for h in hosts if h != lost])
-    job.wait_until(lambda: len(job.events("reset")) >= 2, 120, "the reset that adds the new host")
+    rank = 0 if kind == "parquet" else 2
+    _, killed, shrink, grow = shrink_then_grow(job, hosts, rank)
     metrics = finished(job, 3, 40, n_train=None)  # every row once per epoch, exact test metrics
-    shrink, grow = job.events("reset")[:2]
-    assert (shrink["old_world_size"], shrink["world_size"]) == (3, 2) and lost not in shrink["hosts"]
-    assert (grow["old_world_size"], grow["world_size"]) == (2, 3) and hosts[3] in grow["hosts"]
     assert shrink["epoch"] >= 2 and 0 < shrink["position"] < shrink["samples_per_epoch"], "cut mid-epoch"
     assert metrics["elastic_resets"] == 2 and metrics["test_accuracy"] > 0.9
     assert "loopback interface" in job.output
@@ -176,7 +173,7 @@ def test_a_file_dataset_loses_a_worker_mid_epoch_and_gains_one(tmp_path, kind):
     rest = 1 - shrink["position"] / shrink["samples_per_epoch"]
     typical = sorted(e["seconds"] for n, e in per_epoch.items() if n not in (shrink["epoch"], grow["epoch"]))
     typical = typical[len(typical) // 2]
-    print(f"{kind}: rank {0 if kind == 'parquet' else 2} killed -> training resumed after "
+    print(f"{kind}: rank {rank} killed -> training resumed after "
           f"{seconds_after(shrink, killed):.1f}s; the rest of epoch {shrink['epoch']} ({rest:.0%}) took "
           f"{seconds_after(cut, 0) - seconds_after(shrink, 0):.2f}s against {rest * typical:.2f}s of a median epoch "
           f"({typical:.2f}s); test accuracy {metrics['test_accuracy']:.4f}")
