@@ -1,8 +1,8 @@
 """hvd-bench section ``profile``: where an epoch's time goes in hvd_train against plain Keras, at np=1.
 
-One process (launched as ``hvd-horovodrun -np 1``, so Horovod's world is real) runs the same
-workload repeatedly, plain Keras and hvd_train.train() alternated, and times, per epoch after
-the first (which traces the graph):
+One process (launched as ``hvd-horovodrun -np 1``, so Horovod's world is real; workers.py's
+run_profile) runs the same workload repeatedly, plain Keras and hvd_train.train() alternated,
+and times with the tools here, per epoch after the first (which traces the graph):
 
 - the epoch: from one epoch's begin to the next's (or the fit's end), so every epoch-end hook of
   every callback is inside it;
@@ -74,7 +74,7 @@ def time_hooks(callbacks: List[Any], clock: Clock) -> List[Any]:
     return callbacks
 
 
-def _boundaries(clock: Clock):
+def boundaries(clock: Clock):
     """A Keras callback (no batch hooks) that marks epoch boundaries."""
     import tensorflow as tf
 
@@ -90,7 +90,7 @@ def _boundaries(clock: Clock):
     return Boundaries()
 
 
-def _time_steps(clock: Clock) -> Callable[[], None]:
+def time_steps(clock: Clock) -> Callable[[], None]:
     """Every model's train function timed (the step); returns the undo."""
     import tensorflow as tf
 
@@ -107,58 +107,6 @@ def _time_steps(clock: Clock) -> Callable[[], None]:
 
     tf.keras.Model.make_train_function = make_train_function
     return lambda: setattr(tf.keras.Model, "make_train_function", original)
-
-
-def worker(p: Dict[str, Any], workload_config: Callable, workload_data: Callable) -> Dict[str, Any]:
-    """In one np=1 process: ``repeats`` x (plain Keras, hvd_train) on the workload ``p``, whose
-    config and data come from workers.py's workload_config and workload_data."""
-    import horovod.tensorflow as hvd
-    import tensorflow as tf
-
-    from ... import runtime
-    from ...data.arrays import load_splits
-    from ...data.pipeline import ShardedBatches
-    from ...training import loop
-    from ...training.model import compile_model, make_optimizer, model_for
-    from ...training.tasks import for_run
-    from ...training.trainer import train
-
-    hvd.init()
-    runtime.set_threads(p["threads"])
-    config = workload_config(p, 1)
-    data = workload_data(p, config)
-    splits = load_splits(config, data)
-    clock = Clock()
-    undo = _time_steps(clock)
-    run_callbacks = loop.run_callbacks
-
-    def keras() -> Clock:
-        clock.reset()
-        tf.keras.utils.set_random_seed(config.seed)
-        model = model_for(config)(splits.model_inputs, splits.n_outputs)
-        compile_model(model, make_optimizer(config, config.lr), for_run(config, splits))
-        batches = ShardedBatches(splits.x_train, splits.y_train, 0, 1, config.batch_size, config.seed, config.shuffle)
-        model.fit(batches, epochs=config.epochs, shuffle=False, callbacks=[_boundaries(clock)], verbose=0)
-        return clock
-
-    def hvd_train() -> Clock:
-        clock.reset()
-        # hvd_train's callbacks, each hook timed where it is (the loop's own list, unchanged).
-        loop.run_callbacks = lambda *a, **k: time_hooks(run_callbacks(*a, **k), clock)
-        train(config, data=data, callbacks=[_boundaries(clock)])
-        return clock
-
-    runs: Dict[str, List[List[Dict[str, float]]]] = {"keras": [], "hvd_train": []}
-    try:
-        for _ in range(p["repeats"]):
-            runs["keras"].append(keras().epochs[1:])
-            runs["hvd_train"].append(hvd_train().epochs[1:])
-    finally:
-        undo()
-        loop.run_callbacks = run_callbacks
-    steps = p["steps"]
-    return {"steps_per_epoch": steps, "batch": p["batch"], "repeats": p["repeats"], "epochs": p["epochs"],
-            "variants": {name: summarize(epochs, steps) for name, epochs in runs.items()}}
 
 
 def summarize(repeats: List[List[Dict[str, float]]], steps: int) -> Dict[str, Any]:

@@ -137,21 +137,26 @@ def _input_ms(p: Dict[str, Any], config, rank: int, size: int) -> float:
     return 1e3 * (time.perf_counter() - start) / len(batches)
 
 
-def run_keras(p: Dict[str, Any]) -> Dict[str, Any]:
+def fit_keras(config, splits, callbacks: List[Any]) -> None:
     """Plain Keras on one process: the same model, batches and optimizer, without Horovod."""
     import tensorflow as tf
 
     from ...data.pipeline import ShardedBatches
 
-    runtime.set_threads(p["threads"])
-    config = workload_config(p, 1)
-    splits = load_splits(config, workload_data(p, config))
     tf.keras.utils.set_random_seed(config.seed)
     model = model_for(config)(splits.model_inputs, splits.n_outputs)
     compile_model(model, make_optimizer(config, config.lr), for_run(config, splits))
     batches = ShardedBatches(splits.x_train, splits.y_train, 0, 1, config.batch_size, config.seed, config.shuffle)
+    model.fit(batches, epochs=config.epochs, shuffle=False, callbacks=callbacks, verbose=0)
+
+
+def run_keras(p: Dict[str, Any]) -> Dict[str, Any]:
+    """fit_keras on the workload, timed by epoch."""
+    runtime.set_threads(p["threads"])
+    config = workload_config(p, 1)
+    splits = load_splits(config, workload_data(p, config))
     timer = EpochTimer.make()
-    model.fit(batches, epochs=config.epochs, shuffle=False, callbacks=[timer], verbose=0)
+    fit_keras(config, splits, [timer])
     timed = timer.seconds[1:] or timer.seconds
     n = len(splits.y_train)
     return {"samples_per_second": n * len(timed) / sum(timed), "seconds": sum(timed), "samples": n * len(timed),
@@ -229,9 +234,38 @@ def run_wire(p: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def run_profile(p: Dict[str, Any]) -> Dict[str, Any]:
-    from .profile import worker
+    """In one np=1 process: ``repeats`` x (fit_keras, hvd_train.train()) on the workload, each
+    epoch cut into its parts (profile.py)."""
+    import horovod.tensorflow as hvd
 
-    return worker(p, workload_config, workload_data)
+    from ...training import loop
+    from ...training.trainer import train
+    from .profile import Clock, boundaries, summarize, time_hooks, time_steps
+
+    hvd.init()
+    runtime.set_threads(p["threads"])
+    config = workload_config(p, 1)
+    data = workload_data(p, config)
+    splits = load_splits(config, data)
+    clock = Clock()
+    undo = time_steps(clock)
+    run_callbacks = loop.run_callbacks
+    # hvd_train's callbacks, each hook timed where it is (the loop's own list, unchanged).
+    loop.run_callbacks = lambda *a, **k: time_hooks(run_callbacks(*a, **k), clock)
+    variants = {"keras": lambda: fit_keras(config, splits, [boundaries(clock)]),
+                "hvd_train": lambda: train(config, data=data, callbacks=[boundaries(clock)])}
+    runs: Dict[str, List[List[Dict[str, float]]]] = {name: [] for name in variants}
+    try:
+        for _ in range(p["repeats"]):
+            for name, fit in variants.items():
+                clock.reset()
+                fit()
+                runs[name].append(clock.epochs[1:])  # the first epoch traces the graph
+    finally:
+        undo()
+        loop.run_callbacks = run_callbacks
+    return {"steps_per_epoch": p["steps"], "batch": p["batch"], "repeats": p["repeats"], "epochs": p["epochs"],
+            "variants": {name: summarize(epochs, p["steps"]) for name, epochs in runs.items()}}
 
 
 TASKS = {"hvd_train": run_hvd_train, "keras": run_keras, "mwms": run_mwms, "wire": run_wire, "profile": run_profile}
