@@ -125,11 +125,13 @@ def test_profile_section_splits_an_epoch_into_its_parts(bench):
     out, _ = bench
     r = json.loads((out / "results.json").read_text())["profile"]
     for workload in ("mlp", "cnn"):
-        keras, ours = r[workload]["variants"]["keras"], r[workload]["variants"]["hvd_train"]
-        for v in (keras, ours):
+        variants = r[workload]["variants"]
+        keras, ours, sequence = variants["keras"], variants["hvd_train"], variants["keras_sequence"]
+        for v in (keras, ours, sequence):
             assert positive(v["epoch_ms"]) and positive(v["step_ms"]) and math.isfinite(v["rest_ms"])
             assert v["epoch_ms"] == pytest.approx(v["steps_ms"] + sum(v["hooks_ms"].values()) + v["rest_ms"])
-        assert not keras["hooks_ms"], "plain Keras runs none of hvd_train's callbacks"
+        assert not keras["hooks_ms"] and not sequence["hooks_ms"], "plain Keras runs none of hvd_train's callbacks"
+        assert math.isfinite(r[workload]["tf_data_gain"])
         # hvd_train's own hooks, each timed by name (the profiler's own callback is not among them).
         assert {"ExactTrainMetrics.on_epoch_end", "StopCheck.on_train_batch_end"} <= set(ours["hooks_ms"])
         assert not any(k.startswith("Boundaries.") for k in ours["hooks_ms"])

@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from hvd_train import TrainConfig, runtime, train
-from hvd_train.data.pipeline import ShardedBatches
+from hvd_train.data import sharding
+from hvd_train.data.pipeline import ShardedBatches, sharded_dataset
 from hvd_train.data.sharding import eval_shard
 from hvd_train.training import checkpoint, consensus, metrics, replicas, tasks
 from hvd_train.training.model import build_mlp
@@ -135,19 +136,34 @@ def test_global_sums_weigh_each_rank_by_its_sample_count(rt):
 
 # --- sharding ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n, batch", [(107, 8), (150, 32), (3, 1)])
-def test_each_epoch_every_sample_once_in_equal_steps(rt, n, batch):
+@pytest.mark.parametrize("n, batch, position", [(107, 8, 0), (150, 32, 0), (3, 1, 0), (107, 8, 50)])
+def test_each_epoch_every_sample_once_in_equal_steps(rt, n, batch, position):
+    """What Keras is fed (the tf.data pipeline, one iterator across epochs, as fit reads it):
+    from ``position`` into epoch 0 to its end, then the whole of epoch 1."""
     x = np.arange(n, dtype=np.float32).reshape(n, 1)
+    plan = ShardedBatches(x, np.zeros(n), rt.rank, rt.size, batch, seed=5, shuffle=True, position=position)
+    first = len(plan)
+    whole = sharding.steps_per_epoch(n, rt.size, batch)
+    fed = iter(sharded_dataset(plan))
     seen = []
-    for epoch in range(2):
-        shards = ShardedBatches(x, np.zeros(n), rt.rank, rt.size, batch, seed=5, shuffle=True, epoch=epoch)
-        rows = [xb[:, 0].astype(int).tolist() for xb, _, _ in (shards[s] for s in range(len(shards)))]
-        seen.append(runtime.allgather(rows, f"shards.{n}.{epoch}"))
-    for epoch in seen:
-        assert len({len(steps) for steps in epoch}) == 1, "equal steps on every rank"
-        every = sorted(i for steps in epoch for step in steps for i in step)
-        assert every == list(range(n)), "disjoint and complete"
-    assert seen[0] != seen[1], "each epoch its own order, the same on every rank"
+    for epoch, steps in enumerate((first, whole)):
+        batches = [next(fed) for _ in range(steps)]
+        rows = [xb.numpy()[:, 0].astype(int).tolist() for xb, _, _ in batches]
+        weights = [float(w.numpy()[0]) for _, _, w in batches]
+        assert all(len(set(w.numpy().tolist())) == 1 for _, _, w in batches), "one loss weight per step"
+        seen.append((runtime.allgather(rows, f"shards.{n}.{position}.{epoch}"),
+                     runtime.allgather(weights, f"weights.{n}.{position}.{epoch}")))
+    order = sharding.epoch_order(n, 0, 5, True)
+    for epoch, (steps, weights) in enumerate(seen):
+        assert len({len(s) for s in steps}) == 1, "equal steps on every rank"
+        every = sorted(i for s in steps for step in s for i in step)
+        expected = sorted(order[position:].tolist()) if epoch == 0 else list(range(n))
+        assert every == expected, "disjoint and complete"
+        for k in range(len(steps[0])):  # the loss weights: each rank's share of the step, times N
+            sizes = [len(s[k]) for s in steps]
+            assert [w[k] for w in weights] == pytest.approx([m * rt.size / sum(sizes) for m in sizes])
+    assert [i for s in seen[0][0] for step in s for i in step] != \
+        [i for s in seen[1][0] for step in s for i in step], "each epoch its own order"
 
 
 # --- whole runs through the API ---------------------------------------------------------------------

@@ -12,9 +12,10 @@ and times with the tools here, per epoch after the first (which traces the graph
   makes Keras turn the step's logs into numbers after every batch);
 - the rest: the epoch minus the step minus the hooks (Keras's own loop, the input's queue).
 
-Both variants run in the same process, with the same threads, data, model and batches, so the
-difference is hvd_train's: its optimizer wrapper (Horovod's DistributedOptimizer at np=1), its
-callbacks and its input path. The medians over the repeats are the breakdown docs/performance.md
+The variants run in the same process, with the same threads, data, model, batches and input
+pipeline (data/pipeline.py's tf.data), so the difference is hvd_train's: its optimizer wrapper
+(Horovod's DistributedOptimizer at np=1) and its callbacks. A third variant, plain Keras fed the
+same batches through a keras.utils.Sequence, measures what the input pipeline changed. The medians over the repeats are the breakdown docs/performance.md
 reports.
 """
 from __future__ import annotations
@@ -132,27 +133,37 @@ def profile_section(runner, p: Dict[str, Any], cnn: Dict[str, Any], repeats: int
         workload = {**workload, "threads": 1, "repeats": repeats, "epochs": epochs or workload["epochs"]}
         result = runner.horovod("profile", 1, workload)
         keras, ours = result["variants"]["keras"], result["variants"]["hvd_train"]
+        sequence = result["variants"]["keras_sequence"]
         result["overhead"] = ours["epoch_ms"] / keras["epoch_ms"] - 1
+        result["tf_data_gain"] = sequence["epoch_ms"] / keras["epoch_ms"] - 1
         out[name] = result
         log(f"profile {name}: epoch {keras['epoch_ms']:.1f} ms Keras, {ours['epoch_ms']:.1f} ms hvd_train "
-            f"({result['overhead']:+.1%}); step {keras['step_ms']:.2f} vs {ours['step_ms']:.2f} ms")
+            f"({result['overhead']:+.1%}); step {keras['step_ms']:.2f} vs {ours['step_ms']:.2f} ms; "
+            f"Keras through a Sequence {sequence['epoch_ms']:.1f} ms")
     return out
 
 
 def lines(r: Dict[str, Any]) -> List[str]:
     """results.md: the profile tables."""
-    out = ["## Profile: an epoch at np=1, hvd_train against plain Keras (ms per epoch, medians)", ""]
+    out = ["## Profile: an epoch at np=1, hvd_train against plain Keras (ms per epoch, medians)", "",
+           "Plain Keras is fed by the same tf.data pipeline as hvd_train; \"Keras, Sequence\" is plain Keras "
+           "fed the same batches through a keras.utils.Sequence (Keras's enqueuer).", ""]
     for name, result in r.items():
-        keras, ours = result["variants"]["keras"], result["variants"]["hvd_train"]
+        variants = result["variants"]
+        keras, ours = variants["keras"], variants["hvd_train"]
+        sequence = variants.get("keras_sequence", {"epoch_ms": float("nan"), "steps_ms": float("nan"),
+                                                   "rest_ms": float("nan"), "hooks_ms": {}})
         out += [f"{name.upper()}: {result['steps_per_epoch']} steps of {result['batch']} per epoch, "
                 f"{result['epochs'] - 1} timed epochs per run, {result['repeats']} interleaved repeats; overhead "
                 f"{result['overhead']:+.1%}", "",
-                "| part | plain Keras | hvd_train | difference |", "|---|---:|---:|---:|"]
-        rows = [("epoch", keras["epoch_ms"], ours["epoch_ms"]),
-                ("steps (train function)", keras["steps_ms"], ours["steps_ms"]),
-                ("rest (Keras loop, input queue)", keras["rest_ms"], ours["rest_ms"])]
-        rows += [(hook, keras["hooks_ms"].get(hook, 0.0), ours["hooks_ms"].get(hook, 0.0))
-                 for hook in sorted(set(keras["hooks_ms"]) | set(ours["hooks_ms"]))
+                "| part | Keras, Sequence | plain Keras | hvd_train | hvd_train - Keras |",
+                "|---|---:|---:|---:|---:|"]
+        rows = [("epoch", sequence["epoch_ms"], keras["epoch_ms"], ours["epoch_ms"]),
+                ("steps (train function)", sequence["steps_ms"], keras["steps_ms"], ours["steps_ms"]),
+                ("rest (Keras loop, input queue)", sequence["rest_ms"], keras["rest_ms"], ours["rest_ms"])]
+        hooks = set(keras["hooks_ms"]) | set(ours["hooks_ms"])
+        rows += [(hook, sequence["hooks_ms"].get(hook, 0.0), keras["hooks_ms"].get(hook, 0.0),
+                  ours["hooks_ms"].get(hook, 0.0)) for hook in sorted(hooks)
                  if max(keras["hooks_ms"].get(hook, 0.0), ours["hooks_ms"].get(hook, 0.0)) >= 0.005]
-        out += [f"| {part} | {a:.2f} | {b:.2f} | {b - a:+.2f} |" for part, a, b in rows] + [""]
+        out += [f"| {part} | {s:.2f} | {a:.2f} | {b:.2f} | {b - a:+.2f} |" for part, s, a, b in rows] + [""]
     return out

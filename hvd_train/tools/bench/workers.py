@@ -125,29 +125,54 @@ def run_hvd_train(p: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _input_ms(p: Dict[str, Any], config, rank: int, size: int) -> float:
-    """Milliseconds to assemble one of this rank's batches (what Keras's enqueuer thread does per step)."""
-    from ...data.pipeline import ShardedBatches
+    """Milliseconds to take one of this rank's batches from the input pipeline alone (what
+    tf.data's thread does per step, beside the step)."""
+    from ...data.pipeline import ShardedBatches, sharded_dataset
 
     splits = load_splits(config, workload_data(p, config))
     batches = ShardedBatches(splits.x_train, splits.y_train, rank, size, config.batch_size, config.seed,
                              config.shuffle)
+    fed = iter(sharded_dataset(batches))
+    next(fed)  # builds the pipeline
     start = time.perf_counter()
-    for step in range(len(batches)):
-        batches[step]
+    for _ in range(len(batches)):
+        next(fed)
     return 1e3 * (time.perf_counter() - start) / len(batches)
 
 
-def fit_keras(config, splits, callbacks: List[Any]) -> None:
-    """Plain Keras on one process: the same model, batches and optimizer, without Horovod."""
+def fit_keras(config, splits, callbacks: List[Any], sequence: bool = False) -> None:
+    """Plain Keras on one process: the same model, batches, input pipeline and optimizer, without
+    Horovod. ``sequence``: the batches through a keras.utils.Sequence instead (Keras's enqueuer:
+    what hvd_train's input was before its tf.data pipeline)."""
     import tensorflow as tf
 
-    from ...data.pipeline import ShardedBatches
+    from ...data.pipeline import ShardedBatches, sharded_dataset
 
     tf.keras.utils.set_random_seed(config.seed)
     model = model_for(config)(splits.model_inputs, splits.n_outputs)
     compile_model(model, make_optimizer(config, config.lr), for_run(config, splits))
     batches = ShardedBatches(splits.x_train, splits.y_train, 0, 1, config.batch_size, config.seed, config.shuffle)
-    model.fit(batches, epochs=config.epochs, shuffle=False, callbacks=callbacks, verbose=0)
+    if sequence:
+        model.fit(_as_sequence(batches), epochs=config.epochs, shuffle=False, callbacks=callbacks, verbose=0)
+    else:
+        model.fit(sharded_dataset(batches), epochs=config.epochs, steps_per_epoch=len(batches), shuffle=False,
+                  callbacks=callbacks, verbose=0)
+
+
+def _as_sequence(batches):
+    import tensorflow as tf
+
+    class Batches(tf.keras.utils.Sequence):
+        def __len__(self):
+            return len(batches)
+
+        def __getitem__(self, step):
+            return batches[step]
+
+        def on_epoch_end(self):
+            batches.set_epoch(batches.epoch + 1)
+
+    return Batches()
 
 
 def run_keras(p: Dict[str, Any]) -> Dict[str, Any]:
@@ -252,7 +277,8 @@ def run_profile(p: Dict[str, Any]) -> Dict[str, Any]:
     run_callbacks = loop.run_callbacks
     # hvd_train's callbacks, each hook timed where it is (the loop's own list, unchanged).
     loop.run_callbacks = lambda *a, **k: time_hooks(run_callbacks(*a, **k), clock)
-    variants = {"keras": lambda: fit_keras(config, splits, [boundaries(clock)]),
+    variants = {"keras_sequence": lambda: fit_keras(config, splits, [boundaries(clock)], sequence=True),
+                "keras": lambda: fit_keras(config, splits, [boundaries(clock)]),
                 "hvd_train": lambda: train(config, data=data, callbacks=[boundaries(clock)])}
     runs: Dict[str, List[List[Dict[str, float]]]] = {name: [] for name in variants}
     try:
