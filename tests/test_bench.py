@@ -100,12 +100,15 @@ def test_data_section_measures_the_file_paths(bench):
     assert all(positive(b["peak_rss_mb"]) and positive(b["first_step_s"]) for b in r["baselines"].values())
     entry = r["sizes"]["2000"]
     assert entry["parse"]["rows"] == 2000 and positive(entry["parse"]["pyarrow_mb_s"])
-    paths = ("csv_stream_np1", "csv_stream_np2", "parquet_stream_np1", "parquet_stream_np2", "memory_np1")
-    for path in paths:
+    for path in ("csv_stream_np1", "csv_stream_np2", "parquet_stream_np1", "parquet_stream_np2", "memory_np1",
+                 "memory_np2", "csv_thread_np1", "parquet_thread_np1"):
         assert positive(entry[path]["first_step_s"]) and positive(entry[path]["samples_per_second"])
         assert math.isfinite(entry[path]["data_mb_per_rank"]) and math.isfinite(entry[path]["data_first_step_s"])
+        # Streamed training reads in a process of each rank's own (its CPU counted), unless told a thread.
+        assert (entry[path]["reader_cpu_s_per_epoch"] > 0) == ("_stream_" in path), path
     md = (out / "results.md").read_text()
     assert "## Data path" in md and "- csv: 2000 rows np2/np1" in md and "data s to first step" in md
+    assert "- 2000 rows: in memory np2/np1" in md and "reader CPU" in md
 
 
 def test_startup_section_times_every_phase(bench):
@@ -137,3 +140,9 @@ def test_profile_section_splits_an_epoch_into_its_parts(bench):
         assert not any(k.startswith("Boundaries.") for k in ours["hooks_ms"])
     md = (out / "results.md").read_text()
     assert "## Profile: an epoch at np=1" in md and "| steps (train function) |" in md
+    # The summary at the top names each target with its figure.
+    targets = md.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    for name in ("MLP: hvd_train np=1 epoch overhead vs plain Keras (profile)", "MLP: np=2 / the ceiling, Gloo",
+                 "csv 2000 rows: streamed / in memory, np=1 (training)", "parquet 2000 rows: data memory per rank np=2 / np=1",
+                 "CNN: hvd_train np=1 overhead vs plain Keras (scaling section)"):
+        assert f"| {name} |" in targets, name

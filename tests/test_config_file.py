@@ -35,7 +35,7 @@ def test_every_option_can_live_in_a_file(tmp_path):
               "batch_size": 5, "lr": 0.3, "optimizer": "sgd", "momentum": 0.5, "lr_scaling": "sqrt",
               "warmup_epochs": 1, "hidden": (7, 3), "activation": "tanh", "dropout": 0.25, "task": "regression",
               "loss": "huber", "model": "cnn", "filters": (8, 4), "l2": 0.001, "scale": "none",
-              "batch_norm": True, "sync_batchnorm": True, "seed": 3, "shuffle_buffer": 99, "val_fraction": 0.2,
+              "batch_norm": True, "sync_batchnorm": True, "seed": 3, "shuffle_buffer": 99, "reader": "thread", "val_fraction": 0.2,
               "test_fraction": 0.3, "shuffle": False, "threads": 1, "pin_cores": False,
               "output_dir": "x", "progress": "none", "lr_schedule": "step", "lr_decay_epochs": 2,
               "lr_decay_factor": 0.5, "early_stopping_patience": 2, "early_stopping_metric": "val_r2",

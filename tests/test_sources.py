@@ -1,5 +1,6 @@
 """File datasets without a launcher: headers, units, row identity and splits, bad values named by
 file and line/row, the global facts of the sharded read, and the streamed training order."""
+import itertools
 import os
 
 import numpy as np
@@ -221,3 +222,33 @@ def test_the_mlp_trains_on_a_parquet_source_through_a_single_process_facts_pass(
         real = [[xb[wb > 0] for xb, _, wb in r] for r in rest]  # a rank without a sample runs a weight-0 row
         got = np.concatenate([np.concatenate([real[r][k] for r in range(size)]) for k in range(feeds[0].steps)])
         np.testing.assert_array_equal(got, epochs[0][position:])
+    # The reader process (reader.py) hands over exactly the batches the stream makes, from a
+    # position on and across the epoch's end, in chunks, through fewer slots than chunks; closing
+    # it ends the process and frees the shared block.
+    from hvd_train.data.reader import Reader
+
+    def steps_of(chunks):
+        for x, y, w, rows in chunks:
+            ends = np.cumsum(rows)
+            for a, b in zip(ends - rows, ends):
+                yield x[a:b], y[a:b], w[a:b]
+
+    train = stream.TrainStream(s, 1, 2, 16, shuffle=True, shuffle_buffer=120)
+    count = len(train.slices(300).steps) + len(train.slices(0).steps)
+    direct = list(itertools.islice(train.epochs(0, 300), count))
+    reader = Reader(train, 0, 300, slots=3)
+    block = f"/dev/shm/{reader.block.name}"
+    batches = iter(reader)  # held: a generator closed by the garbage collector closes its reader
+    fed = list(itertools.islice(steps_of(batches), count))
+    assert reader.process.is_alive() and os.path.exists(block)
+    reader.close()
+    assert not reader.process.is_alive() and not os.path.exists(block)
+    assert reader.cpu_seconds() > 0
+    for a, b in zip(direct, fed, strict=True):
+        for u, v in zip(a, b, strict=True):
+            np.testing.assert_array_equal(u, v)
+    # A file gone under the run: the reader ends the stream and the training process learns why.
+    os.remove(tmp_path / "1.parquet")
+    train = stream.TrainStream(s, 0, 1, 48, shuffle=False, shuffle_buffer=120)
+    left = list(steps_of(Reader(train, 0, 0, slots=2)))
+    assert len(left) < len(train.slices(0).steps) and "1.parquet" in train.error

@@ -17,6 +17,7 @@ TASKS = ("classification", "regression")
 REGRESSION_LOSSES = ("mse", "mae", "huber")
 MODELS = ("mlp", "cnn")
 SCALINGS = ("standard", "none")
+READERS = ("process", "thread")
 # Validation metrics early stopping may watch, per task; "loss" is the training objective.
 TASK_METRICS = {"classification": ("val_loss", "val_accuracy"),
                 "regression": ("val_loss", "val_mse", "val_rmse", "val_mae", "val_r2")}
@@ -72,6 +73,9 @@ class TrainConfig:
     seed: int = _option(42, "seed for splits, shuffling and initial weights", "data")
     shuffle_buffer: int = _option(65536, "csv:/parquet: datasets: training rows are shuffled within windows of "
                                   "this many rows (and the files' units in a new order) every epoch", "data")
+    reader: str = _option("process", "csv:/parquet: datasets: read the training stream in a process of each rank's "
+                          "own, batches handed over in shared memory (process), or in a thread of the training "
+                          "process (thread)", "data", choices=READERS)
 
     model: str = _option("mlp", "mlp: Dense layers on feature tables (N-d inputs are flattened); cnn: a small "
                          "conv net with batch normalization for images [n, height, width, channels]", "model",
@@ -177,6 +181,7 @@ class TrainConfig:
         _require(self.task in TASKS, f"task must be one of {TASKS} (got {self.task!r})")
         _require(self.model in MODELS, f"model must be one of {MODELS} (got {self.model!r})")
         _require(self.scale in SCALINGS, f"scale must be one of {SCALINGS} (got {self.scale!r})")
+        _require(self.reader in READERS, f"reader must be one of {READERS} (got {self.reader!r})")
         _require(self.loss is None or self.task == "regression",
                  f"--loss {self.loss} is a regression loss: add --task regression (classification trains on "
                  "cross-entropy)")

@@ -63,7 +63,8 @@ class Dataset:
     - ``train_feed(rank, size, config, epoch, position)``: this rank's training batches of an
       epoch after its first ``position`` samples (then of the epochs after it), for a world of
       ``size``: an object with ``steps`` (of that first epoch), ``keras_input()`` (what
-      model.fit takes) and ``failure(after_error=False)`` (data that went bad mid-run, or None);
+      model.fit takes), ``failure(after_error=False)`` (data that went bad mid-run, or None) and
+      ``close()`` (ends what reads beside training: the loop calls it when a fit ends);
     - ``eval_pieces(which, rank, size)``: this rank's share of the validation or test rows;
     - ``fingerprint()``: what the consensus check and a checkpoint record of the data, to prove
       every rank (and a resumed run) has the same;

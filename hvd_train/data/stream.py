@@ -132,7 +132,7 @@ class StreamSplits(Dataset):
         """This rank's training batches of ``epoch`` after its first ``position`` samples, then of
         the epochs after it, streamed from the files (StreamFeed)."""
         return StreamFeed(TrainStream(self, rank, size, config.batch_size, config.shuffle, config.shuffle_buffer),
-                          epoch, position)
+                          epoch, position, config.reader)
 
     def eval_pieces(self, which: str, rank: int, size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """This rank's share of the validation ("val") or test rows, standardised, in pieces: the
@@ -472,6 +472,7 @@ class TrainStream:
         self.splits, self.rank, self.size = splits, rank, size
         self.batch_size, self.shuffle, self.window = batch_size, shuffle, shuffle_buffer
         self.error: Optional[str] = None  # a DataError met while streaming (tf.data hides its type)
+        self.before_read: Optional[Any] = None  # called before each window is read (reader.py hands over then)
 
     def slices(self, position: int = 0) -> _Slices:
         return _Slices(self.splits.n_train, self.rank, self.size, self.batch_size, position)
@@ -508,6 +509,8 @@ class TrainStream:
                 target = np.empty(total, np.int64)
                 target[np.random.default_rng([s.seed, epoch, 2, k]).permutation(total)] = np.arange(total)
             window = _Window(s, slices, base, total, target)
+            if self.before_read is not None:
+                self.before_read()
             for u in units:
                 unit = s.source.units[u]
                 for x, y in sources.read_unit(s.source, unit, select=functools.partial(window.select, unit)):
@@ -567,36 +570,73 @@ class TrainStream:
                 return f"{path} changed while being read (size {size} -> {os.path.getsize(path)} bytes)"
         return None
 
-    def dataset(self, start_epoch: int, position: int = 0):
-        """A tf.data.Dataset of this rank's steps from ``start_epoch`` on (after ``position`` samples
-        of it), read ahead in the background."""
+    def read_ahead_steps(self) -> int:
+        """How many batches are made ahead of training. A window is read whole before its first
+        batch (with shuffling, that batch may need its last row): read ahead up to a window's
+        steps, so the next window is read while this one trains."""
+        window = self.splits.window_rows(self.window) if self.shuffle else 0
+        return max(READ_AHEAD_STEPS, window // (self.size * self.batch_size) + 2)
+
+    def dataset(self, batches, chunked: bool = False) -> "tf.data.Dataset":
+        """A tf.data.Dataset of the (x, y, loss weight) steps ``batches()`` makes (a generator
+        function: read_ahead's thread), or with ``chunked`` of the steps in the chunks it makes
+        (x, y, w of several steps end to end, and each step's rows: a reader.Reader), split
+        inside TensorFlow so that Python hands over one chunk, not every step."""
         import tensorflow as tf
 
-        f = self.splits.n_features
-        # A window is read whole before its first batch (with shuffling, that batch may need its
-        # last row): read ahead up to a window's steps, so the next window is read while this
-        # one trains. The queued batches are views of the window: ~2 windows / N in memory.
-        window = self.splits.window_rows(self.window) if self.shuffle else 0
-        depth = max(READ_AHEAD_STEPS, window // (self.size * self.batch_size) + 2)
-        return tf.data.Dataset.from_generator(
-            lambda: read_ahead(self.epochs(start_epoch, position), depth),
-            output_signature=(tf.TensorSpec((None, f), tf.float32),
-                              tf.TensorSpec((None,), tf.as_dtype(self.splits.label_dtype)),
-                              tf.TensorSpec((None,), tf.float32))).prefetch(2)
+        steps = (tf.TensorSpec((None, self.splits.n_features), tf.float32),
+                 tf.TensorSpec((None,), tf.as_dtype(self.splits.label_dtype)), tf.TensorSpec((None,), tf.float32))
+        if not chunked:
+            return tf.data.Dataset.from_generator(batches, output_signature=steps).prefetch(2)
+
+        def split(x, y, w, rows):
+            starts = tf.cumsum(rows, exclusive=True)
+            return tf.data.Dataset.from_tensor_slices((starts, rows)).map(
+                lambda at, n: (x[at:at + n], y[at:at + n], w[at:at + n]))
+
+        chunks = (*steps, tf.TensorSpec((None,), tf.int64))
+        return tf.data.Dataset.from_generator(batches, output_signature=chunks).flat_map(split).prefetch(2)
+
+
+READER_SHARED_BYTES = 32 << 20  # a reader process's slots at most (a container's /dev/shm is often 64 MB)
 
 
 class StreamFeed:
     """What the epoch loop (loop.py) trains on, for files: a TrainStream from ``epoch`` after
-    ``position`` samples. ``steps``: of the first epoch. ``failure``: a file that went bad
-    while it was read (the stream then ends early, on every rank at the same step), or after
-    another error, a file that vanished or changed under the run."""
+    ``position`` samples, read by a reader process of this rank (reader.py; ``reader="thread"``:
+    by a thread of this process, read_ahead). ``steps``: of the first epoch. ``failure``: a file
+    that went bad while it was read (the stream then ends early, on every rank at the same step),
+    or after another error, a file that vanished or changed under the run. ``close``: stops the
+    reader (the loop calls it when a fit ends, also by a stop or an elastic reset)."""
 
-    def __init__(self, stream: TrainStream, epoch: int, position: int = 0):
-        self.stream, self.epoch, self.position = stream, epoch, position
+    def __init__(self, stream: TrainStream, epoch: int, position: int = 0, reader: str = "process"):
+        self.stream, self.epoch, self.position, self.reader = stream, epoch, position, reader
         self.steps = len(stream.slices(position).steps)
+        self.readers: List[Any] = []
 
     def keras_input(self):
-        return self.stream.dataset(self.epoch, self.position)
+        stream, depth = self.stream, self.stream.read_ahead_steps()
+        if self.reader == "thread":
+            # The queued batches are views of the window: ~2 windows / N in memory.
+            return stream.dataset(lambda: read_ahead(stream.epochs(self.epoch, self.position), depth))
+        from .reader import CHUNK_STEPS, Reader, slot_bytes
+
+        slots = max(2, min(-(-depth // CHUNK_STEPS), READER_SHARED_BYTES // slot_bytes(stream)))
+
+        def batches():
+            reader = Reader(stream, self.epoch, self.position, slots)
+            self.readers.append(reader)
+            return iter(reader)
+
+        return stream.dataset(batches, chunked=True)
+
+    def cpu_seconds(self) -> float:
+        """The reader processes' CPU time (user + system) so far."""
+        return sum(r.cpu_seconds() for r in self.readers)
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
 
     def failure(self, after_error: bool = False) -> Optional[str]:
         return self.stream.error or (self.stream.check_files() if after_error else None)

@@ -39,10 +39,13 @@ def fit_epochs(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, mod
                 callbacks += extra(stopper)
                 feed = splits.train_feed(rt.rank, rt.size, config, point.epoch, point.position)
                 whole = not point.position  # else the rest of one epoch, alone
-                fitted = model.fit(feed.keras_input(), epochs=config.epochs if whole else point.epoch + 1,
-                                   initial_epoch=point.epoch, shuffle=False,
-                                   steps_per_epoch=plan.steps_per_epoch if whole else feed.steps,
-                                   callbacks=[FeedGuard(feed), *callbacks], verbose=int(live_bar))
+                try:
+                    fitted = model.fit(feed.keras_input(), epochs=config.epochs if whole else point.epoch + 1,
+                                       initial_epoch=point.epoch, shuffle=False,
+                                       steps_per_epoch=plan.steps_per_epoch if whole else feed.steps,
+                                       callbacks=[FeedGuard(feed), *callbacks], verbose=int(live_bar))
+                finally:
+                    feed.close()  # a stream's reader process ends with its fit (also by a stop or a reset)
                 problem = feed.failure()
                 if problem:  # the data ran out without an epoch's end (FeedGuard saw none)
                     raise StreamError(problem)

@@ -274,17 +274,23 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_batch_with_one_che
 
 
 class _SignalAtBatch(tf.keras.callbacks.Callback):
-    """Sends this process SIGTERM after ``batch`` of epoch ``epoch`` (0-based)."""
+    """Sends this process and its children (a file dataset's reader process) SIGTERM after
+    ``batch`` of epoch ``epoch`` (0-based), as Slurm's scancel signals every process of a step."""
 
     def __init__(self, epoch, batch):
         super().__init__()
-        self.at, self.epoch = (epoch, batch), 0
+        self.at, self.epoch, self.children = (epoch, batch), 0, []
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         if (self.epoch, batch) == self.at:
+            import multiprocessing
+
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGTERM)
+                self.children.append(child)
             os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -305,12 +311,16 @@ def test_a_csv_folder_stopped_mid_epoch_resumes_to_the_uninterrupted_run(rt, sha
                          optimizer="adam", shuffle_buffer=64, progress="none", seed=7)
     ckpt = shared_tmp / "ckpt"
     stopped = config.replace(checkpoint_dir=str(ckpt), output_dir=str(shared_tmp / "stopped"))
-    got = outcome(lambda: train(stopped, callbacks=[_SignalAtBatch(1, 17)] if rt.rank == 1 else []))
+    signaller = _SignalAtBatch(1, 17)
+    got = outcome(lambda: train(stopped, callbacks=[signaller] if rt.rank == 1 else []))
     (epoch, path), = checkpoint.listed(str(ckpt))[:1]  # the newest, before the resumed run adds its own
     resumed = train(stopped.replace(resume="auto", output_dir=str(shared_tmp / "resumed")))
     whole = train(config.replace(output_dir=str(shared_tmp / "whole")))
     # 16 samples a step: the stop after step 18 of epoch 2 is at position 288.
     assert got.startswith("Stopped: stopped by SIGTERM after 288 of ") and " samples of epoch 2" in got, got
+    # The stream was read by a reader process, which the signal reached too and did not end: the
+    # run closed it (stopped, or killed inside a read), after the agreed batch.
+    assert rt.rank != 1 or [c.exitcode in (0, -signal.SIGKILL) for c in signaller.children] == [True]
     assert path.endswith(checkpoint.file_name(1, 288)) and epoch == 1
     differences = [float(np.max(np.abs(a - b))) for a, b in zip(resumed.model.get_weights(),
                                                                  whole.model.get_weights())]

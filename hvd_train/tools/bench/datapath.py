@@ -73,7 +73,9 @@ def parse_figures(csv_path: Path) -> Dict[str, float]:
 
 
 def worker(mode: str, spec: str, out_dir: str, result_dir: str) -> None:
-    """Under horovodrun: one epoch streamed (mode "stream"), in memory ("memory"), or idle."""
+    """Under horovodrun: streamed by reader processes (mode "stream"), by a reader thread
+    ("thread"), in memory ("memory"), or idle. A rank's memory is its own peak RSS plus its
+    reader process's (both peaks, an upper bound); the reader's CPU seconds are reported too."""
     launched = float(os.environ["BENCH_LAUNCHED"])
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
@@ -83,15 +85,24 @@ def worker(mode: str, spec: str, out_dir: str, result_dir: str) -> None:
     first = {}
 
     class FirstStep(tf.keras.callbacks.Callback):
+        """The first step's start, and each epoch's training part (its begin to its last batch's
+        end: the validation after it reads files on the streamed paths, arrays in memory)."""
+
         def on_train_batch_begin(self, batch, logs=None):
             first.setdefault("t", time.time())
+
+        def on_epoch_begin(self, epoch, logs=None):
+            first["begin"] = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            first["trained"] = time.perf_counter() - first["begin"]
 
     if mode != "idle":
         from hvd_train import TrainConfig, train
 
-        config = TrainConfig(dataset=spec if mode == "stream" else "iris", label_column="label", epochs=EPOCHS,
+        config = TrainConfig(dataset="iris" if mode == "memory" else spec, label_column="label", epochs=EPOCHS,
                              batch_size=256, warmup_epochs=0, progress="none", output_dir=out_dir,
-                             hidden=(256, 256), threads=1)
+                             hidden=(256, 256), threads=1, reader="thread" if mode == "thread" else "process")
         data = None
         if mode == "memory":
             import pyarrow.parquet as pq
@@ -105,8 +116,16 @@ def worker(mode: str, spec: str, out_dir: str, result_dir: str) -> None:
             last = [e for e in map(json.loads, f) if e.get("event") == "epoch"][-1]
         # The last epoch (validation included): the first one also traces the graph.
         record.update(first_step_s=first["t"] - launched,
-                      samples_per_second=result.plan.train_samples / last["seconds"])
-    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                      samples_per_second=result.plan.train_samples / last["seconds"],
+                      train_samples_per_second=result.plan.train_samples / first["trained"])
+    # The reader processes have ended (each fit closes its own, noting what it used). Their peak is
+    # their own since exec (RUSAGE_CHILDREN's would count the parent's pages they were forked with).
+    from ...data.reader import USAGE
+
+    record.update(reader_cpu_s=sum(u["cpu_s"] for u in USAGE),
+                  reader_peak_rss_mb=max((u["peak_rss_mb"] for u in USAGE), default=0.0),
+                  training_cpu_s=time.process_time())
+    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + record["reader_peak_rss_mb"]
     with open(os.path.join(result_dir, f"{mode}-{record['rank']}.json"), "w") as f:
         json.dump(record, f)
 
@@ -125,16 +144,18 @@ def launch(mode: str, np_: int, spec: str, work: Path, timeout: int) -> List[Dic
     return [json.loads((results / f"{mode}-{r}.json").read_text()) for r in range(np_)]
 
 
-PATHS = ("csv_stream_np1", "csv_stream_np2", "parquet_stream_np1", "parquet_stream_np2", "memory_np1")
+PATHS = ("csv_stream_np1", "csv_stream_np2", "parquet_stream_np1", "parquet_stream_np2", "memory_np1", "memory_np2",
+         "csv_thread_np1", "parquet_thread_np1")
 TINY_ROWS = 2000
 EPOCHS = 2
 
 
 def _launch_path(path: str, files: Dict[str, Path], work: Path, timeout: int) -> List[Dict[str, Any]]:
-    if path == "memory_np1":
-        return launch("memory", 1, f"parquet:{files['parquet']}", work, timeout)
-    kind, _, np_ = path.partition("_stream_np")
-    return launch("stream", int(np_), f"{kind}:{files[kind]}", work, timeout)
+    *what, world = path.split("_")  # csv_stream_np2 -> (csv, stream), np2; memory_np1 -> (memory,), np1
+    if what == ["memory"]:
+        return launch("memory", int(world[2:]), f"parquet:{files['parquet']}", work, timeout)
+    kind, mode = what
+    return launch(mode, int(world[2:]), f"{kind}:{files[kind]}", work, timeout)
 
 
 def data_section(work: Path, sizes: List[int], timeout: int, log: Callable[[str], None]) -> Dict[str, Any]:
@@ -160,10 +181,19 @@ def data_section(work: Path, sizes: List[int], timeout: int, log: Callable[[str]
             first = max(r["first_step_s"] for r in ranks)
             entry[path] = {"first_step_s": first, "data_first_step_s": first - base["first_step_s"],
                            "data_mb_per_rank": max(r["peak_rss_mb"] for r in ranks) - base["peak_rss_mb"],
-                           "samples_per_second": ranks[0]["samples_per_second"]}
+                           "samples_per_second": ranks[0]["samples_per_second"],
+                           "train_samples_per_second": ranks[0]["train_samples_per_second"],
+                           "reader_cpu_s_per_epoch": max(r["reader_cpu_s"] for r in ranks) / EPOCHS,
+                           "training_cpu_s": max(r["training_cpu_s"] for r in ranks)}
             log(f"data {rows} rows {path}: {entry[path]}")
         out["sizes"][str(rows)] = entry
     return out
+
+
+def training_speed(path: Dict[str, Any]) -> float:
+    """samples/s of the training part of the last epoch (results from before it was measured:
+    the whole epoch's)."""
+    return path.get("train_samples_per_second", path["samples_per_second"])
 
 
 def lines(results: Dict[str, Any]) -> List[str]:
@@ -180,6 +210,8 @@ def lines(results: Dict[str, Any]) -> List[str]:
         p = e["parse"]
         memory = e["memory_np1"]["samples_per_second"]
         for path in PATHS:
+            if path not in e:  # results from before the path was measured
+                continue
             r = e[path]
             md.append(f"| {rows} | {p['mb']:.0f} | {p['pyarrow_read_csv_s']:.2f} ({p['pyarrow_mb_s']:.0f}) | "
                       f"{p['hvd_train_mb_s']:.0f} | {path} | {r['first_step_s']:.1f} | {r['data_first_step_s']:.1f} | "
@@ -196,6 +228,24 @@ def lines(results: Dict[str, Any]) -> List[str]:
             a, b = sizes[0][f"{kind}_stream_np1"], sizes[-1][f"{kind}_stream_np1"]
             parts.append(f"np1 growth {b['data_mb_per_rank'] / max(a['data_mb_per_rank'], 1):.2f}x")
         md.append(f"- {kind}: " + ", ".join(parts))
+    md += ["", "Ratios for the throughput targets, on the training part of the last epoch (its begin to its last "
+           "batch: the validation after it reads files when streamed): streamed / in memory at np=1 (>= 0.9); "
+           "streamed np=2/np=1 against in memory's (within 10%); the reader process's CPU seconds per epoch "
+           "(per rank):"]
+    for rows, e in results["sizes"].items():
+        if "memory_np2" not in e:
+            continue
+        memory = training_speed(e["memory_np1"])
+        scale = training_speed(e["memory_np2"]) / memory
+        parts = [f"in memory np2/np1 {scale:.2f}"]
+        for kind in ("csv", "parquet"):
+            one, two = e[f"{kind}_stream_np1"], e[f"{kind}_stream_np2"]
+            ratio = training_speed(two) / training_speed(one)
+            parts.append(f"{kind} np1 {training_speed(one) / memory:.2f} of in memory (thread reader "
+                         f"{training_speed(e[f'{kind}_thread_np1']) / memory:.2f}), np2/np1 {ratio:.2f} "
+                         f"({ratio / scale - 1:+.0%} vs in memory), reader CPU {one['reader_cpu_s_per_epoch']:.1f}/"
+                         f"{two['reader_cpu_s_per_epoch']:.1f} s per epoch at np1/np2")
+        md.append(f"- {rows} rows: " + "; ".join(parts))
     return md
 
 

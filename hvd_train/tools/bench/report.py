@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from ...outputs.plots import pyplot
 
@@ -35,6 +35,12 @@ def markdown(r: Dict[str, Any]) -> str:
              f"Machine: {m['cores']} cores, {m['cpu'] or 'unknown CPU'}; Python {m['python']}, "
              f"TensorFlow {m['tensorflow']}, Horovod {m['horovod']}; {m['date']}; "
              f"{r['repeats']} interleaved repeat(s), medians; {r['seconds']:.0f} s in all.", ""]
+    found = targets(r)
+    if found:
+        lines += ["## Targets", "", "Each target of this run's sections, with its figure (the sections below say how "
+                  "it was measured).", "", "| target | figure | bound | met |", "| --- | ---: | ---: | --- |"]
+        lines += [f"| {name} | {figure} | {bound} | {'yes' if met else '**no**'} |"
+                  for name, figure, bound, met in found] + [""]
     if any(section in r for section in ("scaling", "cnn", "wire", "knobs")):  # the sections of this workload
         lines += [f"Workload: MLP {w['features']}-{'-'.join(map(str, w['hidden']))}-{w['classes']} on synthetic "
                   f"data, {w['batch']} samples per process per step, {w['steps']} steps per epoch, {w['epochs']} "
@@ -88,6 +94,52 @@ def markdown(r: Dict[str, Any]) -> str:
 
         lines += [""] + profile_lines(r["profile"])
     return "\n".join(lines)
+
+
+def targets(r: Dict[str, Any]) -> List[Tuple[str, str, str, bool]]:
+    """(target, figure, bound, met) for every target a section of ``r`` measures."""
+    out: List[Tuple[str, str, str, bool]] = []
+    for section, unit in (("scaling", "MLP"), ("cnn", "CNN")):
+        if section not in r:
+            continue
+        s = r[section]
+        bound = 0.02 if section == "scaling" else 0.03
+        out.append((f"{unit}: hvd_train np=1 overhead vs plain Keras (scaling section)",
+                    f"{s['overhead_np1_vs_keras']:+.1%}", f"<= {bound:.0%}", s["overhead_np1_vs_keras"] <= bound))
+        for c, f in s.get("controllers", {}).items():
+            out.append((f"{unit}: np=2 / the ceiling, {_controller(c)}", f"{f['vs_ceiling']:.3f}",
+                        f">= {_TARGET_VS_CEILING[c]:.2f}", f["vs_ceiling"] >= _TARGET_VS_CEILING[c]))
+    for name, p in r.get("profile", {}).items():
+        bound = 0.02 if name == "mlp" else 0.03
+        out.append((f"{name.upper()}: hvd_train np=1 epoch overhead vs plain Keras (profile)", f"{p['overhead']:+.1%}",
+                    f"<= {bound:.0%}", p["overhead"] <= bound))
+    data = dict(sorted(r.get("data", {}).get("sizes", {}).items(), key=lambda kv: int(kv[0])))  # JSON sorts keys as text
+    from .datapath import training_speed
+
+    for rows, e in data.items():
+        memory = training_speed(e["memory_np1"])
+        for kind in ("csv", "parquet"):
+            one, two = e[f"{kind}_stream_np1"], e[f"{kind}_stream_np2"]
+            ratio = training_speed(one) / memory
+            out.append((f"{kind} {rows} rows: streamed / in memory, np=1 (training)", f"{ratio:.2f}", ">= 0.9",
+                        ratio >= 0.9))
+            if "memory_np2" in e:
+                scale = training_speed(e["memory_np2"]) / memory
+                mine = training_speed(two) / training_speed(one)
+                gap = mine / scale - 1
+                out.append((f"{kind} {rows} rows: streamed np=2/np=1 against in memory's ({scale:.2f})",
+                            f"{mine:.2f} ({gap:+.0%})", "within 10%", gap >= -0.10))
+            share = two["data_mb_per_rank"] / max(one["data_mb_per_rank"], 1)
+            out.append((f"{kind} {rows} rows: data memory per rank np=2 / np=1", f"{share:.2f}", "<= 0.55",
+                        share <= 0.55))
+    sizes = list(data.values())
+    if len(sizes) > 1:
+        for kind in ("csv", "parquet"):
+            a, b = sizes[0][f"{kind}_stream_np1"], sizes[-1][f"{kind}_stream_np1"]
+            growth = b["data_mb_per_rank"] / max(a["data_mb_per_rank"], 1)
+            out.append((f"{kind}: data memory growth, {list(data)[0]} -> {list(data)[-1]} rows (np=1)",
+                        f"{growth:.2f}x", "<= 1.3x", growth <= 1.3))
+    return out
 
 
 def _scaling_lines(s: Dict[str, Any], unit: str) -> List[str]:
