@@ -143,6 +143,7 @@ def test_profile_section_splits_an_epoch_into_its_parts(bench):
     # The summary at the top names each target with its figure.
     targets = md.split("## Targets", 1)[1].split("\n## ", 1)[0]
     for name in ("MLP: hvd_train np=1 epoch overhead vs plain Keras (profile)", "MLP: np=2 / the ceiling, Gloo",
-                 "csv 2000 rows: streamed / in memory, np=1 (training)", "parquet 2000 rows: data memory per rank np=2 / np=1",
+                 "csv 2000 rows: streamed / in memory, np=1 (training)",
+                 "parquet 2000 rows: data memory per rank np=2 / np=1",
                  "CNN: hvd_train np=1 overhead vs plain Keras (scaling section)"):
         assert f"| {name} |" in targets, name

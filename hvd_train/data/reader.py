@@ -3,15 +3,16 @@
 A file dataset's batches (stream.TrainStream.epochs: parsing, the split's selection, scaling,
 the shuffle windows) are made by a process of this rank's own, started with ``spawn`` (it
 imports numpy and pyarrow, never TensorFlow or Horovod), and handed over through shared memory:
-``slots`` batch-sized slots, each filled by the reader and copied out by the training process,
-then given back. In a thread of the training process the same reading held the GIL and a core
+``slots`` slots of CHUNK_STEPS batches each, filled by the reader and copied out by the training
+process, then given back. In a thread of the training process the same reading held the GIL and a core
 the step needed (bench: an in-memory epoch 28% slower beside a thread reading); in a process it
-runs on whatever core is free, and the training process only copies each batch out.
+runs on whatever core is free, and the training process only copies each chunk out.
 
 Messages go through two pipes, a few bytes each, no pickling and no feeder thread (a
 multiprocessing.Queue's cost the training process would pay per batch): the reader sends
-(BATCH, slot, rows) for a filled slot, (END, 0, length) and the text of a DataError (length -1:
-none) when the stream ended, or (RAISE, 0, length) and a pickled exception for anything else;
+(BATCH, slot, batches, rows) for a filled slot, (END, 0, 0, length) and the text of a DataError
+(length -1: none) when the stream ended, or (RAISE, 0, 0, length) and a pickled exception for
+anything else;
 the training process sends back each slot it has copied out. Closing its end of that pipe stops
 the reader at its next wait (it is killed if it is inside a window's read), and so does the
 training process's death (the pipe closes; and Linux's parent-death signal). The reader ignores
@@ -24,7 +25,7 @@ import os
 import pickle
 import signal
 import struct
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -144,8 +145,9 @@ def _serve(stream, start: int, position: int, name: str, layout: Tuple[int, int,
 class Reader:
     """One reader process of a stream, from ``start`` (after ``position`` samples of it): iterate
     for chunks (x, y, w, rows per batch) of up to CHUNK_STEPS batches end to end, the batches
-    stream.epochs gives (stream.TrainStream.dataset splits them again, inside TensorFlow). ``cpu_seconds``: the reader's CPU
-    time so far (user + system), read from /proc while it runs and kept once it has ended."""
+    stream.epochs gives (stream.TrainStream.dataset splits them again, inside TensorFlow).
+    ``cpu_seconds``: the reader's CPU time so far (user + system), read from /proc while it runs
+    and kept once it has ended."""
 
     def __init__(self, stream, start: int, position: int, slots: int):
         from multiprocessing import shared_memory

@@ -577,7 +577,7 @@ class TrainStream:
         window = self.splits.window_rows(self.window) if self.shuffle else 0
         return max(READ_AHEAD_STEPS, window // (self.size * self.batch_size) + 2)
 
-    def dataset(self, batches, chunked: bool = False) -> "tf.data.Dataset":
+    def dataset(self, batches, chunked: bool = False):
         """A tf.data.Dataset of the (x, y, loss weight) steps ``batches()`` makes (a generator
         function: read_ahead's thread), or with ``chunked`` of the steps in the chunks it makes
         (x, y, w of several steps end to end, and each step's rows: a reader.Reader), split
@@ -629,10 +629,6 @@ class StreamFeed:
             return iter(reader)
 
         return stream.dataset(batches, chunked=True)
-
-    def cpu_seconds(self) -> float:
-        """The reader processes' CPU time (user + system) so far."""
-        return sum(r.cpu_seconds() for r in self.readers)
 
     def close(self) -> None:
         for r in self.readers:

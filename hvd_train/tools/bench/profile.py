@@ -15,8 +15,8 @@ and times with the tools here, per epoch after the first (which traces the graph
 The variants run in the same process, with the same threads, data, model, batches and input
 pipeline (data/pipeline.py's tf.data), so the difference is hvd_train's: its optimizer wrapper
 (Horovod's DistributedOptimizer at np=1) and its callbacks. A third variant, plain Keras fed the
-same batches through a keras.utils.Sequence, measures what the input pipeline changed. The medians over the repeats are the breakdown docs/performance.md
-reports.
+same batches through a keras.utils.Sequence, measures what the input pipeline changed. The
+medians over the repeats are the breakdown docs/performance.md reports.
 """
 from __future__ import annotations
 

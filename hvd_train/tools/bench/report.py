@@ -113,7 +113,8 @@ def targets(r: Dict[str, Any]) -> List[Tuple[str, str, str, bool]]:
         bound = 0.02 if name == "mlp" else 0.03
         out.append((f"{name.upper()}: hvd_train np=1 epoch overhead vs plain Keras (profile)", f"{p['overhead']:+.1%}",
                     f"<= {bound:.0%}", p["overhead"] <= bound))
-    data = dict(sorted(r.get("data", {}).get("sizes", {}).items(), key=lambda kv: int(kv[0])))  # JSON sorts keys as text
+    # By rows: JSON sorts the keys as text.
+    data = dict(sorted(r.get("data", {}).get("sizes", {}).items(), key=lambda kv: int(kv[0])))
     from .datapath import training_speed
 
     for rows, e in data.items():
