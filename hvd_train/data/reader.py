@@ -25,7 +25,7 @@ import os
 import pickle
 import signal
 import struct
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
@@ -46,15 +46,20 @@ class _Slots:
 
     def __init__(self, block, count: int, steps: int, rows: int, features: int, label_dtype):
         self.label_dtype = np.dtype(label_dtype)
-        most = steps * rows
-        sizes = (most * features * 4, most * self.label_dtype.itemsize, most * 4, steps * 8)
+        sizes = self._parts(steps, rows, features, label_dtype)
         self.slot_bytes = sum(sizes)
-        self.block, self.steps, self.rows, self.features = block, steps, most, features
+        self.block, self.steps, self.rows, self.features = block, steps, steps * rows, features
         self.offsets = np.cumsum((0,) + sizes[:-1])
 
     @staticmethod
+    def _parts(steps: int, rows: int, features: int, label_dtype) -> Tuple[int, int, int, int]:
+        """A slot's bytes: features, labels, loss weights (``steps`` x ``rows`` rows), row counts."""
+        most = steps * rows
+        return most * features * 4, most * np.dtype(label_dtype).itemsize, most * 4, steps * 8
+
+    @staticmethod
     def bytes_for(count: int, steps: int, rows: int, features: int, label_dtype) -> int:
-        return count * (steps * rows * (features * 4 + np.dtype(label_dtype).itemsize + 4) + steps * 8)
+        return count * sum(_Slots._parts(steps, rows, features, label_dtype))
 
     def views(self, slot: int, rows: int, steps: int) -> Tuple[np.ndarray, ...]:
         base, buf = slot * self.slot_bytes, self.block.buf
@@ -145,9 +150,8 @@ def _serve(stream, start: int, position: int, name: str, layout: Tuple[int, int,
 class Reader:
     """One reader process of a stream, from ``start`` (after ``position`` samples of it): iterate
     for chunks (x, y, w, rows per batch) of up to CHUNK_STEPS batches end to end, the batches
-    stream.epochs gives (stream.TrainStream.dataset splits them again, inside TensorFlow).
-    ``cpu_seconds``: the reader's CPU time so far (user + system), read from /proc while it runs
-    and kept once it has ended."""
+    stream.epochs gives (stream.TrainStream.dataset splits them again, inside TensorFlow). What
+    it used goes to USAGE when it closes."""
 
     def __init__(self, stream, start: int, position: int, slots: int):
         from multiprocessing import shared_memory
@@ -167,7 +171,6 @@ class Reader:
         filled_in.close()
         for slot in range(slots):
             self.free.send_bytes(_SLOT.pack(slot))
-        self._cpu: Optional[float] = None
 
     def __iter__(self) -> Iterator[Tuple[np.ndarray, ...]]:
         try:
@@ -195,18 +198,12 @@ class Reader:
         finally:
             self.close()
 
-    def cpu_seconds(self) -> float:
-        if self._cpu is not None:
-            return self._cpu
-        return _proc_cpu(self.process.pid)
-
     def close(self) -> None:
         """Stop the reader (if it still runs), then free the shared block. Idempotent."""
         if self.block is None:
             return
         self.free.close()  # the reader's next wait ends
-        self._cpu = _proc_cpu(self.process.pid)
-        USAGE.append({"cpu_s": self._cpu, "peak_rss_mb": _proc_peak_mb(self.process.pid)})
+        USAGE.append({"cpu_s": _proc_cpu(self.process.pid), "peak_rss_mb": _proc_peak_mb(self.process.pid)})
         self.process.join(STOP_SECONDS)  # it sees the stop between batches; mid-window it is ended
         if self.process.is_alive():
             self.process.kill()  # it ignores SIGTERM (above); it holds nothing the training process needs

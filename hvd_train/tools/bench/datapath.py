@@ -196,6 +196,31 @@ def training_speed(path: Dict[str, Any]) -> float:
     return path.get("train_samples_per_second", path["samples_per_second"])
 
 
+def by_rows(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The sizes in order of rows (results.json sorts its keys as text)."""
+    return dict(sorted(results["sizes"].items(), key=lambda kv: int(kv[0])))
+
+
+def ratios(e: Dict[str, Any], kind: str) -> Dict[str, float]:
+    """One size's figures for the targets, for ``kind`` (csv, parquet) streamed: training speed
+    vs in memory at np=1, np=2/np=1, in memory's np=2/np=1 (nan before it was measured), and
+    data memory per rank np=2 / np=1."""
+    one, two, memory = e[f"{kind}_stream_np1"], e[f"{kind}_stream_np2"], training_speed(e["memory_np1"])
+    return {"vs_memory": training_speed(one) / memory,
+            "np2_np1": training_speed(two) / training_speed(one),
+            "memory_np2_np1": training_speed(e["memory_np2"]) / memory if "memory_np2" in e else float("nan"),
+            "memory_share": two["data_mb_per_rank"] / max(one["data_mb_per_rank"], 1)}
+
+
+def growth(results: Dict[str, Any], kind: str) -> float:
+    """Data memory per rank at np=1, the largest size over the smallest (nan for one size)."""
+    sizes = list(by_rows(results).values())
+    if len(sizes) < 2:
+        return float("nan")
+    a, b = sizes[0][f"{kind}_stream_np1"], sizes[-1][f"{kind}_stream_np1"]
+    return b["data_mb_per_rank"] / max(a["data_mb_per_rank"], 1)
+
+
 def lines(results: Dict[str, Any]) -> List[str]:
     """The section as Markdown, ratios first."""
     md = [f"## Data path (csv:/parquet: files, Gloo, {EPOCHS} epochs, MLP 40-256-256-3, batch 256 per process)", "",
@@ -217,34 +242,27 @@ def lines(results: Dict[str, Any]) -> List[str]:
                       f"{p['hvd_train_mb_s']:.0f} | {path} | {r['first_step_s']:.1f} | {r['data_first_step_s']:.1f} | "
                       f"{r['data_first_step_s'] / p['pyarrow_read_csv_s']:.2f} | {r['data_mb_per_rank']:.0f} | "
                       f"{r['samples_per_second']:.0f} | {r['samples_per_second'] / memory:.2f} |")
-    sizes = list(results["sizes"].values())
     md += ["", "Ratios for the targets (np=2 / np=1 data memory; growth of data memory with the rows):"]
     for kind in ("csv", "parquet"):
-        parts = []
-        for rows, e in results["sizes"].items():
-            one, two = e[f"{kind}_stream_np1"]["data_mb_per_rank"], e[f"{kind}_stream_np2"]["data_mb_per_rank"]
-            parts.append(f"{rows} rows np2/np1 {two / max(one, 1):.2f}")
-        if len(sizes) > 1:
-            a, b = sizes[0][f"{kind}_stream_np1"], sizes[-1][f"{kind}_stream_np1"]
-            parts.append(f"np1 growth {b['data_mb_per_rank'] / max(a['data_mb_per_rank'], 1):.2f}x")
+        parts = [f"{rows} rows np2/np1 {ratios(e, kind)['memory_share']:.2f}" for rows, e in by_rows(results).items()]
+        if len(results["sizes"]) > 1:
+            parts.append(f"np1 growth {growth(results, kind):.2f}x")
         md.append(f"- {kind}: " + ", ".join(parts))
     md += ["", "Ratios for the throughput targets, on the training part of the last epoch (its begin to its last "
            "batch: the validation after it reads files when streamed): streamed / in memory at np=1 (>= 0.9); "
            "streamed np=2/np=1 against in memory's (within 10%); the reader process's CPU seconds per epoch "
            "(per rank):"]
-    for rows, e in results["sizes"].items():
+    for rows, e in by_rows(results).items():
         if "memory_np2" not in e:
             continue
-        memory = training_speed(e["memory_np1"])
-        scale = training_speed(e["memory_np2"]) / memory
-        parts = [f"in memory np2/np1 {scale:.2f}"]
+        parts = [f"in memory np2/np1 {ratios(e, 'csv')['memory_np2_np1']:.2f}"]
         for kind in ("csv", "parquet"):
-            one, two = e[f"{kind}_stream_np1"], e[f"{kind}_stream_np2"]
-            ratio = training_speed(two) / training_speed(one)
-            parts.append(f"{kind} np1 {training_speed(one) / memory:.2f} of in memory (thread reader "
-                         f"{training_speed(e[f'{kind}_thread_np1']) / memory:.2f}), np2/np1 {ratio:.2f} "
-                         f"({ratio / scale - 1:+.0%} vs in memory), reader CPU {one['reader_cpu_s_per_epoch']:.1f}/"
-                         f"{two['reader_cpu_s_per_epoch']:.1f} s per epoch at np1/np2")
+            r, one, two = ratios(e, kind), e[f"{kind}_stream_np1"], e[f"{kind}_stream_np2"]
+            thread = training_speed(e[f"{kind}_thread_np1"]) / training_speed(e["memory_np1"])
+            parts.append(f"{kind} np1 {r['vs_memory']:.2f} of in memory (thread reader {thread:.2f}), np2/np1 "
+                         f"{r['np2_np1']:.2f} ({r['np2_np1'] / r['memory_np2_np1'] - 1:+.0%} vs in memory), reader "
+                         f"CPU {one['reader_cpu_s_per_epoch']:.1f}/{two['reader_cpu_s_per_epoch']:.1f} s per epoch "
+                         "at np1/np2")
         md.append(f"- {rows} rows: " + "; ".join(parts))
     return md
 

@@ -113,33 +113,27 @@ def targets(r: Dict[str, Any]) -> List[Tuple[str, str, str, bool]]:
         bound = 0.02 if name == "mlp" else 0.03
         out.append((f"{name.upper()}: hvd_train np=1 epoch overhead vs plain Keras (profile)", f"{p['overhead']:+.1%}",
                     f"<= {bound:.0%}", p["overhead"] <= bound))
-    # By rows: JSON sorts the keys as text.
-    data = dict(sorted(r.get("data", {}).get("sizes", {}).items(), key=lambda kv: int(kv[0])))
-    from .datapath import training_speed
+    if "data" in r:
+        from .datapath import by_rows, growth, ratios
 
-    for rows, e in data.items():
-        memory = training_speed(e["memory_np1"])
-        for kind in ("csv", "parquet"):
-            one, two = e[f"{kind}_stream_np1"], e[f"{kind}_stream_np2"]
-            ratio = training_speed(one) / memory
-            out.append((f"{kind} {rows} rows: streamed / in memory, np=1 (training)", f"{ratio:.2f}", ">= 0.9",
-                        ratio >= 0.9))
-            if "memory_np2" in e:
-                scale = training_speed(e["memory_np2"]) / memory
-                mine = training_speed(two) / training_speed(one)
-                gap = mine / scale - 1
-                out.append((f"{kind} {rows} rows: streamed np=2/np=1 against in memory's ({scale:.2f})",
-                            f"{mine:.2f} ({gap:+.0%})", "within 10%", gap >= -0.10))
-            share = two["data_mb_per_rank"] / max(one["data_mb_per_rank"], 1)
-            out.append((f"{kind} {rows} rows: data memory per rank np=2 / np=1", f"{share:.2f}", "<= 0.55",
-                        share <= 0.55))
-    sizes = list(data.values())
-    if len(sizes) > 1:
-        for kind in ("csv", "parquet"):
-            a, b = sizes[0][f"{kind}_stream_np1"], sizes[-1][f"{kind}_stream_np1"]
-            growth = b["data_mb_per_rank"] / max(a["data_mb_per_rank"], 1)
-            out.append((f"{kind}: data memory growth, {list(data)[0]} -> {list(data)[-1]} rows (np=1)",
-                        f"{growth:.2f}x", "<= 1.3x", growth <= 1.3))
+        for rows, e in by_rows(r["data"]).items():
+            for kind in ("csv", "parquet"):
+                f = ratios(e, kind)
+                out.append((f"{kind} {rows} rows: streamed / in memory, np=1 (training)", f"{f['vs_memory']:.2f}",
+                            ">= 0.9", f["vs_memory"] >= 0.9))
+                if "memory_np2" in e:
+                    gap = f["np2_np1"] / f["memory_np2_np1"] - 1
+                    out.append((f"{kind} {rows} rows: streamed np=2/np=1 against in memory's "
+                                f"({f['memory_np2_np1']:.2f})", f"{f['np2_np1']:.2f} ({gap:+.0%})", "within 10%",
+                                gap >= -0.10))
+                out.append((f"{kind} {rows} rows: data memory per rank np=2 / np=1", f"{f['memory_share']:.2f}",
+                            "<= 0.55", f["memory_share"] <= 0.55))
+        sizes = list(by_rows(r["data"]))
+        if len(sizes) > 1:
+            for kind in ("csv", "parquet"):
+                g = growth(r["data"], kind)
+                out.append((f"{kind}: data memory growth, {sizes[0]} -> {sizes[-1]} rows (np=1)", f"{g:.2f}x",
+                            "<= 1.3x", g <= 1.3))
     return out
 
 
