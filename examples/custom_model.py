@@ -1,18 +1,19 @@
-"""The Python API with your own data and Keras model. Run: horovodrun -np 2 python examples/custom_model.py OUT_DIR"""
+"""The Python API with your own data and Keras 3 model. Run: horovodrun -np 2 python examples/custom_model.py OUT_DIR"""
 import sys
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from hvd_train import TrainConfig, train
 
 
-def my_model(n_features: int, n_classes: int) -> tf.keras.Model:
-    # Any uncompiled Keras model mapping features to class probabilities.
-    return tf.keras.Sequential([
-        tf.keras.Input(shape=(n_features,)),
-        tf.keras.layers.Dense(16, activation="relu"),
-        tf.keras.layers.Dense(n_classes, activation="softmax"),
+def my_model(n_features: int, n_classes: int) -> keras.Model:
+    # Any uncompiled Keras 3 model mapping features to class probabilities (Sequential,
+    # functional, subclassed or one of keras.applications).
+    return keras.Sequential([
+        keras.Input(shape=(n_features,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(n_classes, activation="softmax"),
     ])
 
 

@@ -20,13 +20,11 @@ from .version import __version__
 
 # TensorFlow's C++ INFO lines (oneDNN, CPU features) repeat once per rank; keep warnings and errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-# Horovod: its Keras API (0.28) drives Keras 2. With TensorFlow >= 2.16, tf.keras is Keras 2 (the
-# tf_keras package) only when this is set before TensorFlow first resolves tf.keras; hvd_train
-# sets it on import (the launchers too), and model.py stops with a clear message if it was too late.
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+# Keras 3 on TensorFlow (training/distributed.py drives it with Horovod's TensorFlow ops).
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 __all__ = ["TrainConfig", "ConfigError", "DataError", "Table", "train", "dry_run", "build_mlp", "sync_replicas",
-           "SyncBatchNormalization", "__version__"]
+           "SyncBatchNormalization", "DistributedOptimizer", "__version__"]
 
 
 def __getattr__(name):
@@ -40,10 +38,13 @@ def __getattr__(name):
     if name in ("train", "dry_run"):
         from .training import trainer
         return getattr(trainer, name)
-    if name == "sync_replicas":  # for your own loops: replicas.sync_state (collective)
-        from .training.replicas import sync_state
+    if name == "sync_replicas":  # for your own loops: distributed.sync_state (collective)
+        from .training.distributed import sync_state
         return sync_state
-    if name == "SyncBatchNormalization":  # Horovod's, weighted by slice size; registered with Keras
+    if name == "DistributedOptimizer":  # for your own loops: a Keras 3 optimizer averaged over ranks
+        from .training.distributed import DistributedOptimizer
+        return DistributedOptimizer
+    if name == "SyncBatchNormalization":  # weighted by slice size; registered with Keras
         from .training.layers import SyncBatchNormalization
         return SyncBatchNormalization
     if name == "build_mlp":

@@ -112,9 +112,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["predict"]:
         from .outputs.predict import predict_file
+        from .training.legacy import load_run_model
 
         args = predict_parser().parse_args(argv[1:])
-        return _run(lambda: predict_file(args.model_dir, args.input, args.output))
+        return _run(lambda: predict_file(args.model_dir, args.input, args.output, load_run_model))
     if argv[:1] == ["sweep"]:  # a driver of launchers: no TensorFlow, no Horovod in this process
         from .tools.sweep.cli import main as sweep_main
 

@@ -130,7 +130,7 @@ def _versions() -> Dict[str, str]:
         return "missing"
 
     return {"hvd_train": __version__, "tensorflow": version("tensorflow", "tensorflow-cpu"),
-            "tf_keras": version("tf-keras"), "horovod": version("horovod"), "numpy": version("numpy"),
+            "keras": version("keras"), "horovod": version("horovod"), "numpy": version("numpy"),
             "scikit-learn": version("scikit-learn"),
             "python": platform.python_version()}
 
@@ -191,7 +191,7 @@ def init(threads: Optional[int] = None, verbose_ranks: bool = False,
     """
     quiet_other_ranks(verbose_ranks)
     os.environ.update(horovod_env or {})
-    import horovod.tensorflow.keras as hvd
+    import horovod.tensorflow as hvd
     import tensorflow as tf
 
     hvd.init()  # Horovod: must run before any other TensorFlow or Horovod call.

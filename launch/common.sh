@@ -3,10 +3,6 @@
 # $prog (its name in messages) before calling these. slurm.sbatch stays standalone: sbatch runs a
 # copy of it from Slurm's spool directory, where this file is not beside it.
 
-# Horovod's Keras API (0.28) drives Keras 2: tf.keras must be tf_keras in every process the
-# launch starts, horovodrun's own TensorFlow import included (hvd_train sets it too, on import).
-export TF_USE_LEGACY_KERAS=1
-
 # The venv every launcher starts hvd-train from: $VENV, else the repository's .venv; absolute
 # when it exists (remote hosts are told the same path).
 venv_dir() {

@@ -15,12 +15,13 @@ from typing import Dict
 
 import pytest
 
-# tf.keras is tf_keras (Keras 2) in this process too, whichever test module imports TensorFlow
-# first (hvd_train sets the same on import; Horovod's Keras API needs it).
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+# Keras 3 on TensorFlow in this process, as in every rank (hvd_train sets the same on import).
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
+# The test programs' own modules (user_models.py: the Keras 3 models the API tests train and load).
+sys.path.insert(0, str(REPO / "tests" / "programs"))
 # The pinned versions (constraints.txt), what set-up installed and the image carries.
 PINS = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().split()
             if "==" in line and not line.startswith("#"))
@@ -212,9 +213,9 @@ class Background:
 
 def saved_weights(out_dir) -> list:
     """The weights of the model a run saved (its model.keras), as arrays."""
-    import tensorflow as tf
+    import keras
 
-    return tf.keras.models.load_model(Path(out_dir) / "model.keras").get_weights()
+    return keras.models.load_model(Path(out_dir) / "model.keras").get_weights()
 
 
 def max_weight_difference(a_dir, b_dir) -> float:
@@ -261,8 +262,8 @@ REGRESSION_OUTPUT_FILES = OUTPUT_FILES - {"confusion_matrix.png"} | {"prediction
 def check_run(out_dir, proc, world_size, reported="[hvd_train] outputs in"):
     """What every successful launch must show; returns metrics.json. ``reported``: the line that
     names the output directory, printed once (by rank 0, or by a driver such as launch/ray.py)."""
+    import keras
     import numpy as np
-    import tensorflow as tf
     from sklearn import metrics as skm
 
     from hvd_train.config.options import TrainConfig
@@ -279,7 +280,7 @@ def check_run(out_dir, proc, world_size, reported="[hvd_train] outputs in"):
     assert len(m["replica_weight_digests"]) == world_size and m["replicas_identical"] is True
     assert proc.stdout.count(reported) == 1, "rank 0 alone reports (and writes) outputs"
     # The saved model is rank 0's final state, and every rank reported the same digest.
-    model = tf.keras.models.load_model(out_dir / "model.keras")
+    model = keras.models.load_model(out_dir / "model.keras")
     assert m["replica_weight_digests"] == [weights_digest(model.get_weights())] * world_size
     # Test metrics equal a single-process evaluation of the whole test split: exact, not a mean of means.
     if sources.is_file_source(config.dataset):
@@ -298,7 +299,7 @@ def check_run(out_dir, proc, world_size, reported="[hvd_train] outputs in"):
         return m
     # Called directly (not predict) so Keras computes the loss from the softmax's logits, as in training.
     logits = read_json(out_dir / "preprocessing.json")["logits"]
-    loss = float(np.mean(tf.keras.losses.sparse_categorical_crossentropy(
+    loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(
         y_test, scores, from_logits=logits).numpy()))
     scores = scores.numpy()
     assert m["test_loss"] == pytest.approx(loss, rel=1e-5)

@@ -18,7 +18,7 @@ def positive(x):
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    sections = "scaling,cnn,wire,knobs,data,startup,profile"
+    sections = "scaling,cnn,wire,knobs,data,startup,profile,precision"
     proc = run([BIN / "hvd-bench", "--quick", "--sections", sections, "--out", out], timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
@@ -147,3 +147,16 @@ def test_profile_section_splits_an_epoch_into_its_parts(bench):
                  "parquet 2000 rows: data memory per rank np=2 / np=1",
                  "CNN: hvd_train np=1 overhead vs plain Keras (scaling section)"):
         assert f"| {name} |" in targets, name
+
+
+def test_precision_section_runs_float32_and_mixed_bfloat16(bench):
+    out, _ = bench
+    r = json.loads((out / "results.json").read_text())["precision"]
+    assert set(r) == {"mlp"}, "--quick: the MLP's runs alone"
+    runs = r["mlp"]["throughput"]
+    assert set(runs) == {f"{p}_np{n}" for p in ("float32", "mixed_bfloat16") for n in (1, 2)}
+    assert all(positive(v) for v in runs.values())
+    assert positive(r["mlp"]["bf16_speedup_np1"]) and positive(r["mlp"]["bf16_speedup_np2"])
+    text = (out / "results.md").read_text()
+    assert "## Mixed precision: float32 against mixed_bfloat16" in text
+    assert "MLP: mixed_bfloat16 / float32 throughput at np=1" in text  # in the Targets table

@@ -1,12 +1,15 @@
 """Checkpoint files on their own: atomic writes, retention, and detection of damaged files."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hvd_train.training import checkpoint
 from hvd_train.training.checkpoint import CheckpointError
+
+DATA = Path(__file__).parent / "data" / "keras2"
 
 
 def arrays(seed=0):
@@ -15,8 +18,9 @@ def arrays(seed=0):
 
 
 def save(directory, epoch, keep=3):
-    return checkpoint.save(str(directory), epoch, arrays(epoch), [np.int64(epoch * 7)] + arrays(100 + epoch),
-                           {"history": {"loss": [1.0] * epoch}, "config": {}}, keep)
+    state = checkpoint.State(model=arrays(epoch), optimizer=[np.int64(epoch * 7)] + arrays(100 + epoch),
+                             seeds=[np.array([42, epoch], np.int64)])
+    return checkpoint.save(str(directory), epoch, state, {"history": {"loss": [1.0] * epoch}, "config": {}}, keep)
 
 
 def test_round_trip(tmp_path):
@@ -24,9 +28,10 @@ def test_round_trip(tmp_path):
     assert os.path.basename(path) == "ckpt-epoch-000003.npz"
     ckpt = checkpoint.load(path)
     assert ckpt.epoch == 3 and ckpt.meta["history"] == {"loss": [1.0, 1.0, 1.0]}
-    for got, want in zip(ckpt.model_weights, arrays(3)):
+    for got, want in zip(ckpt.state.model, arrays(3)):
         np.testing.assert_array_equal(got, want)
-    assert int(ckpt.optimizer_weights[0]) == 21 and len(ckpt.optimizer_weights) == 3
+    assert int(ckpt.state.optimizer[0]) == 21 and len(ckpt.state.optimizer) == 3
+    assert [s.tolist() for s in ckpt.state.seeds] == [[42, 3]]
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt-epoch-000003.npz"], "no temp file left"
 
 
@@ -81,6 +86,31 @@ def test_newest_valid_skips_damaged_ones_with_a_note(tmp_path):
     assert ckpt.epoch == 2
     assert len(skipped) == 1 and "ckpt-epoch-000003.npz" in skipped[0]
     assert checkpoint.newest_valid(str(tmp_path / "empty")) == (None, [])
+
+
+def test_a_format_1_checkpoint_of_hvd_train_0_1_gets_keras_3s_optimizer_layout():
+    # Made by the Keras 2 engine (tests/data/keras2): tf_keras's legacy Adam holds iterations, then
+    # every variable's first moment, then every second moment; Keras 3's Adam iterations, the
+    # learning rate, then each variable's two moments together.
+    path = DATA / "iris" / "checkpoints" / "ckpt-epoch-000002.npz"
+    with np.load(path) as z:
+        old = [z[k] for k in sorted(z.files) if k.startswith("optimizer_")]
+        meta = json.loads(z["meta"].tobytes())
+    ckpt = checkpoint.load(str(path))
+    assert meta["format"] == 1 and ckpt.meta["format"] == 1 and ckpt.epoch == 2 and ckpt.state.seeds == []
+    n = (len(old) - 1) // 2
+    new = ckpt.state.optimizer
+    assert len(new) == 2 + 2 * n and int(new[0]) == int(old[0]) == 8  # 2 epochs x 4 steps
+    assert float(new[1]) == pytest.approx(meta["lr"])
+    for i in range(n):
+        np.testing.assert_array_equal(new[2 + 2 * i], old[1 + i])
+        np.testing.assert_array_equal(new[3 + 2 * i], old[1 + n + i])
+    wine = DATA / "wine" / "checkpoints" / "ckpt-epoch-000002.npz"  # SGD with momentum: one slot per variable
+    with np.load(wine) as z:
+        old = [z[k] for k in sorted(z.files) if k.startswith("optimizer_")]
+    sgd = checkpoint.load(str(wine))
+    assert sgd.meta["config"]["optimizer"] == "sgd" and len(old) == 9  # iterations + 8 trainable variables
+    assert [a.shape for a in sgd.state.optimizer[2:]] == [a.shape for a in old[1:]] and len(sgd.state.optimizer) == 10
 
 
 def test_other_npz_files_and_formats_are_refused(tmp_path):

@@ -41,6 +41,7 @@ def test_every_option_can_live_in_a_file(tmp_path):
               "output_dir": "x", "progress": "none", "lr_schedule": "step", "lr_decay_epochs": 2,
               "lr_decay_factor": 0.5, "early_stopping_patience": 2, "early_stopping_metric": "val_r2",
               "early_stopping_min_delta": 0.01, "fp16_allreduce": True, "backward_passes_per_step": 2,
+              "precision": "mixed_bfloat16", "steps_per_execution": 4,
               "checkpoint_dir": "c", "checkpoint_every": 2, "keep_checkpoints": 1, "resume": "auto", "commit_every": 5,
               "tensorboard": True, "timeline": "t.json", "autotune": True, "autotune_log": "a.csv",
               "verbose_ranks": True, "prune_file": "p.json"}

@@ -4,9 +4,9 @@ import os
 import re
 import shutil
 
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import BIN, PINS, REPO, check_run, horovodrun, read_json, run, run_many
 
 from hvd_train import cli
@@ -70,12 +70,29 @@ def test_predict_on_saved_model(gloo_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def api_runs(tmp_path_factory):
-    """The Python API, in one job of 2 processes: the README's example script, and a run of 1 epoch."""
+    """The Python API, in one job of 2 processes: the README's example as it stands there, the
+    example script, and a run of 1 epoch."""
     base = tmp_path_factory.mktemp("api")
+    readme = (REPO / "README.md").read_text()
+    snippet = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    (base / "readme_example.py").write_text(snippet)
+    (base / "readme").mkdir()
     return base, run_many(2, {
+        "readme_example": {"script": str(base / "readme_example.py"), "args": [], "cwd": str(base / "readme")},
         "custom_model": {"script": str(REPO / "examples" / "custom_model.py"), "args": [str(base / "custom")]},
         "one_epoch": ["--epochs", "1", "--lr", "1e-9", "--warmup-epochs", "0", "--progress", "none"],
     }, base / "job")
+
+
+@integration
+def test_the_readmes_python_api_example_trains_a_keras_3_model(api_runs):
+    base, runs = api_runs
+    assert runs["readme_example"].ok, runs["readme_example"]
+    (out,) = (base / "readme" / "runs").iterdir()  # runs/<timestamp>, where the script ran
+    printed = re.findall(r"^\[(\d)\]<stdout>:([\d.]+) (\S+)$", runs["readme_example"].job_stdout, re.M)
+    assert sorted(r for r, _, _ in printed) == ["0", "1"] and {d for _, _, d in printed} == {str(out)}
+    m = read_json(out / "metrics.json")
+    assert m["replicas_identical"] and float(printed[0][1]) == m["test_accuracy"] >= 0.9
 
 
 @integration
@@ -156,10 +173,10 @@ def test_training_metrics_are_exact_over_all_ranks(api_runs):
     header, row = (run.out / "history.csv").read_text().splitlines()
     history = dict(zip(header.split(","), map(float, row.split(","))))
     assert "xent" not in history
-    model = tf.keras.models.load_model(run.out / "model.keras")
+    model = keras.models.load_model(run.out / "model.keras")
     splits = data.split_and_scale(data.load("iris"), 0.1, 0.2, 42)
     scores = model(splits.x_train, training=False)
-    loss = float(np.mean(tf.keras.losses.sparse_categorical_crossentropy(splits.y_train, scores).numpy()))
+    loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(splits.y_train, scores).numpy()))
     accuracy = float(np.mean(scores.numpy().argmax(1) == splits.y_train))
     assert history["loss"] == pytest.approx(loss, rel=1e-5)
     assert history["accuracy"] == pytest.approx(accuracy, abs=1e-6)

@@ -199,8 +199,8 @@ def test_dockerfile_matches_the_pins_and_caches_well():
     # Layer order: TF and Horovod before the package source, so source edits reuse them.
     assert text.index("horovod==") < text.index("COPY hvd_train") and "horovodrun --check-build" in text
     assert "USER trainer" in text and "openssh-server" in text and "openmpi-bin" in text
-    # tf_keras as tf.keras in both stages; Horovod patched by the project's patch file.
-    assert len(re.findall(r"^ENV .*TF_USE_LEGACY_KERAS=1", text, re.M)) == 2 and "tf-keras" in text
+    # Keras 3 (pinned with TensorFlow), no tf_keras; Horovod patched by the project's patch file.
+    assert "TF_USE_LEGACY_KERAS" not in text and "tf-keras" not in text and " keras " in text
     assert "COPY patches/horovod-${HOROVOD_VERSION}.patch" in text and "patch -d" in text
     assert not re.search(r"^(COPY|ADD) .*(\.ssh|id_|\.pem)", text, re.M), "no keys baked into the image"
     ignore = (REPO / ".dockerignore").read_text().split()

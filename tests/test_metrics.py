@@ -1,6 +1,7 @@
 """Exact metric combination, with real TensorFlow on small models: classification and regression."""
 import math
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,7 +17,7 @@ CLASSES_2 = tasks.Classification(("a", "b"), logits=False)
 
 @pytest.fixture(scope="module")
 def model_and_data():
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     model = build_mlp(5, 3, hidden=(8,))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(23, 5)).astype(np.float32)
@@ -30,7 +31,7 @@ def test_sum_combination_is_exact_on_unequal_shards(model_and_data):
     totals = sum(metrics.local_sums(model, x[s], y[s], CLASSES) for s in shards)
     combined = CLASSES.result(totals)
     scores = model(x, training=False).numpy()
-    whole_loss = float(np.mean(tf.keras.losses.sparse_categorical_crossentropy(y, scores).numpy()))
+    whole_loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(y, scores).numpy()))
     whole_acc = float(np.mean(np.argmax(scores, 1) == y))
     assert combined["samples"] == 23
     assert combined["loss"] == pytest.approx(whole_loss, rel=1e-6)
@@ -52,9 +53,9 @@ def test_empty_shard_contributes_nothing(model_and_data):
 
 def test_logits_and_softmax_agree(model_and_data):
     _, x, y = model_and_data
-    tf.keras.utils.set_random_seed(1)
+    keras.utils.set_random_seed(1)
     logit_model = build_mlp(5, 3, hidden=(8,), logits=True)
-    probs_model = tf.keras.Sequential([logit_model, tf.keras.layers.Softmax()])
+    probs_model = keras.Sequential([logit_model, keras.layers.Softmax()])
     a = tasks.Classification("abc", logits=True).result(
         metrics.local_sums(logit_model, x, y, tasks.Classification("abc", logits=True)))
     b = CLASSES.result(metrics.local_sums(probs_model, x, y, CLASSES))
@@ -64,7 +65,7 @@ def test_logits_and_softmax_agree(model_and_data):
 @pytest.mark.parametrize("loss", ["mse", "mae", "huber"])
 def test_regression_sums_match_scikit_learn_on_unequal_shards(loss):
     # A target of mean 50, std 7: the model works in standardised units, figures come back in the target's.
-    tf.keras.utils.set_random_seed(2)
+    keras.utils.set_random_seed(2)
     model = build_mlp(4, 1, hidden=(6,), regression=True)
     rng = np.random.default_rng(3)
     x = rng.normal(size=(31, 4)).astype(np.float32)
@@ -80,8 +81,8 @@ def test_regression_sums_match_scikit_learn_on_unequal_shards(loss):
     assert got["rmse"] == pytest.approx(math.sqrt(skm.mean_squared_error(true, predicted)), rel=1e-5)
     assert got["mae"] == pytest.approx(skm.mean_absolute_error(true, predicted), rel=1e-5)
     assert got["r2"] == pytest.approx(skm.r2_score(true, predicted), rel=1e-5)
-    keras_loss = {"mse": tf.keras.losses.MeanSquaredError(), "mae": tf.keras.losses.MeanAbsoluteError(),
-                  "huber": tf.keras.losses.Huber()}[loss]
+    keras_loss = {"mse": keras.losses.MeanSquaredError(), "mae": keras.losses.MeanAbsoluteError(),
+                  "huber": keras.losses.Huber()}[loss]
     assert got["loss"] == pytest.approx(float(keras_loss(tf.constant(z), model(x, training=False))), rel=1e-5)
     assert got["residual_mean"] == pytest.approx(np.mean(predicted - true), rel=1e-4, abs=1e-6)
     assert got["residual_std"] == pytest.approx(np.std(predicted - true), rel=1e-4)
@@ -110,10 +111,10 @@ def test_regression_training_metrics_are_in_target_units():
 def test_cross_entropy_of_a_confident_softmax_is_not_clipped():
     # A softmax output tensor carries its logits, and Keras's loss uses them (as in training);
     # from plain probabilities it would clip at 1e-7, capping a wrong confident answer's loss at 16.1.
-    tf.keras.utils.set_random_seed(4)
-    inputs = tf.keras.Input(shape=(1,))
-    dense = tf.keras.layers.Dense(2, activation="softmax", kernel_initializer=tf.constant_initializer([[30.0, -30.0]]))
-    model = tf.keras.Model(inputs, dense(inputs))
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input(shape=(1,))
+    dense = keras.layers.Dense(2, activation="softmax", kernel_initializer=tf.constant_initializer([[30.0, -30.0]]))
+    model = keras.Model(inputs, dense(inputs))
     x, y = np.array([[1.0]], np.float32), np.array([1])
     got = CLASSES_2.result(metrics.local_sums(model, x, y, CLASSES_2))["loss"]
     assert got == pytest.approx(60.0, rel=1e-3)

@@ -1,26 +1,22 @@
 """The models and their compilation, on one process with plain Keras (no launcher)."""
-import os
-import subprocess
-import sys
-
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from hvd_train.config.options import TrainConfig
+from hvd_train.config.options import ConfigError, TrainConfig
 from hvd_train.training import tasks
-from hvd_train.training.model import build_cnn, check_inputs, compile_model, model_for
+from hvd_train.training.model import build, build_cnn, check_inputs, compile_model, model_for
 
 
 @pytest.mark.parametrize("task", [tasks.Classification("abc", logits=False), tasks.Regression("huber", 3.0, 2.0)])
 def test_exact_loss_counts_weight_decay_as_keras_does(task):
     # With full batches and no sample weights, Keras's own epoch "loss" (data loss + the L2 term of
     # each step, before its update) is what the per-sample metric must equal: the regulariser is in.
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     config = TrainConfig(task=task.name, hidden=(8,), l2=0.01, dropout=0.0)
     model = model_for(config)(5, task.outputs)
     assert model.losses, "the L2 penalty is a model loss"
-    compile_model(model, tf.keras.optimizers.legacy.SGD(0.1), task)
+    compile_model(model, keras.optimizers.SGD(0.1), task)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 5)).astype(np.float32)
     y = rng.integers(0, 3, size=40) if task.name == "classification" else rng.normal(size=40).astype(np.float32)
@@ -33,7 +29,7 @@ def test_exact_loss_counts_weight_decay_as_keras_does(task):
 def test_cnn_shapes_and_its_refusals():
     model = build_cnn((8, 8, 1), 10, filters=(4, 6, 8))
     assert model.output_shape == (None, 10)
-    pools = [layer.output_shape[1:3] for layer in model.layers if layer.name.startswith("pool_")]
+    pools = [tuple(layer.output.shape[1:3]) for layer in model.layers if layer.name.startswith("pool_")]
     assert pools == [(4, 4), (2, 2), (1, 1)]  # pooling stops at 1x1
     assert build_cnn((3, 3, 2), 1, filters=(4,), regression=True).output_shape == (None, 1)
     with pytest.raises(ValueError, match="needs images"):
@@ -50,15 +46,37 @@ def test_mlp_flattens_images_and_regression_has_one_linear_output():
     assert model.layers[1].name == "flatten"
 
 
-def test_tf_keras_is_keras_2_and_keras_3_is_refused_clearly():
-    assert tf.keras.__name__.startswith("tf_keras"), "hvd_train (and conftest) made tf.keras Keras 2"
-    # A process that resolved tf.keras (Keras 3) before hvd_train could set TF_USE_LEGACY_KERAS.
-    code = ("import tensorflow as tf; tf.keras.layers; import hvd_train.training.model as m; "
-            "from hvd_train.config.options import TrainConfig; m.make_optimizer(TrainConfig(), 0.1)")
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "RuntimeError: tf.keras is Keras 3" in proc.stderr and "TF_USE_LEGACY_KERAS=1" in proc.stderr
+def test_models_are_keras_3_built_and_checked_before_training():
+    assert keras.__version__.startswith("3."), "the engine is Keras 3"
+
+    class Subclassed(keras.Model):  # variables only once called: build() calls it
+        def __init__(self, outputs):
+            super().__init__()
+            self.hidden, self.out = keras.layers.Dense(8, activation="relu"), keras.layers.Dense(outputs)
+
+        def call(self, x):
+            return self.out(self.hidden(x))
+
+    model = build(lambda n, k: Subclassed(k), 5, 3)
+    assert len(model.trainable_variables) == 4 and model.built
+    with pytest.raises(ConfigError, match=r"output has shape \[2, 2\] for 2 samples; this run needs \[2, 3\]"):
+        build(lambda n, k: Subclassed(2), 5, 3)
+    with pytest.raises(ConfigError, match=r"does not take samples of shape \[5\]"):
+        build(lambda n, k: keras.Sequential([keras.Input((7,)), keras.layers.Dense(k)]), 5, 3)
+    with pytest.raises(ConfigError, match="not a keras.Model"):
+        build(lambda n, k: "a model", 5, 3)
+    # What model_fn returns when written for tf_keras (Keras 2): the class's module is what says so.
+    keras2 = type("Sequential", (), {"__module__": "tf_keras.src.engine.sequential"})
+    with pytest.raises(ConfigError, match=r"Keras 2 model \(tf_keras.src.engine.sequential.Sequential.*`import keras`"):
+        build(lambda n, k: keras2(), 5, 3)
+
+
+def test_the_precision_policy_applies_while_building_and_is_restored_after():
+    before = keras.config.dtype_policy().name
+    model = build(model_for(TrainConfig(hidden=(8,))), 4, 3, "mixed_bfloat16")
+    assert model.get_layer("dense_0").compute_dtype == "bfloat16" and model.get_layer("dense_0").dtype == "float32"
+    assert model.get_layer("classes").compute_dtype == "float32", "the output layer stays float32"
+    assert keras.config.dtype_policy().name == before
 
 
 def test_replica_digests_are_the_saved_models_digest_and_one_per_variable():

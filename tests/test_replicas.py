@@ -1,19 +1,20 @@
 """Identical replicas for every model: non-trainable state (batch-norm moving statistics, counters)
-kept in step by replicas.sync_state, and a run whose replicas still differ fails loudly.
+kept in step by distributed.sync_state, and a run whose replicas still differ fails loudly.
 
 The launched tests are runs of one real horovodrun job (tests/programs/many_runs.py); each rank
 records its own non-trainable state after every training batch, so the test can compare what each
 rank would have had with what hvd_train made of it.
 """
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import Jobs, check_run, max_weight_difference, read_json
 
 from hvd_train.outputs import events
 from hvd_train.training import checkpoint
+from hvd_train.training.distributed import split_state
 from hvd_train.training.model import build_mlp
-from hvd_train.training.replicas import first_difference, split_state
+from hvd_train.training.replicas import first_difference
 
 integration = pytest.mark.integration
 
@@ -21,15 +22,18 @@ integration = pytest.mark.integration
 # --- without a launcher -------------------------------------------------------------------------
 
 def test_batchnorm_statistics_are_averaged_and_every_other_state_broadcast():
-    inputs = tf.keras.Input(shape=(4,))
-    inner = tf.keras.Sequential([tf.keras.layers.Dense(3), tf.keras.layers.BatchNormalization(name="inner_bn")])
-    frozen = tf.keras.layers.Dense(2, name="frozen")
+    inputs = keras.Input(shape=(4,))
+    inner = keras.Sequential([keras.layers.Dense(3), keras.layers.BatchNormalization(name="inner_bn")])
+    frozen = keras.layers.Dense(2, name="frozen")
     frozen.trainable = False
-    model = tf.keras.Model(inputs, frozen(inner(tf.keras.layers.BatchNormalization(name="outer_bn")(inputs))))
+    model = keras.Model(inputs, frozen(inner(keras.layers.BatchNormalization(name="outer_bn")(inputs))))
     averaged, broadcast = split_state(model)
-    assert sorted(v.name for v in averaged) == ["inner_bn/moving_mean:0", "inner_bn/moving_variance:0",
-                                                 "outer_bn/moving_mean:0", "outer_bn/moving_variance:0"]
-    assert sorted(v.name for v in broadcast) == ["frozen/bias:0", "frozen/kernel:0"]
+    def names(variables):
+        return sorted("/".join(v.path.split("/")[-2:]) for v in variables)
+
+    assert names(averaged) == ["inner_bn/moving_mean", "inner_bn/moving_variance", "outer_bn/moving_mean",
+                               "outer_bn/moving_variance"]
+    assert names(broadcast) == ["frozen/bias", "frozen/kernel"]
 
 
 def test_first_difference_names_the_first_differing_variable_and_the_ranks():
@@ -44,9 +48,9 @@ def test_first_difference_names_the_first_differing_variable_and_the_ranks():
 def test_the_mlp_with_batch_norm_and_its_saved_form():
     local = build_mlp(4, 3, hidden=(8, 8), batch_norm=True)
     synced = build_mlp(4, 3, hidden=(8, 8), batch_norm=True, sync_batchnorm=True)
-    assert [w.name for w in local.weights] == [w.name for w in synced.weights]
+    assert [w.path for w in local.weights] == [w.path for w in synced.weights]
     assert [type(layer).__name__ for layer in synced.layers].count("SyncBatchNormalization") == 2
-    assert not any("dense" in w.name and "bias" in w.name for w in local.weights), "no bias before a batch norm"
+    assert not any("dense" in w.path and "bias" in w.path for w in local.weights), "no bias before a batch norm"
     # On one process (Horovod not even initialised) the synced layer is Keras's, in both modes.
     synced.set_weights(local.get_weights())
     x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
@@ -84,8 +88,8 @@ def test_a_batchnorm_model_through_the_api_ends_with_identical_replicas(job):
     reports = run.reports
     assert reports[0]["final"] == reports[1]["final"] == metrics["replica_weight_digests"][0]
     assert reports[0]["final_state"] == reports[1]["final_state"]
-    saved = {w.name: w.numpy() for w in tf.keras.models.load_model(run.out / "model.keras").weights}
-    for name in ("bn/moving_mean:0", "bn/moving_variance:0"):
+    saved = {w.path: w.numpy() for w in keras.models.load_model(run.out / "model.keras").weights}
+    for name in ("bn/moving_mean", "bn/moving_variance"):
         own = [np.array(r["local_state"][name]) for r in reports]  # each rank's, before the sync
         drift = float(np.max(np.abs(own[0] - own[1])))
         print(f"{name}: ranks 0 and 1 {drift:.3g} apart before the sync")
@@ -101,15 +105,15 @@ def test_a_non_trainable_counter_is_broadcast_from_rank_0(job):
     c0, c1 = read_json(run.out / "config.json")["plan"]["train_samples_per_rank"]
     assert c0 != c1, "uneven shards, so the ranks' own counts differ"
     # Rank 1 counted its own samples in the last epoch, on top of rank 0's count at the last sync ...
-    assert run.reports[1]["local_state"]["counter/seen:0"] == (epochs - 1) * c0 + c1
+    assert run.reports[1]["local_state"]["counter/seen"] == (epochs - 1) * c0 + c1
     # ... and every rank ends with rank 0's count.
-    assert [r["final_state"]["counter/seen:0"] for r in run.reports] == [epochs * c0] * 2
+    assert [r["final_state"]["counter/seen"] for r in run.reports] == [epochs * c0] * 2
 
 
 @integration
 def test_replicas_made_to_differ_fail_the_run_with_one_message_and_no_model(job):
     run = job["drift"]
-    message = ("replicas differ after training, first in variable drift/offset:0 (1 of 7): rank(s) 1 hold "
+    message = ("replicas differ after training, first in variable drift/offset (1 of 7): rank(s) 1 hold "
                "another value than rank 0")
     assert [(r["ok"], r["error_type"]) for r in run.reports] == [(False, "AgreedFailure")] * 2, "no rank returned"
     assert all(r["error"].startswith(message) for r in run.reports)

@@ -4,9 +4,9 @@ import re
 import shutil
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import HVD_TRAIN, Background, horovodrun_cmd, read_json, run_many, saved_weights
 
 from hvd_train.outputs import events
@@ -189,27 +189,40 @@ def test_lr_schedule_is_the_same_on_every_rank(first, schedule):
 
 
 @pytest.mark.parametrize("schedule", ["constant", "step", "cosine"])
-def test_rate_matches_the_schedule_callbacks(schedule):
-    """schedules.rate (what an elastic reset sets) gives the rate Horovod's callbacks set, at
-    every batch of every epoch (one process: Horovod's warmup is then flat; the schedules are not)."""
-    import horovod.tensorflow.keras as hvd
-
+def test_the_callback_sets_horovods_rates_before_every_step(schedule):
+    """schedules.LearningRate sets, before every step, the rate of Horovod's warmup and schedule
+    callbacks (their formulas, here on 2 processes' plan: warmup from scaled_lr / 2), and a fit of
+    an epoch's rest continues where the epoch was cut."""
     from hvd_train.config.options import TrainConfig
     from hvd_train.config.plan import make_plan
     from hvd_train.training import schedules
 
-    hvd.init()
     config = TrainConfig(epochs=6, warmup_epochs=2, lr_schedule=schedule, lr_decay_epochs=2, lr=0.1)
-    plan = make_plan(config, 90, 0, 0, 1, 1, ["h"])
-    model = tf.keras.Sequential([tf.keras.Input((1,)), tf.keras.layers.Dense(1)])
-    model.compile(optimizer=tf.keras.optimizers.legacy.SGD(0.1), loss="mse")
-    callbacks = tf.keras.callbacks.CallbackList(schedules.callbacks(config, plan), model=model,
-                                                 epochs=6, steps=plan.steps_per_epoch)
-    callbacks.on_train_begin()
-    for epoch in range(6):
-        callbacks.on_epoch_begin(epoch)
-        for batch in range(plan.steps_per_epoch):
-            callbacks.on_train_batch_begin(batch)
-            expected = schedules.rate(config, plan, epoch + batch / plan.steps_per_epoch)
-            assert float(model.optimizer.lr.numpy()) == pytest.approx(expected, rel=1e-6), (epoch, batch)
-            callbacks.on_train_batch_end(batch)
+    plan = make_plan(config, 90, 0, 0, 2, 1, ["h", "h"])  # 2 steps of 64 an epoch
+    steps, scaled = plan.steps_per_epoch, plan.scaled_lr
+
+    def horovod(epoch, batch):  # Horovod 0.28's LearningRateWarmupCallback / LearningRateScheduleCallback
+        if epoch < 2:
+            e = epoch + batch / steps + 1 / steps
+            return scaled * (1 / 2 * (e * (2 - 1) / 2 + 1))
+        if schedule == "step":
+            return scaled * 0.1 ** ((epoch - 2) // 2)
+        if schedule == "cosine":
+            return scaled * schedules.cosine_multiplier(epoch + batch / steps, 2, 6)
+        return scaled
+
+    for shift in (0.0, 0.5):  # a whole fit, and one resumed half a step into epoch 1
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        callbacks = keras.callbacks.CallbackList([schedules.LearningRate(config, plan, shift)], model=model)
+        callbacks.on_train_begin()
+        for epoch in range(6):
+            callbacks.on_epoch_begin(epoch)
+            first = shift if epoch == 0 else 0.0
+            for batch in range(steps - int(first + 0.5)):
+                callbacks.on_train_batch_begin(batch)
+                want = horovod(epoch, batch + first)
+                assert schedules.current(model.optimizer) == pytest.approx(want, rel=1e-6), (shift, epoch, batch)
+                callbacks.on_train_batch_end(batch)
+            callbacks.on_epoch_end(epoch, {})
+    assert schedules.rate(config, plan, 0.0) == pytest.approx(scaled * 0.5 * (0.25 + 1)), "warmup starts at scaled / 2"

@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import horovodrun, png_size, run_many
+from conftest import check_run, horovodrun, png_size, read_json, run_many
 
 from hvd_train.config.options import TrainConfig
 from hvd_train.outputs import events
@@ -46,7 +46,7 @@ def test_curves_and_confusion_matrix_pngs(run_dir):
 
 
 def test_report_json_matches_the_saved_model_on_the_test_split(run_dir):
-    import tensorflow as tf
+    import keras
     from sklearn.metrics import classification_report, confusion_matrix
 
     from hvd_train.data.arrays import load_splits
@@ -56,7 +56,7 @@ def test_report_json_matches_the_saved_model_on_the_test_split(run_dir):
     metrics = json.loads((out / "metrics.json").read_text())
     config = TrainConfig.from_dict(json.loads((out / "config.json").read_text())["config"])
     splits = load_splits(config)
-    model = tf.keras.models.load_model(out / "model.keras")
+    model = keras.models.load_model(out / "model.keras")
     predicted = np.argmax(model.predict(splits.x_test, verbose=0), axis=1)
 
     assert report["classes"] == list(splits.class_names)
@@ -146,22 +146,36 @@ def test_ranks_other_than_0_are_quiet(run_dir):
     assert not re.findall(r"\[1\]<std(out|err)>:.*\S", text), re.findall(r"\[1\]<std(out|err)>:.*", text)[:5]
 
 
-WRONG_MODEL = """
-import sys, tensorflow as tf
+FAILS_IN_FIT = """
+import sys, keras, tensorflow as tf
 from hvd_train import TrainConfig, train
-def wrong(n_features, n_classes):
-    return tf.keras.Sequential([tf.keras.Input(shape=(n_features + 1,)), tf.keras.layers.Dense(n_classes)])
-train(TrainConfig(epochs=1, progress='none', output_dir=sys.argv[1]), model_fn=wrong)
+
+class FailsInTraining(keras.layers.Layer):  # builds and predicts fine; fails in fit's first step
+    def call(self, x, training=None):
+        if training:
+            tf.debugging.assert_less(tf.reduce_sum(x) * 0.0, -1.0, message="boom in training")
+        return x
+
+def model(n_features, n_classes):
+    return keras.Sequential([keras.Input(shape=(n_features,)), FailsInTraining(),
+                             keras.layers.Dense(n_classes, activation="softmax")])
+train(TrainConfig(epochs=1, progress='none', output_dir=sys.argv[1]), model_fn=model)
 """
 
 
 @pytest.fixture(scope="module")
 def api_runs(tmp_path_factory):
-    """One job of 2 processes: a run with --verbose-ranks, then a script whose model does not fit its data."""
+    """One job of 2 processes: a run with --verbose-ranks, a script whose model fails inside fit,
+    and Keras 3 models as users write them (user_models.py) through the API."""
     base = tmp_path_factory.mktemp("api")
-    (base / "wrong.py").write_text(WRONG_MODEL)
+    (base / "fails.py").write_text(FAILS_IN_FIT)
+    short = ["--epochs", 3, "--progress", "none"]
     return base, run_many(2, {"verbose": ["--epochs", 2, "--verbose-ranks"],
-                              "wrong_model": {"script": str(base / "wrong.py"), "args": [str(base / "wrong")]}},
+                              "fails_in_fit": {"script": str(base / "fails.py"), "args": [str(base / "fails")]},
+                              "subclassed": {"args": short, "model": "subclassed"},
+                              "functional": {"args": short, "model": "functional"},
+                              "mobilenet": {"args": ["--epochs", 1, "--batch-size", 16, "--progress", "none"],
+                                            "model": "mobilenet", "arrays": "rgb32"}},
                           base / "job")
 
 
@@ -173,12 +187,31 @@ def test_verbose_ranks_lets_every_rank_speak(api_runs):
 
 def test_a_failure_inside_fit_is_logged_as_run_failed(api_runs):
     base, runs = api_runs
-    assert not runs["wrong_model"].ok
-    out = base / "wrong"
+    assert not runs["fails_in_fit"].ok
+    out = base / "fails"
     log = events.read(out / "events.jsonl")
     assert [e["event"] for e in log] == ["run_start", "run_failed"]
-    assert re.search(r"ValueError|InvalidArgumentError", log[-1]["error"])
+    assert "boom in training" in log[-1]["error"] and "InvalidArgumentError" in log[-1]["error"]
     assert not (out / "metrics.json").exists() and not (out / "model.keras").exists()
+
+
+@pytest.mark.parametrize("kind", ["subclassed", "functional", "mobilenet"])
+def test_keras_3_models_as_users_write_them_train_with_identical_replicas(api_runs, kind):
+    import keras
+    import user_models  # noqa: F401 - registers the subclassed model's class, as its user would
+
+    from hvd_train.training.consensus import weights_digest
+
+    run = api_runs[1][kind]
+    assert run.ok, run
+    m = read_json(run.out / "metrics.json")
+    assert m["replicas_identical"] and len(set(m["replica_weight_digests"])) == 1
+    assert [r["final"] for r in run.reports] == m["replica_weight_digests"]
+    assert [r["built"] != r["final"] for r in run.reports] == [True, True], "it trained"
+    saved = keras.models.load_model(run.out / "model.keras")  # plain Keras, no hvd_train
+    assert weights_digest(saved.get_weights()) == m["replica_weight_digests"][0]
+    if kind != "mobilenet":  # iris: the test metrics are one process scoring the saved model
+        check_run(run.out, run, 2)
 
 
 def test_finite_numbers_only_in_events(run_dir):

@@ -5,9 +5,9 @@ files, an empty one, np=2 and np=3). Bad input in files: one message, every rank
 import os
 import re
 
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import HVD_TRAIN, Background, Jobs, horovodrun_cmd, max_weight_difference, read_json
 from files import FEATURES, FILE_ROWS, make_data, rows_by_split
 
@@ -109,9 +109,9 @@ def test_global_facts_split_and_exact_metrics_are_the_same_for_every_world_size(
         # Exact test metrics: the saved model scored on every test row by one process.
         test = split == stream.TEST
         scaled = Standardizer.from_dict(prep["scaler"]).transform(x[test])
-        scores = tf.keras.models.load_model(out / "model.keras")(scaled, training=False).numpy()
+        scores = keras.models.load_model(out / "model.keras")(scaled, training=False).numpy()
         codes = np.array([classes.index(v) for v in labels[test]])
-        loss = float(np.mean(tf.keras.losses.sparse_categorical_crossentropy(codes, scores).numpy()))
+        loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(codes, scores).numpy()))
         assert m["test_samples"] == int(test.sum())
         assert m["test_loss"] == pytest.approx(loss, rel=1e-5)
         assert m["test_accuracy"] == pytest.approx(float(np.mean(scores.argmax(1) == codes)), abs=1e-9)
@@ -170,7 +170,7 @@ def test_regression_from_files_n_processes_equal_one_process_with_exact_metrics(
     assert prep["target"]["mean"] == pytest.approx(values[train].mean(), rel=1e-9)
     assert prep["target"]["scale"] == pytest.approx(values[train].std(), rel=1e-9)
     scaler = Standardizer.from_dict(prep["scaler"])
-    model = tf.keras.models.load_model(outs[2] / "model.keras")
+    model = keras.models.load_model(outs[2] / "model.keras")
     predicted = model(scaler.transform(rows[test].astype(np.float32))).numpy().reshape(-1)
     predicted = predicted * prep["target"]["scale"] + prep["target"]["mean"]
     assert m["test_samples"] == int(test.sum())

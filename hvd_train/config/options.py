@@ -18,6 +18,9 @@ REGRESSION_LOSSES = ("mse", "mae", "huber")
 MODELS = ("mlp", "cnn")
 SCALINGS = ("standard", "none")
 READERS = ("process", "thread")
+# Keras's dtype policies: variables stay float32; mixed_* compute in 16 bits (mixed_float16 with
+# loss scaling). Evaluation and the saved model are float32 whatever the policy.
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # Validation metrics early stopping may watch, per task; "loss" is the training objective.
 TASK_METRICS = {"classification": ("val_loss", "val_accuracy"),
                 "regression": ("val_loss", "val_mse", "val_rmse", "val_mae", "val_r2")}
@@ -29,9 +32,12 @@ EARLY_STOPPING_METRICS = tuple(dict.fromkeys(m for names in TASK_METRICS.values(
 # Fields that define the model, its optimizer state and the data: a checkpoint only resumes a run
 # that agrees on all of them. Everything else (epochs, batch size, learning rate, world size, ...)
 # may change between the interrupted run and the resumed one.
+# precision (mixed_float16 adds the loss scale's state) and backward_passes_per_step (the local
+# gradient sums) change what the optimizer's state holds. A checkpoint from before a field existed
+# holds the field's default.
 RESUME_FIXED_FIELDS = ("task", "dataset", "label_column", "samples", "features", "classes", "scale", "optimizer",
                        "model", "hidden", "filters", "activation", "dropout", "batch_norm", "logits", "seed",
-                       "val_fraction", "test_fraction")
+                       "val_fraction", "test_fraction", "precision", "backward_passes_per_step")
 
 
 class ConfigError(ValueError):
@@ -109,6 +115,14 @@ class TrainConfig:
     lr_scaling: str = _option("linear", "scale the base learning rate by world size (linear), its square root, "
                               "or not", "optimisation", choices=LR_SCALINGS)
     warmup_epochs: int = _option(3, "Horovod LR warmup from scaled_lr/size to scaled_lr (0 = off)", "optimisation")
+    precision: str = _option(
+        "float32", "Keras dtype policy: float32, or mixed_bfloat16 / mixed_float16 (16-bit compute, float32 "
+        "variables; mixed_float16 adds loss scaling, and every rank skips the same steps on a non-finite "
+        "gradient); validation, test metrics and the saved model are float32", "optimisation", choices=PRECISIONS)
+    steps_per_execution: int = _option(
+        1, "Keras: training steps per call of the compiled step function (fewer Python round trips for small "
+        "models); callbacks, stop checks and learning-rate updates then act every that many steps; a fit whose "
+        "steps it does not divide uses the largest divisor below it (the plan says)", "optimisation")
     fp16_allreduce: bool = _option(
         False, "Horovod: compress gradients to float16 for the allreduce (half the bytes on the wire)", "optimisation")
     backward_passes_per_step: int = _option(
@@ -237,6 +251,8 @@ class TrainConfig:
                  "early stopping watches a validation metric: it needs --val-fraction > 0")
         _require(self.prune_file is None or self.val_fraction > 0,
                  "pruning watches a validation metric: it needs --val-fraction > 0")
+        _require(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS} (got {self.precision!r})")
+        _require(self.steps_per_execution >= 1, f"steps per execution must be >= 1 (got {self.steps_per_execution})")
         _require(self.backward_passes_per_step >= 1,
                  f"backward passes per step must be >= 1 (got {self.backward_passes_per_step})")
         _require(self.checkpoint_every >= 1, f"checkpoint every must be >= 1 (got {self.checkpoint_every})")

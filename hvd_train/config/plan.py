@@ -33,6 +33,8 @@ class Plan:
     hosts: List[str]  # the host of each rank, in rank order
     reading: List[str] = field(default_factory=list)  # file datasets: what each rank reads (stream.py)
     classes: Dict[str, List[int]] = field(default_factory=dict)  # classification: train/val/test rows per class
+    precision: str = "float32"  # Keras's dtype policy while training
+    steps_per_execution: int = 1  # of a whole epoch's fit (execution_steps of the asked number)
 
     def lines(self) -> List[str]:
         return [
@@ -44,13 +46,27 @@ class Plan:
             f"learning rate {self.base_lr:g} scaled to {self.scaled_lr:g}, warmup {self.warmup_epochs} epoch(s)",
             f"samples train/val/test {self.train_samples}/{self.val_samples}/{self.test_samples}; "
             f"train samples per rank {self.train_samples_per_rank}; {self.steps_per_epoch} steps per epoch",
-        ] + self.reading[:1]  # a file dataset's summary; each rank's share in report_lines
+        ] + self._compute_line() + self.reading[:1]  # a file dataset's summary; each rank's share in report_lines
+
+    def _compute_line(self) -> List[str]:
+        if self.precision == "float32" and self.steps_per_execution == 1:
+            return []
+        return [f"precision {self.precision} (float32 variables, evaluation and saved model); "
+                f"{self.steps_per_execution} step(s) per execution"]
+
+
+def execution_steps(steps: int, asked: int) -> int:
+    """Steps per execution for a fit of ``steps`` steps an epoch: ``asked`` if it divides them,
+    else its largest divisor below ``asked``. Keras runs whole executions, so one that did not
+    divide the epoch would train steps of the next epoch's data in this one."""
+    return max(d for d in range(1, min(asked, steps) + 1) if steps % d == 0)
 
 
 def make_plan(config: TrainConfig, n_train: int, n_val: int, n_test: int, world_size: int,
               intra_op_threads: int, hosts: List[str], reading: Optional[List[str]] = None,
               classes: Optional[Dict[str, Any]] = None) -> Plan:
     order = np.arange(n_train)
+    steps = sharding.steps_per_epoch(n_train, world_size, config.batch_size)
     per_rank = [sum(len(rows) for rows, _ in sharding.local_batches(n_train, r, world_size, config.batch_size, order))
                 for r in range(world_size)]
     return Plan(
@@ -58,10 +74,11 @@ def make_plan(config: TrainConfig, n_train: int, n_val: int, n_test: int, world_
         global_batch_size=config.batch_size * world_size, base_lr=config.lr,
         scaled_lr=scaled_learning_rate(config.lr, world_size, config.lr_scaling),
         warmup_epochs=config.warmup_epochs,
-        steps_per_epoch=sharding.steps_per_epoch(n_train, world_size, config.batch_size),
+        steps_per_epoch=steps,
         train_samples=n_train, val_samples=n_val, test_samples=n_test,
         train_samples_per_rank=per_rank, intra_op_threads=intra_op_threads, hosts=hosts, reading=list(reading or []),
         classes={str(k): [int(n) for n in v] for k, v in (classes or {}).items()},
+        precision=config.precision, steps_per_execution=execution_steps(steps, config.steps_per_execution),
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -14,12 +14,15 @@ from ..data.interface import DataError, Standardizer
 from . import files, run_dir
 
 
-def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = None) -> str:
+def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = None,
+                 load_model: Optional[Callable[[str, str], Any]] = None) -> str:
     """Write <class, probability per class> (regression: the predicted value, in the target's
     units) for every row of the input (N-d models: each row holds a sample's values flattened,
     row-major, in the order of preprocessing.json's feature names) (a CSV or Parquet file,
     or ``csv:``/``parquet:`` PATH with a directory or glob), read and written in pieces, so inputs
-    larger than memory work; the output appears atomically when complete. Returns its path."""
+    larger than memory work; the output appears atomically when complete. Returns its path.
+    ``load_model(model_dir, model_path)``: opens the run's model (the command line passes
+    training.legacy.load_run_model, which also reads runs of hvd_train 0.1); default keras's."""
     model_path = os.path.join(model_dir, run_dir.MODEL_FILE)
     prep_path = os.path.join(model_dir, run_dir.PREPROCESSING_FILE)
     for path in (model_path, prep_path):
@@ -35,9 +38,10 @@ def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = No
     shape = tuple(prep.get("input_shape") or (len(prep["feature_names"]),))
     target = Standardizer.from_dict(prep["target"]) if prep.get("task") == "regression" else None
 
+    import keras
     import tensorflow as tf
 
-    model = tf.keras.models.load_model(model_path)
+    model = (load_model or (lambda _, path: keras.models.load_model(path)))(model_dir, model_path)
     stem = spec.split(":", 1)[1]
     output_csv = output_csv or (os.path.splitext(stem)[0] if os.path.isfile(stem) else stem.rstrip("/*"))
     output_csv = output_csv if output_csv.endswith(".csv") else output_csv + ".predictions.csv"

@@ -1,7 +1,7 @@
 """The run directory: every file name in it, its checks, and the writing of a finished run.
 
 Written by rank 0 only (via runtime.on_rank0), each file atomically (files.py). What the files
-hold: ``model.keras`` (load with tf.keras.models.load_model), ``preprocessing.json`` (feature and
+hold: ``model.keras`` (load with keras.models.load_model: Keras 3, float32), ``preprocessing.json`` (feature and
 class names, the scaler), ``config.json`` (config, plan, versions), ``config.toml`` (re-run with
 ``--config``), ``history.csv``, ``report.json`` (confusion matrix, per-class scores),
 ``curves.png``, ``confusion_matrix.png`` (classification) or ``predictions.png`` (regression:
@@ -24,7 +24,6 @@ import numpy as np
 
 from .. import runtime
 from ..config import configfile
-from ..training.model import compile_model, make_optimizer
 from . import files, plots
 
 MODEL_FILE = "model.keras"
@@ -96,17 +95,16 @@ def history_csv(history: Dict[str, List[float]]) -> str:
     return text.getvalue()
 
 
-def write_run(config, plan, splits, task, model, model_fn, history: Dict[str, List[float]],
-              metrics: Dict[str, Any], report: Dict[str, Any], points: Optional[np.ndarray] = None) -> None:
+def write_run(run, model, history: Dict[str, List[float]], metrics: Dict[str, Any], report: Dict[str, Any],
+              points: Optional[np.ndarray] = None) -> None:
     """Rank 0 only: every file of a finished run; metrics.json last, as the mark of completion.
-    ``points``: regression's (true, predicted) test pairs for predictions.png."""
+    ``run``: the run's context (training/context.RunContext: config, plan, data, task); ``model``:
+    the model to save (plain Keras, float32: session.saved_model); ``points``: regression's
+    (true, predicted) test pairs for predictions.png."""
+    config, plan, splits, task = run.config, run.plan, run.data, run.task
     d = config.output_dir
-    # A clean copy for tf.keras.models.load_model: the Horovod-wrapped optimizer is not serialisable.
-    clean = model_fn(splits.model_inputs, splits.n_outputs)
-    clean.set_weights(model.get_weights())
-    compile_model(clean, make_optimizer(config, plan.scaled_lr), task, exact_loss=False)
     with files.atomic_path(os.path.join(d, MODEL_FILE)) as tmp:
-        clean.save(tmp)
+        model.save(tmp)
     write_json(os.path.join(d, PREPROCESSING_FILE), {**splits.preprocessing(), "logits": config.logits})
     write_json(os.path.join(d, CONFIG_FILE),
                {"config": config.to_dict(), "plan": asdict(plan), "versions": runtime.versions()})

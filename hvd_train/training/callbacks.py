@@ -7,63 +7,41 @@ user's own) sees the same numbers on every rank.
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+import keras
 import tensorflow as tf
 
 from .. import runtime
 from ..config.options import TrainConfig
-from ..config.plan import Plan
 from ..data import sharding
 from ..data.interface import StreamError
 from ..outputs.events import EventLog
 from ..outputs.run_dir import TENSORBOARD_DIR
-from . import checkpoint, metrics, pruning, replicas, schedules, stopping, tasks
+from . import checkpoint, distributed, metrics, pruning, schedules, stopping, tasks
+from .context import RunContext
 
 
-class _SkipSlowCallbackWarning(logging.Filter):
-    # Horovod's one-off broadcast after step 1 trips Keras's "callback is slow" check on tiny models.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "is slow compared to the batch time" not in record.getMessage()
-
-
-tf.get_logger().addFilter(_SkipSlowCallbackWarning())
-
-
-def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, model, log: EventLog,
-                  resumed: checkpoint.ResumePoint, user_callbacks: List[Any]) -> List[Any]:
-    """Every callback of a run, in order; hvd_train's own first, the user's after them.
+def run_callbacks(run: RunContext, resumed: checkpoint.ResumePoint) -> List[Any]:
+    """Every callback of a fit, in order; hvd_train's own first, the user's after them.
 
     ``resumed``: where this fit starts; a ``position`` into the epoch (after an elastic reset, or
     resumed from a stop mid-epoch) makes it a fit of the rest of that epoch, its ``sums`` carried.
     """
-    import horovod.tensorflow.keras as hvd
-
-    # Horovod: rank 0's weights and optimizer state again after the first step (Horovod's
-    # standard guard for state created lazily inside the first step) ...
-    first_step = hvd.callbacks.BroadcastGlobalVariablesCallback(0)
-    for statistic in replicas.batchnorm_statistics(model):
-        # ... but batch-norm statistics stay each rank's: they are averaged at the epoch's end, and
-        # overwriting them after step 1 would change that average (and a resumed run's, so resumed
-        # and uninterrupted runs would differ).
-        first_step.register_local_var(statistic)
-    found: List[Any] = [
-        first_step,
-        # Before validation, checkpoints and everything else at the epoch's end.
-        SyncReplicaState(),
-    ]
+    rt, config, plan, log = run.rt, run.config, run.plan, run.log
+    # Before validation, checkpoints and everything else at the epoch's end.
+    found: List[Any] = [SyncReplicaState()]
     position, carried = resumed.position, resumed.sums
     cursor = sharding.Cursor(plan.train_samples, rt.rank, rt.size, config.batch_size, position)
-    task = tasks.for_run(config, splits)
-    train_metrics = ExactTrainMetrics(cursor.samples(cursor.steps), task, carried=carried)
+    train_metrics = ExactTrainMetrics(cursor.samples(cursor.steps), run.task, carried=carried)
     found.append(train_metrics)
     if plan.val_samples:
-        found.append(GlobalValidation(splits, rt, task))
-    found += schedules.callbacks(config, plan, position / plan.global_batch_size)
+        found.append(GlobalValidation(run))
+    # The learning rate of every step: warmup, then the schedule (no collective: a function of the step).
+    found.append(schedules.LearningRate(config, plan, position / plan.global_batch_size))
     found.append(LearningRateLog())
     found.append(EpochEvents(log, config.epochs, train_metrics))
     if config.tensorboard and rt.is_rank0:
@@ -77,13 +55,13 @@ def run_callbacks(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, 
         found.append(Pruner(rt, config, log, resumed.history))
     checkpointer = None
     if config.checkpoint_dir:
-        checkpointer = Checkpointer(rt, config, plan, splits.fingerprint(), resumed.history, early_stopping, log)
+        checkpointer = Checkpointer(run, resumed.history, early_stopping)
         found.append(checkpointer)
-    found += user_callbacks
+    found += run.user_callbacks
     progress = progress_mode(config, rt)
     if progress == "bar" and rt.is_rank0:
         # Last in the list, so the bar shows metrics after they have been combined over ranks.
-        found.append(tf.keras.callbacks.ProgbarLogger(count_mode="steps"))
+        found.append(keras.callbacks.ProgbarLogger())
     elif progress == "epoch" and rt.is_rank0:
         found.append(EpochLine(config.epochs))
     # Last: a stop after a batch, or after an epoch's end work (its checkpoint included).
@@ -99,7 +77,7 @@ def progress_mode(config: TrainConfig, rt: runtime.Runtime) -> str:
     return "bar" if sys.stdout.isatty() and not runtime.under_launcher() else "epoch"
 
 
-class FeedGuard(tf.keras.callbacks.Callback):
+class FeedGuard(keras.callbacks.Callback):
     """Every rank, first at each epoch's end: training data that went bad while it was read (a
     feed's ``failure``: a file of a stream deleted or changed, which ends the stream early on
     every rank) stops the run here, before any collective or checkpoint of the cut-short epoch."""
@@ -114,15 +92,15 @@ class FeedGuard(tf.keras.callbacks.Callback):
             raise StreamError(problem)
 
 
-class SyncReplicaState(tf.keras.callbacks.Callback):
+class SyncReplicaState(keras.callbacks.Callback):
     """Collective, every rank, epoch end, first: the non-trainable state (batch-norm moving
-    statistics averaged, the rest rank 0's) identical on every rank (replicas.sync_state)."""
+    statistics averaged, the rest rank 0's) identical on every rank (distributed.sync_state)."""
 
     def on_epoch_end(self, epoch, logs=None):
-        replicas.sync_state(self.model)
+        distributed.sync_state(self.model)
 
 
-class ExactTrainMetrics(tf.keras.callbacks.Callback):
+class ExactTrainMetrics(keras.callbacks.Callback):
     """Collective, every rank, epoch end: training metrics over all ranks' samples.
 
     Horovod's MetricAverageCallback takes the plain mean of the rank means; this weighs each
@@ -146,26 +124,26 @@ class ExactTrainMetrics(tf.keras.callbacks.Callback):
         self.task.derived(logs)
 
 
-class GlobalValidation(tf.keras.callbacks.Callback):
+class GlobalValidation(keras.callbacks.Callback):
     """Collective, on every rank at every epoch end: exact validation figures (loss and accuracy,
     or loss, MSE, RMSE, MAE and R^2)."""
 
-    def __init__(self, splits, rt, task):
+    def __init__(self, run: RunContext):
         super().__init__()
-        self.splits, self.rt, self.task = splits, rt, task
+        self.run = run
 
     def on_epoch_end(self, epoch, logs=None):
-        pieces = self.splits.eval_pieces("val", self.rt.rank, self.rt.size)
-        result = metrics.evaluate(self.model, pieces, self.task)
-        logs.update({f"val_{k}": v for k, v in self.task.scores(result).items()})
+        rt, task = self.run.rt, self.run.task
+        result = metrics.evaluate(self.run.scoring_model(), self.run.data.eval_pieces("val", rt.rank, rt.size), task)
+        logs.update({f"val_{k}": v for k, v in task.scores(result).items()})
 
 
-class LearningRateLog(tf.keras.callbacks.Callback):
+class LearningRateLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
-        logs["lr"] = float(self.model.optimizer.lr.numpy())
+        logs["lr"] = schedules.current(self.model.optimizer)
 
 
-class EpochEvents(tf.keras.callbacks.Callback):
+class EpochEvents(keras.callbacks.Callback):
     """Every rank, epoch end, after the metrics are global: one ``epoch`` event (rank 0 writes),
     with the number of training samples the epoch's metrics count (``train_samples``)."""
 
@@ -183,7 +161,7 @@ class EpochEvents(tf.keras.callbacks.Callback):
                       train_samples=self.train_metrics.counted, seconds=round(time.perf_counter() - self.start, 6))
 
 
-class TensorBoardScalars(tf.keras.callbacks.Callback):
+class TensorBoardScalars(keras.callbacks.Callback):
     """Rank 0 only (no collectives): each epoch's global metrics as TensorBoard scalars.
 
     Training and validation values go to two runs (``train``, ``validation``) under the same tags
@@ -214,7 +192,7 @@ class TensorBoardScalars(tf.keras.callbacks.Callback):
             writer.close()
 
 
-class EpochLine(tf.keras.callbacks.Callback):
+class EpochLine(keras.callbacks.Callback):
     """Rank 0 only: one line per epoch with a bar over the whole run, readable through launcher pipes."""
 
     WIDTH = 20
@@ -234,7 +212,7 @@ class EpochLine(tf.keras.callbacks.Callback):
                            f"{time.perf_counter() - self.start:.2f}s")
 
 
-class EarlyStopping(tf.keras.callbacks.Callback):
+class EarlyStopping(keras.callbacks.Callback):
     """Collective, every rank, epoch end: stop when the global validation metric stops improving.
 
     The metric is the exact cross-rank value from GlobalValidation, so every rank sees the same
@@ -272,7 +250,7 @@ class EarlyStopping(tf.keras.callbacks.Callback):
                                  f"{self.state['best']:.4f} at epoch {self.state['best_epoch']}")
 
 
-class Pruner(tf.keras.callbacks.Callback):
+class Pruner(keras.callbacks.Callback):
     """Collective, every rank, epoch end, after validation: a sweep trial whose best validation
     value so far is worse than the median of earlier trials at this epoch stops (pruning.py).
     Rank 0 reads the rule and decides; both are broadcast, so every rank stops after the same epoch
@@ -298,16 +276,15 @@ class Pruner(tf.keras.callbacks.Callback):
                                  f"{decision['trials']} earlier trial(s) at this epoch")
 
 
-class Checkpointer(tf.keras.callbacks.Callback):
+class Checkpointer(keras.callbacks.Callback):
     """Collective, every rank, epoch end: rank 0 writes a checkpoint every N epochs and at the end;
     all ranks then agree that it was written, so a full disk stops the job with one message, not a hang."""
 
-    def __init__(self, rt, config: TrainConfig, plan: Plan, data: Dict[str, Any],
-                 history: Dict[str, List[float]], early_stopping: Optional[EarlyStopping], log: EventLog):
+    def __init__(self, run: RunContext, history: Dict[str, List[float]], early_stopping: Optional[EarlyStopping]):
         super().__init__()
-        self.rt, self.config, self.plan, self.data = rt, config, plan, data
+        self.run, self.rt, self.config, self.log = run, run.rt, run.config, run.log
         self.history = {k: list(v) for k, v in history.items()}  # the resumed run's, extended each epoch
-        self.early_stopping, self.log = early_stopping, log
+        self.early_stopping = early_stopping
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
@@ -323,18 +300,18 @@ class Checkpointer(tf.keras.callbacks.Callback):
         if position:
             # Mid-epoch (a stop): the non-trainable state made every rank's first, as SyncReplicaState
             # (the first of an epoch's end callbacks, before this one) does at an epoch's end.
-            replicas.sync_state(self.model)
+            distributed.sync_state(self.model)
         path, error = runtime.on_rank0(self.rt, self._save, epoch, position, sums) or (None, None)
         return runtime.agree_gather(error, path, "checkpoint")[0]  # rank 0's path, on every rank
 
     def _save(self, epoch: int, position: int, sums: Optional[Dict[str, float]]) -> Tuple[Optional[str], Optional[str]]:
         meta = checkpoint.run_meta(
-            self.config, self.plan, self.data, self.history,
+            self.config, self.run.plan, self.run.data.fingerprint(), self.history,
             self.early_stopping.state if self.early_stopping else None, bool(self.model.stop_training),
-            float(tf.keras.backend.get_value(self.model.optimizer.lr)), position, sums)
+            schedules.current(self.model.optimizer), position, sums)
         try:
-            path = checkpoint.save(self.config.checkpoint_dir, epoch, self.model.get_weights(),
-                                   self.model.optimizer.get_weights(), meta, self.config.keep_checkpoints)
+            state = checkpoint.State.of(self.model, self.run.optimizer)
+            path = checkpoint.save(self.config.checkpoint_dir, epoch, state, meta, self.config.keep_checkpoints)
         except OSError as err:
             return None, f"could not write the checkpoint for epoch {epoch} in {self.config.checkpoint_dir}: {err}"
         runtime.log(self.rt, f"checkpoint {path}")

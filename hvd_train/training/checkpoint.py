@@ -2,7 +2,9 @@
 resume point a run reads back. Written by rank 0 only, atomically; read by rank 0 only, then broadcast.
 
 One checkpoint is one ``ckpt-epoch-NNNNNN.npz`` holding the model weights, the optimizer state
-(iteration count and slots) and a JSON ``meta`` record: the epochs completed, the config and
+(Keras 3's optimizer variables: iteration count, learning rate, slots, and the loss scale and
+local gradient sums when used), rank 0's dropout random state (distributed.py: every rank's
+follows from it) and a JSON ``meta`` record: the epochs completed, the config and
 plan of the run that wrote it, its history so far, the early-stopping state and a data
 fingerprint. A run stopped by a signal mid-epoch (stopping.py) writes
 ``ckpt-epoch-NNNNNN-at-PPPPPPPPP.npz``: NNNNNN epochs done and the first PPPPPPPPP samples of
@@ -12,9 +14,13 @@ shuffle order is a pure function of (seed, epoch) (sharding.epoch_order), so the
 
 A SHA-256 over every array and the meta record is stored beside them and checked on load, so
 a truncated or corrupted file is detected, reported and skipped in favour of an older one.
+
+Format 2 (hvd_train 0.2, Keras 3). Format 1 (hvd_train 0.1, Keras 2 through tf_keras) still
+resumes: legacy.py turns its optimizer state (tf_keras's legacy slots) into Keras 3's.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -29,9 +35,11 @@ from .. import runtime
 from ..config.options import RESUME_FIXED_FIELDS, TrainConfig
 from ..config.plan import Plan
 from ..outputs import files
+from . import distributed, legacy
 from .consensus import array_digest
 
-FORMAT = 1
+FORMAT = 2
+FORMATS = (1, 2)  # readable: 1 is converted on load (legacy.py)
 _NAME = re.compile(r"^ckpt-epoch-(\d{6})(?:-at-(\d{9}))?\.npz$")
 
 
@@ -40,11 +48,40 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class State:
+    """What a checkpoint holds of a model and its optimizer, as arrays."""
+
+    model: List[np.ndarray]  # model.get_weights(): every weight, trainable or not
+    optimizer: List[np.ndarray]  # the optimizer's variables, in its order
+    seeds: List[np.ndarray] = field(default_factory=list)  # dropout's random states, rank 0's form
+
+    @classmethod
+    def of(cls, model, optimizer) -> "State":
+        """This rank's state; rank 0's is what a checkpoint keeps (its seeds are in rank 0's form)."""
+        return cls(model=model.get_weights(), optimizer=distributed.optimizer_values(optimizer),
+                   seeds=[np.asarray(v.numpy()) for v in distributed.seed_states(model)])
+
+    def restore(self, model, optimizer, path: str) -> None:
+        """Local: into ``model`` and ``optimizer`` (then seeds in rank 0's form, as the broadcast
+        that follows expects); CheckpointError if they do not fit."""
+        try:
+            model.set_weights(self.model)
+            distributed.set_optimizer_values(optimizer, self.optimizer, "the checkpoint")
+            states = distributed.seed_states(model)
+            if self.seeds and len(self.seeds) != len(states):
+                raise ValueError(f"the checkpoint holds {len(self.seeds)} random states, the model {len(states)}")
+            distributed.set_seed_rank(model, 0)
+            for v, value in zip(states, self.seeds):
+                v.assign(value)
+        except ValueError as err:
+            raise CheckpointError(f"{path} does not fit this model: {err}") from None
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     path: str
     epoch: int  # epochs completed when it was written
-    model_weights: List[np.ndarray]
-    optimizer_weights: List[np.ndarray]
+    state: State
     meta: Dict[str, Any]
 
 
@@ -79,15 +116,15 @@ def listed(directory: str) -> List[Tuple[int, str]]:
     return [(epoch, path) for (epoch, _), path in sorted(found, reverse=True)]
 
 
-def save(directory: str, epoch: int, model_weights: List[np.ndarray], optimizer_weights: List[np.ndarray],
-         meta: Dict[str, Any], keep: int) -> str:
+def save(directory: str, epoch: int, state: State, meta: Dict[str, Any], keep: int) -> str:
     """Write the checkpoint for ``epoch`` (and ``meta["position"]`` into the next) atomically
     (temp file, fsync, rename), keep the newest ``keep`` (the oldest are removed first)."""
     os.makedirs(directory, exist_ok=True)
     meta = {**meta, "format": FORMAT, "epoch": epoch}
     meta_bytes = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-    arrays = {f"model_{i:04d}": np.asarray(w) for i, w in enumerate(model_weights)}
-    arrays.update({f"optimizer_{i:04d}": np.asarray(w) for i, w in enumerate(optimizer_weights)})
+    arrays = {f"model_{i:04d}": np.asarray(w) for i, w in enumerate(state.model)}
+    arrays.update({f"optimizer_{i:04d}": np.asarray(w) for i, w in enumerate(state.optimizer)})
+    arrays.update({f"seed_{i:04d}": np.asarray(w) for i, w in enumerate(state.seeds)})
     arrays["meta"] = meta_bytes
     digest = array_digest(*(arrays[k] for k in sorted(arrays)))
     path = os.path.join(directory, file_name(epoch, meta.get("position", 0)))
@@ -115,12 +152,18 @@ def load(path: str) -> Checkpoint:
     if array_digest(*(arrays[k] for k in sorted(arrays))) != stored:
         raise CheckpointError(f"{path} is corrupt (content does not match its SHA-256)")
     meta = json.loads(arrays.pop("meta").tobytes().decode())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}, expected {FORMAT}")
-    model = [arrays[k] for k in sorted(arrays) if k.startswith("model_")]
-    optimizer = [arrays[k] for k in sorted(arrays) if k.startswith("optimizer_")]
-    return Checkpoint(path=path, epoch=int(meta["epoch"]), model_weights=model,
-                      optimizer_weights=optimizer, meta=meta)
+    if meta.get("format") not in FORMATS:
+        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}; this hvd_train reads "
+                              f"{' and '.join(map(str, FORMATS))}")
+    state = State(model=[arrays[k] for k in sorted(arrays) if k.startswith("model_")],
+                  optimizer=[arrays[k] for k in sorted(arrays) if k.startswith("optimizer_")],
+                  seeds=[arrays[k] for k in sorted(arrays) if k.startswith("seed_")])
+    if meta["format"] == 1:
+        try:
+            state = dataclasses.replace(state, optimizer=legacy.optimizer_state(state.optimizer, meta))
+        except legacy.LegacyError as err:
+            raise CheckpointError(f"{path} (hvd_train 0.1, Keras 2): {err}") from None
+    return Checkpoint(path=path, epoch=int(meta["epoch"]), state=state, meta=meta)
 
 
 def newest_valid(directory: str) -> Tuple[Optional[Checkpoint], List[str]]:
@@ -158,7 +201,8 @@ def run_meta(config: TrainConfig, plan: Plan, data: Dict[str, Any], history: Dic
 
 def check_compatible(ckpt: Checkpoint, config: TrainConfig, splits) -> None:
     """The checkpoint was written by a run of the same model on the same data, or CheckpointError."""
-    saved = ckpt.meta["config"]
+    # A field the writing version did not have holds its default.
+    saved = {**TrainConfig().to_dict(), **ckpt.meta["config"]}
     now = config.to_dict()
     changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_FIXED_FIELDS if saved.get(k) != now[k]]
     if changed:
@@ -180,9 +224,7 @@ def resume(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, model, 
     # Horovod: rank 0 decided where to resume; every rank follows (ranks never race on the files).
     point = runtime.broadcast(point, "resume")
     if point.lr is not None:
-        import tensorflow as tf
-
-        tf.keras.backend.set_value(optimizer.lr, point.lr)
+        optimizer.learning_rate = point.lr
     return point
 
 
@@ -200,11 +242,10 @@ def load_resume_point(rt: runtime.Runtime, config: TrainConfig, plan: Plan, spli
             runtime.log(rt, f"no usable checkpoint in {config.checkpoint_dir}: starting at epoch 1")
             return ResumePoint(), None
         check_compatible(ckpt, config, splits)
-        try:
-            model.set_weights(ckpt.model_weights)
-            optimizer.set_weights(ckpt.optimizer_weights)
-        except ValueError as err:
-            raise CheckpointError(f"{ckpt.path} does not fit this model: {err}") from None
+        ckpt.state.restore(model, optimizer, ckpt.path)
+        if ckpt.meta["format"] == 1:
+            runtime.log(rt, f"{ckpt.path} was written by hvd_train 0.1 (Keras 2): its optimizer state converted "
+                            "to Keras 3's")
     except CheckpointError as err:
         return None, str(err)
     meta = ckpt.meta

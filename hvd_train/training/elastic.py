@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import keras
 import tensorflow as tf
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
@@ -49,8 +50,9 @@ from ..data import sharding
 from ..data.arrays import DataArg, load_splits
 from ..data.interface import DataError
 from ..outputs.events import EventLog
-from . import checkpoint, loop, schedules, session
+from . import checkpoint, distributed, loop, schedules, session
 from .callbacks import EarlyStopping
+from .context import RunContext
 from .metrics import global_sums
 from .model import ModelFn
 
@@ -134,12 +136,14 @@ def _state_class():
     class State(ObjectState):
         """``local``: a dataset every rank loads itself (arrays), or None (files: ``facts``,
         synced). ``build(dataset)`` -> (model, optimizer). Attributes committed: ``progress``,
-        ``facts``, and the model's and optimizer's variables."""
+        ``facts``, and the model's and optimizer's variables (dropout's random states among them:
+        each rank's own, restored as they were, then re-derived from rank 0's for the new world)."""
 
         def __init__(self, local, build, progress: Progress):
             self._held: List[Tuple[float, int, float]] = []  # (driver's timestamp, update, when seen)
             self._local, self._build = local, build
-            self.model = self.optimizer = None
+            self.model = self.optimizer = self.scorer = None
+            self._saved_seed_rank = 0
             super().__init__(bcast_object=hvd_tf.broadcast_object, get_rank=hvd_tf.rank, progress=progress,
                              facts=None)
             self.use(local)
@@ -154,14 +158,16 @@ def _state_class():
             if dataset is not None:
                 if dataset is not self._local:
                     self.facts = dataset
-                self.model, self.optimizer = self._build(dataset)
+                self.model, self.optimizer, self.scorer = self._build(dataset)
             self._save_variables()
 
         def _variables(self) -> list:
-            return [] if self.model is None else self.model.variables + self.optimizer.variables()
+            return [] if self.model is None else list(self.model.variables) + list(self.optimizer.variables)
 
         def _save_variables(self) -> None:
-            self._saved = [tf.identity(v) for v in self._variables()]
+            self._saved = [tf.identity(v.value) for v in self._variables()]
+            if self.model is not None:
+                self._saved_seed_rank = distributed.seed_rank(self.model)
 
         def save(self):
             self._save_variables()
@@ -170,15 +176,17 @@ def _state_class():
         def restore(self):
             for var, saved in zip(self._variables(), self._saved):
                 var.assign(saved)
+            if self.model is not None:
+                distributed.assume_seed_rank(self.model, self._saved_seed_rank)
             super().restore()
 
         def sync(self):
             super().sync()  # Horovod: rank 0's committed objects, facts included
             if self.dataset is not None:
                 if self.model is None:  # a newcomer to a file dataset's run
-                    self.model, self.optimizer = self._build(self.dataset)
-                # Horovod: rank 0's committed weights and optimizer slots.
-                hvd_tf.broadcast_variables(self._variables(), root_rank=0)
+                    self.model, self.optimizer, self.scorer = self._build(self.dataset)
+                # Horovod: rank 0's committed weights, optimizer state and (re-derived) dropout states.
+                distributed.broadcast(self.model, self.optimizer)
             self._save_variables()
 
         def reset(self):
@@ -233,7 +241,6 @@ def _reset() -> None:
 def _session(state, rt: runtime.Runtime, config: TrainConfig, model_fn: Optional[ModelFn],
              user_callbacks: List[Any]) -> session.TrainResult:
     """One pass of the elastic loop, from the committed state to the end of the run."""
-    import horovod.tensorflow as hvd_tf
 
     rt = runtime.refresh(rt)
     progress: Progress = state.progress
@@ -255,7 +262,7 @@ def _session(state, rt: runtime.Runtime, config: TrainConfig, model_fn: Optional
     if not progress.started:
         resumed = checkpoint.resume(rt, config, plan, splits, model, optimizer)
         # Horovod: every rank starts from rank 0's weights and optimizer state (fresh or restored).
-        hvd_tf.broadcast_variables(model.variables + optimizer.variables(), root_rank=0)
+        distributed.broadcast(model, optimizer)
         progress = Progress(
             started=True, epoch=resumed.initial_epoch(config.epochs), position=resumed.position, sums=resumed.sums,
             history=resumed.history,
@@ -280,20 +287,19 @@ def _session(state, rt: runtime.Runtime, config: TrainConfig, model_fn: Optional
     state.save()  # local: a failure before the next commit comes back to here, not to before set-up
 
     # The learning rate of this world at the committed point (its scale and warmup position).
-    tf.keras.backend.set_value(optimizer.lr, schedules.rate(
-        config, plan, progress.epoch + progress.position / plan.global_batch_size / plan.steps_per_epoch))
+    optimizer.learning_rate = schedules.rate(
+        config, plan, progress.epoch + progress.position / plan.global_batch_size / plan.steps_per_epoch)
 
-    def commit(early_stopping: Optional[EarlyStopping]) -> List[Any]:
-        return [Commit(state, rt, plan, config, early_stopping)]  # last: after the stop check
-
+    run = ElasticRun(rt=rt, config=config, plan=plan, data=splits, model=model, optimizer=optimizer, log=log,
+                     model_fn=model_fn, user_callbacks=tuple(user_callbacks), scorer=state.scorer, state=state)
     start = checkpoint.ResumePoint(epoch=progress.epoch, history=progress.history,
                                    early_stopping=progress.early_stopping, stopped_early=progress.stopped_early,
                                    position=progress.position, sums=progress.sums)
-    loop.fit_epochs(rt, config, plan, splits, model, log, start, user_callbacks, extra=commit, is_reset=_is_reset)
+    loop.fit_epochs(run, start)
     progress = state.progress
     seconds = time.time() - progress.started_at
     trained = progress.epoch - progress.first_epoch
-    return session.finish(rt, config, plan, splits, model, model_fn, log, progress.history, {
+    return session.finish(run, progress.history, {
         "epochs_completed": progress.epoch,
         "epochs_trained_this_run": trained,
         "resumed_from_epoch": progress.resumed_from_epoch,
@@ -304,15 +310,26 @@ def _session(state, rt: runtime.Runtime, config: TrainConfig, model_fn: Optional
     })
 
 
-def _is_reset(err: BaseException) -> bool:
-    """Not a failure: a reset of the elastic loop (a host change, a failed collective)."""
-    return isinstance(err, (HostsUpdatedInterrupt, HorovodInternalError)) or _collective_failed(err)
+@dataclass(frozen=True)
+class ElasticRun(RunContext):
+    """A session of an elastic run: its fits end each epoch (and every --commit-every batches)
+    with a commit of the state, and a failed collective or a host change is a reset, not a failure."""
+
+    state: Any = None  # the elastic State the commits write to
+
+    def extra_callbacks(self, early_stopping: Optional[EarlyStopping]) -> List[Any]:
+        return [Commit(self.state, self.rt, self.plan, self.config, early_stopping)]  # last: after the stop check
+
+    def is_reset(self, err: BaseException) -> bool:
+        """Not a failure: a reset of the elastic loop (a host change, a failed collective)."""
+        return isinstance(err, (HostsUpdatedInterrupt, HorovodInternalError)) or _collective_failed(err)
 
 
-class Commit(tf.keras.callbacks.Callback):
+class Commit(keras.callbacks.Callback):
     """Collective, every rank, last: commit the state at each epoch end and, with
-    ``--commit-every N``, every N batches. A commit also asks the driver whether hosts changed
-    (Horovod raises HostsUpdatedInterrupt on every rank together, and the loop resets)."""
+    ``--commit-every N``, after every N batches (the first batch end N or more after the last).
+    A commit also asks the driver whether hosts changed (Horovod raises HostsUpdatedInterrupt on
+    every rank together, and the loop resets)."""
 
     def __init__(self, state, rt: runtime.Runtime, plan: Plan, config: TrainConfig,
                  early_stopping: Optional[EarlyStopping]):
@@ -323,12 +340,13 @@ class Commit(tf.keras.callbacks.Callback):
 
     def _start(self, position: int, sums: Optional[Dict[str, float]]) -> None:
         self.cursor = sharding.Cursor(self.plan.train_samples, self.rt.rank, self.rt.size, self.batch_size, position)
-        self.sums = sums
+        self.sums, self.committed = sums, 0
 
     def on_train_batch_end(self, batch, logs=None):
-        done = batch + 1
-        if not self.every or done % self.every or done >= self.cursor.steps:
+        done = batch + 1  # steps of this fit so far (a multiple of --steps-per-execution)
+        if not self.every or done - self.committed < self.every or done >= self.cursor.steps:
             return
+        self.committed = done
         # Horovod: the running means of this rank's samples so far, as global sums (one allreduce).
         sums = global_sums({k: float(v) for k, v in (logs or {}).items()}, self.cursor.samples(done),
                            "commit", self.sums)

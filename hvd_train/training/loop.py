@@ -3,46 +3,43 @@
 From a starting point (epoch, position into its order, the carried metric sums, the history
 so far) to the requested number of epochs: the rest of an epoch a stop or an elastic reset
 interrupted (a fit of its own, with that rest's number of steps), then every remaining epoch.
-What it trains on comes from the data interface (``splits.train_feed``: arrays or files alike);
-what happens around each epoch, from the callbacks (callbacks.run_callbacks), with
-``extra(early_stopping)``'s at the end (elastic.py adds its commit there). It logs a stop or a
-failure to the event log and re-raises; ``is_reset`` names errors that are not failures (an
-elastic reset).
+What it trains on comes from the data interface (``run.data.train_feed``: arrays or files alike);
+what happens around each epoch, from the callbacks (callbacks.run_callbacks), with the run
+context's ``extra_callbacks`` at the end (an elastic run's commit). It logs a stop or a failure
+to the event log and re-raises; errors the context calls resets (elastic) pass through unlogged.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+import weakref
+from typing import Dict, List
 
-from .. import runtime
-from ..config.options import TrainConfig
-from ..config.plan import Plan
+from ..config.plan import execution_steps
 from ..data.interface import StreamError
-from ..outputs.events import EventLog
 from . import stopping
 from .callbacks import EarlyStopping, FeedGuard, progress_mode, run_callbacks
 from .checkpoint import ResumePoint
+from .context import RunContext
 
 
-def fit_epochs(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, model, log: EventLog,
-               start: ResumePoint, user_callbacks: List[Any],
-               extra: Callable[[Optional[EarlyStopping]], List[Any]] = lambda early_stopping: [],
-               is_reset: Callable[[BaseException], bool] = lambda err: False) -> ResumePoint:
+def fit_epochs(run: RunContext, start: ResumePoint) -> ResumePoint:
     """Collective: train from ``start`` (its ``epoch`` is the first to train, ``stopped_early``
     means nothing is left) until the last epoch or an early stop; returns where training ended."""
-    live_bar = progress_mode(config, rt) == "bar" and rt.is_rank0
+    config, model = run.config, run.model
+    live_bar = progress_mode(config, run.rt) == "bar" and run.rt.is_rank0
     point, feed = start, None
     try:
         with stopping.handlers():
             while point.epoch < config.epochs and not point.stopped_early:
-                callbacks = run_callbacks(rt, config, plan, splits, model, log, point, user_callbacks)
+                callbacks = run_callbacks(run, point)
                 stopper = next((c for c in callbacks if isinstance(c, EarlyStopping)), None)
-                callbacks += extra(stopper)
-                feed = splits.train_feed(rt.rank, rt.size, config, point.epoch, point.position)
+                callbacks += run.extra_callbacks(stopper)
+                feed = run.data.train_feed(run.rt.rank, run.rt.size, config, point.epoch, point.position)
                 whole = not point.position  # else the rest of one epoch, alone
+                steps = run.plan.steps_per_epoch if whole else feed.steps
+                use_steps_per_execution(model, execution_steps(steps, config.steps_per_execution))
                 try:
                     fitted = model.fit(feed.keras_input(), epochs=config.epochs if whole else point.epoch + 1,
-                                       initial_epoch=point.epoch, shuffle=False,
-                                       steps_per_epoch=plan.steps_per_epoch if whole else feed.steps,
+                                       initial_epoch=point.epoch, shuffle=False, steps_per_epoch=steps,
                                        callbacks=[FeedGuard(feed), *callbacks], verbose=int(live_bar))
                 finally:
                     feed.close()  # a stream's reader process ends with its fit (also by a stop or a reset)
@@ -55,20 +52,39 @@ def fit_epochs(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, mod
                                     early_stopping=stopper.state if stopper else None,
                                     stopped_early=bool(model.stop_training))
     except stopping.Stopped as stop:
-        log.emit("run_stopped", **stop.fields())
+        run.log.emit("run_stopped", **stop.fields())
         raise
     except Exception as err:
-        if is_reset(err):
+        if run.is_reset(err):
             raise
         # Data that went bad mid-run: the rank that read it first stops, and the others see a
         # collective fail; every rank can tell why, and rank 0 says it (cli.py).
         problem = feed and feed.failure(after_error=True)
         if problem:
-            log.emit("run_failed", error=problem)
+            run.log.emit("run_failed", error=problem)
             raise StreamError(problem) from None
-        log.emit("run_failed", error=f"{type(err).__name__}: {err}")
+        run.log.emit("run_failed", error=f"{type(err).__name__}: {err}")
         raise
     return point
+
+
+# Each model's compiled train functions by steps per execution (Keras traces one per value).
+_train_functions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def use_steps_per_execution(model, k: int) -> None:
+    """Keras runs ``k`` training steps per call of the compiled step from the next fit on.
+
+    Keras runs whole executions: with an epoch of steps that ``k`` does not divide, the last one
+    would train on the next epoch's batches (the input runs across epochs), so each fit asks for
+    a divisor of its steps (plan.execution_steps). Keras traces its train function with the value
+    built in; one function per value is kept, so switching back costs no second trace."""
+    if model.steps_per_execution == k:
+        return
+    kept = _train_functions.setdefault(model, {})
+    kept[model.steps_per_execution] = model.train_function
+    model.steps_per_execution = k
+    model.train_function = kept.get(k)  # None: Keras traces it at the next fit
 
 
 def _concat_history(before: Dict[str, List[float]], after: Dict[str, List[float]]) -> Dict[str, List[float]]:

@@ -1,20 +1,24 @@
-"""The models (an MLP for tables, a small CNN for images), the optimizer, and the one way a model
-is compiled.
+"""The models (an MLP for tables, a small CNN for images), the optimizer, the precision policy,
+and the one way a model is built, checked and compiled.
 
-Any builder with build_mlp's first two parameters, ``(inputs, outputs) -> uncompiled
-tf.keras.Model``, can replace them (``train(..., model_fn=...)``): ``inputs`` is the number of
-features of a table, or the shape of one sample (``(height, width, channels)``) for N-d inputs;
-``outputs`` the number of classes, or 1 for regression.
+Models are Keras 3 (``import keras``, TensorFlow backend). Any builder with build_mlp's first two
+parameters, ``(inputs, outputs) -> uncompiled keras.Model``, can replace them (``train(...,
+model_fn=...)``): ``inputs`` is the number of features of a table, or the shape of one sample
+(``(height, width, channels)``) for N-d inputs; ``outputs`` the number of classes, or 1 for
+regression. Sequential, functional and subclassed models and Keras's applications alike
+(``build_model`` builds a subclassed one by calling it once).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
 
-from ..config.options import TrainConfig
+from ..config.options import ConfigError, TrainConfig
 
 Inputs = Union[int, Tuple[int, ...]]
-ModelFn = Callable[[Inputs, int], Any]  # (features or sample shape, outputs) -> uncompiled tf.keras.Model
+ModelFn = Callable[[Inputs, int], Any]  # (features or sample shape, outputs) -> uncompiled keras.Model
 
 # Keras's BatchNormalization momentum is 0.99; ours is 0.9. Tables and small image sets give few
 # steps per epoch, and with 0.99 the moving statistics still remember their initial 0 and 1 after
@@ -23,28 +27,30 @@ BATCHNORM_MOMENTUM = 0.9
 
 
 def _norm_layer(sync_batchnorm: bool):
-    import tensorflow as tf
+    import keras
 
     if sync_batchnorm:
         from .layers import SyncBatchNormalization
 
         return SyncBatchNormalization
-    return tf.keras.layers.BatchNormalization
+    return keras.layers.BatchNormalization
 
 
 def _head(x, outputs: int, logits: bool, regression: bool, l2: float):
-    """The output layer: class probabilities (softmax), logits, or one linear value (regression)."""
-    import tensorflow as tf
+    """The output layer: class probabilities (softmax), logits, or one linear value (regression).
+    float32 under every precision policy (Keras's advice for mixed precision: the loss and its
+    softmax stay exact)."""
+    import keras
 
     linear = logits or regression
-    return tf.keras.layers.Dense(outputs, activation=None if linear else "softmax",
-                                 kernel_regularizer=_l2(l2), name="target" if regression else "classes")(x)
+    return keras.layers.Dense(outputs, activation=None if linear else "softmax", kernel_regularizer=_l2(l2),
+                              dtype="float32", name="target" if regression else "classes")(x)
 
 
 def _l2(factor: float):
-    import tensorflow as tf
+    import keras
 
-    return tf.keras.regularizers.L2(factor) if factor > 0 else None
+    return keras.regularizers.L2(factor) if factor > 0 else None
 
 
 def build_mlp(inputs: Inputs, outputs: int, hidden: Sequence[int] = (64, 32),
@@ -59,23 +65,23 @@ def build_mlp(inputs: Inputs, outputs: int, hidden: Sequence[int] = (64, 32),
     layers.SyncBatchNormalization (same weights, global batch statistics in training).
     ``l2``: weight decay on every kernel (Keras adds it to the loss).
     """
-    import tensorflow as tf
+    import keras
 
     norm = _norm_layer(sync_batchnorm)
     shape = (inputs,) if isinstance(inputs, int) else tuple(inputs)
-    x = first = tf.keras.Input(shape=shape, name="features")
+    x = first = keras.Input(shape=shape, name="features")
     if len(shape) > 1:
-        x = tf.keras.layers.Flatten(name="flatten")(x)
+        x = keras.layers.Flatten(name="flatten")(x)
     for i, width in enumerate(hidden):
         if batch_norm:
-            x = tf.keras.layers.Dense(width, use_bias=False, kernel_regularizer=_l2(l2), name=f"dense_{i}")(x)
+            x = keras.layers.Dense(width, use_bias=False, kernel_regularizer=_l2(l2), name=f"dense_{i}")(x)
             x = norm(momentum=BATCHNORM_MOMENTUM, name=f"batchnorm_{i}")(x)
-            x = tf.keras.layers.Activation(activation, name=f"{activation}_{i}")(x)
+            x = keras.layers.Activation(activation, name=f"{activation}_{i}")(x)
         else:
-            x = tf.keras.layers.Dense(width, activation=activation, kernel_regularizer=_l2(l2), name=f"dense_{i}")(x)
+            x = keras.layers.Dense(width, activation=activation, kernel_regularizer=_l2(l2), name=f"dense_{i}")(x)
         if dropout > 0:
-            x = tf.keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
-    return tf.keras.Model(first, _head(x, outputs, logits, regression, l2), name="mlp")
+            x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
+    return keras.Model(first, _head(x, outputs, logits, regression, l2), name="mlp")
 
 
 def build_cnn(inputs: Inputs, outputs: int, filters: Sequence[int] = (32, 64), activation: str = "relu",
@@ -87,28 +93,26 @@ def build_cnn(inputs: Inputs, outputs: int, filters: Sequence[int] = (32, 64), a
 
     Average, not max, pooling: a max pool's choice flips on near-ties (digits' pixels are small
     integers, many windows tie), so float rounding became a different gradient path and N
-    processes drifted from one with the global batch (digits, --sync-batchnorm, 6 SGD steps:
-    1.7e-4 with max pooling, 1.2e-7 with average pooling; test accuracy after the default 100
-    epochs at np=2: 0.994 with max pooling, 0.992 with average pooling)."""
-    import tensorflow as tf
+    processes drifted from one with the global batch (docs/design.md)."""
+    import keras
 
     if isinstance(inputs, int) or len(inputs) != 3:
         raise ValueError(f"build_cnn needs images (height, width, channels), got input shape {inputs}")
     norm = _norm_layer(sync_batchnorm)
-    x = first = tf.keras.Input(shape=tuple(inputs), name="images")
+    x = first = keras.Input(shape=tuple(inputs), name="images")
     side = min(inputs[:2])
     for i, width in enumerate(filters):
-        x = tf.keras.layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_regularizer=_l2(l2),
-                                   name=f"conv_{i}")(x)
+        x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_regularizer=_l2(l2),
+                                name=f"conv_{i}")(x)
         x = norm(momentum=BATCHNORM_MOMENTUM, name=f"batchnorm_{i}")(x)
-        x = tf.keras.layers.Activation(activation, name=f"{activation}_{i}")(x)
+        x = keras.layers.Activation(activation, name=f"{activation}_{i}")(x)
         if side >= 2:
-            x = tf.keras.layers.AveragePooling2D(2, name=f"pool_{i}")(x)  # see the docstring
+            x = keras.layers.AveragePooling2D(2, name=f"pool_{i}")(x)  # see the docstring
             side //= 2
-    x = tf.keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     if dropout > 0:
-        x = tf.keras.layers.Dropout(dropout, name="dropout")(x)
-    return tf.keras.Model(first, _head(x, outputs, logits, regression, l2), name="cnn")
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    return keras.Model(first, _head(x, outputs, logits, regression, l2), name="cnn")
 
 
 def model_for(config: TrainConfig, inference: bool = False) -> ModelFn:
@@ -131,46 +135,118 @@ def check_inputs(config: TrainConfig, input_shape: Tuple[int, ...], dataset: str
     return None
 
 
-def require_keras2():
-    """tf.keras, if it is Keras 2 (tf_keras); else a clear error. Horovod 0.28's Keras API cannot
-    drive Keras 3, and TensorFlow >= 2.16 gives Keras 3 unless TF_USE_LEGACY_KERAS=1 was set
-    before tf.keras was first resolved (hvd_train sets it on import)."""
-    import tensorflow as tf
+@contextlib.contextmanager
+def names_kept() -> Iterator[None]:
+    """Within: Keras's automatic names (dense_3, adam_2, ...) are handed out, then taken back.
+    For what one rank builds alone (rank 0's saved model): every rank's next objects get the same
+    names, and the TensorFlow ops a traced step runs (a user's SyncBatchNormalization allreduce
+    among them) are named after them; differently named collectives never meet. (Keras's naming
+    counters, keras.src global state: the pinned Keras 3.15.)"""
+    from keras.src.backend.common import global_state
 
-    if not tf.keras.__name__.startswith("tf_keras"):
-        raise RuntimeError(f"tf.keras is Keras 3 ({tf.keras.__name__}); hvd_train needs Keras 2 (tf_keras): "
-                           "import hvd_train before anything uses tf.keras, or set TF_USE_LEGACY_KERAS=1")
-    return tf.keras
+    uids = global_state.get_global_attribute("object_name_uids")
+    saved = None if uids is None else dict(uids)
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute("object_name_uids",
+                                          None if saved is None else collections.defaultdict(int, saved))
+
+
+@contextlib.contextmanager
+def precision(policy: str) -> Iterator[None]:
+    """Within: Keras builds layers with the dtype policy ``policy`` (float32, mixed_bfloat16,
+    mixed_float16); the previous global policy comes back after."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def build(model_fn: ModelFn, inputs: Inputs, outputs: int, policy: str = "float32", seed: Optional[int] = None):
+    """``model_fn(inputs, outputs)`` under the precision ``policy``, checked and built: a Keras 3
+    model whose variables exist and whose output fits ``outputs``; else ConfigError, before any
+    training (the same on every rank)."""
+    import keras
+    import numpy as np
+
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    with precision(policy):
+        model = model_fn(inputs, outputs)
+    if not isinstance(model, keras.Model):
+        module = type(model).__module__
+        if module.startswith(("tf_keras", "keras.src.legacy", "tensorflow.python.keras")):
+            raise ConfigError(
+                f"model_fn returned a Keras 2 model ({module}.{type(model).__name__}, from tf_keras or "
+                "tf.keras with TF_USE_LEGACY_KERAS=1): hvd_train trains Keras 3 models. Build it with "
+                "`import keras` (keras.Sequential, keras.layers...: the same names); see docs/cli-and-api.md")
+        raise ConfigError(f"model_fn returned {type(model).__module__}.{type(model).__name__}, not a keras.Model")
+    shape = (inputs,) if isinstance(inputs, int) else tuple(inputs)
+    try:
+        probe = model(np.zeros((2, *shape), np.float32), training=False)  # builds a subclassed model's variables
+    except Exception as err:  # noqa: BLE001 - any failure of the user's model, said once
+        raise ConfigError(f"the model does not take samples of shape {list(shape)}: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    got = tuple(getattr(probe, "shape", ()))
+    if len(got) not in (1, 2) or (got[-1] if len(got) == 2 else 1) != outputs:
+        raise ConfigError(f"the model's output has shape {list(got)} for 2 samples; this run needs [2, {outputs}] "
+                          f"({'one value per sample' if outputs == 1 else f'{outputs} class scores per sample'})")
+    return model
 
 
 def make_optimizer(config: TrainConfig, lr: float):
-    """The configured optimizer, not yet wrapped for Horovod."""
-    tf_keras = require_keras2()
+    """The configured optimizer, not yet averaged over ranks; under mixed_float16 wrapped in
+    Keras's LossScaleOptimizer (which distributed.DistributedOptimizer then wraps as a whole)."""
+    import keras
 
-    # Keras 2's legacy optimizers: the ones Horovod 0.28's callbacks (warmup, LR schedules) drive.
     if config.optimizer == "sgd":
-        return tf_keras.optimizers.legacy.SGD(learning_rate=lr, momentum=config.momentum)
-    return tf_keras.optimizers.legacy.Adam(learning_rate=lr)
+        optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=config.momentum)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate=lr)
+    if config.precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
-def compile_model(model, optimizer, task, exact_loss: bool = True) -> None:
+def distributed_optimizer(config: TrainConfig, lr: float):
+    """Horovod: the configured optimizer with its gradients averaged over ranks (distributed.py)."""
+    import horovod.tensorflow as hvd
+
+    from .distributed import DistributedOptimizer
+
+    # Horovod: optional fp16 on the wire, and local accumulation to allreduce less often.
+    return DistributedOptimizer(make_optimizer(config, lr),
+                                compression=hvd.Compression.fp16 if config.fp16_allreduce else hvd.Compression.none,
+                                backward_passes_per_step=config.backward_passes_per_step)
+
+
+def compile_model(model, optimizer, task, exact_loss: bool = True, steps_per_execution: int = 1) -> None:
     """The task's loss (tasks.py) and metrics, and, with ``exact_loss``, tasks.EXACT_LOSS: the
     unweighted per-sample loss plus the regularisation of the step (model.losses, as Keras adds it
     to the loss), which callbacks.ExactTrainMetrics turns into the exact epoch "loss". A model to
-    save is compiled without it (plain Keras objects only, loadable without hvd_train)."""
-    import tensorflow as tf
+    save is compiled without it, with the task's saved_metrics (Keras's own objects only, so it
+    loads with plain Keras).
+    Never with XLA (distributed.JIT_COMPILE)."""
+    import keras
 
+    from .distributed import JIT_COMPILE
     from .tasks import EXACT_LOSS
 
-    metrics = task.metrics()
+    metrics = task.metrics() if exact_loss else task.saved_metrics()
     if exact_loss:
         penalty = _track_regularisation(model) if model.losses else 0.0
 
         def sample_loss(y_true, y_pred):
             return task.per_sample_loss(y_true, y_pred) + penalty
 
-        metrics = metrics + [tf.keras.metrics.MeanMetricWrapper(sample_loss, name=EXACT_LOSS)]
-    model.compile(optimizer=optimizer, loss=task.loss(), metrics=metrics)
+        metrics = metrics + [keras.metrics.MeanMetricWrapper(sample_loss, name=EXACT_LOSS)]
+    model.compile(optimizer=optimizer, loss=task.loss(), metrics=metrics, jit_compile=JIT_COMPILE,
+                  steps_per_execution=steps_per_execution)
 
 
 def _track_regularisation(model):
@@ -182,10 +258,12 @@ def _track_regularisation(model):
     penalty = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="regularisation_of_step")
     compute_loss = model.compute_loss
 
-    def with_penalty(x=None, y=None, y_pred=None, sample_weight=None):
-        loss = compute_loss(x, y, y_pred, sample_weight)
-        penalty.assign(tf.add_n([tf.cast(v, tf.float32) for v in model.losses]) if model.losses else 0.0)
+    def with_penalty(x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = compute_loss(x, y, y_pred, sample_weight, training=training)
+        losses = model.losses
+        penalty.assign(tf.add_n([tf.cast(v, tf.float32) for v in losses]) if losses else 0.0)
         return loss
 
     model.compute_loss = with_penalty
     return penalty
+

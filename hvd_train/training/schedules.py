@@ -1,65 +1,37 @@
 """Learning-rate schedules: Horovod's warmup, then constant, step or cosine.
 
-Each is a function of the (fractional) epoch alone, so every rank, and a resumed run, computes
-the same rate without communicating.
+Each is a function of the (fractional) epoch alone (``rate``), so every rank, a resumed run and
+an elastic reset compute the same rate without communicating. One callback (``LearningRate``)
+sets it before every step, as Horovod's LearningRateWarmupCallback and
+LearningRateScheduleCallback did (same formulas), on Keras 3's optimizer.
+
+Not carried over from Horovod's callbacks: their momentum correction (SGD's momentum scaled by
+new/old rate for the step where the rate changes). Keras 3's SGD compiles its momentum into the
+step, so it cannot change per step; with the per-step warmup the factor is within a few percent
+of 1 (docs/checkpoints.md).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, List
 
-import tensorflow as tf
+import keras
 
 from ..config.options import TrainConfig
 from ..config.plan import Plan
 
 
-def callbacks(config: TrainConfig, plan: Plan, start_step: float = 0.0) -> List[Any]:
-    """The Keras callbacks that set the learning rate: warmup first, then the schedule.
-
-    ``start_step``: the first epoch resumes after this many of the plan's steps (its samples
-    already trained / the global batch; fractional after an elastic reset changed the world):
-    per-batch rates continue from there (rate() gives the one to start with).
-    """
-    found = _callbacks(config, plan)
-    return [_Shifted(c, start_step) for c in found] if start_step else found
-
-
 def rate(config: TrainConfig, plan: Plan, epoch: float) -> float:
-    """The rate the callbacks give at a fractional epoch, for this plan's world (what an elastic
-    reset sets before it continues; Horovod's warmup formula, world size from the plan)."""
+    """The rate at a fractional epoch for this plan's world (Horovod's formulas, world size from
+    the plan): warmup from scaled_lr / size to scaled_lr, then the schedule."""
     size, warm, steps = plan.world_size, config.warmup_epochs, plan.steps_per_epoch
     if warm and epoch < warm:
         done = epoch + 1.0 / steps  # Horovod's warmup rounds each epoch end up to a whole epoch
-        return plan.scaled_lr / size * (done * (size - 1) / warm + 1)
+        return plan.scaled_lr * (1.0 / size * (done * (size - 1) / warm + 1))
     if config.lr_schedule == "step":
         return plan.scaled_lr * config.lr_decay_factor ** ((math.floor(epoch) - warm) // config.lr_decay_epochs)
     if config.lr_schedule == "cosine":
         return plan.scaled_lr * cosine_multiplier(epoch, warm, config.epochs)
     return plan.scaled_lr
-
-
-def _callbacks(config: TrainConfig, plan: Plan) -> List[Any]:
-    import horovod.tensorflow.keras as hvd
-
-    found = []
-    if config.warmup_epochs:
-        # Horovod: ramp from scaled_lr / size to scaled_lr over the first epochs (Goyal et al.).
-        found.append(hvd.callbacks.LearningRateWarmupCallback(
-            initial_lr=plan.scaled_lr, warmup_epochs=config.warmup_epochs,
-            steps_per_epoch=plan.steps_per_epoch, verbose=0))
-    warm, total = config.warmup_epochs, config.epochs
-    if config.lr_schedule == "step":
-        # Horovod: multiply by the factor every lr_decay_epochs after warmup, at epoch starts.
-        found.append(hvd.callbacks.LearningRateScheduleCallback(
-            initial_lr=plan.scaled_lr, start_epoch=warm, staircase=True,
-            multiplier=lambda epoch: config.lr_decay_factor ** ((epoch - warm) // config.lr_decay_epochs)))
-    elif config.lr_schedule == "cosine":
-        # Horovod: half a cosine from scaled_lr to 0 between the end of warmup and the last step, per batch.
-        found.append(hvd.callbacks.LearningRateScheduleCallback(
-            initial_lr=plan.scaled_lr, start_epoch=warm, staircase=False, steps_per_epoch=plan.steps_per_epoch,
-            multiplier=lambda epoch: cosine_multiplier(epoch, warm, total)))
-    return found
 
 
 def cosine_multiplier(epoch: float, warmup_epochs: int, epochs: int) -> float:
@@ -68,32 +40,34 @@ def cosine_multiplier(epoch: float, warmup_epochs: int, epochs: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
-class _Shifted(tf.keras.callbacks.Callback):
-    """A Horovod schedule callback that sees each batch ``steps`` later in the epoch."""
+def current(optimizer) -> float:
+    """The optimizer's learning rate now, as a float."""
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
-    def __init__(self, inner, steps: float):
+
+class LearningRate(keras.callbacks.Callback):
+    """Every rank, before every step (every execution with --steps-per-execution > 1): the
+    optimizer's rate for the step about to run. The step rate (staircase) changes at epoch starts,
+    warmup and cosine every step; the variable is assigned only when the value changes.
+
+    ``start_step``: the first epoch resumes after this many of the plan's steps (its samples already
+    trained / the global batch; fractional after an elastic reset changed the world).
+    """
+
+    def __init__(self, config: TrainConfig, plan: Plan, start_step: float = 0.0):
         super().__init__()
-        self.inner, self.steps = inner, steps
-
-    def set_model(self, model):
-        super().set_model(model)
-        self.inner.set_model(model)
-
-    def set_params(self, params):
-        super().set_params(params)
-        self.inner.set_params(params)
-
-    def on_train_begin(self, logs=None):
-        self.inner.on_train_begin(logs)
+        self.config, self.plan, self.shift = config, plan, start_step
+        self.last = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.inner.on_epoch_begin(epoch, logs)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.inner.on_batch_begin(batch + self.steps, logs)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.inner.on_batch_end(batch + self.steps, logs)
+        self.epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        self.inner.on_epoch_end(epoch, logs)
+        self.shift = 0.0  # later epochs start at their beginning
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = min(batch + self.shift, self.plan.steps_per_epoch - 1)  # a fit of an epoch's rest: its steps
+        value = rate(self.config, self.plan, self.epoch + step / self.plan.steps_per_epoch)
+        if value != self.last:
+            self.model.optimizer.learning_rate = value
+            self.last = value

@@ -2,6 +2,7 @@
 
 Before: the data loaded and checked on every rank, agreed, the plan for this world, the
 consensus check (``prepare``, ``settle``); the model with its Horovod optimizer (``build_model``).
+The run's context (context.RunContext) is made from these by trainer.py and elastic.py.
 After: exact test metrics from replicas proven identical, then the outputs (``finish``).
 trainer.py (a plain run) and elastic.py (an elastic one) call these around loop.fit_epochs.
 """
@@ -11,8 +12,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-import tensorflow as tf
-
 from .. import runtime
 from ..config.options import ConfigError, TrainConfig
 from ..config.plan import Plan, make_plan
@@ -20,10 +19,11 @@ from ..data import sources, stream
 from ..data.arrays import DataArg, Splits, load_splits
 from ..data.interface import DataError, check_splits
 from ..outputs import run_dir
-from ..outputs.events import EventLog
 from ..outputs.run_dir import OutputError
-from . import checkpoint, consensus, metrics, pruning, replicas, tasks
+from . import checkpoint, consensus, distributed, metrics, pruning, replicas, tasks
+from . import model as model_lib
 from .checkpoint import CheckpointError
+from .context import RunContext
 from .model import ModelFn, check_inputs, compile_model, make_optimizer, model_for
 
 
@@ -33,7 +33,7 @@ class TrainResult:
     metrics: Dict[str, Any]
     history: Dict[str, List[float]]
     plan: Plan
-    model: Any  # the trained tf.keras.Model (identical on every rank)
+    model: Any  # the trained keras.Model (identical on every rank)
 
 
 def streamed(config: TrainConfig, data: DataArg) -> bool:
@@ -108,59 +108,47 @@ def horovod_env(config: TrainConfig) -> Dict[str, str]:
 
 
 def build_model(config: TrainConfig, splits: Splits, lr: float, model_fn: Optional[ModelFn]):
-    """Local: the compiled model with its Horovod optimizer, whose slots already exist (so they
-    can be restored and broadcast before the first step). Returns (model, optimizer)."""
-    import horovod.tensorflow.keras as hvd
-
-    tf.keras.utils.set_random_seed(config.seed)
-    model = (model_fn or model_for(config))(splits.model_inputs, splits.n_outputs)
+    """Local: the compiled model with its Horovod optimizer, whose state already exists (so it can
+    be restored and broadcast before the first step), and under a mixed precision policy a
+    float32 twin for evaluation. Returns (model, optimizer, scorer or None). ConfigError if
+    ``model_fn``'s model cannot be trained (the same on every rank)."""
+    model = model_lib.build(model_fn or model_for(config), splits.model_inputs, splits.n_outputs,
+                            config.precision, seed=config.seed)
     # Horovod: gradients are averaged across ranks by ring-allreduce before every update.
-    optimizer = hvd.DistributedOptimizer(
-        make_optimizer(config, lr),
-        # Horovod: optional fp16 on the wire, and local accumulation to allreduce less often.
-        compression=hvd.Compression.fp16 if config.fp16_allreduce else hvd.Compression.none,
-        backward_passes_per_step=config.backward_passes_per_step)
-    _allreduce_as_written(optimizer)
+    optimizer = model_lib.distributed_optimizer(config, lr)
     compile_model(model, optimizer, tasks.for_run(config, splits))
-    optimizer._create_all_weights(model.trainable_variables)
-    return model, optimizer
-
-
-def _allreduce_as_written(optimizer) -> None:
-    """Horovod: trace the optimizer's gradient allreduce without AutoGraph. Horovod makes it a
-    tf.function, so Keras's first step converted Horovod's Python source statement by statement
-    (about 1 s of every run's first step here, docs/testing.md); its branches are on Python
-    values and its tf.cond explicit, so the traced graph is the same without the conversion."""
-    # The optimizer calls it, or with --backward-passes-per-step > 1 its aggregation helper.
-    for holder in (optimizer, getattr(optimizer, "_agg_helper", None)):
-        allreduce = getattr(holder, "_allreduce_grads", None)
-        if hasattr(allreduce, "python_function"):
-            holder._allreduce_grads = tf.function(allreduce.python_function, autograph=False)
+    optimizer.build(model.trainable_variables)
+    scorer = None
+    if config.precision != "float32":
+        scorer = model_lib.build(model_fn or model_for(config, inference=True), splits.model_inputs,
+                                 splits.n_outputs, "float32")
+    return model, optimizer, scorer
 
 
 _EPOCH_FACTS = ("epochs_completed", "epochs_trained_this_run", "resumed_from_epoch", "stopped_early")
 
 
-def finish(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits, model, model_fn: Optional[ModelFn],
-           log: EventLog, full_history: Dict[str, List[float]], facts: Dict[str, Any]) -> TrainResult:
+def finish(run: RunContext, full_history: Dict[str, List[float]], facts: Dict[str, Any]) -> TrainResult:
     """Collective: after training, exact test metrics from replicas proven identical, then the
     outputs (rank 0) and the result. ``facts``: what the fit loop knows (epochs, time, ...)."""
     import horovod.tensorflow as hvd_tf
 
+    rt, config, plan, splits, model = run.rt, run.config, run.plan, run.data, run.model
     # 7. Exact test metrics from identical replicas, and the proof that they are identical: the
     # non-trainable state (batch-norm statistics, ...) synced once more, every variable compared.
-    replicas.sync_state(model)
-    task = tasks.for_run(config, splits)
-    test = metrics.evaluate(model, splits.eval_pieces("test", rt.rank, rt.size), task)
+    distributed.sync_state(model)
+    task = run.task
+    scorer = run.scoring_model()
+    test = metrics.evaluate(scorer, splits.eval_pieces("test", rt.rank, rt.size), task)
     report, points = task.report(test), None
     if config.regression:  # predicted-vs-true points for the plot, gathered from every rank's share
-        points = task.to_units(metrics.gather_predictions(model, splits.eval_pieces("test", rt.rank, rt.size),
+        points = task.to_units(metrics.gather_predictions(scorer, splits.eval_pieces("test", rt.rank, rt.size),
                                                           rt.size, tasks.PLOT_POINTS))
     weight_digests, differ = replicas.check(model)
     if config.timeline:
         hvd_tf.stop_timeline()  # Horovod: closes the file, on every rank
     if differ:  # the same verdict on every rank: all stop together, nothing written
-        log.emit("run_failed", error=differ)
+        run.log.emit("run_failed", error=differ)
         raise runtime.AgreedFailure(differ)
     result_metrics = {
         "task": config.task,
@@ -169,6 +157,7 @@ def finish(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
         "world_size": rt.size,
         "global_batch_size": plan.global_batch_size,
         "scaled_lr": plan.scaled_lr,
+        "precision": config.precision,
         **{k: facts[k] for k in _EPOCH_FACTS},
         "steps_per_epoch": plan.steps_per_epoch,
         **{k: v for k, v in facts.items() if k not in _EPOCH_FACTS},  # time, throughput, elastic resets
@@ -180,11 +169,29 @@ def finish(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
             result_metrics[key] = full_history[key][-1]
 
     # 8. Outputs, written once by rank 0.
-    save_fn = model_fn or model_for(config, inference=True)  # ours saves plain Keras layers
-    runtime.on_rank0(rt, run_dir.write_run, config, plan, splits, task, model, save_fn, full_history,
-                     result_metrics, report, points)
-    log.finish({k: v for k, v in result_metrics.items() if k != "replica_weight_digests"})
+    runtime.on_rank0(rt, _write_outputs, run, full_history, result_metrics, report, points)
+    run.log.finish({k: v for k, v in result_metrics.items() if k != "replica_weight_digests"})
     runtime.log(rt, f"{task.summary(test)} on {test['samples']} samples from {rt.size} process(es)")
     runtime.log(rt, f"outputs in {config.output_dir}")
     return TrainResult(output_dir=config.output_dir, metrics=result_metrics,
                        history=full_history, plan=plan, model=model)
+
+
+def saved_model(run: RunContext):
+    """The model a run saves: the trained weights in a plain float32 copy (hvd_train's own model
+    with plain Keras layers, or the user's model_fn again), compiled with a plain optimizer, so
+    ``keras.models.load_model`` opens it without Horovod or hvd_train."""
+    config, data = run.config, run.data
+    with model_lib.names_kept():  # rank 0 alone builds it: the ranks' next models keep matching names
+        clean = model_lib.build(run.model_fn or model_for(config, inference=True), data.model_inputs,
+                                data.n_outputs, "float32")
+        clean.set_weights(run.model.get_weights())
+        compile_model(clean, make_optimizer(config.replace(precision="float32"), run.plan.scaled_lr), run.task,
+                      exact_loss=False)
+        clean.optimizer.build(clean.trainable_variables)  # its (fresh) state saved too: loads without a warning
+    return clean
+
+
+def _write_outputs(run: RunContext, history, result_metrics, report, points) -> None:
+    """Rank 0 only: the run directory's files (outputs/run_dir.py), with the model to save."""
+    run_dir.write_run(run, saved_model(run), history, result_metrics, report, points)

@@ -24,8 +24,8 @@ import signal
 import time
 from typing import Dict, Iterator, Optional
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from .. import runtime
 from ..config.options import TrainConfig
@@ -80,7 +80,7 @@ def handlers() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-class StopCheck(tf.keras.callbacks.Callback):
+class StopCheck(keras.callbacks.Callback):
     """Collective, every rank, after the agreed batches and last at every epoch's end: stop together."""
 
     def __init__(self, rt: runtime.Runtime, plan: Plan, config: TrainConfig, cursor: sharding.Cursor,

@@ -36,16 +36,20 @@ class Classification:
         self.outputs = len(self.class_names)
 
     def loss(self):
-        import tensorflow as tf
+        import keras
 
-        return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=self.logits)
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=self.logits)
 
     def per_sample_loss(self, y_true, y_pred):
-        import tensorflow as tf
+        import keras
 
-        return tf.keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=self.logits)
+        return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=self.logits)
 
     def metrics(self) -> List[Any]:
+        return ["accuracy"]
+
+    def saved_metrics(self) -> List[Any]:
+        """What a saved model is compiled with besides its loss: Keras's own, so it loads anywhere."""
         return ["accuracy"]
 
     def width(self) -> int:
@@ -54,11 +58,12 @@ class Classification:
 
     def sums(self, scores, y: np.ndarray) -> np.ndarray:
         """``scores``: the model's output tensor (a softmax's carries its logits: exact cross-entropy)."""
-        import tensorflow as tf
+        import keras
 
         n = self.outputs
         totals = np.zeros(self.width(), np.float64)
-        losses = tf.keras.losses.sparse_categorical_crossentropy(y, scores, from_logits=self.logits).numpy()
+        losses = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(
+            y, scores, from_logits=self.logits))
         predicted = np.argmax(np.asarray(scores), axis=1)
         totals[:3] = [np.sum(losses, dtype=np.float64), np.sum(predicted == y), len(y)]
         np.add.at(totals, 3 + y * n + predicted, 1)
@@ -98,20 +103,21 @@ class Regression:
         self.outputs = 1
 
     def loss(self):
-        import tensorflow as tf
+        import keras
 
         if self.loss_name == "mae":
-            return tf.keras.losses.MeanAbsoluteError()
+            return keras.losses.MeanAbsoluteError()
         if self.loss_name == "huber":
-            return tf.keras.losses.Huber(delta=1.0)
-        return tf.keras.losses.MeanSquaredError()
+            return keras.losses.Huber(delta=1.0)
+        return keras.losses.MeanSquaredError()
 
     @staticmethod
     def _error(y_true, y_pred):
         """Prediction minus target per sample, in standardised units (outputs [b, 1], targets [b])."""
         import tensorflow as tf
 
-        return tf.reshape(y_pred, [-1]) - tf.cast(tf.reshape(y_true, [-1]), y_pred.dtype)
+        # float32 whatever the precision policy made the output (a user's model may end in 16 bits).
+        return tf.cast(tf.reshape(y_pred, [-1]), tf.float32) - tf.cast(tf.reshape(y_true, [-1]), tf.float32)
 
     def per_sample_loss(self, y_true, y_pred):
         import tensorflow as tf
@@ -125,6 +131,7 @@ class Regression:
         return tf.square(error)
 
     def metrics(self) -> List[Any]:
+        import keras
         import tensorflow as tf
 
         scale = self.scale
@@ -136,8 +143,13 @@ class Regression:
             return tf.square(self._error(y_true, y_pred)) * scale ** 2
 
         # Means over samples (so ranks combine them exactly), in the target's own units.
-        return [tf.keras.metrics.MeanMetricWrapper(mae, name="mae"),
-                tf.keras.metrics.MeanMetricWrapper(mse, name="mse")]
+        return [keras.metrics.MeanMetricWrapper(mae, name="mae"),
+                keras.metrics.MeanMetricWrapper(mse, name="mse")]
+
+    def saved_metrics(self) -> List[Any]:
+        """None besides the loss: the training metrics above are closures over the target's scale,
+        which Keras 3 cannot load back (preprocessing.json holds the scale; predict applies it)."""
+        return []
 
     def width(self) -> int:
         """[loss, count, squared errors, absolute errors, errors, targets, squared targets] summed, and

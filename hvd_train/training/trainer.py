@@ -26,7 +26,8 @@ from ..config.options import ConfigError, TrainConfig
 from ..config.plan import Plan, report, report_lines
 from ..data.arrays import DataArg, Splits
 from ..outputs.events import EventLog
-from . import checkpoint, elastic, loop, tasks
+from . import checkpoint, distributed, elastic, loop, tasks
+from .context import RunContext
 from .model import ModelFn
 from .session import TrainResult, build_model, finish, horovod_env, prepare
 
@@ -82,14 +83,14 @@ def _run(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
          model_fn: Optional[ModelFn], user_callbacks: List[Any]) -> TrainResult:
     import horovod.tensorflow as hvd_tf
 
-    # 3. Model and optimizer.
-    model, optimizer = build_model(config, splits, plan.scaled_lr, model_fn)
+    # 3. Model and optimizer (its state created, so it can be restored and broadcast).
+    model, optimizer, scorer = build_model(config, splits, plan.scaled_lr, model_fn)
 
     # 4. Resume: rank 0 picks and verifies the checkpoint and loads it; the others follow.
     resumed = checkpoint.resume(rt, config, plan, splits, model, optimizer)
     # Horovod: every rank starts from rank 0's weights and optimizer state (fresh or restored),
-    # whatever model_fn did with randomness.
-    hvd_tf.broadcast_variables(model.variables + optimizer.variables(), root_rank=0)
+    # whatever model_fn did with randomness; each rank then draws its own dropout masks.
+    distributed.broadcast(model, optimizer)
 
     # 5. The start of the run's outputs: every set-up check has passed on every rank, so rank 0
     # makes the output directory and starts the event log.
@@ -102,14 +103,15 @@ def _run(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
         runtime.on_rank0(rt, os.makedirs, os.path.dirname(timeline), exist_ok=True)
         # Horovod: every rank turns recording on; rank 0, the coordinator, writes the file.
         hvd_tf.start_timeline(timeline)
+    run = RunContext(rt=rt, config=config, plan=plan, data=splits, model=model, optimizer=optimizer, log=log,
+                     model_fn=model_fn, user_callbacks=tuple(user_callbacks), scorer=scorer)
 
     # 6. Train, from the first sample not yet trained to the requested total (loop.py).
     start = time.perf_counter()
-    end = loop.fit_epochs(rt, config, plan, splits, model, log,
-                          dataclasses.replace(resumed, epoch=initial_epoch), user_callbacks)
+    end = loop.fit_epochs(run, dataclasses.replace(resumed, epoch=initial_epoch))
     train_seconds = time.perf_counter() - start
     epochs_trained = end.epoch - initial_epoch
-    return finish(rt, config, plan, splits, model, model_fn, log, end.history, {
+    return finish(run, end.history, {
         "epochs_completed": end.epoch if epochs_trained else resumed.epoch,
         "epochs_trained_this_run": epochs_trained,
         "resumed_from_epoch": resumed.epoch if resumed.path else None,

@@ -4,15 +4,15 @@ checkpoints written once, and ranks whose data or arguments differ. Collectives 
 import os
 import signal
 
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from hvd_train import TrainConfig, runtime, train
 from hvd_train.data import sharding
 from hvd_train.data.pipeline import ShardedBatches, sharded_dataset
 from hvd_train.data.sharding import eval_shard
-from hvd_train.training import checkpoint, consensus, metrics, replicas, tasks
+from hvd_train.training import checkpoint, consensus, distributed, metrics, replicas, tasks
 from hvd_train.training.model import build_mlp
 from hvd_train.training.stopping import Stopped
 
@@ -69,11 +69,11 @@ def test_consensus_names_the_rank_and_the_key_that_differ(rt):
 # --- replica state ----------------------------------------------------------------------------------
 
 def _bn_model():
-    inputs = tf.keras.Input(shape=(3,))
-    x = tf.keras.layers.BatchNormalization(name="bn")(inputs)
-    frozen = tf.keras.layers.Dense(2, name="frozen")
+    inputs = keras.Input(shape=(3,))
+    x = keras.layers.BatchNormalization(name="bn")(inputs)
+    frozen = keras.layers.Dense(2, name="frozen")
     frozen.trainable = False
-    return tf.keras.Model(inputs, frozen(x))
+    return keras.Model(inputs, frozen(x))
 
 
 def test_sync_state_averages_batchnorm_statistics_and_broadcasts_the_rest(rt):
@@ -82,9 +82,9 @@ def test_sync_state_averages_batchnorm_statistics_and_broadcasts_the_rest(rt):
     bn.moving_mean.assign(np.full(3, rt.rank + 1.0, np.float32))
     bn.moving_variance.assign(np.full(3, 2.0 * (rt.rank + 1), np.float32))
     frozen.kernel.assign(np.full((3, 2), float(rt.rank), np.float32))
-    replicas.sync_state(model)
+    distributed.sync_state(model)
     before = [v.numpy().copy() for v in model.weights]
-    replicas.sync_state(model)  # replicas that agree: no bit changes
+    distributed.sync_state(model)  # replicas that agree: no bit changes
     digests, problem = replicas.check(model)
     mean_of_ranks = np.mean(np.arange(1, rt.size + 1))
     np.testing.assert_array_equal(bn.moving_mean.numpy(), np.full(3, mean_of_ranks, np.float32))
@@ -95,21 +95,21 @@ def test_sync_state_averages_batchnorm_statistics_and_broadcasts_the_rest(rt):
 
 
 def test_replicas_check_names_the_first_variable_that_differs(rt):
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     model = build_mlp(4, 3, hidden=(5,))
     if rt.rank == 1:
         kernel = model.weights[2]
         kernel.assign(kernel + 1.0)
     digests, problem = replicas.check(model)
     assert digests[0] != digests[1]
-    assert problem.startswith(f"replicas differ after training, first in variable {model.weights[2].name} "
+    assert problem.startswith(f"replicas differ after training, first in variable {model.weights[2].path} "
                               f"(3 of {len(model.weights)}): rank(s) 1 hold another value than rank 0")
 
 
 # --- exact metrics ----------------------------------------------------------------------------------
 
 def test_evaluation_over_uneven_shares_equals_the_whole_set(rt):
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     model = build_mlp(5, 3, hidden=(8,))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(23, 5)).astype(np.float32)
@@ -239,7 +239,7 @@ def test_dry_run_for_another_world_than_the_launchers_is_refused(rt):
     assert got == "ConfigError: --np 3 disagrees with the launcher, which started 2 processes"
 
 
-class _SignalAt(tf.keras.callbacks.Callback):
+class _SignalAt(keras.callbacks.Callback):
     """Sends this process SIGTERM after ``batch`` of epoch 2, as a scheduler does to one rank."""
 
     def __init__(self, batch):
@@ -273,7 +273,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_batch_with_one_che
     assert not (out / "metrics.json").exists()
 
 
-class _SignalAtBatch(tf.keras.callbacks.Callback):
+class _SignalAtBatch(keras.callbacks.Callback):
     """Sends this process and its children (a file dataset's reader process) SIGTERM after
     ``batch`` of epoch ``epoch`` (0-based), as Slurm's scancel signals every process of a step."""
 

@@ -5,13 +5,13 @@ of horovod.tensorflow.elastic.run, ../shared/ELASTIC.md). Usage: elastic_error.p
 """
 import sys
 
-import tensorflow as tf
+import keras
 
 from hvd_train import train
 from hvd_train.cli import config_from_args
 
 
-class Boom(tf.keras.callbacks.Callback):
+class Boom(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch == 1:
             raise ValueError("boom: a bug in a user callback")

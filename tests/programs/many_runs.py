@@ -8,17 +8,20 @@ Usage (under a launcher; alone it is one process): many_runs.py PLAN.json
 PLAN.json is a list of runs, each an object with
   name            the run's directory under $REPORT_DIR (and the marker lines on stdout)
   args            hvd-train's options, parsed by its own command line (cli.parse)
-  model           optional: "batchnorm" (Dense -> BatchNormalization -> ReLU -> Dense), "counter" (the
+  model           optional: "subclassed", "functional", "mobilenet" (Keras 3 models as users write
+                  them: user_models.py), "batchnorm" (Dense -> BatchNormalization -> ReLU -> Dense), "counter" (the
                   MLP behind a layer with a non-trainable count of the samples it trained on), "drift"
                   (the MLP behind a layer whose trainable variable each rank moves by its own amount,
                   outside the gradients: replicas that differ on purpose), "mlp" (build_mlp with the
                   configured hidden sizes); default: hvd_train's own model for the config
   different_init  optional: every rank builds its model from another seed on purpose, so a test can
                   show that rank 0's weights win before the first update
-  arrays          optional: train on N-d arrays through the API instead of --dataset: "images"
+  arrays          optional: train on N-d arrays through the API instead of --dataset: "rgb32" ([96, 32, 32,
+                  3], for MobileNetV2), "images"
                   ([240, 8, 8, 1], the class is where a bright square is), "hw" (the same without the
                   channel axis), "flat" (1-D features: bad), "mismatch" (240 images, 239 labels: bad)
   script          optional: run this Python file (a user's script) instead, with args as its argv
+                  (and "cwd": in that directory)
   cli             optional: true runs the command line itself (hvd_train.cli.main) with args as its
                   argv, subcommands included ("plan --json ..."); its exit status is the report's "exit"
 
@@ -35,17 +38,20 @@ import runpy
 import sys
 import traceback
 
+import keras
 import numpy as np
 import tensorflow as tf
+import user_models
 
 from hvd_train import build_mlp, train
 from hvd_train.cli import config_from_args
 from hvd_train.runtime import write_line
 from hvd_train.training.consensus import weights_digest as digest
+from hvd_train.training.distributed import optimizer_values
 from hvd_train.training.model import model_for
 
 
-class SampleCounter(tf.keras.layers.Layer):
+class SampleCounter(keras.layers.Layer):
     """Identity; counts the samples it sees in training in a non-trainable variable."""
 
     def build(self, input_shape):
@@ -57,7 +63,7 @@ class SampleCounter(tf.keras.layers.Layer):
         return x
 
 
-class Drift(tf.keras.layers.Layer):
+class Drift(keras.layers.Layer):
     """Identity with a trainable offset (zero gradient) that each rank moves by rank + 1 per step."""
 
     def build(self, input_shape):
@@ -74,20 +80,29 @@ class Drift(tf.keras.layers.Layer):
 def build(kind, config, n_features, n_classes):
     if kind is None:
         return model_for(config)(n_features, n_classes)
+    if kind in user_models.BUILDERS:
+        return user_models.BUILDERS[kind](n_features, n_classes)
     if kind == "mlp":
         return build_mlp(n_features, n_classes, hidden=config.hidden)
-    inputs = tf.keras.Input(shape=(n_features,))
+    inputs = keras.Input(shape=(n_features,))
     if kind == "batchnorm":
-        x = tf.keras.layers.Dense(16, name="dense")(inputs)
-        x = tf.keras.layers.BatchNormalization(name="bn")(x)
-        x = tf.keras.layers.ReLU(name="relu")(x)
-        return tf.keras.Model(inputs, tf.keras.layers.Dense(n_classes, activation="softmax", name="classes")(x))
+        x = keras.layers.Dense(16, name="dense")(inputs)
+        x = keras.layers.BatchNormalization(name="bn")(x)
+        x = keras.layers.ReLU(name="relu")(x)
+        return keras.Model(inputs, keras.layers.Dense(n_classes, activation="softmax", name="classes")(x))
     layer = {"counter": SampleCounter, "drift": Drift}[kind](name=kind)
-    return tf.keras.Model(inputs, build_mlp(n_features, n_classes, hidden=config.hidden)(layer(inputs)))
+    return keras.Model(inputs, build_mlp(n_features, n_classes, hidden=config.hidden)(layer(inputs)))
 
 
 def arrays(kind):
     rng = np.random.default_rng(0)
+    if kind == "rgb32":  # 96 RGB images 32x32; the class is which half holds a bright square
+        y = rng.integers(0, 2, size=96)
+        x = rng.normal(0, 0.3, size=(96, 32, 32, 3)).astype(np.float32)
+        for i, label in enumerate(y):
+            col, row = 2 + 16 * label + rng.integers(0, 8), rng.integers(0, 24)
+            x[i, row:row + 6, col:col + 6, :] += 2.0
+        return x, y
     y = rng.integers(0, 2, size=240)
     x = rng.normal(0, 0.3, size=(240, 8, 8, 1)).astype(np.float32)
     for i, label in enumerate(y):
@@ -99,11 +114,15 @@ def arrays(kind):
 
 def run_one(spec, rank):
     """One run on this rank; its report."""
-    import horovod.tensorflow.keras as hvd
+    import horovod.tensorflow as hvd
 
     if spec.get("script"):
-        sys.argv = [spec["script"], *spec["args"]]
-        runpy.run_path(spec["script"], run_name="__main__")
+        sys.argv, here = [spec["script"], *spec["args"]], os.getcwd()
+        os.chdir(spec.get("cwd") or here)  # a script that writes where it runs (runs/<timestamp>)
+        try:
+            runpy.run_path(spec["script"], run_name="__main__")
+        finally:
+            os.chdir(here)
         return {}
     if spec.get("cli"):
         from hvd_train import cli
@@ -115,21 +134,21 @@ def run_one(spec, rank):
 
     def model_fn(n_features, n_classes):
         if different_init:
-            tf.keras.utils.set_random_seed(1000 + hvd.rank())
+            keras.utils.set_random_seed(1000 + hvd.rank())
         model = build(kind, config, n_features, n_classes)
         report["built"] = digest(model.get_weights())
         return model
 
-    class Watch(tf.keras.callbacks.Callback):
+    class Watch(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
             report["train_begin"] = digest(self.model.get_weights())
-            report["train_begin_optimizer"] = digest(self.model.optimizer.get_weights())
+            report["train_begin_optimizer"] = digest(optimizer_values(self.model.optimizer))
 
         def on_train_batch_end(self, batch, logs=None):
-            report["local_state"] = {v.name: v.numpy().tolist() for v in self.model.non_trainable_variables}
+            report["local_state"] = {v.path: v.numpy().tolist() for v in self.model.non_trainable_weights}
             if "after_first_step" not in report:
                 report["after_first_step"] = digest(self.model.get_weights())
-                report["after_first_step_optimizer"] = digest(self.model.optimizer.get_weights())
+                report["after_first_step_optimizer"] = digest(optimizer_values(self.model.optimizer))
                 report["optimizer_iterations"] = int(self.model.optimizer.iterations.numpy())
 
     custom = kind is not None or different_init
@@ -137,14 +156,14 @@ def run_one(spec, rank):
                    model_fn=model_fn if custom else None, callbacks=[Watch()])
     report.update(history=result.history, metrics=result.metrics, epochs_completed=result.metrics["epochs_completed"],
                   stopped_early=result.metrics["stopped_early"], final=digest(result.model.get_weights()),
-                  final_state={v.name: v.numpy().tolist() for v in result.model.non_trainable_variables},
+                  final_state={v.path: v.numpy().tolist() for v in result.model.non_trainable_weights},
                   # The cores every thread of this process may run on (core pinning), after training.
                   affinity=sorted({tuple(sorted(os.sched_getaffinity(int(t)))) for t in os.listdir("/proc/self/task")}))
     return report
 
 
 def main():
-    import horovod.tensorflow.keras as hvd
+    import horovod.tensorflow as hvd
 
     with open(sys.argv[1]) as f:
         plan = json.load(f)
@@ -164,7 +183,7 @@ def main():
         with open(os.path.join(directory, f"rank-{rank}.json"), "w") as f:
             json.dump(report, f)
         write_line(f"[many_runs] end {spec['name']}")
-        tf.keras.backend.clear_session()
+        keras.backend.clear_session()
         # Horovod: a barrier, so no rank starts the next run before rank 0 has written this one's
         # outputs (a run may read them: a saved config.toml, a checkpoint).
         hvd.allreduce(np.zeros(1), op=hvd.Sum, name=f"many_runs.{spec['name']}")

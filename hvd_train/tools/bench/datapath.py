@@ -77,14 +77,14 @@ def worker(mode: str, spec: str, out_dir: str, result_dir: str) -> None:
     ("thread"), in memory ("memory"), or idle. A rank's memory is its own peak RSS plus its
     reader process's (both peaks, an upper bound); the reader's CPU seconds are reported too."""
     launched = float(os.environ["BENCH_LAUNCHED"])
-    import horovod.tensorflow.keras as hvd
-    import tensorflow as tf
+    import horovod.tensorflow as hvd
+    import keras
 
     hvd.init()
     record: Dict[str, Any] = {"rank": hvd.rank()}
     first = {}
 
-    class FirstStep(tf.keras.callbacks.Callback):
+    class FirstStep(keras.callbacks.Callback):
         """The first step's start, and each epoch's training part (its begin to its last batch's
         end: the validation after it reads files on the streamed paths, arrays in memory)."""
 

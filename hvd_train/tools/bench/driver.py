@@ -252,6 +252,30 @@ def knobs_section(runner: Runner, p: Dict[str, Any], controllers: List[str], rep
             for name, r in runs.items()}
 
 
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+def precision_section(runner: Runner, p: Dict[str, Any], cnn: Optional[Dict[str, Any]], repeats: int,
+                      log) -> Dict[str, Any]:
+    """float32 against mixed_bfloat16 (Keras's policy: bfloat16 compute, float32 variables) on
+    the MLP and the CNN workloads (``cnn`` None: the MLP's alone) at np=1 and np=2, the four runs
+    of a workload interleaved."""
+    out = {}
+    workloads = [("mlp", {**p, "threads": 1})] + ([("cnn", {**p, **cnn, "threads": 1})] if cnn else [])
+    for name, workload in workloads:
+        variants = {f"{policy}_np{n}": (n, {**workload, "precision": policy}) for n in (1, 2) for policy in PRECISIONS}
+        runs: Dict[str, List[Dict[str, Any]]] = {k: [] for k in variants}
+        for repeat in range(repeats):
+            for key, (n, params) in variants.items():
+                runs[key].append(runner.horovod("hvd_train", n, params))
+                log(f"precision {name} {repeat + 1}/{repeats} {key}: {runs[key][-1]['samples_per_second']:.0f}/s")
+        med = {k: _median(v) for k, v in runs.items()}
+        out[name] = {"throughput": med,
+                     "test_accuracy": {k: statistics.median(x["test_accuracy"] for x in v) for k, v in runs.items()},
+                     **{f"bf16_speedup_np{n}": med[f"mixed_bfloat16_np{n}"] / med[f"float32_np{n}"] for n in (1, 2)}}
+    return out
+
+
 def machine() -> Dict[str, Any]:
     from ...runtime import cores, versions
 
@@ -271,12 +295,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="bench/latest", help="directory for results.json, results.md and PNGs")
     parser.add_argument("--quick", action="store_true", help="toy sizes (for tests): checks the machinery only")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per variant (default 3)")
-    parser.add_argument("--sections", default="scaling,cnn,wire,knobs",
+    parser.add_argument("--sections", default="scaling,cnn,wire,knobs,precision",
                         help="comma-separated subset of scaling,cnn,wire,knobs,data,startup (cnn: the scaling "
                         "figures for a CNN on images; data: the file-data path, not in the default set, see "
                         "--data-rows; startup: where a launch's seconds go before the first step, not in the "
                         "default set; profile: an epoch's time at np=1, hvd_train against plain Keras, part by part, "
-                        "not in the default set)")
+                        "not in the default set; precision: float32 against mixed_bfloat16, MLP and CNN at np=1 "
+                        "and np=2)")
     parser.add_argument("--data-rows", default="400000,1600000", help="data section: rows of the generated files")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per launched run")
     args = parser.parse_args(argv)
@@ -284,7 +309,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     repeats = args.repeats or p.pop("repeats")
     p.pop("repeats", None)
     sections = set(args.sections.split(","))
-    unknown = sections - {"scaling", "cnn", "wire", "knobs", "data", "startup", "profile"}
+    unknown = sections - {"scaling", "cnn", "wire", "knobs", "data", "startup", "profile", "precision"}
     if unknown or repeats < 1:
         parser.error(f"unknown sections {sorted(unknown)}" if unknown else "--repeats must be >= 1")
     controllers = ["gloo"] + (["mpi"] if shutil.which("mpirun") else [])
@@ -312,6 +337,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results["wire"] = wire_section(runner, p, more_controllers, log)
             if "knobs" in sections:
                 results["knobs"] = knobs_section(runner, p, controllers, max(1, repeats - 2), log)
+            if "precision" in sections:
+                # --quick: the MLP's runs alone (the CNN's are the same code path).
+                results["precision"] = precision_section(runner, p, None if args.quick else CNN_FULL, repeats, log)
             if "data" in sections:
                 from .datapath import TINY_ROWS, data_section
 

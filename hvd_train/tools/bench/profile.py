@@ -77,9 +77,9 @@ def time_hooks(callbacks: List[Any], clock: Clock) -> List[Any]:
 
 def boundaries(clock: Clock):
     """A Keras callback (no batch hooks) that marks epoch boundaries."""
-    import tensorflow as tf
+    import keras
 
-    class Boundaries(tf.keras.callbacks.Callback):
+    class Boundaries(keras.callbacks.Callback):
         profiler = True
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -93,9 +93,9 @@ def boundaries(clock: Clock):
 
 def time_steps(clock: Clock) -> Callable[[], None]:
     """Every model's train function timed (the step); returns the undo."""
-    import tensorflow as tf
+    import keras
 
-    original = tf.keras.Model.make_train_function
+    original = keras.Model.make_train_function
 
     def make_train_function(model, force=False):
         fn = original(model, force)
@@ -106,8 +106,8 @@ def time_steps(clock: Clock) -> Callable[[], None]:
         model.train_function = timed
         return timed
 
-    tf.keras.Model.make_train_function = make_train_function
-    return lambda: setattr(tf.keras.Model, "make_train_function", original)
+    keras.Model.make_train_function = make_train_function
+    return lambda: setattr(keras.Model, "make_train_function", original)
 
 
 def summarize(repeats: List[List[Dict[str, float]]], steps: int) -> Dict[str, Any]:

@@ -81,6 +81,21 @@ def markdown(r: Dict[str, Any]) -> str:
             lines.append(f"| {name} | {k['samples_per_second']:.0f} | {k['vs_baseline']:.2f} "
                          f"| {k['test_accuracy']:.3f} |")
         lines.append("")
+    if "precision" in r:
+        lines += ["## Mixed precision: float32 against mixed_bfloat16", "",
+                  "Keras's mixed_bfloat16 policy (bfloat16 compute, float32 variables, gradients and allreduce; "
+                  "the output layer in float32) on the workloads above, the four runs of a workload interleaved; "
+                  "throughput (samples or images/s) and test accuracy.", "",
+                  "| workload | float32 np=1 | bf16 np=1 | speed-up | float32 np=2 | bf16 np=2 | speed-up |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, x in r["precision"].items():
+            t = x["throughput"]
+            lines.append(f"| {name.upper()} | {t['float32_np1']:.0f} | {t['mixed_bfloat16_np1']:.0f} | "
+                         f"{x['bf16_speedup_np1']:.2f}x | {t['float32_np2']:.0f} | {t['mixed_bfloat16_np2']:.0f} | "
+                         f"{x['bf16_speedup_np2']:.2f}x |")
+        lines += ["", "Test accuracy: " + "; ".join(
+            f"{name.upper()} " + ", ".join(f"{k} {v:.3f}" for k, v in x["test_accuracy"].items())
+            for name, x in r["precision"].items()), ""]
     if "data" in r:
         from .datapath import lines as data_lines
 
@@ -109,6 +124,9 @@ def targets(r: Dict[str, Any]) -> List[Tuple[str, str, str, bool]]:
         for c, f in s.get("controllers", {}).items():
             out.append((f"{unit}: np=2 / the ceiling, {_controller(c)}", f"{f['vs_ceiling']:.3f}",
                         f">= {_TARGET_VS_CEILING[c]:.2f}", f["vs_ceiling"] >= _TARGET_VS_CEILING[c]))
+    for name, x in r.get("precision", {}).items():
+        out.append((f"{name.upper()}: mixed_bfloat16 / float32 throughput at np=1", f"{x['bf16_speedup_np1']:.2f}x",
+                    ">= 1.40x", x["bf16_speedup_np1"] >= 1.4))
     for name, p in r.get("profile", {}).items():
         bound = 0.02 if name == "mlp" else 0.03
         out.append((f"{name.upper()}: hvd_train np=1 epoch overhead vs plain Keras (profile)", f"{p['overhead']:+.1%}",

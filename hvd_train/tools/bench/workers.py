@@ -29,7 +29,7 @@ import numpy as np
 from ... import runtime
 from ...data.arrays import load_splits  # the data path train() uses, for the runs that bypass train()
 from ...outputs import files
-from ...training.model import compile_model, make_optimizer, model_for
+from ...training.model import build, compile_model, make_optimizer, model_for
 from ...training.tasks import for_run
 
 
@@ -38,9 +38,9 @@ class EpochTimer:
 
     @staticmethod
     def make():
-        import tensorflow as tf
+        import keras
 
-        class _Timer(tf.keras.callbacks.Callback):
+        class _Timer(keras.callbacks.Callback):
             def __init__(self):
                 super().__init__()
                 self.seconds: List[float] = []
@@ -74,6 +74,7 @@ def workload_config(p: Dict[str, Any], world_size: int):
         warmup_epochs=0, val_fraction=0.0, test_fraction=test_fraction, threads=p["threads"],
         fp16_allreduce=p.get("fp16_allreduce", False),
         backward_passes_per_step=p.get("backward_passes_per_step", 1),
+        precision=p.get("precision", "float32"),
         output_dir=p["output_dir"], progress="none", seed=p.get("seed", 1),
         pin_cores=p.get("pin_cores", True), timeline=p.get("timeline"),
     )
@@ -144,12 +145,10 @@ def fit_keras(config, splits, callbacks: List[Any], sequence: bool = False) -> N
     """Plain Keras on one process: the same model, batches, input pipeline and optimizer, without
     Horovod. ``sequence``: the batches through a keras.utils.Sequence instead (Keras's enqueuer:
     what hvd_train's input was before its tf.data pipeline)."""
-    import tensorflow as tf
 
     from ...data.pipeline import ShardedBatches, sharded_dataset
 
-    tf.keras.utils.set_random_seed(config.seed)
-    model = model_for(config)(splits.model_inputs, splits.n_outputs)
+    model = build(model_for(config), splits.model_inputs, splits.n_outputs, config.precision, seed=config.seed)
     compile_model(model, make_optimizer(config, config.lr), for_run(config, splits))
     batches = ShardedBatches(splits.x_train, splits.y_train, 0, 1, config.batch_size, config.seed, config.shuffle)
     if sequence:
@@ -160,9 +159,9 @@ def fit_keras(config, splits, callbacks: List[Any], sequence: bool = False) -> N
 
 
 def _as_sequence(batches):
-    import tensorflow as tf
+    import keras
 
-    class Batches(tf.keras.utils.Sequence):
+    class Batches(keras.utils.Sequence):
         def __len__(self):
             return len(batches)
 
@@ -203,8 +202,7 @@ def run_mwms(p: Dict[str, Any]) -> Dict[str, Any]:
     dataset = (tf.data.Dataset.from_tensor_slices((splits.x_train, splits.y_train))
                .batch(global_batch, drop_remainder=True).with_options(options).prefetch(2))
     with strategy.scope():
-        tf.keras.utils.set_random_seed(config.seed)
-        model = model_for(config)(splits.model_inputs, splits.n_outputs)
+        model = build(model_for(config), splits.model_inputs, splits.n_outputs, config.precision, seed=config.seed)
         compile_model(model, make_optimizer(config, config.lr), for_run(config, splits))
     timer = EpochTimer.make()
     model.fit(dataset, epochs=config.epochs, callbacks=[timer], verbose=0)
