@@ -71,6 +71,13 @@ def DistributedOptimizer(optimizer, compression=None, backward_passes_per_step: 
     return wrapped
 
 
+def _elastic() -> bool:
+    """An elastic worker's world may grow after the step was traced (Horovod sets this)."""
+    import os
+
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
 def is_distributed(optimizer) -> bool:
     return getattr(type(optimizer), "_hvd_distributed", False)
 
@@ -95,6 +102,8 @@ def _distributed_class(base: type) -> type:
 
         def _hvd_average(self, grads):
             hvd = _hvd()
+            if hvd.size() == 1 and not _elastic():
+                return list(grads)  # traced once: a world that cannot change has nothing to average
             # Horovod: every gradient averaged over the ranks (ring-allreduce), one named op per
             # variable, the same names on every rank.
             return [None if g is None else hvd.allreduce(
