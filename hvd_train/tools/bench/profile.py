@@ -98,7 +98,8 @@ def time_steps(clock: Clock) -> Callable[[], None]:
     original = keras.Model.make_train_function
 
     def make_train_function(model, force=False):
-        fn = original(model, force)
+        original(model, force)
+        fn = model.train_function  # Keras 3 sets it (and returns nothing when it makes one)
         if getattr(fn, "_profiled", False):
             return fn
         timed = _timed(fn, clock, "step")
