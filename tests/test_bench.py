@@ -32,9 +32,13 @@ def test_results_json(bench):
     expected = {"hvd_np1", "hvd_np2", "independent_np1_x2", "hvd_np1_2threads", "keras_np1", "mwms_np2"}
     controllers = {"gloo"} | ({"mpi"} if shutil.which("mpirun") else set())
     assert set(s["throughput"]) == expected | ({"hvd_np2_mpi"} if "mpi" in controllers else set())
-    assert all(positive(v) for v in s["throughput"].values())
+    # The peer: Keras 3's fit under MultiWorkerMirroredStrategy fails (keras-team/keras#20585), which
+    # the bench records instead of a figure; a Keras that fixes it gives a figure again.
+    mwms = s["runs"]["mwms_np2"][0]
+    assert positive(mwms["samples_per_second"]) or "keras-team/keras#20585" in mwms["error"]
+    assert all(positive(v) for k, v in s["throughput"].items() if k != "mwms_np2")
     for key in ("scaling_efficiency_np2", "scaling_efficiency_np2_gloo", "ceiling_efficiency_np2", "np2_vs_ceiling",
-                "np2_vs_one_process_two_threads", "hvd_vs_mwms_np2"):
+                "np2_vs_one_process_two_threads"):
         assert positive(s[key])
     # The headline figure is the faster controller's, and the ceiling is two real 1-process runs.
     assert s["throughput"][s["best_np2"]] == max(s["throughput"][k] for k in ("hvd_np2", "hvd_np2_mpi")
@@ -57,7 +61,7 @@ def test_results_json(bench):
     # the waiting and the allreduce read from a real Horovod timeline of every step.
     assert set(s["controllers"]) == controllers == set(s["breakdown"])
     for c, bars in s["controllers"].items():
-        assert all(positive(bars[k]) for k in ("vs_ceiling", "vs_one_process_all_cores", "vs_mwms"))
+        assert all(positive(bars[k]) for k in ("vs_ceiling", "vs_one_process_all_cores"))
         b = s["breakdown"][c]
         assert 1 <= b["timeline_steps"] <= r["workload"]["steps"] * (r["workload"]["epochs"] - 1)
         assert all(positive(b[k]) for k in ("step_ms", "compute_ms", "allreduce_total_ms"))

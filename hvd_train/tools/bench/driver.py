@@ -51,6 +51,9 @@ PROFILE_EPOCHS = 9  # section "profile": 8 timed epochs per run
 
 
 MPI_YIELD = {"OMPI_MCA_mpi_yield_when_idle": "1"}
+# The peer on Keras 3: TensorFlow's multi-worker strategy cannot fit a Keras 3 model (open upstream).
+MWMS_KERAS3 = ("MultiWorkerMirroredStrategy cannot fit a Keras 3 model (keras-team/keras#20585: \"Attempt to "
+               "convert a value (PerReplica...) with an unsupported type ... to a Tensor\")")
 
 
 class BenchError(RuntimeError):
@@ -121,13 +124,19 @@ class Runner:
         return self._finish([self._start(worker)], result, task)
 
     def mwms(self, workers: int, params: Dict[str, Any]) -> Dict[str, Any]:
-        """MultiWorkerMirroredStrategy on localhost: one process per worker, told apart by TF_CONFIG."""
+        """MultiWorkerMirroredStrategy on localhost: one process per worker, told apart by TF_CONFIG.
+        Keras 3's fit cannot run under it (MWMS_KERAS3): then the run is recorded, with NaN figures."""
         result, worker = self._job("mwms", params)
         hosts = [f"localhost:{_free_port()}" for _ in range(workers)]
         procs = [self._start(worker, {"TF_CONFIG": json.dumps({"cluster": {"worker": hosts},
                                                                "task": {"type": "worker", "index": index}})})
                  for index in range(workers)]
-        return self._finish(procs, result, f"mwms x{workers}")
+        try:
+            return self._finish(procs, result, f"mwms x{workers}")
+        except BenchError as err:
+            if "PerReplica" not in str(err):
+                raise
+            return {"samples_per_second": float("nan"), "world_size": workers, "error": MWMS_KERAS3}
 
 
 def _median(runs: List[Dict[str, Any]], key: str = "samples_per_second") -> float:

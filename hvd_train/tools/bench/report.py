@@ -166,7 +166,9 @@ def _scaling_lines(s: Dict[str, Any], unit: str) -> List[str]:
              f"| {t['independent_np1_x2']:.0f} |",
              f"| hvd_train, 1 process with 2 threads | {t['hvd_np1_2threads']:.0f} |",
              f"| plain Keras fit, 1 process | {t['keras_np1']:.0f} |",
-             f"| MultiWorkerMirroredStrategy, 2 workers | {t['mwms_np2']:.0f} |", "",
+             f"| MultiWorkerMirroredStrategy, 2 workers | {_or_na(t['mwms_np2'], '.0f')} |", "",
+             *([f"{s['runs']['mwms_np2'][0]['error']}.", ""]
+               if s.get("runs", {}).get("mwms_np2", [{}])[0].get("error") else []),
              "| figure | value | target |", "| --- | ---: | ---: |",
              f"| scaling efficiency T(2) / (2 x T(1)), best controller ({_controller(s['best_np2'])}) "
              f"| {s['scaling_efficiency_np2']:.3f} | |",
@@ -182,6 +184,11 @@ def _scaling_lines(s: Dict[str, Any], unit: str) -> List[str]:
 _TARGET_VS_CEILING = {"gloo": 0.90, "mpi": 0.95}
 
 
+def _or_na(value: float, spec: str, unit: str = "") -> str:
+    """A figure, or n/a for a run that could not be made (NaN)."""
+    return "n/a" if value != value else format(value, spec) + unit
+
+
 def _controller_rows(s: Dict[str, Any]) -> List[str]:
     rows = []
     for c, f in s.get("controllers", {}).items():
@@ -189,7 +196,7 @@ def _controller_rows(s: Dict[str, Any]) -> List[str]:
         rows += [f"| {name}: 2 processes / the ceiling | {f['vs_ceiling']:.3f} | >= {_TARGET_VS_CEILING[c]:.2f} |",
                  f"| {name}: 2 processes / 1 process on both cores (the bar to beat) "
                  f"| {f['vs_one_process_all_cores']:.3f} | > 1 |",
-                 f"| {name}: hvd_train / MultiWorkerMirroredStrategy | {f['vs_mwms']:.2f}x | >= 1.5x |"]
+                 f"| {name}: hvd_train / MultiWorkerMirroredStrategy | {_or_na(f['vs_mwms'], '.2f', 'x')} | >= 1.5x |"]
     return rows
 
 
