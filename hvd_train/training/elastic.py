@@ -114,7 +114,8 @@ def gloo_timeout() -> float:
 
 
 def _state_class():
-    """Horovod's elastic state for a Keras model (its KerasState's role), with two differences.
+    """Horovod's elastic state for a Keras model (the role of its KerasState, which fails under
+    Keras 3), on Horovod's ObjectState, with two differences.
 
     The model may not exist yet. A file dataset's facts (features, classes) come from the
     collective facts pass inside the first session, and a worker added later learns them from
@@ -135,9 +136,10 @@ def _state_class():
 
     class State(ObjectState):
         """``local``: a dataset every rank loads itself (arrays), or None (files: ``facts``,
-        synced). ``build(dataset)`` -> (model, optimizer). Attributes committed: ``progress``,
-        ``facts``, and the model's and optimizer's variables (dropout's random states among them:
-        each rank's own, restored as they were, then re-derived from rank 0's for the new world)."""
+        synced). ``build(dataset)`` -> (model, optimizer, scorer): session.build_model. Attributes
+        committed: ``progress``, ``facts``, and the model's and optimizer's variables (dropout's
+        random states among them: each rank's own, restored as they were, then re-derived from rank
+        0's for the new world)."""
 
         def __init__(self, local, build, progress: Progress):
             self._held: List[Tuple[float, int, float]] = []  # (driver's timestamp, update, when seen)
