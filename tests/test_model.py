@@ -89,3 +89,29 @@ def test_replica_digests_are_the_saved_models_digest_and_one_per_variable():
     model.weights[1].assign(model.weights[1] + 1.0)
     whole_after, each_after = digests(model)
     assert whole_after != whole and [i for i, (a, b) in enumerate(zip(each, each_after)) if a != b] == [1]
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_the_cnns_fused_batch_norm_computes_what_keras_does(policy):
+    from hvd_train.training.layers import FusedBatchNormalization
+    from hvd_train.training.model import precision
+
+    x = np.random.default_rng(2).normal(2, 3, size=(16, 8, 8, 5)).astype(np.float32)
+    with precision(policy):
+        ours, theirs = FusedBatchNormalization(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+    for layer in (ours, theirs):
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 5)), layer.beta.assign(np.linspace(-1.0, 1.0, 5))
+    tolerance = 1e-5 if policy == "float32" else 2e-2  # bfloat16 outputs: 8 bits of mantissa
+    for _ in range(3):  # moving statistics after three training batches
+        got, want = ours(x, training=True), theirs(x, training=True)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tolerance)
+    for a, b in ((ours.moving_mean, theirs.moving_mean), (ours.moving_variance, theirs.moving_variance)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours(x, training=False), np.float32),
+                               np.asarray(theirs(x, training=False), np.float32), atol=tolerance)
+    trained = model_for(TrainConfig(model="cnn"))((8, 8, 1), 3)
+    saved = model_for(TrainConfig(model="cnn"), inference=True)((8, 8, 1), 3)
+    assert {type(layer).__name__ for layer in trained.layers} >= {"FusedBatchNormalization"}
+    assert "FusedBatchNormalization" not in {type(layer).__name__ for layer in saved.layers}
+    assert [w.shape for w in trained.weights] == [w.shape for w in saved.weights]

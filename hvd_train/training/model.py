@@ -26,13 +26,20 @@ ModelFn = Callable[[Inputs, int], Any]  # (features or sample shape, outputs) ->
 BATCHNORM_MOMENTUM = 0.9
 
 
-def _norm_layer(sync_batchnorm: bool):
+def _norm_layer(sync_batchnorm: bool, fused: bool = False):
+    """SyncBatchNormalization, else Keras's BatchNormalization; ``fused``: on 4-D batches in
+    training TensorFlow's fused kernel computes it (layers.FusedBatchNormalization: the same
+    results, faster; a saved model holds Keras's own layer)."""
     import keras
 
     if sync_batchnorm:
         from .layers import SyncBatchNormalization
 
         return SyncBatchNormalization
+    if fused:
+        from .layers import FusedBatchNormalization
+
+        return FusedBatchNormalization
     return keras.layers.BatchNormalization
 
 
@@ -86,19 +93,20 @@ def build_mlp(inputs: Inputs, outputs: int, hidden: Sequence[int] = (64, 32),
 
 def build_cnn(inputs: Inputs, outputs: int, filters: Sequence[int] = (32, 64), activation: str = "relu",
               dropout: float = 0.0, logits: bool = False, sync_batchnorm: bool = False, l2: float = 0.0,
-              regression: bool = False):
+              regression: bool = False, fused: bool = True):
     """A small conv net for images ``(height, width, channels)``: per block a 3x3 convolution (no
     bias), batch normalization, the activation and a 2x2 average pool while the image is at least
     2x2; then global average pooling, dropout and the output layer (as build_mlp's).
 
     Average, not max, pooling: a max pool's choice flips on near-ties (digits' pixels are small
     integers, many windows tie), so float rounding became a different gradient path and N
-    processes drifted from one with the global batch (docs/design.md)."""
+    processes drifted from one with the global batch (docs/design.md). ``fused``: batch norm by
+    TensorFlow's fused kernel in training (layers.FusedBatchNormalization), the same weights."""
     import keras
 
     if isinstance(inputs, int) or len(inputs) != 3:
         raise ValueError(f"build_cnn needs images (height, width, channels), got input shape {inputs}")
-    norm = _norm_layer(sync_batchnorm)
+    norm = _norm_layer(sync_batchnorm, fused)
     x = first = keras.Input(shape=tuple(inputs), name="images")
     side = min(inputs[:2])
     for i, width in enumerate(filters):
@@ -117,12 +125,12 @@ def build_cnn(inputs: Inputs, outputs: int, filters: Sequence[int] = (32, 64), a
 
 def model_for(config: TrainConfig, inference: bool = False) -> ModelFn:
     """The model the config describes, as a model_fn. ``inference``: the same weights with plain
-    Keras layers (no SyncBatchNormalization), the model a run saves."""
+    Keras layers (no SyncBatchNormalization or FusedBatchNormalization), the model a run saves."""
     sync = config.sync_batchnorm and not inference
     common = dict(activation=config.activation, dropout=config.dropout, logits=config.logits, l2=config.l2,
                   regression=config.regression, sync_batchnorm=sync)
     if config.model == "cnn":
-        return functools.partial(build_cnn, filters=config.filters, **common)
+        return functools.partial(build_cnn, filters=config.filters, fused=not inference, **common)
     return functools.partial(build_mlp, hidden=config.hidden, batch_norm=config.batch_norm, **common)
 
 
