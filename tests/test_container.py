@@ -6,6 +6,8 @@ import shutil
 import pytest
 from conftest import BIN, OUTPUT_FILES, PINS, REPO, read_json, run
 
+from hvd_train.version import __version__
+
 TOOLS = ("podman", "buildah")
 pytestmark = [
     pytest.mark.container,
@@ -37,5 +39,5 @@ def test_image_builds_and_trains_with_two_processes(tmp_path):
     assert saved["versions"]["tensorflow"] == PINS["tensorflow"] and saved["versions"]["horovod"] == PINS["horovod"]
     assert saved["plan"]["hosts"] == ["localhost", "localhost"]
     versions = (tmp_path / "versions.txt").read_text()
-    assert versions.startswith(f"hvd_train 0.1.0 tensorflow {PINS['tensorflow']} horovod {PINS['horovod']}")
+    assert versions.startswith(f"hvd_train {__version__} tensorflow {PINS['tensorflow']} horovod {PINS['horovod']}")
     assert " python 3.13." in versions, "the image (Debian 13) proves Python 3.13 end to end"
