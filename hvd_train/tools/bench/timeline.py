@@ -19,7 +19,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-GRADIENT_MARK = "Allreduce"  # DistributedOptimizer's gradient ops: .../DistributedAdam_Allreduce/...
+# DistributedOptimizer's gradient ops: .../DistributedAdam_Allreduce/grad_<i> (distributed.py; hvd_train
+# 0.1's, Horovod's own: .../DistributedAdam_Allreduce/cond/HorovodAllreduce_grads_<i>).
+GRADIENT_MARK = "Allreduce"
 
 
 def load(path: str) -> List[Dict[str, Any]]:
@@ -44,7 +46,7 @@ def rounds(events: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
     out: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
     for e in sorted((e for e in events if e.get("ph") in ("B", "E", "X")), key=lambda e: e["ts"]):
         name = names.get(e["pid"], "")
-        if GRADIENT_MARK not in name or "grads" not in name:
+        if GRADIENT_MARK not in name or "grad" not in name:
             continue
         pid, ph = e["pid"], e["ph"]
         if ph == "B":
