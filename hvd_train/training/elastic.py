@@ -243,7 +243,6 @@ def _reset() -> None:
 def _session(state, rt: runtime.Runtime, config: TrainConfig, model_fn: Optional[ModelFn],
              user_callbacks: List[Any]) -> session.TrainResult:
     """One pass of the elastic loop, from the committed state to the end of the run."""
-
     rt = runtime.refresh(rt)
     progress: Progress = state.progress
     if progress.output_dir:

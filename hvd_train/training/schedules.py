@@ -7,8 +7,8 @@ LearningRateScheduleCallback did (same formulas), on Keras 3's optimizer.
 
 Not carried over from Horovod's callbacks: their momentum correction (SGD's momentum scaled by
 new/old rate for the step where the rate changes). Keras 3's SGD compiles its momentum into the
-step, so it cannot change per step; with the per-step warmup the factor is within a few percent
-of 1 (docs/checkpoints.md).
+step, so it cannot change per step; the factor it would apply during warmup is at most
+1 + (N - 1) / (steps_per_epoch x warmup_epochs) (docs/checkpoints.md).
 """
 from __future__ import annotations
 

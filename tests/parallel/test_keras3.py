@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from hvd_train import runtime
 from hvd_train.training import distributed
+from hvd_train.training.model import precision
 
 STEPS, PER_RANK = 24, 8
 
@@ -26,7 +27,7 @@ def data(rows: int):
 def mlp(seed: int, policy: str = "float32", dropout: float = 0.0, extra=()):
     """4-16-16-3, softmax in float32; ``extra``: factories of layers after the first Dense."""
     keras.utils.set_random_seed(seed)
-    with _policy(policy):
+    with precision(policy):
         layers = [keras.Input((4,)), keras.layers.Dense(16, activation="relu"), *(make() for make in extra),
                   keras.layers.Dense(16, activation="relu")]
         if dropout:
@@ -35,18 +36,11 @@ def mlp(seed: int, policy: str = "float32", dropout: float = 0.0, extra=()):
         return keras.Sequential(layers)
 
 
-class _policy:
-    """Keras builds layers under the dtype policy ``name`` within."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __enter__(self):
-        self.before = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(self.name)
-
-    def __exit__(self, *exc):
-        keras.config.set_dtype_policy(self.before)
+def my_rows(rt, steps: int) -> np.ndarray:
+    """This rank's slice of every global batch: rows [s*N*b + r*b, s*N*b + (r+1)*b) of step s."""
+    global_batch = PER_RANK * rt.size
+    return np.concatenate([np.arange(s * global_batch + rt.rank * PER_RANK, s * global_batch + (rt.rank + 1) * PER_RANK)
+                           for s in range(steps)])
 
 
 def compiled(model, optimizer, spe=1):
@@ -71,8 +65,7 @@ def distributed_run(rt, make_optimizer, passes=1, spe=1, compression=None, polic
 
     global_batch = PER_RANK * rt.size
     x, y = data(steps * global_batch)
-    rows = np.concatenate([np.arange(s * global_batch + rt.rank * PER_RANK, s * global_batch + (rt.rank + 1) * PER_RANK)
-                           for s in range(steps)])
+    rows = my_rows(rt, steps)
     model = mlp(1 + 1000 * rt.rank, policy)
     optimizer = make_optimizer()
     if average:
@@ -194,8 +187,7 @@ def test_mixed_float16_every_rank_skips_the_step_one_rank_found_non_finite(rt):
     every rank skip that step and halve its scale; no rank applies it, none waits for another."""
     global_batch = PER_RANK * rt.size
     x, y = data(STEPS * global_batch)
-    rows = np.concatenate([np.arange(s * global_batch + rt.rank * PER_RANK, s * global_batch + (rt.rank + 1) * PER_RANK)
-                           for s in range(STEPS)])
+    rows = my_rows(rt, STEPS)
     model = mlp(1, "mixed_float16", extra=[lambda: Poison(rank=1, step=5)])
     optimizer = distributed.DistributedOptimizer(keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01)))
     optimizer.build(model.trainable_variables)
