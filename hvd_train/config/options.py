@@ -265,6 +265,17 @@ class TrainConfig:
                  "--autotune-log is the log of --autotune: give both")
         _require(self.timeline is None or (bool(self.timeline) and not self.timeline.endswith("/")),
                  f"timeline must be a file path (got {self.timeline!r})")
+        from .. import storage
+
+        for what, location in (("output directory", self.output_dir), ("checkpoint directory", self.checkpoint_dir),
+                               ("resume", None if self.resume == "auto" else self.resume)):
+            try:
+                if location:
+                    storage.check(location, what)
+            except storage.StorageError as err:
+                raise ConfigError(str(err)) from None
+        for what, location in (("timeline", self.timeline), ("autotune log", self.autotune_log)):
+            _require(not storage.is_remote(location), f"{what} {location}: Horovod writes it, to a local file only")
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":

@@ -1,9 +1,12 @@
 """File datasets: ``csv:PATH`` and ``parquet:PATH``, read with pyarrow, in units.
 
-PATH is a file, a directory (its ``*.csv`` / ``*.parquet`` files) or a glob; files are taken in
-sorted order and must share one header (CSV) or schema (Parquet). A file is read in *units*:
-Parquet row groups, or CSV byte ranges of ``CSV_UNIT_BYTES`` (a row belongs to the range its
-first byte is in; a row is one non-empty line: line breaks quoted inside values are refused).
+PATH is a file, a directory (its ``*.csv`` / ``*.parquet`` files) or a glob, local or in object
+storage (``s3://bucket/prefix/``: storage.py, the one module that lists and opens them; a glob's
+wildcards then in its last part); files are taken in sorted order and must share one header
+(CSV) or schema (Parquet). A file is read in *units*: Parquet row groups, or CSV byte ranges of
+``CSV_UNIT_BYTES`` (a row belongs to the range its first byte is in; a row is one non-empty
+line: line breaks quoted inside values are refused). An object is read by ranged requests: a
+CSV unit in one, a Parquet row group's columns in one or a few each.
 Units are the same for every world size, so they can be dealt out to ranks (stream.py), and a
 row is identified by (file, unit, row within the unit) whoever reads it.
 
@@ -17,17 +20,18 @@ and the line (CSV, the header being line 1) or row (Parquet, 1-based) and column
 """
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .. import storage
 from .arrays import DataError
 
 KINDS = ("csv", "parquet")
 CSV_UNIT_BYTES = 1 << 20  # part of the row identity (so of the split): changing it changes the split
+CSV_TAIL_BYTES = 1 << 16  # read past a CSV unit's end to find its last row's end, in one request
 READ_BATCH_ROWS = 8192  # rows per Parquet piece: a few MB per copy, so a handful of copies stay small
 PARQUET_GROUP_BYTES = 64 << 20  # row groups up to this size (decoded) are read column by column
 
@@ -66,7 +70,7 @@ class Source:
 
     def listing(self) -> List[str]:
         """What every rank must see alike: file names and sizes (the consensus fingerprint)."""
-        return [f"{os.path.basename(p)}:{s}" for p, s in zip(self.files, self.sizes)]
+        return [f"{storage.basename(p)}:{s}" for p, s in zip(self.files, self.sizes)]
 
     def sample_digest(self, edge: int = 1 << 16) -> str:
         """SHA-256 over the first and last ``edge`` bytes of every file: a cheap local check that
@@ -76,10 +80,9 @@ class Source:
 
         h = hashlib.sha256()
         for path, size in zip(self.files, self.sizes):
-            with open(path, "rb") as f:
-                h.update(f.read(edge))
-                f.seek(max(size - edge, 0))
-                h.update(f.read(edge))
+            with _opened(path) as f:
+                h.update(f.read_at(min(edge, size), 0))
+                h.update(f.read_at(min(edge, size), max(size - edge, 0)))
         return h.hexdigest()
 
 
@@ -89,10 +92,10 @@ def open_source(dataset: str, label: str) -> Source:
     if kind not in KINDS or not spec:
         raise DataError(f"dataset {dataset!r}: expected csv:PATH or parquet:PATH")
     _lean_memory_pool()
-    files = list_files(kind, spec)
+    listed = list_files(kind, spec)
     if kind == "csv":
-        return _open_csv(spec, files, label)
-    return _open_parquet(spec, files, label)
+        return _open_csv(spec, listed, label)
+    return _open_parquet(spec, listed, label)
 
 
 def _lean_memory_pool() -> None:
@@ -109,20 +112,38 @@ def _lean_memory_pool() -> None:
         pa.set_memory_pool(pa.system_memory_pool())
 
 
-def list_files(kind: str, spec: str) -> List[str]:
-    if os.path.isdir(spec):
-        found = sorted(p for p in glob.glob(os.path.join(spec, f"*.{kind}")) if os.path.isfile(p))
-        if not found:
-            raise DataError(f"directory {spec} holds no *.{kind} files")
-        return found
-    if os.path.isfile(spec):
-        return [spec]
-    found = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
-    if not found:
-        if glob.has_magic(spec):
-            raise DataError(f"{spec} matches no files")
-        raise DataError(f"cannot read {kind.upper() if kind == 'csv' else 'Parquet'} {spec}: no such file or directory")
-    return found
+def list_files(kind: str, spec: str) -> List[Tuple[str, int]]:
+    """(location, bytes) of the files PATH names, in order (one listing request for a prefix)."""
+    try:
+        storage.check(spec, "dataset")
+        if storage.has_magic(storage.basename(spec)) or (not storage.is_remote(spec) and storage.has_magic(spec)):
+            found = storage.glob(spec)
+            if not found:
+                raise DataError(f"{spec} matches no files")
+            return found
+        if storage.is_file(spec):
+            return [(spec, storage.size(spec))]
+        found = [(p, n) for p, n in storage.list_files(spec)
+                 if p.endswith(f".{kind}") and not storage.basename(p).startswith(".")]
+        if found:
+            return found
+        if storage.is_dir(spec):
+            raise DataError(f"{'prefix' if storage.is_remote(spec) else 'directory'} {spec} holds no *.{kind} files")
+        if storage.is_remote(spec):
+            storage.missing_bucket(spec)
+    except storage.StorageError as err:
+        raise DataError(f"cannot list {spec}: {str(err).split(': ', 1)[-1]}") from None
+    raise DataError(f"cannot read {kind.upper() if kind == 'csv' else 'Parquet'} {spec}: no such file or directory")
+
+
+def _opened(path: str):
+    """A seekable file for a location; DataError naming it if it cannot be opened."""
+    try:
+        return storage.open_input(path)
+    except FileNotFoundError:
+        raise DataError(f"{path} disappeared while being read") from None
+    except OSError as err:
+        raise DataError(storage.describe(err, path)) from None
 
 
 def _check_header(path: str, columns: Sequence[str], label: str) -> None:
@@ -149,10 +170,10 @@ def _csv_header(path: str) -> Tuple[List[str], int]:
     import csv
 
     try:
-        with open(path, "rb") as f:
-            line = f.readline()
+        with _opened(path) as f:
+            line = _first_line_of(f)
     except OSError as err:
-        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+        raise DataError(storage.describe(err, path)) from None
     if not line.strip():
         raise DataError(f"CSV {path} is empty (a header row is required)")
     if b"\0" in line:
@@ -164,16 +185,30 @@ def _csv_header(path: str) -> Tuple[List[str], int]:
     return [h.strip() for h in header], len(line)
 
 
-def _open_csv(spec: str, files: List[str], label: str) -> Source:
+def _first_line_of(f) -> bytes:
+    """The first line of a file (with its line break), read in blocks: one request for an object."""
+    line, at = b"", 0
+    while True:
+        block = f.read_at(1 << 16, at)
+        end = block.find(b"\n")
+        if end >= 0:
+            return line + block[:end + 1]
+        line += block
+        at += len(block)
+        if not block:
+            return line
+
+
+def _open_csv(spec: str, listed: List[Tuple[str, int]], label: str) -> Source:
     columns, units, sizes, starts = None, [], [], []
-    for i, path in enumerate(files):
+    files = [p for p, _ in listed]
+    for i, (path, size) in enumerate(listed):
         header, data_start = _csv_header(path)
         _check_header(path, header, label)
         if columns is None:
             columns = header
         elif header != columns:
             raise DataError(f"{path} has columns {header}, but {files[0]} has {columns}: all files need one header")
-        size = os.path.getsize(path)
         sizes.append(size)
         starts.append(data_start)
         for k, start in enumerate(range(data_start, max(size, data_start + 1), CSV_UNIT_BYTES)):
@@ -186,17 +221,23 @@ def _parquet_file(path: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    f = _opened(path)
     try:
-        return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # column pages read as needed
+        return pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)  # column pages read as needed
     except FileNotFoundError:
         raise DataError(f"{path} disappeared while being read") from None
+    except storage.StorageError as err:
+        raise DataError(str(err)) from None
     except (pa.ArrowInvalid, OSError) as err:
+        if "curlCode" in str(err) or "AWS Error" in str(err):
+            raise DataError(storage.describe(err, path)) from None
         raise DataError(f"{path} is not a readable Parquet file ({err})") from None
 
 
-def _open_parquet(spec: str, files: List[str], label: str) -> Source:
+def _open_parquet(spec: str, listed: List[Tuple[str, int]], label: str) -> Source:
     schema, units, sizes = None, [], []
-    for i, path in enumerate(files):
+    files = [p for p, _ in listed]
+    for i, (path, size) in enumerate(listed):
         pf = _parquet_file(path)
         names = list(pf.schema_arrow.names)
         _check_header(path, names, label)
@@ -207,7 +248,7 @@ def _open_parquet(spec: str, files: List[str], label: str) -> Source:
         elif not pf.schema_arrow.equals(schema):
             raise DataError(f"{path} has schema {_show_schema(pf.schema_arrow)}, but {files[0]} has "
                             f"{_show_schema(schema)}: all files need one schema")
-        sizes.append(os.path.getsize(path))
+        sizes.append(size)
         units += [Unit(i, k) for k in range(pf.metadata.num_row_groups)]
     return Source("parquet", spec, tuple(files), tuple(sizes), tuple(first), label, tuple(units))
 
@@ -228,37 +269,33 @@ def _check_types(path: str, schema, label: str) -> None:
 def _csv_range(source: Source, unit: Unit) -> bytes:
     """The bytes of the rows that start in [start, stop): from after the first line end at or
     after start - 1 (unless start is the first data row) to the first line end at or after stop - 1."""
-    path = source.files[unit.file]
+    path, size = source.files[unit.file], source.sizes[unit.file]
+    first = unit.start > source.data_starts[unit.file]  # the range starts after a line end to find
+    at = unit.start - 1 if first else unit.start
     try:
-        with open(path, "rb") as f:
-            begin = unit.start
-            if begin > source.data_starts[unit.file]:
-                f.seek(begin - 1)
-                begin = _next_line(f, begin - 1)
-            end = unit.stop
-            if end < source.sizes[unit.file]:
-                f.seek(end - 1)
-                end = _next_line(f, end - 1)
-            if end <= begin:
-                return b""
-            f.seek(begin)
-            return f.read(end - begin)
+        with _opened(path) as f:
+            # One read (one request for an object) of the range and a margin for the last line's
+            # end; more only for a line longer than the margin.
+            data = f.read_at(min(unit.stop + CSV_TAIL_BYTES, size) - at, at)
+            begin = 0
+            if first:
+                nl = data.find(b"\n")
+                while nl < 0 and at + len(data) < size:
+                    data += f.read_at(min(CSV_TAIL_BYTES, size - at - len(data)), at + len(data))
+                    nl = data.find(b"\n")
+                begin = nl + 1 if nl >= 0 else len(data)
+            end = len(data)
+            if unit.stop < size:
+                nl = data.find(b"\n", unit.stop - 1 - at)
+                while nl < 0 and at + len(data) < size:
+                    data += f.read_at(min(CSV_TAIL_BYTES, size - at - len(data)), at + len(data))
+                    nl = data.find(b"\n", unit.stop - 1 - at)
+                end = nl + 1 if nl >= 0 else len(data)
+            return data[begin:end] if end > begin else b""
     except FileNotFoundError:
         raise DataError(f"{path} disappeared while being read") from None
     except OSError as err:
-        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
-
-
-def _next_line(f, position: int) -> int:
-    """Offset just after the first b"\\n" at or after ``position`` (f is positioned there), or EOF."""
-    while True:
-        block = f.read(1 << 16)
-        if not block:
-            return position
-        at = block.find(b"\n")
-        if at >= 0:
-            return position + at + 1
-        position += len(block)
+        raise DataError(storage.describe(err, path)) from None
 
 
 def read_unit(source: Source, unit: Unit, columns: Optional[Sequence[str]] = None, select: Optional[Select] = None

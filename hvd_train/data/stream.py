@@ -210,17 +210,23 @@ class StreamSplits(Dataset):
                 "data.target": None if self.target is None else self.target.to_dict()}
 
 
-def load(config, rank: int, size: int) -> StreamSplits:
+def load(config, rank: int, size: int, host: str = "") -> StreamSplits:
     """Collective: the facts pass (module doc). Raises AgreedFailure on every rank if any rank's
     read failed, with that rank's message."""
-    # 1. Every rank lists the files and reads their headers (cheap): the same errors everywhere,
-    # unless a host sees other files, which the consensus fingerprint catches later.
-    source, error = None, None
-    try:
-        source = sources.open_source(config.dataset, config.label_column or "")
-    except DataError as err:
-        error = str(err)
-    runtime.agree(error, "data.open")
+    # 1. One rank per host (its first) lists the files, reads their headers and samples their
+    # edges; the host's other ranks take its view from one allgather (an object store is asked
+    # once per host, not once per rank). A host that sees other files than the others is caught
+    # by the consensus fingerprint later.
+    opened, error = None, None
+    hosts = runtime.allgather(host, "data.hosts")
+    if hosts.index(host) == rank:  # this host's first rank
+        try:
+            source = sources.open_source(config.dataset, config.label_column or "")
+            opened = (source, source.sample_digest())
+        except DataError as err:
+            error = str(err)
+    views = runtime.agree_gather(error, opened, "data.open")
+    source, sample = views[hosts.index(host)]
 
     # 2. This rank's units: split, moments of training rows, labels, evaluation rows, digests.
     mine = tuple(range(rank, len(source.units), size))
@@ -268,7 +274,7 @@ def load(config, rank: int, size: int) -> StreamSplits:
         counts=tuple(tuple(int(v) for v in per_label[name]) for name in labels) if target is None else (),
         unit_train_rows=tuple(unit_train), unit_rows=tuple(unit_rows), n_train=n_train, n_val=n_val, n_test=n_test,
         digest=digest,
-        sample=source.sample_digest(),
+        sample=sample,
         seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction)
 
 
@@ -561,13 +567,16 @@ class TrainStream:
 
     def check_files(self) -> Optional[str]:
         """After a failure: did a file vanish or change under the run? (Every rank finds the same.)"""
-        import os
+        from .. import storage
 
         for path, size in zip(self.splits.source.files, self.splits.source.sizes):
-            if not os.path.exists(path):
-                return f"{path} disappeared while being read"
-            if os.path.getsize(path) != size:
-                return f"{path} changed while being read (size {size} -> {os.path.getsize(path)} bytes)"
+            try:
+                if not storage.is_file(path):
+                    return f"{path} disappeared while being read"
+                if storage.size(path) != size:
+                    return f"{path} changed while being read (size {size} -> {storage.size(path)} bytes)"
+            except storage.StorageError as err:
+                return str(err)
         return None
 
     def read_ahead_steps(self) -> int:

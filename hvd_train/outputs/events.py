@@ -13,10 +13,9 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 from typing import Any, Dict, List
 
-from .. import runtime
+from .. import runtime, storage
 from .run_dir import EVENTS_FILE
 
 
@@ -35,11 +34,12 @@ def _plain(value: Any) -> Any:
 
 class EventLog:
     def __init__(self, rt: runtime.Runtime, output_dir: str):
-        self.rt, self.path = rt, os.path.join(output_dir, EVENTS_FILE)
+        self.rt, self.path, self.dir = rt, storage.join(output_dir, EVENTS_FILE), output_dir
+        self.out = storage.Appender(self.path)
 
     def start(self, **fields: Any) -> None:
         """Creates the output directory (set-up checks have all passed by now) and logs run_start."""
-        runtime.on_rank0(self.rt, os.makedirs, os.path.dirname(self.path), exist_ok=True)
+        runtime.on_rank0(self.rt, storage.make_dirs, self.dir)
         self.emit("run_start", **fields)
 
     def emit(self, event: str, **fields: Any) -> None:
@@ -48,18 +48,15 @@ class EventLog:
     def finish(self, metrics: Dict[str, Any]) -> None:
         """``run_end``, with the final metrics and the files the run left (the log itself included)."""
         runtime.on_rank0(self.rt, lambda: self._append("run_end", {
-            "metrics": metrics, "files": sorted(os.listdir(os.path.dirname(self.path)))}))
+            "metrics": metrics, "files": storage.names(self.dir)}))
 
     def _append(self, event: str, fields: Dict[str, Any]) -> None:
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
         record = {"event": event, "time": now, **_plain(fields)}
-        # One write of one whole line, flushed: a reader tailing the file never sees half a record.
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=False, allow_nan=False) + "\n")
+        self.out.add(json.dumps(record, sort_keys=False, allow_nan=False) + "\n")
 
 
 def read(path: str) -> List[Dict[str, Any]]:
     """The events of a run, in order (for tools and tests)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_lines(path) if line.strip()]
 

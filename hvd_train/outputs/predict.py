@@ -8,10 +8,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .. import runtime
+from .. import runtime, storage
 from ..data import sources
 from ..data.interface import DataError, Standardizer
-from . import files, run_dir
+from . import run_dir
 
 
 def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = None,
@@ -23,13 +23,15 @@ def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = No
     larger than memory work; the output appears atomically when complete. Returns its path.
     ``load_model(model_dir, model_path)``: opens the run's model (the command line passes
     training.legacy.load_run_model, which also reads runs of hvd_train 0.1); default keras's."""
-    model_path = os.path.join(model_dir, run_dir.MODEL_FILE)
-    prep_path = os.path.join(model_dir, run_dir.PREPROCESSING_FILE)
-    for path in (model_path, prep_path):
-        if not os.path.isfile(path):
-            raise DataError(f"{model_dir} is not a finished training run: {os.path.basename(path)} is missing")
-    with open(prep_path) as f:
-        prep = json.load(f)
+    model_path = storage.join(model_dir, run_dir.MODEL_FILE)
+    prep_path = storage.join(model_dir, run_dir.PREPROCESSING_FILE)
+    try:
+        for path in (model_path, prep_path):
+            if not storage.is_file(path):
+                raise DataError(f"{model_dir} is not a finished training run: {storage.basename(path)} is missing")
+        prep = json.loads(storage.read_text(prep_path))
+    except storage.StorageError as err:
+        raise DataError(f"cannot read the run {err}") from None
     spec = input_path if sources.is_file_source(input_path) else (
         f"parquet:{input_path}" if input_path.endswith(".parquet") else f"csv:{input_path}")
     source = sources.open_source(spec, "")
@@ -41,12 +43,14 @@ def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = No
     import keras
     import tensorflow as tf
 
-    model = (load_model or (lambda _, path: keras.models.load_model(path)))(model_dir, model_path)
+    with storage.local_copy(model_path) as local:  # Keras opens local files only
+        model = (load_model or (lambda _, path: keras.models.load_model(path)))(model_dir, local)
     stem = spec.split(":", 1)[1]
-    output_csv = output_csv or (os.path.splitext(stem)[0] if os.path.isfile(stem) else stem.rstrip("/*"))
+    output_csv = output_csv or (os.path.splitext(stem)[0] if storage.is_file(stem) else stem.rstrip("/*"))
     output_csv = output_csv if output_csv.endswith(".csv") else output_csv + ".predictions.csv"
+    storage.check(output_csv, "output")
     count = 0
-    with files.atomic_path(output_csv) as tmp, open(tmp, "w", newline="") as out:
+    with storage.writing(output_csv) as tmp, open(tmp, "w", newline="") as out:
         writer = csv.writer(out)
         if target is not None:
             writer.writerow([f"predicted_{prep.get('target_name') or 'target'}"])

@@ -1,6 +1,7 @@
 """The run directory: every file name in it, its checks, and the writing of a finished run.
 
-Written by rank 0 only (via runtime.on_rank0), each file atomically (files.py). What the files
+Written by rank 0 only (via runtime.on_rank0), each file whole (storage.py: a local folder or an
+``s3://`` prefix; what Keras and matplotlib write goes to a local temporary file first). What the files
 hold: ``model.keras`` (load with keras.models.load_model: Keras 3, float32), ``preprocessing.json`` (feature and
 class names, the scaler), ``config.json`` (config, plan, versions), ``config.toml`` (re-run with
 ``--config``), ``history.csv``, ``report.json`` (confusion matrix, per-class scores),
@@ -15,16 +16,15 @@ import datetime
 import io
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .. import runtime
+from .. import runtime, storage
 from ..config import configfile
-from . import files, plots
+from . import plots
 
 MODEL_FILE = "model.keras"
 PREPROCESSING_FILE = "preprocessing.json"
@@ -51,20 +51,11 @@ def check_dir(path: Optional[str]) -> str:
     Nothing is left behind: the directory is made only when training starts (after every set-up
     check passed on every rank), so bad input leaves no output directory at all.
     """
-    path = os.path.abspath(path or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
-    created = None  # the outermost directory this check creates, removed again afterwards
-    probe = path
-    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-        created, probe = probe, os.path.dirname(probe)
+    path = storage.absolute(path or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
-    except OSError as err:
-        raise OutputError(f"output directory {path} is not writable: {err.strerror or err}") from None
-    finally:
-        if created:
-            shutil.rmtree(created, ignore_errors=True)
+        storage.check_writable(path, "output directory")
+    except storage.StorageError as err:
+        raise OutputError(str(err)) from None
     return path
 
 
@@ -82,7 +73,7 @@ def autotune_scratch() -> str:
 
 
 def write_json(path: str, obj: Dict[str, Any]) -> None:
-    files.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def history_csv(history: Dict[str, List[float]]) -> str:
@@ -103,26 +94,27 @@ def write_run(run, model, history: Dict[str, List[float]], metrics: Dict[str, An
     (true, predicted) test pairs for predictions.png."""
     config, plan, splits, task = run.config, run.plan, run.data, run.task
     d = config.output_dir
-    with files.atomic_path(os.path.join(d, MODEL_FILE)) as tmp:
+    with storage.writing(storage.join(d, MODEL_FILE)) as tmp:
         model.save(tmp)
-    write_json(os.path.join(d, PREPROCESSING_FILE), {**splits.preprocessing(), "logits": config.logits})
-    write_json(os.path.join(d, CONFIG_FILE),
+    write_json(storage.join(d, PREPROCESSING_FILE), {**splits.preprocessing(), "logits": config.logits})
+    write_json(storage.join(d, CONFIG_FILE),
                {"config": config.to_dict(), "plan": asdict(plan), "versions": runtime.versions()})
-    files.write_text(os.path.join(d, CONFIG_TOML_FILE), configfile.dumps(config))
-    files.write_text(os.path.join(d, HISTORY_FILE), history_csv(history))
-    write_json(os.path.join(d, REPORT_FILE), report)
+    storage.write_text(storage.join(d, CONFIG_TOML_FILE), configfile.dumps(config))
+    storage.write_text(storage.join(d, HISTORY_FILE), history_csv(history))
+    write_json(storage.join(d, REPORT_FILE), report)
     title = f"{config.dataset}, {plan.world_size} process(es), global batch {plan.global_batch_size}"
-    with files.atomic_path(os.path.join(d, CURVES_FILE)) as tmp:
+    with storage.writing(storage.join(d, CURVES_FILE)) as tmp:
         plots.curves(history, tmp, title, task.curve_metric)
     if config.regression:
-        with files.atomic_path(os.path.join(d, PREDICTIONS_PLOT_FILE)) as tmp:
+        with storage.writing(storage.join(d, PREDICTIONS_PLOT_FILE)) as tmp:
             plots.predicted_vs_true(points, tmp, splits.target_name,
                                     f"test set: RMSE {report['rmse']:.4g}, R^2 {report['r2']:.4f} "
                                     f"({len(points)} of {report['samples']} samples)")
     else:
-        with files.atomic_path(os.path.join(d, CONFUSION_FILE)) as tmp:
+        with storage.writing(storage.join(d, CONFUSION_FILE)) as tmp:
             plots.confusion(np.array(report["confusion_matrix"]), report["classes"], tmp,
                             f"test set, accuracy {report['accuracy']:.4f} ({report['samples']} samples)")
     if config.autotune and not config.autotune_log and os.path.exists(autotune_scratch()):
-        shutil.move(autotune_scratch(), os.path.join(d, AUTOTUNE_FILE))  # nothing left in /tmp
-    write_json(os.path.join(d, METRICS_FILE), metrics)
+        storage.upload(autotune_scratch(), storage.join(d, AUTOTUNE_FILE))
+        os.remove(autotune_scratch())  # nothing left in /tmp
+    write_json(storage.join(d, METRICS_FILE), metrics)

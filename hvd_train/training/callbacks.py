@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import keras
 import tensorflow as tf
 
-from .. import runtime
+from .. import runtime, storage
 from ..config.options import TrainConfig
 from ..data import sharding
 from ..data.interface import StreamError
@@ -46,7 +46,7 @@ def run_callbacks(run: RunContext, resumed: checkpoint.ResumePoint) -> List[Any]
     found.append(EpochEvents(log, config.epochs, train_metrics))
     if config.tensorboard and rt.is_rank0:
         # Rank 0 only, and free of collectives: it writes files from values already global.
-        found.append(TensorBoardScalars(os.path.join(config.output_dir, TENSORBOARD_DIR)))
+        found.append(TensorBoardScalars(storage.join(config.output_dir, TENSORBOARD_DIR)))
     early_stopping = None
     if config.early_stopping_patience:
         early_stopping = EarlyStopping(rt, config, log, resumed.early_stopping)
@@ -171,11 +171,14 @@ class TensorBoardScalars(keras.callbacks.Callback):
     def __init__(self, log_dir: str):
         super().__init__()
         self.log_dir = log_dir
+        self.mirror: Optional[storage.Mirror] = None  # a local folder, uploaded each epoch to s3://
         self.writers: Dict[str, Any] = {}
 
     def _writer(self, run: str):
+        if self.mirror is None:
+            self.mirror = storage.Mirror(self.log_dir)
         if run not in self.writers:
-            self.writers[run] = tf.summary.create_file_writer(os.path.join(self.log_dir, run))
+            self.writers[run] = tf.summary.create_file_writer(os.path.join(self.mirror.folder, run))
         return self.writers[run]
 
     def on_epoch_end(self, epoch, logs=None):
@@ -186,10 +189,14 @@ class TensorBoardScalars(keras.callbacks.Callback):
                 tf.summary.scalar(f"epoch_{name}", float(value))
         for writer in self.writers.values():
             writer.flush()
+        if self.mirror:
+            self.mirror.sync()
 
     def on_train_end(self, logs=None):
         for writer in self.writers.values():
             writer.close()
+        if self.mirror:
+            self.mirror.close()
 
 
 class EpochLine(keras.callbacks.Callback):

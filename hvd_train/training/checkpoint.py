@@ -15,6 +15,11 @@ shuffle order is a pure function of (seed, epoch) (sharding.epoch_order), so the
 A SHA-256 over every array and the meta record is stored beside them and checked on load, so
 a truncated or corrupted file is detected, reported and skipped in favour of an older one.
 
+The directory is a local folder or an ``s3://`` prefix (storage.py). A checkpoint is one file,
+so one object: S3 shows an object only once its upload completed, so ``--resume auto`` never
+sees part of one, and a run killed mid-upload leaves the previous checkpoints as they were (its
+unfinished upload is invisible). Pruning removes the oldest first, in either place.
+
 Format 2 (hvd_train 0.2, Keras 3). Format 1 (hvd_train 0.1, Keras 2 through tf_keras) still
 resumes: legacy.py turns its optimizer state (tf_keras's legacy slots) into Keras 3's.
 """
@@ -23,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import re
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -31,10 +35,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .. import runtime
+from .. import runtime, storage
 from ..config.options import RESUME_FIXED_FIELDS, TrainConfig
 from ..config.plan import Plan
-from ..outputs import files
 from . import distributed, legacy
 from .consensus import array_digest
 
@@ -109,17 +112,17 @@ def file_name(epoch: int, position: int = 0) -> str:
 
 def listed(directory: str) -> List[Tuple[int, str]]:
     """(epoch, path) of the complete-looking checkpoint files, newest first (temp files ignored)."""
-    if not directory or not os.path.isdir(directory):
+    if not directory:
         return []
-    found = [((int(m.group(1)), int(m.group(2) or 0)), os.path.join(directory, name))
-             for name in os.listdir(directory) if (m := _NAME.match(name))]
+    found = [((int(m.group(1)), int(m.group(2) or 0)), path)
+             for path, _ in storage.list_files(directory) if (m := _NAME.match(storage.basename(path)))]
     return [(epoch, path) for (epoch, _), path in sorted(found, reverse=True)]
 
 
 def save(directory: str, epoch: int, state: State, meta: Dict[str, Any], keep: int) -> str:
     """Write the checkpoint for ``epoch`` (and ``meta["position"]`` into the next) atomically
     (temp file, fsync, rename), keep the newest ``keep`` (the oldest are removed first)."""
-    os.makedirs(directory, exist_ok=True)
+    storage.make_dirs(directory)
     meta = {**meta, "format": FORMAT, "epoch": epoch}
     meta_bytes = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
     arrays = {f"model_{i:04d}": np.asarray(w) for i, w in enumerate(state.model)}
@@ -127,23 +130,25 @@ def save(directory: str, epoch: int, state: State, meta: Dict[str, Any], keep: i
     arrays.update({f"seed_{i:04d}": np.asarray(w) for i, w in enumerate(state.seeds)})
     arrays["meta"] = meta_bytes
     digest = array_digest(*(arrays[k] for k in sorted(arrays)))
-    path = os.path.join(directory, file_name(epoch, meta.get("position", 0)))
+    path = storage.join(directory, file_name(epoch, meta.get("position", 0)))
     content = io.BytesIO()
     np.savez(content, digest=np.frombuffer(digest.encode(), dtype=np.uint8), **arrays)
     # Make room first, so a kill at any moment leaves at most ``keep`` checkpoints (never keep + 1).
     for _, old in [(e, p) for e, p in listed(directory) if p != path][keep - 1:]:
-        os.remove(old)
-    files.write_bytes(path, content.getvalue(), durable=True)
+        storage.delete(old)
+    storage.write_bytes(path, content.getvalue(), durable=True)
     return path
 
 
 def load(path: str) -> Checkpoint:
     """Read and verify one checkpoint; CheckpointError says why it cannot be used."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        if not storage.is_file(path):
+            raise CheckpointError(f"{path} does not exist")
+        with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist") from None
+    except storage.StorageError as err:
+        raise CheckpointError(f"cannot read checkpoint {err}") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as err:
         raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {err})") from None
     if "digest" not in arrays or "meta" not in arrays:
@@ -169,7 +174,11 @@ def load(path: str) -> Checkpoint:
 def newest_valid(directory: str) -> Tuple[Optional[Checkpoint], List[str]]:
     """The newest checkpoint that loads and verifies, and a note for each newer one skipped."""
     skipped = []
-    for _, path in listed(directory):
+    try:
+        found = listed(directory)
+    except storage.StorageError as err:
+        raise CheckpointError(f"cannot list checkpoints: {err}") from None
+    for _, path in found:
         try:
             return load(path), skipped
         except CheckpointError as err:
@@ -180,13 +189,9 @@ def newest_valid(directory: str) -> Tuple[Optional[Checkpoint], List[str]]:
 def check_writable(directory: str) -> None:
     """Fail before training, not at the first checkpoint, if the directory cannot be written."""
     try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".write-check-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as err:
-        raise CheckpointError(f"checkpoint directory {directory} is not writable: {err.strerror or err}") from None
+        storage.check_writable(directory, "checkpoint directory")
+    except storage.StorageError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def run_meta(config: TrainConfig, plan: Plan, data: Dict[str, Any], history: Dict[str, List[float]],

@@ -15,12 +15,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import zipfile
 from typing import Any, Dict, List
 
 import numpy as np
+
+from .. import storage
 
 
 class LegacyError(ValueError):
@@ -68,11 +69,9 @@ def load_keras2_run_model(model_dir: str, model_file: str):
     how = ("load it with tf_keras (pip install tf-keras; tf_keras.models.load_model), rebuild the same model "
            "with `import keras`, copy the weights over (get_weights / set_weights) and save it, or retrain")
     try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            saved = json.load(f)
+        saved = json.loads(storage.read_text(storage.join(model_dir, "config.json")))
         config = TrainConfig.from_dict(saved["config"])
-        with open(os.path.join(model_dir, "preprocessing.json")) as f:
-            prep = json.load(f)
+        prep = json.loads(storage.read_text(storage.join(model_dir, "preprocessing.json")))
     except (OSError, ValueError, KeyError) as err:
         raise LegacyError(f"{model_file} was saved by hvd_train 0.1 (Keras 2) and its run's config cannot be "
                           f"read to rebuild it ({err}); {how}") from None

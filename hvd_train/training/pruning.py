@@ -54,9 +54,9 @@ def thresholds(curves: Sequence[Sequence[float]], warmup_epochs: int, startup_tr
 
 
 def write(path: str, metric: str, mode: str, medians: Dict[int, float], trials: int) -> None:
-    from ..outputs import files
+    from .. import storage
 
-    files.write_text(path, json.dumps({"rule": "median", "metric": metric, "mode": mode, "trials": trials,
+    storage.write_text(path, json.dumps({"rule": "median", "metric": metric, "mode": mode, "trials": trials,
                                        "thresholds": {str(k): v for k, v in sorted(medians.items())}},
                                       indent=2) + "\n")
 

@@ -48,7 +48,7 @@ def prepare(rt: runtime.Runtime, config: TrainConfig, data: DataArg) -> Tuple[Tr
     try:
         if streamed(config, data):
             # Collective (each rank reads its share); a failure anywhere raises on every rank.
-            splits = stream.load(config, *((0, 1) if rt.simulated else (rt.rank, rt.size)))
+            splits = stream.load(config, *((0, 1) if rt.simulated else (rt.rank, rt.size)), runtime.host_name())
         else:
             splits = load_splits(config, data)
     except (DataError, ConfigError) as err:

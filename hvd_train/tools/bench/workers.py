@@ -26,9 +26,8 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from ... import runtime
+from ... import runtime, storage
 from ...data.arrays import load_splits  # the data path train() uses, for the runs that bypass train()
-from ...outputs import files
 from ...training.model import build, compile_model, make_optimizer, model_for
 from ...training.tasks import for_run
 
@@ -302,7 +301,7 @@ def main(argv=None) -> int:
     # MultiWorkerMirroredStrategy's workers have no launcher: TF_CONFIG numbers them.
     rank = json.loads(os.environ["TF_CONFIG"])["task"]["index"] if task == "mwms" else runtime.launcher_rank()
     if rank == 0:
-        files.write_text(result_file, json.dumps(result))
+        storage.write_text(result_file, json.dumps(result))
     return 0
 
 

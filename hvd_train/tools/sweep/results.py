@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from ... import storage
 from ...config import configfile
-from ...outputs import files
 from ...outputs.plots import pyplot
 from ...training import pruning
 from .spec import Sweep, Trial, show
@@ -61,20 +61,20 @@ def write(sweep: Sweep, sweep_dir: Path, trials: List[Trial],
     writer = csv.DictWriter(text, fieldnames=list(table[0]))
     writer.writeheader()
     writer.writerows(table)
-    files.write_text(str(sweep_dir / TRIALS_CSV), text.getvalue())
+    storage.write_text(str(sweep_dir / TRIALS_CSV), text.getvalue())
     found = best(sweep, trials, records)
-    files.write_text(str(sweep_dir / RESULTS_MD), markdown(sweep, sweep_dir, table, found))
+    storage.write_text(str(sweep_dir / RESULTS_MD), markdown(sweep, sweep_dir, table, found))
     if found:
         trial, record = found
         config = trial.config.replace(checkpoint_dir=None)
-        files.write_text(str(sweep_dir / BEST_JSON), json.dumps({
+        storage.write_text(str(sweep_dir / BEST_JSON), json.dumps({
             "trial": trial.index, "digest": trial.digest, "metric": sweep.settings.metric, "mode": sweep.mode,
             "value": record["value"], "params": {k: list(v) if isinstance(v, tuple) else v
                                                  for k, v in trial.params.items()},
             "np": sweep.settings.np, "epochs": record["epochs"], "test": record["test"],
             "run_dir": str(sweep_dir / "trials" / trial.digest / "run"), "config": config.to_dict()},
             indent=2, sort_keys=True) + "\n")
-        files.write_text(str(sweep_dir / BEST_TOML),
+        storage.write_text(str(sweep_dir / BEST_TOML),
                          f"# best trial of {sweep_dir}: trial {trial.index}, {trial.label()}, "
                          f"{sweep.settings.metric} {record['value']:.6g} at {sweep.settings.np} processes;\n"
                          f"# re-run it: launch/local.sh -n {sweep.settings.np} -- --config {BEST_TOML}\n"
@@ -82,9 +82,9 @@ def write(sweep: Sweep, sweep_dir: Path, trials: List[Trial],
     finished = [(t, records[t.digest]) for t in trials
                 if records.get(t.digest, {}).get("status") in ("ok", "pruned")]
     if finished:
-        with files.atomic_path(str(sweep_dir / PARAMS_PNG)) as tmp:
+        with storage.writing(str(sweep_dir / PARAMS_PNG)) as tmp:
             params_plot(sweep, finished, found, tmp)
-        with files.atomic_path(str(sweep_dir / CURVES_PNG)) as tmp:
+        with storage.writing(str(sweep_dir / CURVES_PNG)) as tmp:
             curves_plot(sweep, finished, found, tmp)
     return found
 

@@ -29,9 +29,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from ... import storage
 from ...config import configfile
 from ...launchers import LAUNCH_DIR
-from ...outputs import events, files
+from ...outputs import events
 from ...outputs.run_dir import EVENTS_FILE
 from ...training import pruning
 from . import results
@@ -164,7 +165,7 @@ def run(sweep: Sweep, sweep_dir: Path, retry_failed: bool = False) -> int:
                 break
             trial_dir = sweep_dir / TRIALS_DIR / trial.digest
             record = _run_trial(sweep, trial, trial_dir, len(trials), list(records.values()), signals)
-            files.write_text(str(trial_dir / TRIAL_FILE), json.dumps(record, indent=2) + "\n")
+            storage.write_text(str(trial_dir / TRIAL_FILE), json.dumps(record, indent=2) + "\n")
             records[trial.digest] = record
             done_now += 1
             best = results.write(sweep, sweep_dir, trials, records)
@@ -223,7 +224,7 @@ def _run_trial(sweep: Sweep, trial: Trial, trial_dir: Path, total: int, earlier:
     if trial.error:
         log(f"trial {trial.index}/{total} {trial.label()}: invalid, not run")
         return {**record, "error": f"invalid configuration: {trial.error}"}
-    files.write_text(str(trial_dir / "trial.toml"), trial_toml(trial, trial_dir))
+    storage.write_text(str(trial_dir / "trial.toml"), trial_toml(trial, trial_dir))
     prune_file = None
     if s.prune == "median":
         curves = [r["curve"] for r in earlier if r["status"] == "ok" and r.get("curve")]
