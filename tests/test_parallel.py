@@ -32,9 +32,13 @@ def inner_tests() -> list:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
+def job(tmp_path_factory, s3):
+    from s3server import READ_KEY, READ_SECRET
+
     reports = tmp_path_factory.mktemp("in-job")
-    env = {"HVD_TRAIN_IN_JOB": "1", "REPORT_DIR": str(reports),
+    # The real S3 server for test_storage_faults.py: its endpoint and credentials, the standard way.
+    env = {**s3.env(), "HVD_TRAIN_TEST_S3_PID": str(s3.process.pid),
+           "HVD_TRAIN_TEST_S3_READ": f"{READ_KEY}:{READ_SECRET}", "HVD_TRAIN_IN_JOB": "1", "REPORT_DIR": str(reports),
            # A test that leaves one rank in a collective ends the job instead of hanging it.
            "HOROVOD_STALL_CHECK_TIME_SECONDS": "10", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "60"}
     # Each rank its own --basetemp: pytest empties it at start.

@@ -96,6 +96,8 @@ class ArrayFeed:
     def keras_input(self):
         return sharded_dataset(self.batches)
 
+    can_fail = False  # arrays in memory: nothing to read that could go bad
+
     def failure(self, after_error: bool = False):
         return None
 

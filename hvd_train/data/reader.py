@@ -192,6 +192,9 @@ class Reader:
                     yield chunk
                 elif kind == END:
                     self.stream.error = None if payload is None else payload.decode()
+                    if self.stream.error:
+                        # Idle steps until the ranks agree to stop (stream.TrainStream.idle).
+                        yield from self.stream.idle(CHUNK_STEPS)
                     return
                 else:
                     raise pickle.loads(payload)

@@ -20,9 +20,11 @@ and the line (CSV, the header being line 1) or row (Parquet, 1-based) and column
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -116,6 +118,9 @@ def list_files(kind: str, spec: str) -> List[Tuple[str, int]]:
     """(location, bytes) of the files PATH names, in order (one listing request for a prefix)."""
     try:
         storage.check(spec, "dataset")
+    except storage.StorageError as err:
+        raise DataError(str(err)) from None
+    try:
         if storage.has_magic(storage.basename(spec)) or (not storage.is_remote(spec) and storage.has_magic(spec)):
             found = storage.glob(spec)
             if not found:
@@ -136,7 +141,25 @@ def list_files(kind: str, spec: str) -> List[Tuple[str, int]]:
     raise DataError(f"cannot read {kind.upper() if kind == 'csv' else 'Parquet'} {spec}: no such file or directory")
 
 
-def _opened(path: str):
+# Objects of object storage stay open in this process (and a Parquet object's footer parsed):
+# opening one costs a request (its size), a Parquet footer one or two more, per unit otherwise.
+# Local files are opened per unit, so that one replaced or deleted under the run is noticed.
+_KEPT: "OrderedDict[Tuple[str, str], Any]" = OrderedDict()
+KEPT_OBJECTS = 64
+
+
+def _kept(kind: str, path: str, make):
+    key = (kind, path)
+    if key in _KEPT:
+        _KEPT.move_to_end(key)
+        return _KEPT[key]
+    value = _KEPT[key] = make()
+    while len(_KEPT) > KEPT_OBJECTS:
+        _KEPT.popitem(last=False)
+    return value
+
+
+def _open_input(path: str):
     """A seekable file for a location; DataError naming it if it cannot be opened."""
     try:
         return storage.open_input(path)
@@ -144,6 +167,16 @@ def _opened(path: str):
         raise DataError(f"{path} disappeared while being read") from None
     except OSError as err:
         raise DataError(storage.describe(err, path)) from None
+
+
+@contextlib.contextmanager
+def _opened(path: str) -> Iterator[Any]:
+    """A seekable file for a location, within: kept open for an object, closed after for a local file."""
+    if storage.is_remote(path):
+        yield _kept("file", path, lambda: _open_input(path))
+        return
+    with _open_input(path) as f:
+        yield f
 
 
 def _check_header(path: str, columns: Sequence[str], label: str) -> None:
@@ -221,17 +254,30 @@ def _parquet_file(path: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    f = _opened(path)
+    remote = storage.is_remote(path)
     try:
-        return pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)  # column pages read as needed
+        if remote:  # the footer read once; a row group's columns fetched together (one coalesced request)
+            return _kept("parquet", path, lambda: _open_parquet_object(path))
+        return pq.ParquetFile(_open_input(path), pre_buffer=False, buffer_size=1 << 20)  # pages as needed
     except FileNotFoundError:
         raise DataError(f"{path} disappeared while being read") from None
     except storage.StorageError as err:
         raise DataError(str(err)) from None
     except (pa.ArrowInvalid, OSError) as err:
-        if "curlCode" in str(err) or "AWS Error" in str(err):
+        if _from_storage(err):
             raise DataError(storage.describe(err, path)) from None
         raise DataError(f"{path} is not a readable Parquet file ({err})") from None
+
+
+def _open_parquet_object(path: str):
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(_open_input(path), pre_buffer=True)
+
+
+def _from_storage(err: BaseException) -> bool:
+    """An error of the object store's requests (not of the file's content)."""
+    return "curlCode" in str(err) or "AWS Error" in str(err)
 
 
 def _open_parquet(spec: str, listed: List[Tuple[str, int]], label: str) -> Source:
@@ -298,25 +344,110 @@ def _csv_range(source: Source, unit: Unit) -> bytes:
         raise DataError(storage.describe(err, path)) from None
 
 
-def read_unit(source: Source, unit: Unit, columns: Optional[Sequence[str]] = None, select: Optional[Select] = None
-              ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+def read_unit(source: Source, unit: Unit, columns: Optional[Sequence[str]] = None, select: Optional[Select] = None,
+              ahead: Optional["ReadAhead"] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """(features float64 [n, f], labels as str [n]) pieces of a unit, in row order; features
     checked numeric and finite. ``columns``: feature columns to read (default: all but the label);
     a source without a label column (predict) gives labels of "" . ``select``: only the rows it
     marks, called in row order on consecutive ranges that cover the unit (a CSV unit or a Parquet
     row group: once; a big row group: once per piece), before those rows are parsed or kept;
-    the rows it marks then arrive in order, in one piece or several."""
+    the rows it marks then arrive in order, in one piece or several. ``ahead``: a ReadAhead
+    holding this unit's bytes, fetched while earlier units were parsed."""
     features = list(columns or source.features)
     missing = [c for c in features if c not in source.columns]
     if missing:
         raise DataError(f"{source.files[unit.file]} lacks column(s) {', '.join(missing)}")
+    fetched = ahead.take(unit) if ahead is not None else None
     if source.kind == "csv":
-        yield _read_csv_unit(source, unit, features, select)
+        yield _read_csv_unit(source, unit, features, select, fetched)
         return
-    yield from _read_parquet_unit(source, unit, features, select)
+    yield from _read_parquet_unit(source, unit, features, select, fetched)
 
 
-def _read_parquet_unit(source, unit, features, select: Optional[Select]):
+READ_AHEAD_BYTES = 32 << 20  # an object's units fetched ahead of parsing, at most this much in flight
+READ_AHEAD_THREADS = 4  # requests in flight at once (their latency, not bandwidth, bounds small units)
+
+
+class ReadAhead:
+    """The raw reads of an object store's units, in the order they will be parsed, made by
+    threads ahead of the parsing (a CSV unit's bytes; a Parquet row group's columns, decoded):
+    each request's latency overlaps the parsing and the other requests, and the reader process
+    (reader.py) overlaps all of it with training. Up to READ_AHEAD_BYTES (by the units' sizes)
+    and READ_AHEAD_THREADS requests at once. Local files read as they are parsed (``active``
+    False): the page cache is faster than a thread hand-over."""
+
+    def __init__(self, source: Source, order: Sequence[int], columns: Optional[Sequence[str]] = None):
+        self.source, self.order, self.next = source, list(order), 0
+        self.active = bool(source.files) and storage.is_remote(source.files[0])
+        self.want = list(columns or source.features) + ([source.label] if source.label else [])
+        self.pending: "OrderedDict[int, Any]" = OrderedDict()
+        self.position = {u: i for i, u in enumerate(self.order)}
+        self.number = {unit: i for i, unit in enumerate(source.units)}
+        self.pool = None
+        if self.active:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(READ_AHEAD_THREADS, thread_name_prefix="hvd_train-read-ahead")
+            self._fill()
+
+    def _bytes(self, u: int) -> int:
+        unit = self.source.units[u]
+        if self.source.kind == "csv":
+            return unit.stop - unit.start
+        return _parquet_file(self.source.files[unit.file]).metadata.row_group(unit.index).total_byte_size
+
+    def _fill(self) -> None:
+        held = sum(size for _, size in self.pending.values())
+        while self.next < len(self.order) and (not self.pending or held < READ_AHEAD_BYTES):
+            u = self.order[self.next]
+            size = self._bytes(u)
+            if self.source.kind == "parquet" and size > PARQUET_GROUP_BYTES:
+                break  # read in pieces when parsed
+            self.pending[u] = (self.pool.submit(self._fetch, self.source.units[u]), size)
+            held += size
+            self.next += 1
+
+    def _fetch(self, unit: Unit):
+        if self.source.kind == "csv":
+            return _csv_range(self.source, unit)
+        import threading
+
+        import pyarrow as pa
+
+        path = self.source.files[unit.file]
+        try:
+            # One ParquetFile per thread: reading one from several threads at once is not safe.
+            pf = _kept(f"parquet-{threading.get_ident()}", path, lambda: _open_parquet_object(path))
+            return pf.read_row_group(unit.index, columns=self.want, use_threads=False)
+        except FileNotFoundError:
+            raise DataError(f"{path} disappeared while being read") from None
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(storage.describe(err, f"{path} row group {unit.index}")) from None
+
+    def take(self, unit: Unit):
+        """The unit's fetched data (raises what its read raised), or None if it was not fetched."""
+        if not self.active:
+            return None
+        u = self.number[unit]
+        entry = self.pending.pop(u, None)
+        if entry is None:  # not fetched (a big row group, or out of order): read when parsed
+            self.next = max(self.next, self.position.get(u, self.next - 1) + 1)
+            self._fill()
+            return None
+        try:
+            return entry[0].result()
+        finally:
+            self._fill()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for future, _ in self.pending.values():
+                future.cancel()
+            self.pool.shutdown(wait=True)
+            self.pending.clear()
+
+
+def _read_parquet_unit(source, unit, features, select: Optional[Select], fetched=None):
     """A row group's pieces. A group up to PARQUET_GROUP_BYTES is decoded one column at a time
     (Arrow's reader then holds one column's pages, not every column's, which costs ~1 MB per
     column whatever the batch size), and with ``select`` each column keeps only the chosen rows
@@ -337,9 +468,15 @@ def _read_parquet_unit(source, unit, features, select: Optional[Select]):
             if select is not None:
                 rows = np.flatnonzero(select(0, group.num_rows))
                 taken, select = pa.array(rows), None
-            for c in want:
-                column = pf.read_row_group(unit.index, columns=[c], use_threads=False).column(0)
-                columns[c] = column if len(rows) == group.num_rows else column.take(taken)
+            # An object: every column in one read (one request); a local file: one column at a time.
+            together = [want] if storage.is_remote(path) else [[c] for c in want]
+            for names in together:
+                table = fetched if fetched is not None else pf.read_row_group(unit.index, columns=names,
+                                                                              use_threads=False)
+                for c in names:
+                    column = table.column(c)
+                    columns[c] = column if len(rows) == group.num_rows else column.take(taken)
+                del table
             batches = iter(pa.table(columns).to_batches(max_chunksize=READ_BATCH_ROWS))
         else:
             batches = pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[unit.index], columns=want,
@@ -361,7 +498,11 @@ def _read_parquet_unit(source, unit, features, select: Optional[Select]):
             yield x, labels
     except FileNotFoundError:
         raise DataError(f"{path} disappeared while being read") from None
+    except storage.StorageError as err:
+        raise DataError(str(err)) from None
     except (pa.ArrowInvalid, OSError) as err:
+        if _from_storage(err):
+            raise DataError(storage.describe(err, f"{path} row group {unit.index}")) from None
         raise DataError(f"cannot read {path} row group {unit.index}: {err}") from None
 
 
@@ -387,13 +528,13 @@ def csv_lines(data: bytes) -> Tuple[np.ndarray, np.ndarray]:
     return starts[keep], ends[keep]
 
 
-def _read_csv_unit(source, unit, features, select=None):
+def _read_csv_unit(source, unit, features, select=None, fetched=None):
     import io
 
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    data = _csv_range(source, unit)
+    data = fetched if fetched is not None else _csv_range(source, unit)
     starts, ends = csv_lines(data)
     text = data
     if select is not None:

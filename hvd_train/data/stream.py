@@ -138,13 +138,17 @@ class StreamSplits(Dataset):
         """This rank's share of the validation ("val") or test rows, standardised, in pieces: the
         rows of the units it read in the facts pass (unit u mod N), read again now."""
         wanted = VAL if which == "val" else TEST
-        for u in range(rank, len(self.source.units), size):
-            if self.unit_rows[u] == self.unit_train_rows[u]:
-                continue
-            unit = self.source.units[u]
-            for x, y in sources.read_unit(self.source, unit, select=functools.partial(_rows_of, self, wanted, unit)):
-                if len(y):
-                    yield self.scaler.transform(x), self.encode(y)
+        mine = [u for u in range(rank, len(self.source.units), size) if self.unit_rows[u] != self.unit_train_rows[u]]
+        ahead = sources.ReadAhead(self.source, mine)
+        try:
+            for u in mine:
+                unit = self.source.units[u]
+                for x, y in sources.read_unit(self.source, unit, select=functools.partial(_rows_of, self, wanted, unit),
+                                              ahead=ahead):
+                    if len(y):
+                        yield self.scaler.transform(x), self.encode(y)
+        finally:
+            ahead.close()
 
     def encode(self, labels: np.ndarray) -> np.ndarray:
         """Label texts -> class codes: class_names is sorted, so a code is a sorted position;
@@ -505,9 +509,25 @@ class TrainStream:
         place. Windows wholly before the slices' position are skipped unread (on every rank)."""
         s = self.splits
         base = 0
-        for k, units in enumerate(self.windows(epoch)):
+        windows = self.windows(epoch)
+        skip = []  # windows before the position are not read
+        for units in windows:
             total = sum(s.unit_train_rows[u] for u in units)
-            if base + total <= slices.position:
+            skip.append(base + total <= slices.position)
+            base += total
+        # An object store's units fetched ahead, in this order (sources.ReadAhead).
+        ahead = sources.ReadAhead(s.source, [u for units, skipped in zip(windows, skip) if not skipped for u in units])
+        try:
+            yield from self._windows(epoch, slices, windows, skip, ahead)
+        finally:
+            ahead.close()
+
+    def _windows(self, epoch, slices, windows, skip, ahead) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        s = self.splits
+        base = 0
+        for k, units in enumerate(windows):
+            total = sum(s.unit_train_rows[u] for u in units)
+            if skip[k]:
                 base += total
                 continue
             target = None
@@ -519,7 +539,8 @@ class TrainStream:
                 self.before_read()
             for u in units:
                 unit = s.source.units[u]
-                for x, y in sources.read_unit(s.source, unit, select=functools.partial(window.select, unit)):
+                for x, y in sources.read_unit(s.source, unit, select=functools.partial(window.select, unit),
+                                              ahead=ahead):
                     window.put(x, s.encode(y))
             if window.arrived != total:
                 raise DataError(f"{s.source.spec}: the files changed since the run started "
@@ -560,10 +581,30 @@ class TrainStream:
                 yield from self.epoch_batches(epoch, position)
                 epoch, position = epoch + 1, 0
         except DataError as err:
-            # End the stream instead of raising through tf.data (which logs a traceback). Every
-            # rank reads the same units in the same order, so all of them end at the same step;
-            # callbacks.FeedGuard then stops them together, before the epoch's collectives.
+            # End the stream instead of raising through tf.data (which logs a traceback); the
+            # feed then gives idle steps (``idle``) until the ranks agree to stop.
             self.error = f"{err} (epoch {epoch + 1})"
+
+    def idle(self, chunk: int = 0) -> Iterator[Tuple[np.ndarray, ...]]:
+        """After a read failed on this rank: steps of one zero row with loss weight 0, without
+        end. A failure need not come at the same step on every rank (a storage timeout comes
+        when it comes), so this rank keeps stepping with the others, its gradient zero, until
+        the next agreement (stopping.StopCheck, callbacks.FeedGuard at the epoch's end) stops
+        every rank together with its message. ``chunk``: that many steps per item, as the
+        reader process's chunks (x, y, w, rows per step); else one step per item."""
+        s = self.splits
+        n = max(chunk, 1)
+        item = (np.zeros((n, s.n_features), np.float32), np.zeros(n, s.label_dtype), np.zeros(n, np.float32))
+        if chunk:
+            item += (np.ones(n, np.int64),)
+        while True:
+            yield item
+
+    def epochs_then_idle(self, start: int, position: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``epochs``, then idle steps if it ended by a failure."""
+        yield from self.epochs(start, position)
+        if self.error:
+            yield from self.idle()
 
     def check_files(self) -> Optional[str]:
         """After a failure: did a file vanish or change under the run? (Every rank finds the same.)"""
@@ -614,9 +655,12 @@ class StreamFeed:
     """What the epoch loop (loop.py) trains on, for files: a TrainStream from ``epoch`` after
     ``position`` samples, read by a reader process of this rank (reader.py; ``reader="thread"``:
     by a thread of this process, read_ahead). ``steps``: of the first epoch. ``failure``: a file
-    that went bad while it was read (the stream then ends early, on every rank at the same step),
-    or after another error, a file that vanished or changed under the run. ``close``: stops the
-    reader (the loop calls it when a fit ends, also by a stop or an elastic reset)."""
+    that went bad or could not be read on this rank (the stream then gives idle steps until the
+    ranks agree to stop: training/stopping.agree_feed), or after another error, a file that vanished or
+    changed under the run. ``close``: stops the reader (the loop calls it when a fit ends, also
+    by a stop or an elastic reset)."""
+
+    can_fail = True  # its reads may fail mid-run, on any rank at any step
 
     def __init__(self, stream: TrainStream, epoch: int, position: int = 0, reader: str = "process"):
         self.stream, self.epoch, self.position, self.reader = stream, epoch, position, reader
@@ -627,7 +671,7 @@ class StreamFeed:
         stream, depth = self.stream, self.stream.read_ahead_steps()
         if self.reader == "thread":
             # The queued batches are views of the window: ~2 windows / N in memory.
-            return stream.dataset(lambda: read_ahead(stream.epochs(self.epoch, self.position), depth))
+            return stream.dataset(lambda: read_ahead(stream.epochs_then_idle(self.epoch, self.position), depth))
         from .reader import CHUNK_STEPS, Reader, slot_bytes
 
         slots = max(2, min(-(-depth // CHUNK_STEPS), READER_SHARED_BYTES // slot_bytes(stream)))

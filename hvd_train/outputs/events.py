@@ -36,6 +36,7 @@ class EventLog:
     def __init__(self, rt: runtime.Runtime, output_dir: str):
         self.rt, self.path, self.dir = rt, storage.join(output_dir, EVENTS_FILE), output_dir
         self.out = storage.Appender(self.path)
+        self.warned = False
 
     def start(self, **fields: Any) -> None:
         """Creates the output directory (set-up checks have all passed by now) and logs run_start."""
@@ -53,7 +54,14 @@ class EventLog:
     def _append(self, event: str, fields: Dict[str, Any]) -> None:
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
         record = {"event": event, "time": now, **_plain(fields)}
-        self.out.add(json.dumps(record, sort_keys=False, allow_nan=False) + "\n")
+        try:
+            self.out.add(json.dumps(record, sort_keys=False, allow_nan=False) + "\n")
+        except storage.StorageError as err:
+            # The record is kept (an object's next upload carries every line so far); the run's
+            # own failure or success is decided elsewhere: say it once and go on.
+            if not self.warned:
+                self.warned = True
+                runtime.log(self.rt, f"could not write the event log: {err}")
 
 
 def read(path: str) -> List[Dict[str, Any]]:

@@ -18,7 +18,6 @@ import tensorflow as tf
 from .. import runtime, storage
 from ..config.options import TrainConfig
 from ..data import sharding
-from ..data.interface import StreamError
 from ..outputs.events import EventLog
 from ..outputs.run_dir import TENSORBOARD_DIR
 from . import checkpoint, distributed, metrics, pruning, schedules, stopping, tasks
@@ -78,18 +77,19 @@ def progress_mode(config: TrainConfig, rt: runtime.Runtime) -> str:
 
 
 class FeedGuard(keras.callbacks.Callback):
-    """Every rank, first at each epoch's end: training data that went bad while it was read (a
-    feed's ``failure``: a file of a stream deleted or changed, which ends the stream early on
-    every rank) stops the run here, before any collective or checkpoint of the cut-short epoch."""
+    """Every rank, first at each epoch's end: training data that went bad or could not be read
+    (a feed's ``failure``: a file of a stream deleted or changed, an object store that failed
+    on some rank, whose stream then gave idle steps) stops every rank here, together, with its
+    message, before any other collective or checkpoint of the cut-short epoch. Mid-epoch,
+    stopping.StopCheck's agreement asks too."""
 
-    def __init__(self, feed):
+    def __init__(self, rt: runtime.Runtime, feed):
         super().__init__()
-        self.feed = feed
+        self.rt, self.feed = rt, feed
 
     def on_epoch_end(self, epoch, logs=None):
-        problem = self.feed.failure()
-        if problem:
-            raise StreamError(problem)
+        if self.feed.can_fail:
+            stopping.agree_feed(self.rt, self.feed)
 
 
 class SyncReplicaState(keras.callbacks.Callback):

@@ -37,10 +37,13 @@ def fit_epochs(run: RunContext, start: ResumePoint) -> ResumePoint:
                 whole = not point.position  # else the rest of one epoch, alone
                 steps = run.plan.steps_per_epoch if whole else feed.steps
                 use_steps_per_execution(model, execution_steps(steps, config.steps_per_execution))
+                for c in callbacks:
+                    if isinstance(c, stopping.StopCheck):  # a failed read stops every rank too
+                        c.feed = feed
                 try:
                     fitted = model.fit(feed.keras_input(), epochs=config.epochs if whole else point.epoch + 1,
                                        initial_epoch=point.epoch, shuffle=False, steps_per_epoch=steps,
-                                       callbacks=[FeedGuard(feed), *callbacks], verbose=int(live_bar))
+                                       callbacks=[FeedGuard(run.rt, feed), *callbacks], verbose=int(live_bar))
                 finally:
                     feed.close()  # a stream's reader process ends with its fit (also by a stop or a reset)
                 problem = feed.failure()
@@ -53,6 +56,9 @@ def fit_epochs(run: RunContext, start: ResumePoint) -> ResumePoint:
                                     stopped_early=bool(model.stop_training))
     except stopping.Stopped as stop:
         run.log.emit("run_stopped", **stop.fields())
+        raise
+    except StreamError as err:  # agreed by every rank (callbacks.agree_feed)
+        run.log.emit("run_failed", error=str(err))
         raise
     except Exception as err:
         if run.is_reset(err):

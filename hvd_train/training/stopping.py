@@ -31,7 +31,25 @@ from .. import runtime
 from ..config.options import TrainConfig
 from ..config.plan import Plan
 from ..data import sharding
+from ..data.interface import StreamError
 from .metrics import global_sums
+
+
+def agree_feed(rt: runtime.Runtime, feed) -> None:
+    """Collective (for a feed that can fail): StreamError on every rank if a read failed on any,
+    with its message (naming the ranks when not all of them failed)."""
+    # Horovod: every rank reaches this allgather, failed or not.
+    found = runtime.allgather(feed.failure(), "feed") if rt.size > 1 else [feed.failure()]
+    failed = [(rank, msg) for rank, msg in enumerate(found) if msg]
+    if not failed:
+        return
+    rank, message = failed[0]
+    if len(failed) < len(found):
+        message = f"{message} (read by rank(s) {', '.join(str(r) for r, _ in failed)})"
+    err = StreamError(message)
+    err.agreed = True  # every rank raises it: they leave together (cli.py)
+    raise err
+
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 CHECK_SECONDS = 1.0  # about how often the ranks agree on a stop: at most this much more training
@@ -88,6 +106,7 @@ class StopCheck(keras.callbacks.Callback):
         super().__init__()
         self.rt, self.plan, self.batch_size = rt, plan, config.batch_size
         self.cursor, self.carried, self.checkpointer = cursor, carried, checkpointer
+        self.feed = None  # the fit's input (loop.py sets it): a read that failed on any rank stops all
         self.interval, self.steps, self.since = 1, 0, time.perf_counter()  # the first check after one batch
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -119,13 +138,16 @@ class StopCheck(keras.callbacks.Callback):
         import horovod.tensorflow as hvd
 
         local, now = received(), time.perf_counter()
+        failed = int(bool(self.feed is not None and self.feed.failure()))
         if self.rt.size > 1:
             # Rank 0 proposes the batches until the next check (about CHECK_SECONDS of its steps).
             step = (now - self.since) / max(self.steps, 1)
             interval = max(1, int(CHECK_SECONDS / step)) if self.rt.is_rank0 and step > 0 else 0
-            # Horovod: every rank asks after the same batches; a signal on any rank stops all
-            # together, and everyone takes rank 0's interval (the only non-zero one).
-            local, self.interval = (int(v) for v in hvd.allreduce(
-                np.array([local, interval], np.int32), op=hvd.Max, name="stop.check").numpy())
+            # Horovod: every rank asks after the same batches; a signal or a failed read on any
+            # rank stops all together, and everyone takes rank 0's interval (the only non-zero one).
+            local, self.interval, failed = (int(v) for v in hvd.allreduce(
+                np.array([local, interval, failed], np.int32), op=hvd.Max, name="stop.check").numpy())
         self.steps, self.since, self._signal = 0, now, local
+        if failed:  # every rank is here: the failing rank's message, on every rank
+            agree_feed(self.rt, self.feed)
         return bool(local)
