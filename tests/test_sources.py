@@ -247,8 +247,14 @@ def test_the_mlp_trains_on_a_parquet_source_through_a_single_process_facts_pass(
     for a, b in zip(direct, fed, strict=True):
         for u, v in zip(a, b, strict=True):
             np.testing.assert_array_equal(u, v)
-    # A file gone under the run: the reader ends the stream and the training process learns why.
+    # A file gone under the run: the reader ends the stream, the training process learns why and
+    # then trains on idle steps (one zero row, loss weight 0) until the ranks agree to stop
+    # (stopping.agree_feed), so a failure on one rank cannot leave the others in a collective.
     os.remove(tmp_path / "1.parquet")
     train = stream.TrainStream(s, 0, 1, 48, shuffle=False, shuffle_buffer=120)
-    left = list(steps_of(Reader(train, 0, 0, slots=2)))
-    assert len(left) < len(train.slices(0).steps) and "1.parquet" in train.error
+    steps = len(train.slices(0).steps)
+    left = list(itertools.islice(steps_of(Reader(train, 0, 0, slots=2)), steps + 40))
+    assert "1.parquet" in train.error
+    real = [w for _, _, w in left if w.any()]
+    assert len(real) < steps and len(left) == steps + 40
+    assert all(len(w) == 1 and not w.any() for _, _, w in left[len(real):]), "idle after the failure"
