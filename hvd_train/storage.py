@@ -39,6 +39,18 @@ DEFAULT_ATTEMPTS = 3
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
+# What this module reads from the environment: every launcher that starts ranks elsewhere passes
+# the ones set, by name (launch/common.sh's STORAGE_ENV is the same list).
+ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+       "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_EC2_METADATA_DISABLED",
+       "HVD_TRAIN_STORAGE_TIMEOUT", "HVD_TRAIN_STORAGE_ATTEMPTS")
+
+
+def environment() -> dict:
+    """The ENV variables set in this process: what a launcher passes on to its ranks."""
+    return {k: os.environ[k] for k in ENV if k in os.environ}
+
+
 class StorageError(OSError):
     """A location cannot be read or written: one message naming it and the cause."""
 

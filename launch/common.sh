@@ -12,6 +12,22 @@ venv_dir() {
   (cd "$dir" 2>/dev/null && pwd) || echo "$dir"
 }
 
+# What hvd_train's object storage reads from the environment (hvd_train/storage.py, ENV): the
+# standard AWS variables and our timeouts. Launchers that start ranks elsewhere pass the ones set
+# by NAME (mpirun -x NAME, docker -e NAME), so no value is ever on a command line.
+STORAGE_ENV=(AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3
+             AWS_REGION AWS_DEFAULT_REGION AWS_PROFILE AWS_EC2_METADATA_DISABLED
+             HVD_TRAIN_STORAGE_TIMEOUT HVD_TRAIN_STORAGE_ATTEMPTS)
+
+# The STORAGE_ENV names set here, one per line.
+storage_env_set() {
+  local name
+  for name in "${STORAGE_ENV[@]}"; do
+    [[ -n "${!name+x}" ]] && echo "$name"
+  done
+  return 0
+}
+
 die() {
   echo "${prog:-launch}: $*" >&2
   exit 2

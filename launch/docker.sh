@@ -23,7 +23,8 @@ Options:
   -h, --help              this text
 Keys are never part of the image. Mounted key files must be readable by uid 1000 (trainer).
 Environment: DOCKER (default: docker; podman works the same), IMAGE, NP, SSH_PORT,
-DRY_RUN=1 prints the container command instead of running it.
+DRY_RUN=1 prints the container command instead of running it. AWS_* (s3:// data and outputs) reach
+the container by name (-e NAME).
 Examples:
   launch/docker.sh -- --epochs 50 --output-dir runs/iris
   node2$ launch/docker.sh worker --authorized-keys ~/.ssh/hvd.pub
@@ -59,6 +60,8 @@ docker="${DOCKER:-docker}"
 hvd_train=/opt/hvd_train/venv/bin/hvd-train  # absolute: ssh sessions don't get the image's PATH
 mkdir -p "$runs"
 run=("$docker" run --rm --network host -v "$(cd "$runs" && pwd):/home/trainer/runs")
+# Object storage's endpoint and credentials, by name: docker copies the values from this environment.
+while read -r name; do run+=(-e "$name"); done < <(storage_env_set)
 
 case "$mode" in
   local)

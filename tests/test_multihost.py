@@ -68,8 +68,8 @@ def remote(tmp_path_factory):
     sshd.stop()
 
 
-def hosts_sh(sshd, hosts, *args, venv=None, timeout=240):
-    env = {"SSH_OPTS": SSH_OPTS}
+def hosts_sh(sshd, hosts, *args, venv=None, timeout=240, env=None):
+    env = {"SSH_OPTS": SSH_OPTS, **(env or {})}
     if venv:
         env["VENV"] = str(venv)
     return run([REPO / "launch" / "hosts.sh", "-H", hosts, "-p", sshd.port, "-i", sshd.key, *args],
@@ -77,11 +77,25 @@ def hosts_sh(sshd, hosts, *args, venv=None, timeout=240):
 
 
 @pytest.mark.parametrize("controller", ["gloo", pytest.param("mpi", marks=requires_mpi)])
-def test_hosts_sh_runs_rank_1_on_the_remote_host(remote, tmp_path, controller):
-    out = tmp_path / "out"
-    proc = hosts_sh(remote, "127.0.0.1:1,127.0.0.2:1", f"--{controller}", "--", "--epochs", "40",
-                    "--output-dir", out, "--progress", "epoch")
+def test_hosts_sh_runs_rank_1_on_the_remote_host(remote, tmp_path, controller, s3, monkeypatch):
+    """Over Gloo, with nothing shared but the bucket: the data (a Parquet folder) and every output
+    in s3://, the endpoint and credentials passed to the remote rank by horovodrun."""
+    out, extra, env = tmp_path / "out", [], None
+    if controller == "gloo":
+        from files import make_data
+
+        make_data(tmp_path / "data", "parquet", n_rows=[300, 200])
+        data = s3.put_tree(tmp_path / "data", "multihost/data")
+        extra, env = ["--dataset", f"parquet:{data}", "--label-column", "label"], s3.env()
+    proc = hosts_sh(remote, "127.0.0.1:1,127.0.0.2:1", f"--{controller}", "--", "--epochs", "40", *extra,
+                    "--output-dir", "s3://hvd/multihost/out" if env else out, "--progress", "epoch", env=env)
     assert "hosts.sh: 2 host(s) reachable with hvd_train " in proc.stderr, proc.stderr[-2000:]
+    if env:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        s3.fetch("multihost/out", out)
+        assert "outputs in s3://hvd/multihost/out" in proc.stdout
+        for name, value in env.items():  # check_run reads the test rows from the bucket too
+            monkeypatch.setenv(name, value)
     m = check_run(out, proc, 2)
     # Each rank reports where it runs: horovodrun's name for its host, or the address ssh reached.
     assert "; 127.0.0.2: rank(s) 1" in proc.stdout, proc.stdout[:2000]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from conftest import BIN, OUTPUT_FILES, REPO, Background, max_weight_difference, read_json, run_many
 from files import make_data
-from s3server import BUCKET, SECRET
 
 from hvd_train.outputs import events
+from hvd_train.tools.s3server import BUCKET, SECRET
 from hvd_train.training import checkpoint
 
 pytestmark = pytest.mark.integration

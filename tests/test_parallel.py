@@ -33,7 +33,7 @@ def inner_tests() -> list:
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, s3):
-    from s3server import READ_KEY, READ_SECRET
+    from hvd_train.tools.s3server import READ_KEY, READ_SECRET
 
     reports = tmp_path_factory.mktemp("in-job")
     # The real S3 server for test_storage_faults.py: its endpoint and credentials, the standard way.

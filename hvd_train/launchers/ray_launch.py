@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .. import cli, runtime
+from .. import cli, runtime, storage
 from ..config.options import ConfigError
 
 DEFAULT_GRACE_SECONDS = 30.0
@@ -327,8 +327,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write = runtime.write_line
     executor = None
     try:
-        # Ray's own settings (RAY_AUTH_MODE, its token, ...) come from the environment.
-        ray.init(address=options.address or "local", log_to_driver=True)
+        # Ray's own settings (RAY_AUTH_MODE, its token, ...) come from the environment; the object
+        # store's endpoint and credentials go to every worker in the job's runtime environment.
+        ray.init(address=options.address or "local", log_to_driver=True,
+                 runtime_env={"env_vars": storage.environment()})
         # After ray.init, which sets handlers of its own: SIGTERM as Ctrl-C, both leave through the
         # clean-up below, which ends every worker.
         for signum in (signal.SIGINT, signal.SIGTERM):

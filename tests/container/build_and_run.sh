@@ -17,6 +17,10 @@ Environment:
   DEBIAN_MIRROR (default: http://deb.debian.org/debian)
   WHEELS       a directory of prebuilt wheels the build uses instead of compiling (default: the
                venv's wheels/, where scripts/setup.sh keeps the Horovod wheel it built)
+  OUTPUT_DIR   the run's --output-dir (default: /home/trainer/runs/test, copied out to OUT_DIR/run);
+               an s3:// URI is left in the bucket. AWS_* (launch/common.sh's STORAGE_ENV) reach
+               the container when set.
+  PREDICT      "MODEL_DIR INPUT": after training, hvd-train predict in the image (predict.log)
 Layers are cached by podman, so a rebuild after a change to hvd_train/ only redoes the last layers.
 USAGE
 }
@@ -80,15 +84,30 @@ trap 'buildah rm "$ctr" >/dev/null 2>&1 || true' EXIT
 args=("$@")
 [[ ${#args[@]} -gt 0 ]] || args=(--epochs 30)
 # --uts host with --network host, as docker run --network host does: Gloo resolves the hostname.
-buildah run --isolation chroot --network host --uts host --user trainer "$ctr" -- \
-  horovodrun -np 2 -H localhost:2 --gloo hvd-train "${args[@]}" --output-dir /home/trainer/runs/test \
+# shellcheck source=launch/common.sh
+source "$repo/launch/common.sh"
+envs=()
+while read -r name; do envs+=(--env "$name=${!name}"); done < <(storage_env_set)
+output="${OUTPUT_DIR:-/home/trainer/runs/test}"
+buildah run --isolation chroot --network host --uts host --user trainer "${envs[@]}" "$ctr" -- \
+  horovodrun -np 2 -H localhost:2 --gloo hvd-train "${args[@]}" --output-dir "$output" \
   > "$out/train.log" 2>&1 || { tail -40 "$out/train.log" >&2; exit 1; }
+if [[ -n "${PREDICT:-}" ]]; then
+  read -r model input <<< "$PREDICT"
+  buildah run --isolation chroot --network host --user trainer "${envs[@]}" "$ctr" -- \
+    hvd-train predict --model-dir "$model" --input "$input" > "$out/predict.log" 2>&1 \
+    || { tail -40 "$out/predict.log" >&2; exit 1; }
+fi
 buildah run --isolation chroot --user trainer "$ctr" -- hvd-train versions > "$out/versions.txt"
 buildah run --isolation chroot --user trainer "$ctr" -- horovodrun --check-build > "$out/check-build.txt"
 
 # 4. The outputs, copied out of the container's filesystem.
+if [[ "$output" == s3://* ]]; then
+  echo "build_and_run.sh: trained in $image; outputs in $output"
+  exit 0
+fi
 mnt="$(buildah mount "$ctr")"
 rm -rf "$out/run"
-cp -r "$mnt/home/trainer/runs/test" "$out/run"
+cp -r "$mnt$output" "$out/run"
 buildah umount "$ctr" >/dev/null
 echo "build_and_run.sh: trained in $image; outputs in $out/run"

@@ -310,15 +310,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "--data-rows; startup: where a launch's seconds go before the first step, not in the "
                         "default set; profile: an epoch's time at np=1, hvd_train against plain Keras, part by part, "
                         "not in the default set; precision: float32 against mixed_bfloat16, MLP and CNN at np=1 "
-                        "and np=2)")
+                        "and np=2; storage: the data path from s3:// (a local SeaweedFS) against local disk, not "
+                        "in the default set, see --storage-rows)")
     parser.add_argument("--data-rows", default="400000,1600000", help="data section: rows of the generated files")
+    parser.add_argument("--storage-rows", type=int, default=400000, help="storage section: rows of the files")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per launched run")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     repeats = args.repeats or p.pop("repeats")
     p.pop("repeats", None)
     sections = set(args.sections.split(","))
-    unknown = sections - {"scaling", "cnn", "wire", "knobs", "data", "startup", "profile", "precision"}
+    unknown = sections - {"scaling", "cnn", "wire", "knobs", "data", "startup", "profile", "precision", "storage"}
     if unknown or repeats < 1:
         parser.error(f"unknown sections {sorted(unknown)}" if unknown else "--repeats must be >= 1")
     controllers = ["gloo"] + (["mpi"] if shutil.which("mpirun") else [])
@@ -354,6 +356,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
                 rows = [TINY_ROWS] if args.quick else [int(r) for r in args.data_rows.split(",")]
                 results["data"] = data_section(Path(work), rows, args.timeout, log)
+            if "storage" in sections:
+                from .datapath import TINY_ROWS
+                from .storage import storage_section
+
+                # --quick: Parquet alone (CSV takes the same storage calls), on the data section's tiny file.
+                results["storage"] = storage_section(
+                    Path(work), TINY_ROWS if args.quick else args.storage_rows, args.timeout, log,
+                    **({"kinds": ("parquet",)} if args.quick else {}))
             if "startup" in sections:
                 from .startup import startup_section
 

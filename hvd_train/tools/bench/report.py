@@ -100,6 +100,10 @@ def markdown(r: Dict[str, Any]) -> str:
         from .datapath import lines as data_lines
 
         lines += [""] + data_lines(r["data"])
+    if "storage" in r:
+        from .storage import lines as storage_lines
+
+        lines += [""] + storage_lines(r["storage"])
     if "startup" in r:
         from .startup import lines as startup_lines
 
@@ -152,6 +156,18 @@ def targets(r: Dict[str, Any]) -> List[Tuple[str, str, str, bool]]:
                 g = growth(r["data"], kind)
                 out.append((f"{kind}: data memory growth, {sizes[0]} -> {sizes[-1]} rows (np=1)", f"{g:.2f}x",
                             "<= 1.3x", g <= 1.3))
+    if "storage" in r:
+        from .storage import ratios as storage_ratios
+
+        for kind in ("csv", "parquet"):
+            f = storage_ratios(r["storage"], kind)
+            for world in ("np1", "np2"):
+                if world in f:
+                    out.append((f"{kind}: training from s3:// / from local disk, {world}", f"{f[world]:.2f}",
+                                ">= 0.8", f[world] >= 0.8))
+            if kind == "parquet" and "bytes_np2_np1" in f:
+                out.append(("parquet: bytes fetched per rank from s3://, np=2 / np=1", f"{f['bytes_np2_np1']:.2f}",
+                            "<= 0.55", f["bytes_np2_np1"] <= 0.55))
     return out
 
 

