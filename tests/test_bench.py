@@ -120,8 +120,7 @@ def test_data_section_measures_the_file_paths(bench):
 def test_storage_section_reads_from_a_real_s3_server_and_counts_its_requests(bench):
     out, _ = bench
     r = json.loads((out / "results.json").read_text())["storage"]
-    assert r["rows"] == 2000 and set(r["paths"]) == {"parquet_local_np1", "parquet_s3_np1", "parquet_local_np2",
-                                                     "parquet_s3_np2"}
+    assert r["rows"] == 2000 and set(r["paths"]) == {"parquet_local_np1", "parquet_s3_np1", "parquet_s3_np2"}
     for path, e in r["paths"].items():
         assert positive(e["train_samples_per_second"]) and positive(e["reader_cpu_s_per_epoch"])
         # The server served the bucket's launches (and none of the local ones): requests, bytes, latency.

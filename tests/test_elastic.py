@@ -50,7 +50,7 @@ def local_hosts(count: int) -> list:
 class ElasticJob(Background):
     """launch/elastic.sh, or with ``command`` plain horovodrun's elastic flags around it."""
 
-    def __init__(self, tmp_path, hosts, min_np, max_np, args, launcher_args=(), command=(), interface="lo"):
+    def __init__(self, tmp_path, hosts, min_np, max_np, args, launcher_args=(), command=(), interface="lo", env=None):
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.hosts_file, self.out = tmp_path / "hosts.txt", tmp_path / "out"
         self.set_hosts(hosts)
@@ -63,7 +63,7 @@ class ElasticJob(Background):
                         *(["--network-interface", interface] if interface else []), *launcher_args, "--"]
         super().__init__([*launcher, *args, "--output-dir", self.out],
                          env={"HOSTS_FILE": str(self.hosts_file), "VENV": str(BIN.parent),
-                              "HOROVOD_GLOO_TIMEOUT_SECONDS": "10"})
+                              "HOROVOD_GLOO_TIMEOUT_SECONDS": "10", **(env or {})})
 
     def set_hosts(self, hosts) -> None:
         tmp = self.hosts_file.with_suffix(".tmp")
@@ -150,16 +150,21 @@ def test_rank0_dies_then_a_host_joins(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
-def test_a_file_dataset_loses_a_worker_mid_epoch_and_gains_one(tmp_path, kind):
+def test_a_file_dataset_loses_a_worker_mid_epoch_and_gains_one(tmp_path, kind, s3):
     # Files are read in shares and streamed: after each reset the rest of the epoch is re-shared
     # from the committed position, and the newcomer learns the data's facts from the state's
     # sync (it never ran the facts pass). CSV loses a worker, Parquet (read in windows of row
-    # groups) rank 0 itself. No --network-interface: elastic.sh picks the loopback.
+    # groups) rank 0 itself. No --network-interface: elastic.sh picks the loopback. Parquet's
+    # data and checkpoints are in the bucket (s3://, a real server): the same elastic path.
     make_data(tmp_path / kind, kind, n_rows=[1800, 0, 1400, 1800])  # about 3500 training rows
+    data, extra, env = f"{kind}:{tmp_path / kind}", [], None
+    if kind == "parquet":
+        data = f"parquet:{s3.put_tree(tmp_path / kind, 'elastic/data')}"
+        extra, env = ["--checkpoint-dir", "s3://hvd/elastic/ckpt", "--keep-checkpoints", "2"], s3.env()
     hosts = local_hosts(4)
     job = ElasticJob(tmp_path, hosts[:3], 2, 3, [
-        "--dataset", f"{kind}:{tmp_path / kind}", "--label-column", "label", "--batch-size", "16", "--epochs", "40",
-        "--commit-every", "10", "--shuffle-buffer", "1000", "--progress", "epoch"], interface=None)
+        "--dataset", data, "--label-column", "label", "--batch-size", "16", "--epochs", "40",
+        "--commit-every", "10", "--shuffle-buffer", "1000", "--progress", "epoch", *extra], interface=None, env=env)
     rank = 0 if kind == "parquet" else 2
     _, killed, shrink, grow = shrink_then_grow(job, hosts, rank)
     metrics = finished(job, 3, 40, n_train=None)  # every row once per epoch, exact test metrics
@@ -178,6 +183,10 @@ def test_a_file_dataset_loses_a_worker_mid_epoch_and_gains_one(tmp_path, kind):
           f"{seconds_after(cut, 0) - seconds_after(shrink, 0):.2f}s against {rest * typical:.2f}s of a median epoch "
           f"({typical:.2f}s); test accuracy {metrics['test_accuracy']:.4f}")
     assert seconds_after(shrink, killed) < 60
+    if env:  # the last checkpoints, pruned, in the bucket
+        from hvd_train.training import checkpoint
+
+        assert sorted(s3.listing("elastic/ckpt")) == [checkpoint.file_name(39), checkpoint.file_name(40)]
 
 
 def test_lost_worker_finishes_like_an_uninterrupted_run(tmp_path):

@@ -65,6 +65,9 @@ def runs(s3, bucket, stopped, tmp_path_factory):
                     "--resume", "auto", "--output-dir", uri("resumed")],
     }
     one = {kind: ["--dataset", bucket[kind], *TRAIN, "--batch-size", str(GLOBAL_BATCH)] for kind in ("csv", "parquet")}
+    # CSV's runs take 3 epochs (their own comparison); Parquet's 5, as the stopped run.
+    for runs in (two, one):
+        runs["csv"] += ["--epochs", "3"]
     return run_many(2, two, work / "np2", env=s3.env()), run_many(1, one, work / "np1", env=s3.env())
 
 
@@ -88,7 +91,7 @@ def test_n_processes_on_the_bucket_equal_one_process_with_n_times_the_batch(s3, 
     assert m["test_loss"] == pytest.approx(ref["test_loss"], rel=1e-4)
     assert abs(m["test_accuracy"] - ref["test_accuracy"]) <= 1 / m["test_samples"]
     done = [e["event"] for e in events.read(out / "events.jsonl")]
-    assert done[0] == "run_start" and done.count("epoch") == 5 and done[-1] == "run_end"
+    assert done[0] == "run_start" and done.count("epoch") == (3 if kind == "csv" else 5) and done[-1] == "run_end"
     assert "every rank streams the" in two[kind].stdout and f"outputs in {uri(kind)}" in two[kind].job_stdout
 
 

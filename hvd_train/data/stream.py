@@ -220,17 +220,26 @@ def load(config, rank: int, size: int, host: str = "") -> StreamSplits:
     # 1. One rank per host (its first) lists the files, reads their headers and samples their
     # edges; the host's other ranks take its view from one allgather (an object store is asked
     # once per host, not once per rank). A host that sees other files than the others is caught
-    # by the consensus fingerprint later.
+    # by the consensus fingerprint later. The view is shared by the ranks that name the same
+    # location (a local path made absolute: ranks in other working directories see other files).
+    from .. import storage
+
+    kind, _, spec = config.dataset.partition(":")
+    try:
+        where = storage.absolute(spec)
+    except storage.StorageError:
+        where = spec  # an unsupported scheme: open_source says so below
     opened, error = None, None
-    hosts = runtime.allgather(host, "data.hosts")
-    if hosts.index(host) == rank:  # this host's first rank
+    keys = runtime.allgather((host, kind, where), "data.hosts")
+    key = keys[rank]
+    if keys.index(key) == rank:  # the first rank of this host to name this location
         try:
             source = sources.open_source(config.dataset, config.label_column or "")
             opened = (source, source.sample_digest())
         except DataError as err:
             error = str(err)
     views = runtime.agree_gather(error, opened, "data.open")
-    source, sample = views[hosts.index(host)]
+    source, sample = views[keys.index(key)]
 
     # 2. This rank's units: split, moments of training rows, labels, evaluation rows, digests.
     mine = tuple(range(rank, len(source.units), size))

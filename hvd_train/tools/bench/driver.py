@@ -360,10 +360,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 from .datapath import TINY_ROWS
                 from .storage import storage_section
 
-                # --quick: Parquet alone (CSV takes the same storage calls), on the data section's tiny file.
+                # --quick: Parquet alone (CSV takes the same storage calls), on the data section's tiny file,
+                # from local disk at np=1 only.
                 results["storage"] = storage_section(
                     Path(work), TINY_ROWS if args.quick else args.storage_rows, args.timeout, log,
-                    **({"kinds": ("parquet",)} if args.quick else {}))
+                    **({"kinds": ("parquet",), "local_worlds": (1,)} if args.quick else {}))
             if "startup" in sections:
                 from .startup import startup_section
 

@@ -24,7 +24,8 @@ WORLDS = (1, 2)
 
 
 def storage_section(work: Path, rows: int, timeout: int, log: Callable[[str], None],
-                    kinds=KINDS, worlds=WORLDS) -> Dict[str, Any]:
+                    kinds=KINDS, worlds=WORLDS, local_worlds=WORLDS) -> Dict[str, Any]:
+    """``local_worlds``: the world sizes also read from local disk (--quick: np=1 alone)."""
     from ..s3server import BUCKET, S3Server
 
     files = datapath.generate(work / "storage-data", rows)
@@ -39,7 +40,7 @@ def storage_section(work: Path, rows: int, timeout: int, log: Callable[[str], No
                 f.write(files[kind].read_bytes())
         for kind in kinds:
             for np_ in worlds:
-                for where in ("local", "s3"):
+                for where in ("local", "s3") if np_ in local_worlds else ("s3",):
                     name = files[kind].name
                     spec = f"{kind}:{files[kind]}" if where == "local" else f"{kind}:s3://{BUCKET}/bench/{name}"
                     before = server.metrics()
