@@ -55,6 +55,10 @@ class StorageError(OSError):
     """A location cannot be read or written: one message naming it and the cause."""
 
 
+class NotFound(StorageError, FileNotFoundError):
+    """Nothing at the location (a FileNotFoundError too, for callers that wait for a file)."""
+
+
 def scheme(location: str) -> Optional[str]:
     """The URI scheme of a location (lower case), or None for a local path (``file://`` too)."""
     m = _URI.match(os.fspath(location or ""))
@@ -205,7 +209,9 @@ def _errors(location: str) -> Iterator[None]:
         yield
     except StorageError:
         raise
-    except OSError as err:  # pyarrow's errors are OSError (FileNotFoundError, PermissionError, ...)
+    except FileNotFoundError as err:
+        raise NotFound(describe(err, location)) from None
+    except OSError as err:  # pyarrow's errors are OSError (PermissionError, ...)
         raise StorageError(describe(err, location)) from None
 
 

@@ -132,9 +132,44 @@ class Ending:
         return getattr(self.stream, name)
 
 
+# Variables whose values are secrets: horovodrun (Gloo) writes every variable it forwards on each
+# rank's `sh -c env NAME=value ...` command line, which `ps` shows for the job's life. A rank on
+# this machine inherits them from horovodrun's own environment instead; a rank on another host
+# (ssh) still gets them on its command line (docs/storage.md: prefer roles or profiles there).
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def _keep_secrets_off_local_command_lines() -> None:
+    from horovod.runner import gloo_run
+    from horovod.runner.util import network
+
+    make = gloo_run._slot_info_to_command_fn
+    if getattr(make, "hvd_train", False):
+        return
+
+    def slot_commands(run_command, env):
+        everywhere = make(run_command, env)
+        here = make(run_command, {k: v for k, v in env.items() if k not in SECRET_ENV})
+        local = set(network.get_local_host_addresses())
+
+        def command(slot_info):
+            try:
+                on_this_machine = network.resolve_host_address(slot_info.hostname) in local
+            except Exception:  # noqa: BLE001 - unresolvable: as horovodrun itself treats it, remote
+                on_this_machine = False
+            return (here if on_this_machine else everywhere)(slot_info)
+
+        return command
+
+    slot_commands.hvd_train = True
+    gloo_run._slot_info_to_command_fn = slot_commands
+
+
 def main() -> int:
     from horovod.runner import launch
 
+    # Horovod: a secret in the environment stays off local ranks' command lines (see SECRET_ENV).
+    _keep_secrets_off_local_command_lines()
     facts = built()
     if facts is not None:
         # Horovod: the answers of its build check, from its own library, for this launch.
