@@ -7,6 +7,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .. import runtime
+
 
 class DataError(ValueError):
     """The data cannot be used; the message says why."""
@@ -134,3 +136,19 @@ def check_splits(dataset: Dataset, val_fraction: float, test_fraction: float) ->
             return (f"class {name!r} has no training samples (train/val/test {'/'.join(map(str, per_split))}): "
                     f"a model cannot learn it; more data for it, or leave its rows out")
     return None
+
+
+def agree_failure(problem: Optional[str], what: str, size: int = 2) -> None:
+    """Collective: StreamError on every rank if ``problem`` is set on any (a read that failed
+    mid-run), the first failing rank's message, naming the ranks when not all of them failed."""
+    # Horovod: every rank reaches this allgather, failed or not.
+    found = runtime.allgather(problem, what) if size > 1 else [problem]
+    failed = [(rank, msg) for rank, msg in enumerate(found) if msg]
+    if not failed:
+        return
+    rank, message = failed[0]
+    if len(failed) < len(found):
+        message = f"{message} (read by rank(s) {', '.join(str(r) for r, _ in failed)})"
+    err = StreamError(message)
+    err.agreed = True  # every rank raises it: they leave together (cli.py)
+    raise err

@@ -25,12 +25,20 @@ def evaluate(model, pieces: Iterable[Tuple[np.ndarray, np.ndarray]], task) -> Di
     residual histogram), identical on every rank."""
     import horovod.tensorflow as hvd
 
-    totals = np.zeros(task.width(), np.float64)
-    for x, y in pieces:
-        totals += local_sums(model, x, y, task)
+    from ..data.interface import DataError, agree_failure
+
+    totals = np.zeros(task.width() + 1, np.float64)  # and a last element: did this rank's read fail
+    problem = None
+    try:
+        for x, y in pieces:
+            totals[:-1] += local_sums(model, x, y, task)
+    except DataError as err:  # a file or object that went bad: every rank learns it below
+        problem, totals[-1] = str(err), 1.0
     # Horovod: sum (not average) so ranks with more samples weigh more: exact whole-set metrics.
     totals = hvd.allreduce(totals, op=hvd.Sum, name="eval_sums").numpy()
-    return task.result(totals)
+    if totals[-1]:
+        agree_failure(problem, "eval")
+    return task.result(totals[:-1])
 
 
 def gather_predictions(model, pieces: Iterable[Tuple[np.ndarray, np.ndarray]], world_size: int,

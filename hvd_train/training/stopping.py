@@ -31,24 +31,17 @@ from .. import runtime
 from ..config.options import TrainConfig
 from ..config.plan import Plan
 from ..data import sharding
-from ..data.interface import StreamError
+from ..data.interface import agree_failure
 from .metrics import global_sums
 
 
 def agree_feed(rt: runtime.Runtime, feed) -> None:
     """Collective (for a feed that can fail): StreamError on every rank if a read failed on any,
     with its message (naming the ranks when not all of them failed)."""
-    # Horovod: every rank reaches this allgather, failed or not.
-    found = runtime.allgather(feed.failure(), "feed") if rt.size > 1 else [feed.failure()]
-    failed = [(rank, msg) for rank, msg in enumerate(found) if msg]
-    if not failed:
-        return
-    rank, message = failed[0]
-    if len(failed) < len(found):
-        message = f"{message} (read by rank(s) {', '.join(str(r) for r, _ in failed)})"
-    err = StreamError(message)
-    err.agreed = True  # every rank raises it: they leave together (cli.py)
-    raise err
+    agree_failure(feed.failure(), "feed", rt.size)
+
+
+
 
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)

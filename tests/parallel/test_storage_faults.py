@@ -188,3 +188,48 @@ def test_a_freeze_shorter_than_the_timeout_is_retried_through(rt, shared_tmp, da
         size, seconds = freeze.probed
         print(f"a request made at the freeze: {size} bytes after {seconds:.1f}s (timeout 1.5 s)")
         assert size == storage.size(f"{PREFIX}/data/part-1.parquet") and seconds > 1.5
+
+
+class Kill(keras.callbacks.Callback):
+    """Rank 0, no collective: SIGKILL a server at the start of the second epoch."""
+
+    def __init__(self, rt, server):
+        super().__init__()
+        self.rt, self.server, self.at = rt, server, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1 and self.rt.rank == 0 and self.at is None:
+            self.at = time.monotonic()
+            os.killpg(self.server.process.pid, signal.SIGKILL)
+
+
+def test_a_server_killed_mid_epoch_stops_every_rank_with_one_message(rt, shared_tmp):
+    """A server of this test's own (rank 0 starts it, both ranks read from it), killed in the
+    second epoch: the next request fails (nothing listens), every rank says so, once."""
+    from hvd_train.tools.s3server import S3Server
+
+    server = S3Server(shared_tmp / "own-server").start() if rt.rank == 0 else None
+    env = runtime.broadcast(server.env() if server else None, "faults.own_server")
+    if rt.rank == 0:
+        rng = np.random.default_rng(5)
+        x = rng.normal(size=(20000, 4))
+        table = pa.table({**{f"f{i}": x[:, i] for i in range(4)}, "label": np.where(x[:, 0] > 0, "a", "b")})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=500)
+        with server.filesystem().open_output_stream("hvd/own/part-0.parquet") as f:
+            f.write(buf.getvalue())
+    runtime.broadcast(None, "faults.own_data")
+    kill = Kill(rt, server)
+    try:
+        every, _ = _run(rt, ["--dataset", "parquet:s3://hvd/own/", "--label-column", "label", "--epochs", "4",
+                             "--batch-size", "50", "--shuffle-buffer", "2000", "--output-dir", str(shared_tmp / "out")],
+                        {**env, "HVD_TRAIN_STORAGE_TIMEOUT": "2", "HVD_TRAIN_STORAGE_ATTEMPTS": "2"}, during=kill)
+    finally:
+        if server:
+            server.stop()
+    since = runtime.broadcast(time.monotonic() - kill.at if kill.at else None, "faults.killed")
+    print(f"killed server: every rank's message {since:.1f}s after the kill: {every[0]}")
+    assert every[0] is not None and every[0].startswith("StreamError: s3://hvd/own/part-0.parquet"), every
+    assert "cannot connect to the storage endpoint http://127.0.0.1:" in every[0], every
+    assert every == [every[0]] * rt.size and since < BOUND_S
+    assert not (shared_tmp / "out" / "metrics.json").exists()
