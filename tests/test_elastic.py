@@ -150,7 +150,7 @@ def test_rank0_dies_then_a_host_joins(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
-def test_a_file_dataset_loses_a_worker_mid_epoch_and_gains_one(tmp_path, kind, s3):
+def test_a_file_dataset_loses_a_worker_mid_epoch_and_gains_one(tmp_path, kind, s3, monkeypatch):
     # Files are read in shares and streamed: after each reset the rest of the epoch is re-shared
     # from the committed position, and the newcomer learns the data's facts from the state's
     # sync (it never ran the facts pass). CSV loses a worker, Parquet (read in windows of row
@@ -167,6 +167,8 @@ def test_a_file_dataset_loses_a_worker_mid_epoch_and_gains_one(tmp_path, kind, s
         "--commit-every", "10", "--shuffle-buffer", "1000", "--progress", "epoch", *extra], interface=None, env=env)
     rank = 0 if kind == "parquet" else 2
     _, killed, shrink, grow = shrink_then_grow(job, hosts, rank)
+    for name, value in (env or {}).items():  # check_run reads the test rows from the bucket too
+        monkeypatch.setenv(name, value)
     metrics = finished(job, 3, 40, n_train=None)  # every row once per epoch, exact test metrics
     assert shrink["epoch"] >= 2 and 0 < shrink["position"] < shrink["samples_per_epoch"], "cut mid-epoch"
     assert metrics["elastic_resets"] == 2 and metrics["test_accuracy"] > 0.9
