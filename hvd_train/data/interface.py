@@ -138,11 +138,12 @@ def check_splits(dataset: Dataset, val_fraction: float, test_fraction: float) ->
     return None
 
 
-def agree_failure(problem: Optional[str], what: str, size: int = 2) -> None:
+def agree_failure(problem: Optional[str], what: str, size: Optional[int] = None) -> None:
     """Collective: StreamError on every rank if ``problem`` is set on any (a read that failed
-    mid-run), the first failing rank's message, naming the ranks when not all of them failed."""
+    mid-run), the first failing rank's message, naming the ranks when not all of them failed.
+    ``size``: the world's, when the caller knows it (1: nothing to gather)."""
     # Horovod: every rank reaches this allgather, failed or not.
-    found = runtime.allgather(problem, what) if size > 1 else [problem]
+    found = [problem] if size == 1 else runtime.allgather(problem, what)
     failed = [(rank, msg) for rank, msg in enumerate(found) if msg]
     if not failed:
         return

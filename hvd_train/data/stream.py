@@ -517,28 +517,23 @@ class TrainStream:
         a time: (x standardised float32, class codes). Each row is written once, straight to its
         place. Windows wholly before the slices' position are skipped unread (on every rank)."""
         s = self.splits
+        todo = []  # (k, units, base, total) of the windows to read; those before the position are not
         base = 0
-        windows = self.windows(epoch)
-        skip = []  # windows before the position are not read
-        for units in windows:
+        for k, units in enumerate(self.windows(epoch)):
             total = sum(s.unit_train_rows[u] for u in units)
-            skip.append(base + total <= slices.position)
+            if base + total > slices.position:
+                todo.append((k, units, base, total))
             base += total
         # An object store's units fetched ahead, in this order (sources.ReadAhead).
-        ahead = sources.ReadAhead(s.source, [u for units, skipped in zip(windows, skip) if not skipped for u in units])
+        ahead = sources.ReadAhead(s.source, [u for _, units, _, _ in todo for u in units])
         try:
-            yield from self._windows(epoch, slices, windows, skip, ahead)
+            yield from self._windows(epoch, slices, todo, ahead)
         finally:
             ahead.close()
 
-    def _windows(self, epoch, slices, windows, skip, ahead) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    def _windows(self, epoch, slices, todo, ahead) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         s = self.splits
-        base = 0
-        for k, units in enumerate(windows):
-            total = sum(s.unit_train_rows[u] for u in units)
-            if skip[k]:
-                base += total
-                continue
+        for k, units, base, total in todo:
             target = None
             if self.shuffle:  # where each arriving row goes: the inverse of the window's permutation
                 target = np.empty(total, np.int64)
@@ -554,7 +549,6 @@ class TrainStream:
             if window.arrived != total:
                 raise DataError(f"{s.source.spec}: the files changed since the run started "
                                 f"({window.arrived} training rows where there were {total})")
-            base += total
             yield window.x, window.y
 
     def epoch_batches(self, epoch: int, position: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -621,12 +615,13 @@ class TrainStream:
 
         for path, size in zip(self.splits.source.files, self.splits.source.sizes):
             try:
-                if not storage.is_file(path):
-                    return f"{path} disappeared while being read"
-                if storage.size(path) != size:
-                    return f"{path} changed while being read (size {size} -> {storage.size(path)} bytes)"
+                found = storage.info(path)  # one request: what is there, and its size
             except storage.StorageError as err:
                 return str(err)
+            if not found.is_file:
+                return f"{path} disappeared while being read"
+            if found.size != size:
+                return f"{path} changed while being read (size {size} -> {found.size} bytes)"
         return None
 
     def read_ahead_steps(self) -> int:

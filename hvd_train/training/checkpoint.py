@@ -143,10 +143,10 @@ def save(directory: str, epoch: int, state: State, meta: Dict[str, Any], keep: i
 def load(path: str) -> Checkpoint:
     """Read and verify one checkpoint; CheckpointError says why it cannot be used."""
     try:
-        if not storage.is_file(path):
-            raise CheckpointError(f"{path} does not exist")
         with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+    except storage.NotFound:
+        raise CheckpointError(f"{path} does not exist") from None
     except storage.StorageError as err:
         raise CheckpointError(f"cannot read checkpoint {err}") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as err:

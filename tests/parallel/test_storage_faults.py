@@ -140,16 +140,21 @@ class Freeze(keras.callbacks.Callback):
         os.kill(int(os.environ["HVD_TRAIN_TEST_S3_PID"]), signal.SIGCONT)
 
 
+def _run_frozen(rt, args, timeout: str, attempts: str, freeze: Freeze) -> list:
+    """_run with ``freeze`` and these request settings; the server always thawed after (rank 0)."""
+    try:
+        return _run(rt, args, {"HVD_TRAIN_STORAGE_TIMEOUT": timeout, "HVD_TRAIN_STORAGE_ATTEMPTS": attempts},
+                    during=freeze)[0]
+    finally:
+        if rt.rank == 0:
+            freeze.thaw()
+
+
 def test_a_server_frozen_mid_epoch_stops_every_rank_with_one_message_and_the_checkpoint_intact(rt, shared_tmp, data):
     freeze = Freeze(rt)
     args = ["--dataset", data, "--label-column", "label", "--epochs", "4", "--batch-size", "50",
             "--output-dir", f"{PREFIX}/frozen", "--checkpoint-dir", f"{PREFIX}/frozen-ckpt"]
-    try:
-        every, took = _run(rt, args, {"HVD_TRAIN_STORAGE_TIMEOUT": "2", "HVD_TRAIN_STORAGE_ATTEMPTS": "2"},
-                           during=freeze)
-    finally:
-        if rt.rank == 0:
-            freeze.thaw()
+    every = _run_frozen(rt, args, "2", "2", freeze)
     since = runtime.broadcast(time.monotonic() - freeze.at if freeze.at else None, "faults.since")
     print(f"frozen server: every rank's message {since:.1f}s after the freeze: {every[0]}")
     # The reader's next request (or, if it had read ahead that far, the next checkpoint's upload)
@@ -172,12 +177,7 @@ def test_a_freeze_shorter_than_the_timeout_is_retried_through(rt, shared_tmp, da
     freeze = Freeze(rt, seconds=2.5, probe=f"{PREFIX}/data/part-1.parquet")
     args = ["--dataset", data, "--label-column", "label", "--epochs", "3", "--batch-size", "50",
             "--output-dir", f"{PREFIX}/retried"]
-    try:
-        every, took = _run(rt, args, {"HVD_TRAIN_STORAGE_TIMEOUT": "1.5", "HVD_TRAIN_STORAGE_ATTEMPTS": "4"},
-                           during=freeze)
-    finally:
-        if rt.rank == 0:
-            freeze.thaw()
+    every = _run_frozen(rt, args, "1.5", "4", freeze)
     assert every == [None] * rt.size, every
     assert storage.exists(f"{PREFIX}/retried/metrics.json")
     if rt.rank == 0:
