@@ -101,7 +101,7 @@ def test_n_processes_on_the_bucket_equal_one_process_with_n_times_the_batch(s3, 
     assert abs(m["test_accuracy"] - ref["test_accuracy"]) <= 1 / m["test_samples"]
     done = [e["event"] for e in events.read(out / "events.jsonl")]
     assert done[0] == "run_start" and done.count("epoch") == (3 if kind == "csv" else 5) and done[-1] == "run_end"
-    assert "every rank streams the" in two[kind].stdout and f"outputs in {uri(kind)}" in two[kind].job_stdout
+    assert "training rows stream each epoch" in two[kind].stdout and f"outputs in {uri(kind)}" in two[kind].job_stdout
 
 
 def test_checkpoints_tensorboard_and_pruning_in_the_bucket(s3, runs):

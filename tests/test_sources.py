@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hvd_train.config.options import TrainConfig
-from hvd_train.data import sources, stream
+from hvd_train.data import sharding, sources, stream
 from hvd_train.data.interface import DataError
 
 
@@ -202,26 +202,52 @@ def test_the_mlp_trains_on_a_parquet_source_through_a_single_process_facts_pass(
     np.testing.assert_allclose(s.scaler.mean, x[split == stream.TRAIN].mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(s.scaler.scale, x[split == stream.TRAIN].std(axis=0), rtol=1e-12)
     # The streamed epoch: every training row once, in an order that changes with the epoch; with
-    # 3 ranks, each keeps its slices of the same global order.
+    # N ranks, each its share of the same global order.
     expected = np.sort(s.scaler.transform(x[split == stream.TRAIN])[:, 0])
     train = stream.TrainStream(s, 0, 1, 48, shuffle=True, shuffle_buffer=120)
     epochs = [np.concatenate([xb for xb, _, _ in train.epoch_batches(e)]) for e in (0, 1)]
     for e in epochs:
         np.testing.assert_allclose(np.sort(e[:, 0]), expected, rtol=1e-6)
     assert not np.array_equal(epochs[0], epochs[1])
-    ranks = [list(stream.TrainStream(s, r, 3, 16, shuffle=True, shuffle_buffer=120).epoch_batches(0)) for r in range(3)]
-    assert len({len(steps) for steps in ranks}) == 1, "equal steps"
-    joined = np.concatenate([np.concatenate([ranks[r][k][0] for r in range(3)]) for k in range(len(ranks[0]))])
-    np.testing.assert_array_equal(joined, epochs[0])
+    def by_rows(x):  # a step's rows as a set: ranks owning units of a window hold its rows in their own order
+        return x[np.lexsort(x.T[::-1])]
+
+    one = [xb for xb, _, _ in stream.TrainStream(s, 0, 1, 48, shuffle=True, shuffle_buffer=120).epoch_batches(0)]
+    # Windows of at least N units are shared by units, each unit read by one rank; others by
+    # slices of each step, every unit read by every rank. Here windows of 2, 2, 2 and 3 units (the
+    # remainder joins the last): 2 ranks read each unit once, but for the one the 3-unit window's
+    # cut falls in (10 reads); 3 ranks read the 2-unit windows 3 times (18) and the last once (3).
+    assert [len(w) for w in stream.TrainStream(s, 0, 1, 48, True, 120).windows(0)] == [2, 2, 2, 3]
+    for size, units_read in ((2, 10), (3, 21)):
+        b = 48 // size
+        streams = [stream.TrainStream(s, r, size, b, shuffle=True, shuffle_buffer=120) for r in range(size)]
+        ranks = [list(t.epoch_batches(0)) for t in streams]
+        assert len({len(steps) for steps in ranks}) == 1, "equal steps"
+        for k, batch in enumerate(one):  # N x b trains on the global batches 1 x N*b does
+            together = np.concatenate([ranks[r][k][0][ranks[r][k][2] > 0] for r in range(size)])
+            np.testing.assert_array_equal(by_rows(together), by_rows(batch))
+            # Loss weights n_r * N / n_step: the mean of the ranks' weighted means is the global mean.
+            assert all(np.allclose(ranks[r][k][2][ranks[r][k][2] > 0], len(ranks[r][k][2]) * size / len(batch))
+                       for r in range(size))
+        reads = [[u for share in t.shares(0, t.slices()) for u, _, _ in share.reads] for t in streams]
+        assert sum(map(len, reads)) == units_read, reads
+        # A rank's share of every step, give or take a few rows; step_rows counts what it trains.
+        for r, t in enumerate(streams):
+            counts = [int((w > 0).sum()) for _, _, w in ranks[r]]
+            assert counts == t.step_rows(0).tolist() == s.step_rows(r, size, config.replace(batch_size=b), 0).tolist()
+            assert np.median([abs(c - b) for c in counts[:-1]]) <= 0.1 * b, counts
     # From a position into the epoch (a stop, a resume in another world): the rest of the same
     # order, shared by the ranks, whole windows before the position not read.
+    joined = epochs[0]
     for size, position in ((1, 300), (2, 300), (3, 619), (4, len(joined) - 2)):
         feeds = [s.train_feed(r, size, config.replace(batch_size=16), 0, position) for r in range(size)]
         rest = [list(f.stream.epoch_batches(0, position)) for f in feeds]
         assert len({f.steps for f in feeds}) == 1 and all(len(r) == feeds[0].steps for r in rest), "equal steps"
         real = [[xb[wb > 0] for xb, _, wb in r] for r in rest]  # a rank without a sample runs a weight-0 row
-        got = np.concatenate([np.concatenate([real[r][k] for r in range(size)]) for k in range(feeds[0].steps)])
-        np.testing.assert_array_equal(got, epochs[0][position:])
+        steps = sharding.remaining_steps(len(joined), position, size, 16)
+        for k, (start, stop) in enumerate(steps):
+            together = np.concatenate([real[r][k] for r in range(size)])
+            np.testing.assert_array_equal(by_rows(together), by_rows(joined[start:stop]))
     # The reader process (reader.py) hands over exactly the batches the stream makes, from a
     # position on and across the epoch's end, in chunks, through fewer slots than chunks; closing
     # it ends the process and frees the shared block.

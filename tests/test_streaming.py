@@ -115,7 +115,7 @@ def test_global_facts_split_and_exact_metrics_are_the_same_for_every_world_size(
         assert m["test_samples"] == int(test.sum())
         assert m["test_loss"] == pytest.approx(loss, rel=1e-5)
         assert m["test_accuracy"] == pytest.approx(float(np.mean(scores.argmax(1) == codes)), abs=1e-9)
-        assert "every rank streams the" in proc.stdout
+        assert "training rows stream each epoch" in proc.stdout
     capsys.readouterr()
     assert cli.main(["plan", "--np", "2", "--dataset", datasets[kind], "--label-column", "label"]) == 0
     printed = capsys.readouterr().out

@@ -112,8 +112,10 @@ def report_lines(plan: Plan, config: TrainConfig) -> List[str]:
         more = ", ..." if view["samples_per_epoch"] > len(view["first_rows"]) else ""
         first = "" if plan.reading else (f"; epoch 1 starts with training rows "
                                          f"{', '.join(map(str, view['first_rows']))}{more}")
-        lines.append(f"rank {view['rank']} ({view['host']}): {view['samples_per_epoch']} samples per epoch in "
-                     f"{view['steps']} steps of {view['first_batch']}"
+        # Streamed files: a window read by unit gives a rank a few rows more or fewer per step.
+        about = "about " if plan.reading else ""
+        lines.append(f"rank {view['rank']} ({view['host']}): {about}{view['samples_per_epoch']} samples per epoch in "
+                     f"{view['steps']} steps of {about}{view['first_batch']}"
                      f"{'' if view['last_batch'] == view['first_batch'] else ', the last ' + str(view['last_batch'])}"
                      f"{first}")
     if plan.classes:  # classification: how each class falls into the splits

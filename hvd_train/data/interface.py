@@ -67,6 +67,8 @@ class Dataset:
       ``size``: an object with ``steps`` (of that first epoch), ``keras_input()`` (what
       model.fit takes), ``failure(after_error=False)`` (data that went bad mid-run, or None) and
       ``close()`` (ends what reads beside training: the loop calls it when a fit ends);
+    - ``step_rows(rank, size, config, epoch, position)``: the rows this rank trains in each step
+      of that epoch (or of its rest), 0 for a padded step: what its exact metrics count;
     - ``eval_pieces(which, rank, size)``: this rank's share of the validation or test rows;
     - ``fingerprint()``: what the consensus check and a checkpoint record of the data, to prove
       every rank (and a resumed run) has the same;
@@ -93,6 +95,12 @@ class Dataset:
 
     def class_counts(self) -> List[Tuple[int, int, int]]:
         raise NotImplementedError
+
+    def step_rows(self, rank: int, size: int, config, epoch: int, position: int = 0) -> np.ndarray:
+        """Each step's slice of the global batch (sharding.py), unless the data shares steps otherwise."""
+        from . import sharding
+
+        return sharding.step_rows(self.n_train, rank, size, config.batch_size, position)
 
     def here(self, config) -> "Dataset":
         return self  # rows every rank loaded itself

@@ -69,9 +69,17 @@ class _Slots:
                 np.ndarray((steps,), np.int64, buf, base + self.offsets[3]))
 
 
+def step_rows(stream) -> int:
+    """A slot's rows per batch, on average: b + 1 (a rank's slice of a step is b rows, or b + 1
+    when the tail was folded in; a window shared by units gives a few rows more or fewer). A
+    slot takes batches until the next would overflow it, and holds any single step whole: a
+    step has fewer than N * (b + 1) rows."""
+    return (stream.batch_size + 1) * max(1, -(-stream.size // CHUNK_STEPS))
+
+
 def slot_bytes(stream) -> int:
     """The bytes of one slot (CHUNK_STEPS batches) for a stream's batches."""
-    return _Slots.bytes_for(1, CHUNK_STEPS, stream.batch_size + 1, stream.splits.n_features, stream.splits.label_dtype)
+    return _Slots.bytes_for(1, CHUNK_STEPS, step_rows(stream), stream.splits.n_features, stream.splits.label_dtype)
 
 
 def _die_with_parent() -> None:
@@ -121,7 +129,9 @@ def _serve(stream, start: int, position: int, name: str, layout: Tuple[int, int,
     stream.before_read = hand_over
     try:
         for batch in stream.epochs(start, position):
-            if len(batch[2]) > slots.rows // slots.steps:
+            if sum(len(w) for _, _, w in pending) + len(batch[2]) > slots.rows:
+                hand_over()  # the slot's rows are full before its batches
+            if len(batch[2]) > slots.rows:
                 raise RuntimeError(f"a batch of {len(batch[2])} rows does not fit a reader slot")
             pending.append(batch)
             if len(pending) == slots.steps:
@@ -158,7 +168,7 @@ class Reader:
 
         ctx = multiprocessing.get_context("spawn")  # not fork: TensorFlow's threads and locks stay here
         self.stream = stream
-        rows = stream.batch_size + 1  # a step's share: b rows, or b + 1 when the tail was folded in
+        rows = step_rows(stream)
         self.layout = (slots, CHUNK_STEPS, rows, stream.splits.n_features, np.dtype(stream.splits.label_dtype).str)
         self.block = shared_memory.SharedMemory(create=True, size=max(1, _Slots.bytes_for(*self.layout)))
         self.slots = _Slots(self.block, *self.layout)

@@ -25,7 +25,7 @@ results are combined by sample count, so no equal-steps constraint applies.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -90,16 +90,25 @@ def eval_shard(n: int, rank: int, world_size: int) -> np.ndarray:
     return np.arange(rank, n, world_size)
 
 
+def step_rows(n: int, rank: int, world_size: int, batch_size: int, position: int = 0) -> np.ndarray:
+    """This rank's real samples in each step of an epoch (or of its rest from ``position``)."""
+    mine = local_batches(n, rank, world_size, batch_size, np.arange(n), position)
+    return np.array([len(rows) if weight > 0 else 0 for rows, weight in mine], np.int64)
+
+
 class Cursor:
     """Where an epoch (or its rest from ``position``) stands after ``done`` of its steps: the
     position in the epoch's order, and this rank's real samples so far. Pure arithmetic, the
-    same on every rank: what a commit or a stop records mid-epoch."""
+    same on every rank: what a commit or a stop records mid-epoch. ``rows``: this rank's samples
+    per step when its data shares steps otherwise than in slices (interface.Dataset.step_rows)."""
 
-    def __init__(self, n: int, rank: int, world_size: int, batch_size: int, position: int = 0):
+    def __init__(self, n: int, rank: int, world_size: int, batch_size: int, position: int = 0,
+                 rows: Optional[np.ndarray] = None):
         self.start = position
         self.bounds = remaining_steps(n, position, world_size, batch_size)
-        mine = local_batches(n, rank, world_size, batch_size, np.arange(n), position)
-        self.samples_after = np.cumsum([len(rows) if weight > 0 else 0 for rows, weight in mine])
+        if rows is None:
+            rows = step_rows(n, rank, world_size, batch_size, position)
+        self.samples_after = np.cumsum(rows)
 
     @property
     def steps(self) -> int:

@@ -11,22 +11,28 @@ Evaluation (``StreamSplits.eval_pieces``) reads the validation or test rows of t
 again when needed: rank r scores its units' rows, and the exact metrics add per-rank sums.
 
 The training stream (``TrainStream``): the global training order is the units in file order
-(permuted per epoch when shuffling), training rows in row order within a unit, then permuted in
-windows of whole units holding at least ``--shuffle-buffer`` rows, all seeded by (seed, epoch):
-the same on every rank and for every world size. Step s takes the global positions
-sharding.global_steps gives (the same rule as in memory), rank r its contiguous slice. So, with
-or without shuffling, N processes x batch b train on exactly the batches 1 process x batch N*b
-does. Every rank reads every unit of the stream, but keeps only the rows of its own slices,
-chosen from row numbers before parsing: CSV text is parsed for those rows alone (so the parsing
-per rank falls as 1/N), Parquet columns are decoded whole and filtered. The memory (about two
-windows / N, one training and one read ahead, plus a piece being read) falls with N and does
-not grow with the data.
+(permuted per epoch when shuffling), grouped into windows of whole units holding at least
+``--shuffle-buffer`` training rows (the epoch's remainder joins the last), each window's rows
+in a stratified random order (every unit's rows spread evenly over the window), all seeded by
+(seed, epoch): the same on every rank and for every world size. Step s takes the global
+positions sharding.global_steps gives (the same rule as in memory). Who trains a row of a
+window: when the window has at least N units, the rank that owns its unit (whole units dealt
+out so that the ranks' shares are within SNAP of even, else the window cut into N equal runs),
+so a rank reads only its units (the bytes per rank fall as 1/N) and, the order being
+stratified, gets its share of each step give or take a few rows (a rank's loss weight
+n_rank * N / n_step keeps the global mean exact, and its exact metrics count its rows:
+step_rows); otherwise (no shuffling, or fewer units than ranks) every rank reads the window and
+keeps its contiguous slice of each step. So, with or without shuffling, N processes x batch b
+train on exactly the batches 1 process x batch N*b does. A rank's rows are chosen from row
+numbers before parsing: CSV text is parsed for those rows alone, Parquet columns are decoded
+whole and filtered. The memory (about two windows / N, one training and one read ahead, plus a
+piece being read) falls with N and does not grow with the data.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -111,6 +117,7 @@ class StreamSplits(Dataset):
     seed: int = 0
     val_fraction: float = 0.0
     test_fraction: float = 0.0
+    _step_rows: Dict[Tuple, np.ndarray] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def n_features(self) -> int:
@@ -133,6 +140,16 @@ class StreamSplits(Dataset):
         the epochs after it, streamed from the files (StreamFeed)."""
         return StreamFeed(TrainStream(self, rank, size, config.batch_size, config.shuffle, config.shuffle_buffer),
                           epoch, position, config.reader)
+
+    def step_rows(self, rank: int, size: int, config, epoch: int, position: int = 0) -> np.ndarray:
+        """Windows shared by units give a rank a few rows more or fewer than its slice of a step
+        (TrainStream.shares): counted from the windows' plans, as reading them gives."""
+        key = (rank, size, config.batch_size, config.shuffle, config.shuffle_buffer, epoch, position)
+        if key not in self._step_rows:
+            stream = TrainStream(self, rank, size, config.batch_size, config.shuffle, config.shuffle_buffer)
+            self._step_rows.clear()  # one epoch's at a time: a fit asks for it at its start and end
+            self._step_rows[key] = stream.step_rows(epoch, position)
+        return self._step_rows[key]
 
     def eval_pieces(self, which: str, rank: int, size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """This rank's share of the validation ("val") or test rows, standardised, in pieces: the
@@ -164,9 +181,10 @@ class StreamSplits(Dataset):
 
     def window_rows(self, shuffle_buffer: int) -> int:
         """Training rows of one shuffle window, at most: whole units are added until the buffer
-        is reached, so a window can overshoot it by one unit."""
+        is reached, so a window can overshoot it by one unit; the epoch's last window also holds
+        the remainder after it (less than the buffer)."""
         biggest = max(self.unit_train_rows or (0,))
-        return min(self.n_train, max(shuffle_buffer, biggest) + biggest)
+        return min(self.n_train, 2 * max(shuffle_buffer, biggest) + biggest)
 
     def plan_lines(self, size: int, shuffle_buffer: int) -> List[str]:
         """What each rank would read at this world size, and an estimate of its data memory."""
@@ -174,8 +192,9 @@ class StreamSplits(Dataset):
         total_bytes = sum(src.sizes)
         lines = [f"data: {len(src.files)} {src.kind} file(s), {total_bytes / 1e6:.1f} MB, {len(src.units)} unit(s) "
                  f"({'row groups' if src.kind == 'parquet' else f'{sources.CSV_UNIT_BYTES >> 20} MB ranges'}), "
-                 f"{sum(self.unit_rows)} rows; every rank streams the {self.n_train} training rows each epoch "
-                 f"and keeps its slices"]
+                 f"{sum(self.unit_rows)} rows; the {self.n_train} training rows stream each epoch: a shuffle "
+                 f"window of at least {size} unit(s) read by unit (each rank its own), a smaller one or "
+                 f"--no-shuffle by every rank"]
         f = self.n_features
         piece = max(self.unit_rows or (0,)) if src.kind == "csv" else min(sources.READ_BATCH_ROWS,
                                                                            max(self.unit_rows or (0,)))
@@ -346,9 +365,9 @@ def _unit_splits(config, unit: sources.Unit, offset: int, rows: int) -> np.ndarr
 
 
 class _Slices:
-    """This rank's slices of an epoch's steps, or of the steps of its rest from ``position``
-    (sharding.remaining_steps: the rule the in-memory path follows): which global positions of
-    the epoch's order are its own."""
+    """The steps of an epoch, or of its rest from ``position`` (sharding.remaining_steps: the
+    rule the in-memory path follows), and this rank's contiguous slice of each step's positions
+    (the owner of a position in a window taken by slices)."""
 
     def __init__(self, n: int, rank: int, size: int, batch_size: int, position: int = 0):
         self.steps = sharding.remaining_steps(n, position, size, batch_size)
@@ -358,41 +377,119 @@ class _Slices:
             sizes = sharding.split_evenly(stop - start, size)
             lo.append(start + sum(sizes[:rank]))
             hi.append(lo[-1] + sizes[rank])
-        self._starts = np.array([start for start, _ in self.steps], np.int64)
+        self.starts = np.array([start for start, _ in self.steps], np.int64)
         self.lo, self.hi = np.array(lo, np.int64), np.array(hi, np.int64)
+
+    def step_of(self, positions: np.ndarray) -> np.ndarray:
+        """The step (index into ``steps``) of each position at or after ``position``."""
+        return np.searchsorted(self.starts, positions, side="right") - 1
 
     def mine(self, positions: np.ndarray) -> np.ndarray:
         if not self.steps:
             return np.zeros(len(positions), bool)
-        step = np.searchsorted(self._starts, positions, side="right") - 1
+        step = self.step_of(positions)
         inside = step >= 0  # positions before ``position`` were trained before
         step = np.maximum(step, 0)
         return inside & (positions >= self.lo[step]) & (positions < self.hi[step])
 
 
-class _Window:
-    """One window of the training stream as a rank reads it: training rows [base, base + total)
-    of the epoch's order, arriving in file order (``target``: the window's permutation's inverse,
-    None without shuffling); the rank's own rows (``slices``) are written to x, y in global order."""
+def _stratified(rng: np.random.Generator, rows: np.ndarray) -> np.ndarray:
+    """A window's order, as ``target``: arrival index (the window's training rows in unit order,
+    row order within a unit) -> place in the window. Each unit's rows are spread evenly over the
+    window (row j of a unit of t rows, j a random rank among them, at key (j + U[0, 1)) / t; the
+    window sorted by key): every stretch of the window, a step's global batch too, holds each
+    unit's rows in proportion to its size, give or take one. So a rank that owns some units of
+    the window gets its share of every step, give or take a few rows."""
+    total = int(rows.sum())
+    unit = np.repeat(np.arange(len(rows)), rows)
+    first = np.cumsum(rows) - rows
+    by_unit = np.lexsort((rng.random(total), unit))  # arrival indices grouped by unit, random within it
+    rank = np.empty(total, np.int64)
+    rank[by_unit] = np.arange(total) - first[unit[by_unit]]
+    order = np.argsort((rank + rng.random(total)) / rows[unit], kind="stable")
+    target = np.empty(total, np.int64)
+    target[order] = np.arange(total)
+    return target
 
-    def __init__(self, splits: StreamSplits, slices: _Slices, base: int, total: int, target: Optional[np.ndarray]):
-        self.splits, self.slices, self.base, self.target = splits, slices, base, target
-        positions = np.arange(base, base + total)
-        self.own = positions[slices.mine(positions)]  # this rank's positions, sorted
-        self.x = np.empty((len(self.own), splits.n_features), np.float32)
-        self.y = np.empty(len(self.own), splits.label_dtype)
-        self.arrived = 0
+
+SNAP = 0.1  # a rank's share of a window may differ from an even one by this much, to read fewer units
+
+
+def _owned_runs(rows: np.ndarray, size: int) -> List[List[Tuple[int, int]]]:
+    """Which arrival indices of a window (units of ``rows`` training rows, end to end) each of
+    ``size`` ranks owns, as runs [lo, hi). Whole units, the biggest first to the least loaded
+    rank, when every rank's share is then within SNAP of an even one: each unit read by one
+    rank. Otherwise the window is cut into ``size`` runs of equal length (a cut within SNAP of a
+    unit's edge moved to it), and a unit a cut falls in is read by the ranks on both sides."""
+    total = int(rows.sum())
+    first = np.cumsum(rows) - rows
+    even = total / size
+    load, owned = [0] * size, [[] for _ in range(size)]
+    for i in sorted(range(len(rows)), key=lambda i: (-rows[i], i)):
+        r = min(range(size), key=lambda r: (load[r], r))
+        load[r] += int(rows[i])
+        owned[r].append((int(first[i]), int(first[i] + rows[i])))
+    if max(load) - even <= SNAP * even and even - min(load) <= SNAP * even:
+        return [sorted(runs) for runs in owned]
+    cuts = [total * r // size for r in range(size + 1)]
+    edges = np.append(first, total)
+    for r in range(1, size):
+        edge = int(edges[np.argmin(np.abs(edges - cuts[r]))])
+        if abs(edge - cuts[r]) <= SNAP * even:
+            cuts[r] = edge
+    return [[(cuts[r], cuts[r + 1])] for r in range(size)]
+
+
+@dataclass
+class _Share:
+    """One window of an epoch as one rank takes it (TrainStream.shares). The window's training
+    rows arrive in unit order (arrival index a); ``target`` maps a to its place in the window's
+    order (None: no shuffling, the window is one unit in file order). ``runs``: the arrival
+    indices [lo, hi) this rank owns when the window is shared by units (_owned_runs), else None:
+    it owns the positions of its slices of each step. ``own``: its global positions, sorted; ``reads``:
+    (unit index, its first arrival index, its training rows) of the units it must read."""
+
+    base: int
+    total: int
+    target: Optional[np.ndarray]
+    runs: Optional[List[Tuple[int, int]]]
+    own: np.ndarray
+    reads: List[Tuple[int, int, int]]
+
+    def positions(self, arrival: np.ndarray) -> np.ndarray:
+        return self.base + (arrival if self.target is None else self.target[arrival])
+
+    def mine(self, arrival: np.ndarray, slices: _Slices) -> np.ndarray:
+        """Which arrival indices are this rank's rows still to train."""
+        positions = self.positions(arrival)
+        if self.runs is None:
+            return slices.mine(positions)
+        owned = np.zeros(len(arrival), bool)
+        for lo, hi in self.runs:
+            owned |= (arrival >= lo) & (arrival < hi)
+        return owned & (positions >= slices.position)
+
+
+class _Window:
+    """A window being read by one rank (its _Share): the rank's own rows written to x, y in global order."""
+
+    def __init__(self, splits: StreamSplits, slices: _Slices, share: _Share):
+        self.splits, self.slices, self.share = splits, slices, share
+        self.x = np.empty((len(share.own), splits.n_features), np.float32)
+        self.y = np.empty(len(share.own), splits.label_dtype)
+        self.arrived = self.limit = 0  # arrival indices so far; the end of the unit being read
         self.places: List[np.ndarray] = []
 
     def select(self, unit: sources.Unit, offset: int, n: int) -> np.ndarray:
-        """Which rows of a piece are this rank's: training rows whose global position falls in
-        its slices (decided from row numbers, before the text is parsed)."""
+        """Which rows of a piece are this rank's (decided from row numbers, before the text is parsed)."""
         train = np.flatnonzero(_unit_splits(self.splits, unit, offset, n) == TRAIN)
-        index = np.arange(self.arrived, self.arrived + len(train))
+        arrival = np.arange(self.arrived, self.arrived + len(train))
         self.arrived += len(train)
-        positions = self.base + (index if self.target is None else self.target[index])
-        mine = self.slices.mine(positions)
-        self.places.append(np.searchsorted(self.own, positions[mine]))
+        if self.arrived > self.limit:
+            raise DataError(f"{self.splits.source.spec}: the files changed since the run started "
+                            f"(a unit has more training rows than it had)")
+        mine = self.share.mine(arrival, self.slices)
+        self.places.append(np.searchsorted(self.share.own, self.share.positions(arrival[mine])))
         keep = np.zeros(n, bool)
         keep[train[mine]] = True
         return keep
@@ -510,56 +607,92 @@ class TrainStream:
                 held = 0
             out[-1].append(u)
             held += s.unit_train_rows[u]
+        if self.shuffle and len(out) > 1 and held < self.window:
+            # The epoch's remainder (often a unit or two) joins the window before it: a window of
+            # one unit would be read by every rank (shares), and shuffled on its own.
+            out[-2:] = [out[-2] + out[-1]]
         return out
 
-    def own_rows(self, epoch: int, slices: _Slices) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-        """This rank's training rows of the epoch (its ``slices``), in global order, one window at
-        a time: (x standardised float32, class codes). Each row is written once, straight to its
-        place. Windows wholly before the slices' position are skipped unread (on every rank)."""
+    def shares(self, epoch: int, slices: _Slices) -> Iterator[_Share]:
+        """The epoch's windows as this rank takes them, those wholly before the slices' position
+        left out. Shuffled, a window of at least N units is shared by units (_owned_runs): each
+        rank owns whole units (or runs of the window's rows, when whole units cannot give even
+        shares) and reads only those; the stratified order (_stratified) gives every rank its
+        share of each step, give or take a few rows. Otherwise (no shuffling: a window is one
+        unit; or fewer units than ranks) every rank reads the window's units and owns its slice
+        of each step. The order does not depend on N, only who owns a row does: N x b trains on
+        the batches 1 x N*b does."""
         s = self.splits
-        todo = []  # (k, units, base, total) of the windows to read; those before the position are not
         base = 0
         for k, units in enumerate(self.windows(epoch)):
-            total = sum(s.unit_train_rows[u] for u in units)
+            rows = np.array([s.unit_train_rows[u] for u in units], np.int64)
+            total = int(rows.sum())
             if base + total > slices.position:
-                todo.append((k, units, base, total))
+                yield self._share(epoch, k, units, rows, base, slices)
             base += total
-        # An object store's units fetched ahead, in this order (sources.ReadAhead).
-        ahead = sources.ReadAhead(s.source, [u for _, units, _, _ in todo for u in units])
+
+    def _share(self, epoch: int, k: int, units: List[int], rows: np.ndarray, base: int, slices: _Slices) -> _Share:
+        s, total = self.splits, int(rows.sum())
+        first = np.cumsum(rows) - rows
+        target = _stratified(np.random.default_rng([s.seed, epoch, 2, k]), rows) if self.shuffle else None
+        runs = _owned_runs(rows, self.size)[self.rank] if self.shuffle and len(units) >= self.size else None
+        share = _Share(base, total, target, runs, np.empty(0, np.int64), [])
+        arrival = np.arange(total) if runs is None else np.concatenate([np.arange(lo, hi) for lo, hi in runs])
+        mine = arrival[share.mine(arrival, slices)]
+        share.own = np.sort(share.positions(mine))
+        # The units holding at least one of those rows (none left to train: not read at all).
+        needed = np.unique(np.searchsorted(first, mine, side="right") - 1)
+        share.reads = [(units[i], int(first[i]), int(rows[i])) for i in needed.tolist()]
+        return share
+
+    def step_rows(self, epoch: int, position: int = 0) -> np.ndarray:
+        """The rows this rank trains in each step of the epoch (or of its rest after
+        ``position``), 0 where it has none (the step gives it one row of loss weight 0): what
+        its exact metrics count (sharding.Cursor). Arithmetic only, the same as reading gives."""
+        slices = self.slices(position)
+        counts = np.zeros(len(slices.steps), np.int64)
+        for share in self.shares(epoch, slices):
+            counts += np.bincount(slices.step_of(share.own), minlength=len(counts))
+        return counts
+
+    def own_rows(self, epoch: int, slices: _Slices) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """This rank's training rows of the epoch, in global order, one window at a time
+        (x standardised float32, class codes). Each row is written once, straight to its place."""
+        # An object store's units fetched ahead, in this order (sources.ReadAhead): a first pass
+        # over the windows' plans (arithmetic, kept one window at a time).
+        order = [u for share in self.shares(epoch, slices) for u, _, _ in share.reads]
+        ahead = sources.ReadAhead(self.splits.source, order)
         try:
-            yield from self._windows(epoch, slices, todo, ahead)
+            yield from self._windows(self.shares(epoch, slices), slices, ahead)
         finally:
             ahead.close()
 
-    def _windows(self, epoch, slices, todo, ahead) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    def _windows(self, shares: Iterator[_Share], slices: _Slices, ahead) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         s = self.splits
-        for k, units, base, total in todo:
-            target = None
-            if self.shuffle:  # where each arriving row goes: the inverse of the window's permutation
-                target = np.empty(total, np.int64)
-                target[np.random.default_rng([s.seed, epoch, 2, k]).permutation(total)] = np.arange(total)
-            window = _Window(s, slices, base, total, target)
-            if self.before_read is not None:
+        for share in shares:
+            window = _Window(s, slices, share)
+            if share.reads and self.before_read is not None:
                 self.before_read()
-            for u in units:
+            for u, first, rows in share.reads:
                 unit = s.source.units[u]
+                window.arrived, window.limit = first, first + rows
                 for x, y in sources.read_unit(s.source, unit, select=functools.partial(window.select, unit),
                                               ahead=ahead):
                     window.put(x, s.encode(y))
-            if window.arrived != total:
-                raise DataError(f"{s.source.spec}: the files changed since the run started "
-                                f"({window.arrived} training rows where there were {total})")
+                if window.arrived != first + rows:
+                    raise DataError(f"{s.source.spec}: the files changed since the run started "
+                                    f"(a unit has {window.arrived - first} training rows where it had {rows})")
             yield window.x, window.y
 
     def epoch_batches(self, epoch: int, position: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """This rank's steps of an epoch, or of its rest after ``position`` samples."""
         s = self.splits
         slices = self.slices(position)
+        counts = self.step_rows(epoch, position)
         rows = self.own_rows(epoch, slices)
         held_x: List[np.ndarray] = []  # windows (or what is left of them), oldest first
         held_y: List[np.ndarray] = []
-        for (start, stop), lo, hi in zip(slices.steps, slices.lo, slices.hi):
-            need = int(hi - lo)
+        for (start, stop), need in zip(slices.steps, counts.tolist()):
             if sum(map(len, held_y)) < need:
                 # What is left of the last window is less than a step: copy it, so the window
                 # itself is freed before the next one is read.
@@ -572,8 +705,9 @@ class TrainStream:
                 yield _take(held_x, need), _take(held_y, need), np.full(need, need * self.size / (stop - start),
                                                                         np.float32)
             else:
-                # Fewer samples left than ranks (the rest of an epoch in a bigger world): this
-                # rank runs the step on one row of zeros with loss weight 0 (sharding.local_batches).
+                # No row of this step is this rank's (the rest of an epoch in a bigger world, or
+                # a step whose rows all fell in other ranks' units): it runs the step on one row
+                # of zeros with loss weight 0 (sharding.local_batches).
                 yield (np.zeros((1, s.n_features), np.float32), np.zeros(1, s.label_dtype),
                        np.zeros(1, np.float32))
 

@@ -17,7 +17,6 @@ import tensorflow as tf
 
 from .. import runtime, storage
 from ..config.options import TrainConfig
-from ..data import sharding
 from ..outputs.events import EventLog
 from ..outputs.run_dir import TENSORBOARD_DIR
 from . import checkpoint, distributed, metrics, pruning, schedules, stopping, tasks
@@ -34,8 +33,7 @@ def run_callbacks(run: RunContext, resumed: checkpoint.ResumePoint) -> List[Any]
     # Before validation, checkpoints and everything else at the epoch's end.
     found: List[Any] = [SyncReplicaState()]
     position, carried = resumed.position, resumed.sums
-    cursor = sharding.Cursor(plan.train_samples, rt.rank, rt.size, config.batch_size, position)
-    train_metrics = ExactTrainMetrics(cursor.samples(cursor.steps), run.task, carried=carried)
+    train_metrics = ExactTrainMetrics(run, resumed.epoch, position, carried=carried)
     found.append(train_metrics)
     if plan.val_samples:
         found.append(GlobalValidation(run))
@@ -64,7 +62,7 @@ def run_callbacks(run: RunContext, resumed: checkpoint.ResumePoint) -> List[Any]
     elif progress == "epoch" and rt.is_rank0:
         found.append(EpochLine(config.epochs))
     # Last: a stop after a batch, or after an epoch's end work (its checkpoint included).
-    found.append(stopping.StopCheck(rt, plan, config, cursor, carried, checkpointer))
+    found.append(stopping.StopCheck(run, resumed.epoch, position, carried, checkpointer))
     return found
 
 
@@ -111,12 +109,14 @@ class ExactTrainMetrics(keras.callbacks.Callback):
     ``carried``: global sums of the epoch's part trained before an elastic reset (elastic.py).
     """
 
-    def __init__(self, samples_this_rank: int, task, carried: Optional[Dict[str, float]] = None):
+    def __init__(self, run: RunContext, first: int, position: int, carried: Optional[Dict[str, float]] = None):
         super().__init__()
-        self.samples_this_rank, self.task, self.carried = samples_this_rank, task, carried
+        self.run, self.task, self.carried = run, run.task, carried
+        self.first, self.position = first, position  # the fit's first epoch starts after ``position`` samples
 
     def on_epoch_end(self, epoch, logs=None):
-        sums = metrics.global_sums(logs, self.samples_this_rank, "train", self.carried)
+        cursor = self.run.cursor(epoch, self.position if epoch == self.first else 0)
+        sums = metrics.global_sums(logs, cursor.samples(cursor.steps), "train", self.carried)
         self.counted = int(sums["count"])  # every rank's samples of the epoch (the event log records it)
         logs.update({k: sums[k] / sums["count"] for k in list(logs)})
         self.carried = None  # the next epoch starts afresh

@@ -44,6 +44,15 @@ class RunContext:
 
         return tasks.for_run(self.config, self.data)
 
+    def cursor(self, epoch: int, position: int = 0):
+        """This rank's sharding.Cursor of ``epoch`` (or of its rest after ``position``): its
+        samples per step as its data shares the steps (interface.Dataset.step_rows)."""
+        from ..data import sharding
+
+        rt, batch = self.rt, self.config.batch_size
+        rows = self.data.step_rows(rt.rank, rt.size, self.config, epoch, position)
+        return sharding.Cursor(self.plan.train_samples, rt.rank, rt.size, batch, position, rows)
+
     def scoring_model(self):
         """The model evaluation runs: the trained model, or under a mixed precision policy its
         float32 twin holding the trained weights (exact float32 metrics)."""

@@ -45,8 +45,6 @@ from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrup
 
 from .. import runtime
 from ..config.options import ConfigError, TrainConfig
-from ..config.plan import Plan
-from ..data import sharding
 from ..data.arrays import DataArg, load_splits
 from ..data.interface import DataError
 from ..outputs.events import EventLog
@@ -319,7 +317,7 @@ class ElasticRun(RunContext):
     state: Any = None  # the elastic State the commits write to
 
     def extra_callbacks(self, early_stopping: Optional[EarlyStopping]) -> List[Any]:
-        return [Commit(self.state, self.rt, self.plan, self.config, early_stopping)]  # last: after the stop check
+        return [Commit(self, early_stopping)]  # last: after the stop check
 
     def is_reset(self, err: BaseException) -> bool:
         """Not a failure: a reset of the elastic loop (a host change, a failed collective)."""
@@ -332,16 +330,16 @@ class Commit(keras.callbacks.Callback):
     A commit also asks the driver whether hosts changed (Horovod raises HostsUpdatedInterrupt on
     every rank together, and the loop resets)."""
 
-    def __init__(self, state, rt: runtime.Runtime, plan: Plan, config: TrainConfig,
-                 early_stopping: Optional[EarlyStopping]):
+    def __init__(self, run: "ElasticRun", early_stopping: Optional[EarlyStopping]):
         super().__init__()
-        self.state, self.rt, self.plan, self.every = state, rt, plan, config.commit_every
-        self.batch_size, self.early_stopping = config.batch_size, early_stopping
-        self._start(state.progress.position, state.progress.sums)
+        self.run, self.state, self.every = run, run.state, run.config.commit_every
+        self.early_stopping = early_stopping
+        self.sums = self.state.progress.sums  # the first epoch's part trained before
 
-    def _start(self, position: int, sums: Optional[Dict[str, float]]) -> None:
-        self.cursor = sharding.Cursor(self.plan.train_samples, self.rt.rank, self.rt.size, self.batch_size, position)
-        self.sums, self.committed = sums, 0
+    def on_epoch_begin(self, epoch, logs=None):
+        progress = self.state.progress  # at epoch, after ``position`` samples of it
+        self.cursor = self.run.cursor(epoch, progress.position if epoch == progress.epoch else 0)
+        self.committed = 0
 
     def on_train_batch_end(self, batch, logs=None):
         done = batch + 1  # steps of this fit so far (a multiple of --steps-per-execution)
@@ -363,5 +361,5 @@ class Commit(keras.callbacks.Callback):
             progress, epoch=epoch + 1, position=0, sums=None, history=history,
             early_stopping=dict(self.early_stopping.state) if self.early_stopping else None,
             stopped_early=bool(self.model.stop_training))  # early stopping or pruning
-        self._start(0, None)
+        self.sums = None
         self.state.commit()

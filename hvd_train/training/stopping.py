@@ -28,9 +28,6 @@ import keras
 import numpy as np
 
 from .. import runtime
-from ..config.options import TrainConfig
-from ..config.plan import Plan
-from ..data import sharding
 from ..data.interface import agree_failure
 from .metrics import global_sums
 
@@ -94,16 +91,17 @@ def handlers() -> Iterator[None]:
 class StopCheck(keras.callbacks.Callback):
     """Collective, every rank, after the agreed batches and last at every epoch's end: stop together."""
 
-    def __init__(self, rt: runtime.Runtime, plan: Plan, config: TrainConfig, cursor: sharding.Cursor,
-                 carried: Optional[Dict[str, float]], checkpointer):
+    def __init__(self, run, first: int, position: int, carried: Optional[Dict[str, float]], checkpointer):
         super().__init__()
-        self.rt, self.plan, self.batch_size = rt, plan, config.batch_size
-        self.cursor, self.carried, self.checkpointer = cursor, carried, checkpointer
+        self.run, self.rt, self.plan = run, run.rt, run.plan
+        self.first, self.position = first, position  # the fit's first epoch starts after ``position`` samples
+        self.carried, self.checkpointer = carried, checkpointer
         self.feed = None  # the fit's input (loop.py sets it): a read that failed on any rank stops all
         self.interval, self.steps, self.since = 1, 0, time.perf_counter()  # the first check after one batch
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
+        self.cursor = self.run.cursor(epoch, self.position if epoch == self.first else 0)
 
     def on_train_batch_end(self, batch, logs=None):
         done = batch + 1
@@ -121,7 +119,6 @@ class StopCheck(keras.callbacks.Callback):
         raise Stopped(self._signal, self.epoch, position, self.plan.train_samples, path)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.cursor = sharding.Cursor(self.plan.train_samples, self.rt.rank, self.rt.size, self.batch_size)
         self.carried = None
         if self._agreed():
             path = self.checkpointer.write(epoch + 1) if self.checkpointer else None

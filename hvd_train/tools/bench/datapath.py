@@ -38,8 +38,8 @@ def generate(directory: Path, rows: int, seed: int = 0) -> Dict[str, Path]:
     names = [f"f{i}" for i in range(FEATURES)]
     csv_path, pq_path = directory / f"data-{rows}.csv", directory / f"data-{rows}.parquet"
     writer_csv, writer_pq = None, None
-    for start in range(0, rows, 100_000):
-        n = min(100_000, rows - start)
+    for start in range(0, rows, 131_072):  # whole row groups of 65,536 rows but the file's last
+        n = min(131_072, rows - start)
         x = rng.normal(size=(n, FEATURES)).astype(np.float32)
         label = np.array(["alpha", "beta", "gamma"])[np.digitize(x[:, 0] + x[:, 1], [-0.7, 0.7])]
         table = pa.table({**{c: x[:, i] for i, c in enumerate(names)}, "label": label})
