@@ -365,7 +365,7 @@ def read_unit(source: Source, unit: Unit, columns: Optional[Sequence[str]] = Non
 
 
 READ_AHEAD_BYTES = 32 << 20  # an object's units fetched ahead of parsing, at most this much in flight
-READ_AHEAD_THREADS = 4  # requests in flight at once (their latency, not bandwidth, bounds small units)
+READ_AHEAD_THREADS = 4  # requests in flight: CSV ranges need 4 to hide their latency, 8 add nothing (performance.md)
 
 
 class ReadAhead:
