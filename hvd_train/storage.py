@@ -418,17 +418,18 @@ class Appender:
     is uploaded whole again each time, earlier content (a resumed run's) kept."""
 
     def __init__(self, location: str):
-        self.location, self.text = location, None
+        self.location, self.text, self.pending = location, None, ""
 
     def add(self, line: str) -> None:
         if not is_remote(self.location):
             with open(self.location, "a") as f:
                 f.write(line)
             return
+        self.pending += line  # kept if what follows fails: the next call carries it
         if self.text is None:
             self.text = read_text(self.location) if is_file(self.location) else ""
-        self.text += line  # kept even if this upload fails: the next one carries it
-        write_text(self.location, self.text)
+        write_text(self.location, self.text + self.pending)
+        self.text, self.pending = self.text + self.pending, ""
 
 
 def read_lines(location: str) -> List[str]:

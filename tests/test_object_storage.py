@@ -167,3 +167,25 @@ def test_no_secret_in_any_file_or_output(s3, stopped, runs, tmp_path):
         assert SECRET.encode() not in path.read_bytes(), path
     # The access key id is no secret, and may appear; the check would find the secret if written.
     assert np.any([b"objstore" in p.read_bytes() for p in files if p.name == "config.json"])
+
+
+def test_the_event_log_in_the_bucket_loses_no_line_when_the_store_does_not_answer(s3, monkeypatch):
+    # An object has no append: events.jsonl is uploaded whole after each line. A line whose
+    # upload (or, for a resumed run's log, whose first read of the earlier lines) failed is
+    # carried by the next upload; nothing is lost, nothing is duplicated.
+    from hvd_train import storage
+
+    for name, value in {**s3.env(), "HVD_TRAIN_STORAGE_TIMEOUT": "1", "HVD_TRAIN_STORAGE_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    location = uri("appender", "events.jsonl")
+    storage.write_text(location, "earlier\n")  # a resumed run's log
+    log = storage.Appender(location)
+    for first in (True, False):  # the first read fails; later, an upload fails
+        s3.freeze()
+        try:
+            with pytest.raises(storage.StorageError):
+                log.add("a\n" if first else "c\n")
+        finally:
+            s3.thaw()
+        log.add("b\n" if first else "d\n")
+    assert s3.get("objstore/appender/events.jsonl").decode() == "earlier\na\nb\nc\nd\n"
