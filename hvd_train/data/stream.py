@@ -402,10 +402,7 @@ def _stratified(rng: np.random.Generator, rows: np.ndarray) -> np.ndarray:
     the window gets its share of every step, give or take a few rows."""
     total = int(rows.sum())
     unit = np.repeat(np.arange(len(rows)), rows)
-    first = np.cumsum(rows) - rows
-    by_unit = np.lexsort((rng.random(total), unit))  # arrival indices grouped by unit, random within it
-    rank = np.empty(total, np.int64)
-    rank[by_unit] = np.arange(total) - first[unit[by_unit]]
+    rank = np.concatenate([rng.permutation(int(t)) for t in rows])  # each row's random rank in its unit
     order = np.argsort((rank + rng.random(total)) / rows[unit], kind="stable")
     target = np.empty(total, np.int64)
     target[order] = np.arange(total)
@@ -430,7 +427,14 @@ def _owned_runs(rows: np.ndarray, size: int) -> List[List[Tuple[int, int]]]:
         load[r] += int(rows[i])
         owned[r].append((int(first[i]), int(first[i] + rows[i])))
     if max(load) - even <= SNAP * even and even - min(load) <= SNAP * even:
-        return [sorted(runs) for runs in owned]
+        merged: List[List[Tuple[int, int]]] = []
+        for runs in owned:  # adjacent units as one run
+            merged.append([])
+            for lo, hi in sorted(runs):
+                if merged[-1] and merged[-1][-1][1] == lo:
+                    lo = merged[-1].pop()[0]
+                merged[-1].append((lo, hi))
+        return merged
     cuts = [total * r // size for r in range(size + 1)]
     edges = np.append(first, total)
     for r in range(1, size):
@@ -613,7 +617,7 @@ class TrainStream:
             out[-2:] = [out[-2] + out[-1]]
         return out
 
-    def shares(self, epoch: int, slices: _Slices) -> Iterator[_Share]:
+    def shares(self, epoch: int, slices: _Slices, plan_only: bool = False) -> Iterator[_Share]:
         """The epoch's windows as this rank takes them, those wholly before the slices' position
         left out. Shuffled, a window of at least N units is shared by units (_owned_runs): each
         rank owns whole units (or runs of the window's rows, when whole units cannot give even
@@ -628,46 +632,56 @@ class TrainStream:
             rows = np.array([s.unit_train_rows[u] for u in units], np.int64)
             total = int(rows.sum())
             if base + total > slices.position:
-                yield self._share(epoch, k, units, rows, base, slices)
+                yield self._share(epoch, k, units, rows, base, slices, plan_only)
             base += total
 
-    def _share(self, epoch: int, k: int, units: List[int], rows: np.ndarray, base: int, slices: _Slices) -> _Share:
+    def _share(self, epoch: int, k: int, units: List[int], rows: np.ndarray, base: int, slices: _Slices,
+               plan_only: bool = False) -> _Share:
+        """``plan_only``: which units to read, without the window's order (no ``target``, ``own``)."""
         s, total = self.splits, int(rows.sum())
         first = np.cumsum(rows) - rows
-        target = _stratified(np.random.default_rng([s.seed, epoch, 2, k]), rows) if self.shuffle else None
-        runs = _owned_runs(rows, self.size)[self.rank] if self.shuffle and len(units) >= self.size else None
-        share = _Share(base, total, target, runs, np.empty(0, np.int64), [])
+        by_unit = self.shuffle and self.size > 1 and len(units) >= self.size
+        runs = _owned_runs(rows, self.size)[self.rank] if by_unit else None
+        # The units its runs touch (the window's first, when a resume's position falls in it, may
+        # have none of its rows left: read and none kept).
+        touched = range(len(units)) if runs is None else [
+            i for i in range(len(units)) if any(lo < first[i] + rows[i] and first[i] < hi for lo, hi in runs)]
+        share = _Share(base, total, None, runs, np.empty(0, np.int64),
+                       [(units[i], int(first[i]), int(rows[i])) for i in touched])
+        if plan_only:
+            return share
+        if self.shuffle:
+            share.target = _stratified(np.random.default_rng([s.seed, epoch, 2, k]), rows)
         arrival = np.arange(total) if runs is None else np.concatenate([np.arange(lo, hi) for lo, hi in runs])
-        mine = arrival[share.mine(arrival, slices)]
-        share.own = np.sort(share.positions(mine))
-        # The units holding at least one of those rows (none left to train: not read at all).
-        needed = np.unique(np.searchsorted(first, mine, side="right") - 1)
-        share.reads = [(units[i], int(first[i]), int(rows[i])) for i in needed.tolist()]
+        share.own = np.sort(share.positions(arrival[share.mine(arrival, slices)]))
         return share
 
     def step_rows(self, epoch: int, position: int = 0) -> np.ndarray:
         """The rows this rank trains in each step of the epoch (or of its rest after
         ``position``), 0 where it has none (the step gives it one row of loss weight 0): what
-        its exact metrics count (sharding.Cursor). Arithmetic only, the same as reading gives."""
+        its exact metrics count (sharding.Cursor). Arithmetic only, the same as reading gives:
+        slices of each step unless windows are shared by units (shuffled, N > 1)."""
+        if self.size == 1 or not self.shuffle:
+            return sharding.step_rows(self.splits.n_train, self.rank, self.size, self.batch_size, position)
         slices = self.slices(position)
         counts = np.zeros(len(slices.steps), np.int64)
         for share in self.shares(epoch, slices):
             counts += np.bincount(slices.step_of(share.own), minlength=len(counts))
         return counts
 
-    def own_rows(self, epoch: int, slices: _Slices) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-        """This rank's training rows of the epoch, in global order, one window at a time
-        (x standardised float32, class codes). Each row is written once, straight to its place."""
-        # An object store's units fetched ahead, in this order (sources.ReadAhead): a first pass
-        # over the windows' plans (arithmetic, kept one window at a time).
-        order = [u for share in self.shares(epoch, slices) for u, _, _ in share.reads]
+    def own_rows(self, epoch: int, slices: _Slices) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+        """This rank's training rows of the epoch, in global order, one window at a time: x
+        (standardised float32), class codes, their global positions, and the window's end (every
+        position below it has arrived). Each row is written once, straight to its place."""
+        # An object store's units fetched ahead, in this order (sources.ReadAhead).
+        order = [u for share in self.shares(epoch, slices, plan_only=True) for u, _, _ in share.reads]
         ahead = sources.ReadAhead(self.splits.source, order)
         try:
             yield from self._windows(self.shares(epoch, slices), slices, ahead)
         finally:
             ahead.close()
 
-    def _windows(self, shares: Iterator[_Share], slices: _Slices, ahead) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    def _windows(self, shares: Iterator[_Share], slices: _Slices, ahead):
         s = self.splits
         for share in shares:
             window = _Window(s, slices, share)
@@ -682,26 +696,30 @@ class TrainStream:
                 if window.arrived != first + rows:
                     raise DataError(f"{s.source.spec}: the files changed since the run started "
                                     f"(a unit has {window.arrived - first} training rows where it had {rows})")
-            yield window.x, window.y
+            yield window.x, window.y, share.own, share.base + share.total
 
     def epoch_batches(self, epoch: int, position: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """This rank's steps of an epoch, or of its rest after ``position`` samples."""
         s = self.splits
         slices = self.slices(position)
-        counts = self.step_rows(epoch, position)
         rows = self.own_rows(epoch, slices)
         held_x: List[np.ndarray] = []  # windows (or what is left of them), oldest first
         held_y: List[np.ndarray] = []
-        for (start, stop), need in zip(slices.steps, counts.tolist()):
-            if sum(map(len, held_y)) < need:
+        held_at: List[np.ndarray] = []  # their global positions
+        arrived = position  # every position below this has arrived
+        for start, stop in slices.steps:
+            if arrived < stop:
                 # What is left of the last window is less than a step: copy it, so the window
                 # itself is freed before the next one is read.
                 held_x, held_y = [x.copy() for x in held_x], [y.copy() for y in held_y]
-                while sum(map(len, held_y)) < need:
-                    x, y = next(rows)
+                while arrived < stop:
+                    x, y, at, arrived = next(rows)
                     held_x.append(x)
                     held_y.append(y)
+                    held_at.append(at)
+            need = sum(int(np.searchsorted(at, stop)) for at in held_at)  # this rank's rows of the step
             if need:
+                _take(held_at, need)
                 yield _take(held_x, need), _take(held_y, need), np.full(need, need * self.size / (stop - start),
                                                                         np.float32)
             else:
