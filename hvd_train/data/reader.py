@@ -69,7 +69,7 @@ class _Slots:
                 np.ndarray((steps,), np.int64, buf, base + self.offsets[3]))
 
 
-def step_rows(stream) -> int:
+def _slot_rows_per_batch(stream) -> int:
     """A slot's rows per batch, on average: b + 1 (a rank's slice of a step is b rows, or b + 1
     when the tail was folded in; a window shared by units gives a few rows more or fewer). A
     slot takes batches until the next would overflow it, and holds any single step whole: a
@@ -79,7 +79,8 @@ def step_rows(stream) -> int:
 
 def slot_bytes(stream) -> int:
     """The bytes of one slot (CHUNK_STEPS batches) for a stream's batches."""
-    return _Slots.bytes_for(1, CHUNK_STEPS, step_rows(stream), stream.splits.n_features, stream.splits.label_dtype)
+    splits = stream.splits
+    return _Slots.bytes_for(1, CHUNK_STEPS, _slot_rows_per_batch(stream), splits.n_features, splits.label_dtype)
 
 
 def _die_with_parent() -> None:
@@ -168,7 +169,7 @@ class Reader:
 
         ctx = multiprocessing.get_context("spawn")  # not fork: TensorFlow's threads and locks stay here
         self.stream = stream
-        rows = step_rows(stream)
+        rows = _slot_rows_per_batch(stream)
         self.layout = (slots, CHUNK_STEPS, rows, stream.splits.n_features, np.dtype(stream.splits.label_dtype).str)
         self.block = shared_memory.SharedMemory(create=True, size=max(1, _Slots.bytes_for(*self.layout)))
         self.slots = _Slots(self.block, *self.layout)
