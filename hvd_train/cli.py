@@ -163,9 +163,9 @@ def known_failure(err: BaseException) -> Optional[Failure]:
     """The Failure an expected error means, or None for an unexpected one (a bug: traceback)."""
     from .data.interface import DataError, StreamError
     from .outputs.run_dir import OutputError
-    from .training.stopping import Stopped
+    from .training.stopping import Diverged, Stopped
 
-    if isinstance(err, (runtime.AgreedFailure, ConfigError)):
+    if isinstance(err, (runtime.AgreedFailure, ConfigError, Diverged)):
         # Agreed failures, and config errors found after hvd.init() (the same on every rank, e.g.
         # plan --np against the launcher's world): every rank exits together.
         return Failure(str(err), together=True)
@@ -175,7 +175,36 @@ def known_failure(err: BaseException) -> Optional[Failure]:
         return Failure(str(err), together=True) if getattr(err, "agreed", False) else Failure(str(err), grace=False)
     if isinstance(err, (DataError, OutputError)):  # predict: one process, nothing to agree on
         return Failure(str(err))
-    return None
+    return collective_failure(err)
+
+
+# What a collective that failed under Horovod says: its shutdown (a rank ended, or its stall
+# inspector ended a stall), or Gloo's timeout or lost connection.
+_COLLECTIVE_FAILED = ("Horovod has been shut down", "Timed out waiting", "gloo", "Gloo", "Connection reset",
+                      "Connection closed")
+
+
+def collective_failure(err: BaseException) -> Optional[Failure]:
+    """A collective that failed (another rank ended, a stall Horovod's inspector or Gloo's timeout
+    ended): one line, with what the watchdog last heard from the others, instead of TensorFlow's
+    traceback. None for anything else."""
+    from . import watchdog
+
+    module = type(err).__module__
+    if not (module.startswith("tensorflow") or module.startswith("horovod")):
+        return None
+    text = str(err)
+    if not any(word in text for word in _COLLECTIVE_FAILED):
+        return None
+    if "Horovod has been shut down" in text:
+        cause = ("Horovod shut down: another rank ended, or Horovod's stall inspector ended a stall (its lines "
+                 "above name the missing ranks)")
+    else:
+        cause = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)[:300]
+    heard = watchdog.last_heard()
+    watchdog.stop()  # the others hear that this rank is done, not silent
+    return Failure(f"a collective failed during {watchdog.phase()}: {cause}"
+                   + (f"; last heard: {heard}" if heard else ""), grace=False)
 
 
 def _run(action) -> int:

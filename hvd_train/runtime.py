@@ -269,7 +269,7 @@ def agree_gather(error: Optional[str], payload: Any, what: str) -> list:
     """Collective: ``agree``, and every rank's ``payload`` (rank order) when no rank failed, in
     the same single allgather."""
     # Horovod: every rank reaches this allgather; a rank that skipped it would hang the others.
-    gathered = allgather((error, payload), f"agree.{what}")
+    gathered = allgather((error, payload), f"agree.{what}", f"agreeing on {what}")
     failed = [(rank, msg) for rank, (msg, _) in enumerate(gathered) if msg]
     if not failed:
         return [p for _, p in gathered]
@@ -282,15 +282,22 @@ def broadcast(value: Any, what: str) -> Any:
     """Collective: rank 0's value on every rank (decisions such as the output directory)."""
     import horovod.tensorflow as hvd
 
-    # Horovod: rank 0 decides, everyone follows; never let ranks decide independently.
-    return hvd.broadcast_object(value, root_rank=0, name=f"bcast.{what}")
+    from . import watchdog
+
+    with watchdog.waiting(f"the broadcast of {what}"):
+        # Horovod: rank 0 decides, everyone follows; never let ranks decide independently.
+        return hvd.broadcast_object(value, root_rank=0, name=f"bcast.{what}")
 
 
-def allgather(value: Any, what: str) -> list:
-    """Collective: every rank's value, in rank order, on every rank."""
+def allgather(value: Any, what: str, phase: Optional[str] = None) -> list:
+    """Collective: every rank's value, in rank order, on every rank (``phase``: what the
+    watchdog reports this rank waits in, default the gathering of ``what``)."""
     import horovod.tensorflow as hvd
 
-    return hvd.allgather_object(value, name=f"gather.{what}")
+    from . import watchdog
+
+    with watchdog.waiting(phase or f"the gathering of {what}"):
+        return hvd.allgather_object(value, name=f"gather.{what}")
 
 
 def fail(message: str, code: int = 2, grace: bool = True) -> NoReturn:
@@ -310,8 +317,11 @@ def fail_together(message: str, code: int = 2, label: str = "error: ") -> NoRetu
     """After Horovod started and ranks agreed on a failure (or a stop): rank 0 prints, then all exit."""
     import horovod.tensorflow as hvd
 
+    from . import watchdog
+
     if hvd.rank() == 0:
         write_line(f"hvd-train: {label}{message}", sys.stderr)
+    watchdog.mark("leaving after an error every rank agreed on", waiting=True)
     # Horovod: a barrier, so no rank exits (and gets the job torn down) before rank 0 has reported.
     hvd.allreduce(np.zeros(1), op=hvd.Sum, name="fail.barrier")
     sys.exit(code)

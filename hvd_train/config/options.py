@@ -20,6 +20,7 @@ SCALINGS = ("standard", "none")
 READERS = ("process", "thread")
 # Keras's dtype policies: variables stay float32; mixed_* compute in 16 bits (mixed_float16 with
 # loss scaling). Evaluation and the saved model are float32 whatever the policy.
+NONFINITE = ("stop", "warn")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # Validation metrics early stopping may watch, per task; "loss" is the training objective.
 TASK_METRICS = {"classification": ("val_loss", "val_accuracy"),
@@ -138,6 +139,9 @@ class TrainConfig:
         "optimisation")
     early_stopping_metric: str = _option("val_loss", group="optimisation", choices=EARLY_STOPPING_METRICS)
     early_stopping_min_delta: float = _option(0.0, "smallest change that counts as an improvement", "optimisation")
+    on_nonfinite: str = _option(
+        "stop", "a non-finite loss or averaged gradient: stop every rank at that batch, the update skipped "
+        "(stop), or say so once and go on (warn)", "optimisation", choices=NONFINITE)
     prune_file: Optional[str] = _option(
         None, "sweep trials: stop after an epoch when the best value so far of FILE's validation metric is worse "
         "than FILE's median of earlier trials at that epoch (hvd-train sweep --prune median writes it)",
@@ -163,6 +167,9 @@ class TrainConfig:
                             "else one line per epoch", choices=PROGRESS)
     verbose_ranks: bool = _option(False, "ranks other than 0 print their log lines and TensorFlow/Horovod "
                                   "warnings too (default: errors only)")
+    stall_timeout: float = _option(
+        60.0, "end the job with one message naming the rank when a rank stops answering, or makes no progress "
+        "while the others wait for it, for this many seconds (0: wait for ever, as Horovod does)", metavar="SECONDS")
 
     tensorboard: bool = _option(False, "rank 0 writes per-epoch TensorBoard scalars to <output-dir>/tensorboard",
                                 "observability")
@@ -210,6 +217,11 @@ class TrainConfig:
                  EARLY_STOPPING_METRICS,
                  f"early stopping metric {self.early_stopping_metric} is not a {self.task} metric: choose one of "
                  f"{', '.join(TASK_METRICS[self.task])}")
+        _require(math.isfinite(self.stall_timeout) and self.stall_timeout >= 0,
+                 f"stall timeout must be >= 0 seconds (got {self.stall_timeout})")
+        _require(self.stall_timeout == 0 or self.stall_timeout >= 5,
+                 f"stall timeout must be 0 (off) or at least 5 seconds (got {self.stall_timeout})")
+        _require(self.on_nonfinite in NONFINITE, f"on nonfinite must be one of {NONFINITE} (got {self.on_nonfinite!r})")
         _require(self.commit_every >= 0, f"commit every must be >= 0 batches (got {self.commit_every})")
         _require(self.shuffle_buffer >= 1, f"shuffle buffer must be >= 1 (got {self.shuffle_buffer})")
         _require(self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})")

@@ -13,9 +13,10 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from .. import runtime, storage
+from .. import runtime, storage, watchdog
 from ..config.options import TrainConfig
 from ..outputs.events import EventLog
 from ..outputs.run_dir import TENSORBOARD_DIR
@@ -30,11 +31,15 @@ def run_callbacks(run: RunContext, resumed: checkpoint.ResumePoint) -> List[Any]
     resumed from a stop mid-epoch) makes it a fit of the rest of that epoch, its ``sums`` carried.
     """
     rt, config, plan, log = run.rt, run.config, run.plan, run.log
+    # First: what this rank is doing, for the watchdog (a training step, an epoch's end).
+    found: List[Any] = [Phases()]
     # Before validation, checkpoints and everything else at the epoch's end.
-    found: List[Any] = [SyncReplicaState()]
+    found.append(SyncReplicaState())
     position, carried = resumed.position, resumed.sums
     train_metrics = ExactTrainMetrics(run, resumed.epoch, position, carried=carried)
     found.append(train_metrics)
+    # A diverged run stops before anything is written of it (no checkpoint, no event of NaN).
+    found.append(NonFinite(run))
     if plan.val_samples:
         found.append(GlobalValidation(run))
     # The learning rate of every step: warmup, then the schedule (no collective: a function of the step).
@@ -63,6 +68,7 @@ def run_callbacks(run: RunContext, resumed: checkpoint.ResumePoint) -> List[Any]
         found.append(EpochLine(config.epochs))
     # Last: a stop after a batch, or after an epoch's end work (its checkpoint included).
     found.append(stopping.StopCheck(run, resumed.epoch, position, carried, checkpointer))
+    found.append(StepBegins())  # after every callback's batch start: the step itself (Phases)
     return found
 
 
@@ -88,6 +94,95 @@ class FeedGuard(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.feed.can_fail:
             stopping.agree_feed(self.rt, self.feed)
+
+
+class Phases(keras.callbacks.Callback):
+    """Every rank, no collective: tells the watchdog what this rank does, so a stall names what
+    was being waited for. First in the list: the callbacks after a step and at an epoch's end
+    (the user's among them) are a phase of their own; ``StepBegins``, last, marks the step. A
+    rank stuck in a callback is then one mark behind the ranks already in the next step."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        watchdog.mark(f"the start of epoch {epoch + 1}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        watchdog.mark(f"the callbacks after training step {batch + 1} of epoch {self.epoch + 1}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        watchdog.mark(f"the end of epoch {epoch + 1}")
+
+
+class StepBegins(keras.callbacks.Callback):
+    """Every rank, no collective, last in the list: the training step starts (Phases)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        watchdog.mark(f"training step {batch + 1} of epoch {self.epoch + 1}")
+
+
+class NonFinite(keras.callbacks.Callback):
+    """Every rank, no collective of its own: a diverged run stops (``--on-nonfinite stop``) or is
+    reported once (``warn``).
+
+    After a batch: the optimizer skipped an update whose averaged gradients were not finite
+    (distributed.py; the same update on every rank, so every rank stops after the same batch).
+    At an epoch's end: the global training loss (already combined over ranks, the same on every
+    rank) is not finite. Stopping raises stopping.Diverged: the last checkpoint stays, no
+    checkpoint, model or metrics of this point are written."""
+
+    def __init__(self, run: RunContext):
+        super().__init__()
+        self.run, self.rt, self.config = run, run.rt, run.config
+        self.warned = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self.skipped = distributed.nonfinite_steps(self.run.optimizer)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.config.on_nonfinite == "stop":
+            if distributed.nonfinite_steps(self.run.optimizer) != self.skipped:
+                self._diverged(f"batch {batch + 1}", "the gradient averaged over the ranks")
+        elif not self.warned and not np.isfinite(float((logs or {}).get("loss", 0.0))):
+            self._warn(f"batch {batch + 1}", "this rank's loss")
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if np.isfinite(loss):
+            return
+        if self.config.on_nonfinite == "stop":
+            self._diverged("its end", "the training loss over all ranks")
+        elif not self.warned:
+            self._warn("its end", "the training loss over all ranks")
+
+    def _diverged(self, where: str, what: str) -> None:
+        kept = runtime.on_rank0(self.rt, _last_checkpoint, self.config.checkpoint_dir)
+        raise stopping.Diverged(
+            f"training diverged in epoch {self.epoch + 1} at {where}: {what} is not finite (learning rate "
+            f"{schedules.current(self.model.optimizer):.4g}); every rank stopped there, that update skipped, "
+            f"no model written; {kept}. "
+            "Try a lower --lr or a longer --warmup-epochs, and look for NaN or infinite values in the data; "
+            "--on-nonfinite warn trains on regardless")
+
+    def _warn(self, where: str, what: str) -> None:
+        self.warned = True
+        runtime.log(self.rt, f"warning: in epoch {self.epoch + 1} at {where}, {what} is not finite; training "
+                             "goes on (--on-nonfinite warn): its metrics are written as null")
+
+
+def _last_checkpoint(directory: Optional[str]) -> Optional[str]:
+    """Rank 0: the newest checkpoint kept, said for --resume."""
+    if not directory:
+        return "no checkpoint (--checkpoint-dir DIR keeps one per epoch)"
+    try:
+        found = checkpoint.listed(directory)
+    except OSError:
+        found = []
+    return (f"the last checkpoint, {found[0][1]}, is kept (--resume continues from it)" if found
+            else f"no checkpoint in {directory} yet")
 
 
 class SyncReplicaState(keras.callbacks.Callback):

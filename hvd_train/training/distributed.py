@@ -47,7 +47,7 @@ def tf_variables(variables: Sequence) -> list:
 # --- the optimizer ------------------------------------------------------------------------------
 
 def DistributedOptimizer(optimizer, compression=None, backward_passes_per_step: int = 1,
-                         name: Optional[str] = None):
+                         name: Optional[str] = None, skip_nonfinite: bool = True):
     """A Keras optimizer like ``optimizer`` (a fresh one, from its config) whose updates use the
     gradients averaged over every rank by ring-allreduce.
 
@@ -62,13 +62,36 @@ def DistributedOptimizer(optimizer, compression=None, backward_passes_per_step: 
     loads without Horovod. ``name``: of the allreduces (Horovod's timeline shows them), by default
     "Distributed<Class>_Allreduce" as Horovod's own wrapper named them; each gradient's is that
     plus "/grad_<i>".
+
+    ``skip_nonfinite``: an update whose averaged gradients are not all finite is skipped (the
+    weights stay finite) and counted (``nonfinite_steps``). The averaged gradients are the same
+    on every rank, so every rank skips the same update, with no collective of its own. A
+    LossScaleOptimizer does this itself (a normal event there, the loss scale then shrinks).
     """
     cls = _distributed_class(type(optimizer))
     wrapped = cls.from_config(optimizer.get_config())
     wrapped._hvd_compression = compression or _hvd().Compression.none
     wrapped._hvd_passes = int(backward_passes_per_step)
     wrapped._hvd_prefix = name or f"Distributed{type(optimizer).__name__}_Allreduce"
+    wrapped._hvd_skip = bool(skip_nonfinite) and not _is_loss_scaled(optimizer)
     return wrapped
+
+
+def _is_loss_scaled(optimizer) -> bool:
+    import keras
+
+    return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+# Each distributed optimizer's count of updates whose averaged gradients were not finite: a plain
+# TensorFlow variable outside the optimizer's own (checkpoints and broadcasts hold the same state as before).
+_nonfinite: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def nonfinite_steps(optimizer) -> int:
+    """How many updates so far had an averaged gradient that was not finite (the same on every rank)."""
+    counter = _nonfinite.get(optimizer)
+    return int(counter.numpy()) if counter is not None else 0
 
 
 def _elastic() -> bool:
@@ -91,9 +114,13 @@ def _distributed_class(base: type) -> type:
         _hvd_compression = None
         _hvd_passes = 1
         _hvd_prefix = "DistributedOptimizer_Allreduce"
+        _hvd_skip = False
 
         def build(self, variables):
             super().build(variables)
+            if self not in _nonfinite:
+                with tf.init_scope():
+                    _nonfinite[self] = tf.Variable(0, dtype=tf.int64, trainable=False, name="hvd_nonfinite")
             if self._hvd_passes > 1:
                 # Local sums of the gradients between allreduces, and how many passes they hold.
                 self._hvd_sums = [self.add_variable_from_reference(v, name="hvd_gradient_sum") for v in variables]
@@ -110,10 +137,31 @@ def _distributed_class(base: type) -> type:
                 tf.convert_to_tensor(g), op=hvd.Average, compression=self._hvd_compression,
                 name=f"{self._hvd_prefix}/grad_{i}") for i, g in enumerate(grads)]
 
+        def _hvd_apply(self, averaged, trainable_variables):
+            """The update from averaged gradients; skipped (and counted) if one is not finite."""
+            present = [g for g in averaged if g is not None]
+            if not self._hvd_skip or not present:
+                return base.apply(self, averaged, trainable_variables)
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in present])
+            counter = _nonfinite[self]
+
+            def skip():
+                counter.assign_add(1)
+                return tf.constant(False)
+
+            def update():
+                base.apply(self, averaged, trainable_variables)
+                return tf.constant(True)
+
+            # Every rank has the same averaged gradients: the same branch everywhere.
+            return tf.cond(finite, update, skip)
+
         def apply(self, grads, trainable_variables=None):
             grads = list(grads)
             if self._hvd_passes == 1 or not grads:
-                return base.apply(self, self._hvd_average(grads), trainable_variables)
+                if not self.built and self._hvd_skip:
+                    self.build(list(trainable_variables))
+                return self._hvd_apply(self._hvd_average(grads), trainable_variables)
             if not self.built:
                 self.build(list(trainable_variables))
                 self.built = True
@@ -126,7 +174,7 @@ def _distributed_class(base: type) -> type:
                 # Horovod: one allreduce of the mean of the k local passes, then one update.
                 means = [None if g is None else total.value / self._hvd_passes
                          for g, total in zip(grads, self._hvd_sums)]
-                base.apply(self, self._hvd_average(means), trainable_variables)
+                self._hvd_apply(self._hvd_average(means), trainable_variables)
                 for total in self._hvd_sums:
                     total.assign(tf.zeros_like(total.value))
                 return tf.constant(True)

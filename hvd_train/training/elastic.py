@@ -43,7 +43,7 @@ import keras
 import tensorflow as tf
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
-from .. import runtime
+from .. import runtime, watchdog
 from ..config.options import ConfigError, TrainConfig
 from ..data.arrays import DataArg, load_splits
 from ..data.interface import DataError
@@ -233,6 +233,7 @@ def _collective_failed(err: BaseException) -> bool:
 def _reset() -> None:
     import horovod.tensorflow as hvd
 
+    watchdog.stop()
     # Horovod: leave the old world, join the new one (rendezvous with the driver).
     hvd.shutdown()
     hvd.init()
@@ -242,6 +243,8 @@ def _session(state, rt: runtime.Runtime, config: TrainConfig, model_fn: Optional
              user_callbacks: List[Any]) -> session.TrainResult:
     """One pass of the elastic loop, from the committed state to the end of the run."""
     rt = runtime.refresh(rt)
+    # Horovod: this world's watchdog (a silent worker is killed when on this machine: a lost one).
+    watchdog.start(rt.rank, rt.size, config.stall_timeout, runtime.host_name(), elastic=True)
     progress: Progress = state.progress
     if progress.output_dir:
         config = config.replace(output_dir=progress.output_dir)
@@ -257,6 +260,7 @@ def _session(state, rt: runtime.Runtime, config: TrainConfig, model_fn: Optional
             error = str(err)
         config, plan = session.settle(rt, config, splits, error)
     log = EventLog(rt, config.output_dir)
+    watchdog.on_verdict(lambda message: log.emit("run_failed", error=message))
     model, optimizer = state.model, state.optimizer
     if not progress.started:
         resumed = checkpoint.resume(rt, config, plan, splits, model, optimizer)

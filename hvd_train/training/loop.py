@@ -57,7 +57,7 @@ def fit_epochs(run: RunContext, start: ResumePoint) -> ResumePoint:
     except stopping.Stopped as stop:
         run.log.emit("run_stopped", **stop.fields())
         raise
-    except StreamError as err:  # agreed by every rank (callbacks.agree_feed)
+    except (StreamError, stopping.Diverged) as err:  # agreed by every rank (callbacks.agree_feed, NonFinite)
         run.log.emit("run_failed", error=str(err))
         raise
     except Exception as err:

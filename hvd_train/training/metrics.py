@@ -5,6 +5,8 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
+from .. import watchdog
+
 
 def local_sums(model, x: np.ndarray, y: np.ndarray, task, batch_size: int = 4096) -> np.ndarray:
     """The task's evaluation sums (tasks.py: loss, correct or squared errors, count, ...) on this
@@ -35,7 +37,8 @@ def evaluate(model, pieces: Iterable[Tuple[np.ndarray, np.ndarray]], task) -> Di
     except DataError as err:  # a file or object that went bad: every rank learns it below
         problem, totals[-1] = str(err), 1.0
     # Horovod: sum (not average) so ranks with more samples weigh more: exact whole-set metrics.
-    totals = hvd.allreduce(totals, op=hvd.Sum, name="eval_sums").numpy()
+    with watchdog.waiting("the sums of an evaluation"):
+        totals = hvd.allreduce(totals, op=hvd.Sum, name="eval_sums").numpy()
     if totals[-1]:
         agree_failure(problem, "eval")
     return task.result(totals[:-1])
@@ -72,7 +75,8 @@ def global_sums(values: Dict[str, float], count: int, what: str,
     keys = sorted(values)
     local = np.array([float(values[k]) * count for k in keys] + [count], np.float64)
     # Horovod: sum of count-weighted values, divided later by the total count; not a mean of rank means.
-    total = hvd.allreduce(local, op=hvd.Sum, name=f"combine.{what}").numpy()
+    with watchdog.waiting(f"the metric sums ({what})"):
+        total = hvd.allreduce(local, op=hvd.Sum, name=f"combine.{what}").numpy()
     sums = dict(zip([*keys, "count"], (float(v) for v in total)))
     for key, value in (carried or {}).items():
         sums[key] = sums.get(key, 0.0) + value

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from .. import runtime
+from .. import runtime, watchdog
 from ..config.options import ConfigError, TrainConfig
 from ..config.plan import Plan, make_plan
 from ..data import sources, stream
@@ -95,7 +95,8 @@ def settle(rt: runtime.Runtime, config: TrainConfig, splits: Optional[Splits],
 
 def horovod_env(config: TrainConfig) -> Dict[str, str]:
     """Horovod settings that must be in the environment before hvd.init() (this rank's)."""
-    env = {}
+    # Horovod: its stall inspector warns, then shuts down, at the watchdog's limit (watchdog.py).
+    env = watchdog.horovod_env(config.stall_timeout, elastic=os.environ.get("HOROVOD_ELASTIC") == "1")
     if config.timeline:
         # Horovod: a timeline started later (hvd.start_timeline), once the set-up checks have passed.
         env["HOROVOD_TIMELINE"] = "DYNAMIC"

@@ -27,7 +27,7 @@ from typing import Dict, Iterator, Optional
 import keras
 import numpy as np
 
-from .. import runtime
+from .. import runtime, watchdog
 from ..data.interface import agree_failure
 from .metrics import global_sums
 
@@ -65,6 +65,10 @@ class Stopped(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class Diverged(RuntimeError):
+    """Every rank raises this after the same batch (or epoch) when training diverged (callbacks.NonFinite)."""
 
 
 def received() -> int:
@@ -108,7 +112,7 @@ class StopCheck(keras.callbacks.Callback):
         self.steps += 1
         if done >= self.cursor.steps or self.steps < self.interval:  # the last batch: the epoch's end decides
             return
-        if not self._agreed():
+        if not self._agreed(f"after batch {done} of epoch {self.epoch + 1}"):
             return
         position, path = self.cursor.position(done), None
         # Horovod: the epoch's metrics so far, as global sums for the resumed run (one allreduce).
@@ -120,11 +124,11 @@ class StopCheck(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.carried = None
-        if self._agreed():
+        if self._agreed(f"at the end of epoch {epoch + 1}"):
             path = self.checkpointer.write(epoch + 1) if self.checkpointer else None
             raise Stopped(self._signal, epoch + 1, 0, self.plan.train_samples, path)
 
-    def _agreed(self) -> bool:
+    def _agreed(self, where: str) -> bool:
         import horovod.tensorflow as hvd
 
         local, now = received(), time.perf_counter()
@@ -135,8 +139,9 @@ class StopCheck(keras.callbacks.Callback):
             interval = max(1, int(CHECK_SECONDS / step)) if self.rt.is_rank0 and step > 0 else 0
             # Horovod: every rank asks after the same batches; a signal or a failed read on any
             # rank stops all together, and everyone takes rank 0's interval (the only non-zero one).
-            local, self.interval, failed = (int(v) for v in hvd.allreduce(
-                np.array([local, interval, failed], np.int32), op=hvd.Max, name="stop.check").numpy())
+            with watchdog.waiting(f"the stop check {where}"):
+                local, self.interval, failed = (int(v) for v in hvd.allreduce(
+                    np.array([local, interval, failed], np.int32), op=hvd.Max, name="stop.check").numpy())
         self.steps, self.since, self._signal = 0, now, local
         if failed:  # every rank is here: the failing rank's message, on every rank
             agree_feed(self.rt, self.feed)

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 from typing import Any, List, Optional
 
-from .. import runtime
+from .. import runtime, watchdog
 from ..config.options import ConfigError, TrainConfig
 from ..config.plan import Plan, report, report_lines
 from ..data.arrays import DataArg, Splits
@@ -44,8 +44,21 @@ def train(config: TrainConfig, data: DataArg = None, model_fn: Optional[ModelFn]
         # Horovod: an elastic launch; the world may change mid-run (elastic.py). No core pinning:
         # a process's share of the cores changes with the world.
         rt = runtime.init(config.threads, config.verbose_ranks, horovod_env(config))
-        return elastic.train(rt, config, data, model_fn, list(callbacks or []))
+        try:
+            return elastic.train(rt, config, data, model_fn, list(callbacks or []))
+        finally:
+            watchdog.stop()
     rt = runtime.init(config.threads, config.verbose_ranks, horovod_env(config), pin_cores=config.pin_cores)
+    # Horovod: a rank that stops answering ends the job with one message naming it (watchdog.py).
+    watchdog.start(rt.rank, rt.size, config.stall_timeout, runtime.host_name())
+    try:
+        return _train(rt, config, data, model_fn, callbacks)
+    finally:
+        watchdog.stop()
+
+
+def _train(rt: runtime.Runtime, config: TrainConfig, data: DataArg, model_fn: Optional[ModelFn],
+           callbacks: Optional[List[Any]]) -> TrainResult:
     config, splits, plan = prepare(rt, config, data)
     for line in plan.lines():
         runtime.log(rt, line)
@@ -95,6 +108,7 @@ def _run(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
     # 5. The start of the run's outputs: every set-up check has passed on every rank, so rank 0
     # makes the output directory and starts the event log.
     log = EventLog(rt, config.output_dir)
+    watchdog.on_verdict(lambda message: log.emit("run_failed", error=message))
     initial_epoch = resumed.initial_epoch(config.epochs)
     log.start(config=config.to_dict(), plan=asdict(plan), versions=runtime.versions(), initial_epoch=initial_epoch,
               **({"initial_position": resumed.position} if resumed.position else {}))
