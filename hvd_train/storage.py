@@ -203,6 +203,14 @@ def describe(err: BaseException, location: str) -> str:
     return f"{location}: {cause}"
 
 
+def cause(err: BaseException) -> str:
+    """Why an OSError happened, without its path: "No space left on device" (ENOSPC), "Read-only
+    file system", ...; a StorageError's own text (it names its location)."""
+    if isinstance(err, StorageError) or not getattr(err, "strerror", None):
+        return str(err) or type(err).__name__
+    return err.strerror
+
+
 @contextlib.contextmanager
 def _errors(location: str) -> Iterator[None]:
     try:
@@ -421,15 +429,36 @@ class Appender:
         self.location, self.text, self.pending = location, None, ""
 
     def add(self, line: str) -> None:
-        if not is_remote(self.location):
-            with open(self.location, "a") as f:
-                f.write(line)
-            return
         self.pending += line  # kept if what follows fails: the next call carries it
+        if not is_remote(self.location):
+            self._append_local()
+            return
         if self.text is None:
             self.text = read_text(self.location) if is_file(self.location) else ""
         write_text(self.location, self.text + self.pending)
         self.text, self.pending = self.text + self.pending, ""
+
+
+    def _append_local(self) -> None:
+        """The pending lines appended; on a failure (a full disk) the file is cut back to where
+        it was, so no half line is left, and the lines stay pending."""
+        data = self.pending.encode()
+        try:
+            fd = os.open(self.location, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise StorageError(f"{self.location}: {cause(err)}") from None
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                while data:  # unbuffered: a short write is seen, not flushed later
+                    data = data[os.write(fd, data):]
+            except OSError as err:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise StorageError(f"{self.location}: {cause(err)}") from None
+        finally:
+            os.close(fd)
+        self.pending = ""
 
 
 def read_lines(location: str) -> List[str]:

@@ -1,6 +1,7 @@
 """Shared helpers: run the real launchers in subprocesses with timeouts."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -429,3 +430,21 @@ class Jobs:
         assert run.ok, run
         return run
 
+
+
+@contextlib.contextmanager
+def small_filesystem(path, size: str):
+    """A tmpfs of ``size`` (e.g. "100k") mounted at ``path``: a disk that fills up for real (ENOSPC).
+    Needs root (as the CI machine has); skips otherwise. Unmounted after."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

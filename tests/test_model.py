@@ -70,6 +70,41 @@ def test_models_are_keras_3_built_and_checked_before_training():
     with pytest.raises(ConfigError, match=r"Keras 2 model \(tf_keras.src.engine.sequential.Sequential.*`import keras`"):
         build(lambda n, k: keras2(), 5, 3)
 
+    # A model_fn that fails itself, and a model with nothing to train: one line each, not a traceback.
+    def broken(n, k):
+        return keras.Sequential([keras.layers.Dense(k, activation="nope")])
+
+    with pytest.raises(ConfigError, match=r"model_fn\(5, 3\) failed: ValueError: Could not interpret activation"):
+        build(broken, 5, 3)
+
+    def frozen(n, k):
+        model = keras.Sequential([keras.Input((n,)), keras.layers.Dense(k)])
+        model.trainable = False
+        return model
+
+    with pytest.raises(ConfigError, match="no trainable weights: nothing to train"):
+        build(frozen, 5, 3)
+
+
+def test_a_model_keras_cannot_compile_is_one_message_before_training():
+    from hvd_train.data.arrays import load_splits
+    from hvd_train.training.session import build_model
+
+    class Uncompilable(keras.Model):  # compile itself refuses (as a model with a custom compile may)
+        def __init__(self, k):
+            super().__init__()
+            self.out = keras.layers.Dense(k)
+
+        def call(self, x):
+            return self.out(x)
+
+        def compile(self, **kwargs):
+            raise TypeError("compile() got an unexpected keyword argument 'steps_per_execution'")
+
+    config = TrainConfig(epochs=1)
+    with pytest.raises(ConfigError, match=r"cannot be compiled for this run: TypeError: compile\(\) got"):
+        build_model(config, load_splits(config, None), 0.01, lambda n, k: Uncompilable(k))
+
 
 def test_the_precision_policy_applies_while_building_and_is_restored_after():
     before = keras.config.dtype_policy().name

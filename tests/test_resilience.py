@@ -50,3 +50,59 @@ def test_sigkill_of_one_rank_ends_the_job(tmp_path, launcher):
 
 # Ranks that disagree about the job (different data on one host, a different argument on one rank):
 # tests/parallel/test_collectives.py, on the real ranks of one job.
+
+
+# A rank that stops answering (SIGSTOP: as a frozen host, a hung mount or a swapped-out process)
+# ends the job within the limit plus this margin (heartbeats every second, the verdict, the exits).
+STALL_LIMIT = 6
+STALL_MARGIN = 15
+
+
+@pytest.mark.parametrize("launcher,stopped", [
+    ("horovodrun-gloo", 1),
+    pytest.param("mpirun", 0, marks=requires_mpi),
+])
+def test_a_stopped_rank_ends_the_job_with_one_message_naming_it(tmp_path, launcher, stopped):
+    out = tmp_path / "out"
+    prefix = {"horovodrun-gloo": horovodrun_cmd(2, "gloo"), "mpirun": [*MPIRUN, "-np", "2"]}[launcher]
+    job = Background([*prefix, *HVD_TRAIN, *LONG_RUN, "--output-dir", out, "--stall-timeout", STALL_LIMIT])
+    job.wait_until(lambda: re.search(r"epoch +2/200", job.output), 180, "the second epoch")
+    from conftest import _descendants
+
+    pids = [job.proc.pid, *_descendants(job.proc.pid)]
+    frozen = job.rank_pid(stopped)
+    os.kill(frozen, signal.SIGSTOP)
+    sent = time.monotonic()
+    said = None
+    while job.proc.poll() is None and time.monotonic() - sent < STALL_LIMIT + STALL_MARGIN + 30:
+        if said is None and "hvd-train: error:" in job.output:
+            said = time.monotonic() - sent
+        time.sleep(0.05)
+    code = job.wait(10)
+    ended = time.monotonic() - sent
+    print(f"{launcher}: rank {stopped} stopped -> the message after {said:.1f}s, the job gone after {ended:.1f}s "
+          f"(--stall-timeout {STALL_LIMIT})")
+    assert code != 0
+    errors = [line for line in job.output.splitlines() if "hvd-train: error:" in line]
+    assert len(errors) == 1, job.output[-3000:]
+    assert re.search(rf"rank {stopped} \(host \S+, pid {frozen}\) stopped answering: nothing heard from it for "
+                     rf"\d+ s while (rank|this rank \(1\)) .*(training step|stop check)", errors[0]), errors[0]
+    assert "Traceback" not in job.output and "Horovod has been shut down" not in job.output
+    assert ended < STALL_LIMIT + STALL_MARGIN
+    # The launcher's own summary names the stopped rank (killed first, so it is the one it reports),
+    # or hvd-horovodrun leaves the summary to the message (status 2, said why).
+    if launcher == "mpirun":
+        assert f"process rank {stopped} with PID" in job.output and "signal 9" in job.output, job.output[-3000:]
+    else:
+        assert code == 2 and "horovodrun: the job failed" not in job.output
+    # Nothing of the job is left, the stopped process included; the event log says why.
+    deadline = time.monotonic() + 10
+    from test_stopping import alive
+
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive(pids) == []
+    failed = [e for e in events.read(out / "events.jsonl") if e["event"] == "run_failed"]
+    if stopped != 0:  # rank 0 writes the log; a stopped rank 0 writes nothing more
+        assert len(failed) == 1 and "stopped answering" in failed[0]["error"]
+    assert not (out / "metrics.json").exists() and not (out / "model.keras").exists()

@@ -12,24 +12,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 from typing import Any, Dict, List
 
 from .. import runtime, storage
-from .run_dir import EVENTS_FILE
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe: numpy scalars to Python numbers, non-finite floats to null."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+from .run_dir import EVENTS_FILE, plain
 
 
 class EventLog:
@@ -53,7 +39,7 @@ class EventLog:
 
     def _append(self, event: str, fields: Dict[str, Any]) -> None:
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-        record = {"event": event, "time": now, **_plain(fields)}
+        record = {"event": event, "time": now, **plain(fields)}
         try:
             self.out.add(json.dumps(record, sort_keys=False, allow_nan=False) + "\n")
         except storage.StorageError as err:

@@ -15,6 +15,7 @@ import csv
 import datetime
 import io
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict
@@ -72,8 +73,42 @@ def autotune_scratch() -> str:
     return os.path.join(tempfile.gettempdir(), f"hvd_train-autotune-{os.getpid()}.csv")
 
 
+def plain(value: Any) -> Any:
+    """JSON-safe: numpy scalars to Python numbers, non-finite floats to null (JSON has no NaN;
+    Python's json writes one that most readers reject)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_json(path: str, obj: Dict[str, Any]) -> None:
-    storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    storage.write_text(path, json.dumps(plain(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _written(write, location: str, *args: Any) -> None:
+    """``write(location, *args)``: one file of the run, whole (storage's temp-and-rename or whole
+    upload) or OutputError naming it and the cause (a full disk, a folder made read-only or
+    removed, ...)."""
+    try:
+        write(location, *args)
+    except Exception as err:  # noqa: BLE001 - Keras and matplotlib raise their own types on a write error
+        raise OutputError(f"could not write {location}: {storage.cause(err)}") from None
+
+
+def _plot(location: str, draw) -> Optional[str]:
+    """A plot: a failure to write it is a warning, the run's other files still come."""
+    try:
+        with storage.writing(location) as tmp:
+            draw(tmp)
+    except Exception as err:  # noqa: BLE001 - as _written
+        return f"could not write the plot {location}: {storage.cause(err)}"
+    return None
 
 
 def history_csv(history: Dict[str, List[float]]) -> str:
@@ -94,27 +129,31 @@ def write_run(run, model, history: Dict[str, List[float]], metrics: Dict[str, An
     (true, predicted) test pairs for predictions.png."""
     config, plan, splits, task = run.config, run.plan, run.data, run.task
     d = config.output_dir
-    with storage.writing(storage.join(d, MODEL_FILE)) as tmp:
-        model.save(tmp)
-    write_json(storage.join(d, PREPROCESSING_FILE), {**splits.preprocessing(), "logits": config.logits})
-    write_json(storage.join(d, CONFIG_FILE),
-               {"config": config.to_dict(), "plan": asdict(plan), "versions": runtime.versions()})
-    storage.write_text(storage.join(d, CONFIG_TOML_FILE), configfile.dumps(config))
-    storage.write_text(storage.join(d, HISTORY_FILE), history_csv(history))
-    write_json(storage.join(d, REPORT_FILE), report)
+
+    def save_model(location: str) -> None:
+        with storage.writing(location) as tmp:
+            model.save(tmp)
+
+    _written(save_model, storage.join(d, MODEL_FILE))
+    _written(write_json, storage.join(d, PREPROCESSING_FILE), {**splits.preprocessing(), "logits": config.logits})
+    _written(write_json, storage.join(d, CONFIG_FILE),
+             {"config": config.to_dict(), "plan": asdict(plan), "versions": runtime.versions()})
+    _written(storage.write_text, storage.join(d, CONFIG_TOML_FILE), configfile.dumps(config))
+    _written(storage.write_text, storage.join(d, HISTORY_FILE), history_csv(history))
+    _written(write_json, storage.join(d, REPORT_FILE), report)
     title = f"{config.dataset}, {plan.world_size} process(es), global batch {plan.global_batch_size}"
-    with storage.writing(storage.join(d, CURVES_FILE)) as tmp:
-        plots.curves(history, tmp, title, task.curve_metric)
+    warnings = [_plot(storage.join(d, CURVES_FILE), lambda tmp: plots.curves(history, tmp, title, task.curve_metric))]
     if config.regression:
-        with storage.writing(storage.join(d, PREDICTIONS_PLOT_FILE)) as tmp:
-            plots.predicted_vs_true(points, tmp, splits.target_name,
-                                    f"test set: RMSE {report['rmse']:.4g}, R^2 {report['r2']:.4f} "
-                                    f"({len(points)} of {report['samples']} samples)")
+        warnings.append(_plot(storage.join(d, PREDICTIONS_PLOT_FILE), lambda tmp: plots.predicted_vs_true(
+            points, tmp, splits.target_name, f"test set: RMSE {report['rmse']:.4g}, R^2 {report['r2']:.4f} "
+                                             f"({len(points)} of {report['samples']} samples)")))
     else:
-        with storage.writing(storage.join(d, CONFUSION_FILE)) as tmp:
-            plots.confusion(np.array(report["confusion_matrix"]), report["classes"], tmp,
-                            f"test set, accuracy {report['accuracy']:.4f} ({report['samples']} samples)")
+        warnings.append(_plot(storage.join(d, CONFUSION_FILE), lambda tmp: plots.confusion(
+            np.array(report["confusion_matrix"]), report["classes"], tmp,
+            f"test set, accuracy {report['accuracy']:.4f} ({report['samples']} samples)")))
+    for warning in filter(None, warnings):
+        runtime.write_line(f"[hvd_train] warning: {warning}; the run's other files are written")
     if config.autotune and not config.autotune_log and os.path.exists(autotune_scratch()):
-        storage.upload(autotune_scratch(), storage.join(d, AUTOTUNE_FILE))
+        _written(lambda location: storage.upload(autotune_scratch(), location), storage.join(d, AUTOTUNE_FILE))
         os.remove(autotune_scratch())  # nothing left in /tmp
-    write_json(storage.join(d, METRICS_FILE), metrics)
+    _written(write_json, storage.join(d, METRICS_FILE), metrics)

@@ -159,6 +159,8 @@ class NonFinite(keras.callbacks.Callback):
             self._warn("its end", "the training loss over all ranks")
 
     def _diverged(self, where: str, what: str) -> None:
+        if not self.rt.is_rank0:  # with --verbose-ranks: each rank says where it stopped
+            runtime.log(self.rt, f"diverged: stopping in epoch {self.epoch + 1} at {where}")
         kept = runtime.on_rank0(self.rt, _last_checkpoint, self.config.checkpoint_dir)
         raise stopping.Diverged(
             f"training diverged in epoch {self.epoch + 1} at {where}: {what} is not finite (learning rate "
@@ -268,6 +270,7 @@ class TensorBoardScalars(keras.callbacks.Callback):
         self.log_dir = log_dir
         self.mirror: Optional[storage.Mirror] = None  # a local folder, uploaded each epoch to s3://
         self.writers: Dict[str, Any] = {}
+        self.failed = False
 
     def _writer(self, run: str):
         if self.mirror is None:
@@ -277,21 +280,37 @@ class TensorBoardScalars(keras.callbacks.Callback):
         return self.writers[run]
 
     def on_epoch_end(self, epoch, logs=None):
-        for key, value in (logs or {}).items():
-            run, name = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
-            name = "learning_rate" if name == "lr" else name
-            with self._writer(run).as_default(step=epoch + 1):
-                tf.summary.scalar(f"epoch_{name}", float(value))
-        for writer in self.writers.values():
-            writer.flush()
-        if self.mirror:
-            self.mirror.sync()
+        if self.failed:
+            return
+        try:
+            for key, value in (logs or {}).items():
+                run, name = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+                name = "learning_rate" if name == "lr" else name
+                with self._writer(run).as_default(step=epoch + 1):
+                    tf.summary.scalar(f"epoch_{name}", float(value))
+            for writer in self.writers.values():
+                writer.flush()
+            if self.mirror:
+                self.mirror.sync()
+        except Exception as err:  # noqa: BLE001 - TensorFlow's and storage's errors alike
+            self._give_up(err)
 
     def on_train_end(self, logs=None):
-        for writer in self.writers.values():
-            writer.close()
-        if self.mirror:
-            self.mirror.close()
+        try:
+            for writer in self.writers.values():
+                writer.close()
+            if self.mirror:
+                self.mirror.close()
+        except Exception as err:  # noqa: BLE001 - as on_epoch_end
+            if not self.failed:
+                self._give_up(err)
+
+    def _give_up(self, err: BaseException) -> None:
+        """TensorBoard is a view, not a result: a write that fails (a full disk, a folder gone)
+        is said once and training goes on without it."""
+        self.failed = True
+        runtime.write_line(f"[hvd_train] warning: could not write TensorBoard scalars to {self.log_dir}: "
+                           f"{storage.cause(err).splitlines()[0]}; training goes on without them")
 
 
 class EpochLine(keras.callbacks.Callback):
@@ -414,8 +433,11 @@ class Checkpointer(keras.callbacks.Callback):
         try:
             state = checkpoint.State.of(self.model, self.run.optimizer)
             path = checkpoint.save(self.config.checkpoint_dir, epoch, state, meta, self.config.keep_checkpoints)
-        except OSError as err:
-            return None, f"could not write the checkpoint for epoch {epoch} in {self.config.checkpoint_dir}: {err}"
+        except checkpoint.CheckpointError as err:
+            return None, str(err)
+        except OSError as err:  # the folder: made, listed or pruned
+            return None, f"could not write the checkpoint for epoch {epoch} in {self.config.checkpoint_dir}: " \
+                         f"{storage.cause(err)}"
         runtime.log(self.rt, f"checkpoint {path}")
         self.log.emit("checkpoint", epoch=epoch, path=path, **({"position": position} if position else {}))
         return path, None

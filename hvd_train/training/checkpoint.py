@@ -133,10 +133,16 @@ def save(directory: str, epoch: int, state: State, meta: Dict[str, Any], keep: i
     path = storage.join(directory, file_name(epoch, meta.get("position", 0)))
     content = io.BytesIO()
     np.savez(content, digest=np.frombuffer(digest.encode(), dtype=np.uint8), **arrays)
-    # Make room first, so a kill at any moment leaves at most ``keep`` checkpoints (never keep + 1).
-    for _, old in [(e, p) for e, p in listed(directory) if p != path][keep - 1:]:
+    # Written whole first, the oldest removed after: a write that fails (a full disk, a folder
+    # gone) leaves every earlier checkpoint, the newest still resumable. A kill between the two
+    # leaves keep + 1 files until the next save.
+    try:
+        storage.write_bytes(path, content.getvalue(), durable=True)
+    except OSError as err:
+        raise CheckpointError(f"could not write the checkpoint {path}: {storage.cause(err)}; the earlier "
+                              f"checkpoints in {directory} are kept") from None
+    for _, old in [(e, p) for e, p in listed(directory) if p != path][keep:]:
         storage.delete(old)
-    storage.write_bytes(path, content.getvalue(), durable=True)
     return path
 
 

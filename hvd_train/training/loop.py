@@ -13,6 +13,7 @@ from __future__ import annotations
 import weakref
 from typing import Dict, List
 
+from .. import runtime
 from ..config.plan import execution_steps
 from ..data.interface import StreamError
 from . import stopping
@@ -57,7 +58,7 @@ def fit_epochs(run: RunContext, start: ResumePoint) -> ResumePoint:
     except stopping.Stopped as stop:
         run.log.emit("run_stopped", **stop.fields())
         raise
-    except (StreamError, stopping.Diverged) as err:  # agreed by every rank (callbacks.agree_feed, NonFinite)
+    except (StreamError, stopping.Diverged, runtime.AgreedFailure) as err:  # agreed by every rank: its message
         run.log.emit("run_failed", error=str(err))
         raise
     except Exception as err:

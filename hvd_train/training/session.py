@@ -117,8 +117,13 @@ def build_model(config: TrainConfig, splits: Splits, lr: float, model_fn: Option
                             config.precision, seed=config.seed)
     # Horovod: gradients are averaged across ranks by ring-allreduce before every update.
     optimizer = model_lib.distributed_optimizer(config, lr)
-    compile_model(model, optimizer, tasks.for_run(config, splits))
-    optimizer.build(model.trainable_variables)
+    try:
+        compile_model(model, optimizer, tasks.for_run(config, splits))
+        optimizer.build(model.trainable_variables)
+    except Exception as err:  # noqa: BLE001 - Keras's own error from compile, said once before training
+        text = str(err).strip()
+        raise ConfigError(f"the model cannot be compiled for this run: {type(err).__name__}: "
+                          f"{text.splitlines()[0] if text else ''}") from None
     scorer = None
     if config.precision != "float32":
         scorer = model_lib.build(model_fn or model_for(config, inference=True), splits.model_inputs,
@@ -169,8 +174,12 @@ def finish(run: RunContext, full_history: Dict[str, List[float]], facts: Dict[st
         if full_history.get(key):
             result_metrics[key] = full_history[key][-1]
 
-    # 8. Outputs, written once by rank 0.
-    runtime.on_rank0(rt, _write_outputs, run, full_history, result_metrics, report, points)
+    # 8. Outputs, written once by rank 0; a file it cannot write (a full disk, a folder gone)
+    # fails every rank with one message naming it (the run is then without metrics.json).
+    error = runtime.on_rank0(rt, _write_outputs, run, full_history, result_metrics, report, points)
+    if error:
+        run.log.emit("run_failed", error=error)
+    runtime.agree(error, "outputs")
     run.log.finish({k: v for k, v in result_metrics.items() if k != "replica_weight_digests"})
     runtime.log(rt, f"{task.summary(test)} on {test['samples']} samples from {rt.size} process(es)")
     runtime.log(rt, f"outputs in {config.output_dir}")
@@ -193,6 +202,11 @@ def saved_model(run: RunContext):
     return clean
 
 
-def _write_outputs(run: RunContext, history, result_metrics, report, points) -> None:
-    """Rank 0 only: the run directory's files (outputs/run_dir.py), with the model to save."""
-    run_dir.write_run(run, saved_model(run), history, result_metrics, report, points)
+def _write_outputs(run: RunContext, history, result_metrics, report, points) -> Optional[str]:
+    """Rank 0 only: the run directory's files (outputs/run_dir.py), with the model to save; the
+    error if one could not be written."""
+    try:
+        run_dir.write_run(run, saved_model(run), history, result_metrics, report, points)
+    except OutputError as err:
+        return str(err)
+    return None
