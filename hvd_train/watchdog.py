@@ -257,9 +257,8 @@ class Watchdog:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(int(peer["pid"]), signal.SIGKILL)
                 self.killed.add(r)
-                if self.elastic:
-                        _write_line(f"[hvd_train] rank {r} ({self._where(r)}) stopped answering for {self.limit:g} s: "
-                               "killed, so the elastic job goes on without it")
+                _write_line(f"[hvd_train] rank {r} ({self._where(r)}) stopped answering for {self.limit:g} s: "
+                            "killed, so the elastic job goes on without it")
         return dropped
 
     # --- other ranks --------------------------------------------------------------------------
@@ -292,7 +291,8 @@ class Watchdog:
             if self.stopped.is_set():
                 return
             if time.monotonic() - answered > self.limit:
-                if self.elastic:  # Gloo's timeout resets this world; the next one starts a new watchdog
+                if self.elastic:  # rank 0 dropped like a lost worker (when on this machine); Gloo's
+                    self._drop([(0, time.monotonic() - answered)])  # timeout then resets this world
                     answered = time.monotonic()
                     continue
                 if zero.get("machine") == _machine():

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import read_json, run_many, small_filesystem
+from conftest import run_many, small_filesystem
 
 from hvd_train.outputs import events
 from hvd_train.training import checkpoint

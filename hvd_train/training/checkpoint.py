@@ -141,7 +141,7 @@ def save(directory: str, epoch: int, state: State, meta: Dict[str, Any], keep: i
     except OSError as err:
         raise CheckpointError(f"could not write the checkpoint {path}: {storage.cause(err)}; the earlier "
                               f"checkpoints in {directory} are kept") from None
-    for _, old in [(e, p) for e, p in listed(directory) if p != path][keep:]:
+    for _, old in [(e, p) for e, p in listed(directory) if p != path][keep - 1:]:
         storage.delete(old)
     return path
 
