@@ -62,6 +62,14 @@ def mark(phase: str, waiting: bool = False) -> None:
     _mark = (_mark[0] + 1, phase, waiting, time.monotonic())
 
 
+def progress(phase: str) -> None:
+    """Local work that moves on (a unit of this rank's share read): the phase and its clock, not
+    the count of marks, since ranks do different amounts of it (every rank must pass the same
+    marks for a rank behind the others to be told from one ahead)."""
+    global _mark
+    _mark = (_mark[0], phase, False, time.monotonic())
+
+
 def phase() -> str:
     return _mark[1]
 
@@ -163,17 +171,27 @@ class Watchdog:
         gone: set = set()
         verdict = None
         while not self.stopped.is_set():
-            try:
-                data, addr = self.sock.recvfrom(65536)
-                beat = json.loads(data)
+            # Every heartbeat that arrived (after a pause of this thread too), then the judgment:
+            # one up to a beat's wait, then whatever else is queued.
+            wait = self.beat
+            while True:
+                try:
+                    self.sock.settimeout(wait)
+                    data, addr = self.sock.recvfrom(65536)
+                    beat = json.loads(data)
+                except (socket.timeout, BlockingIOError):
+                    break
+                except ValueError:  # not ours
+                    continue
+                except OSError:  # closed (stop)
+                    break
+                wait = 0
                 if beat.get("token") == self.token and 0 < beat.get("rank", -1) < self.size:
                     r = beat["rank"]
                     heard[r], where[r] = (time.monotonic(), beat), addr
                     if beat.get("bye"):
                         gone.add(r)
                     self._send({"token": self.token, "verdict": verdict}, addr)
-            except (socket.timeout, ValueError, OSError):
-                pass
             if self.stopped.is_set():
                 return
             verdict = verdict or self._judge(heard, gone)
@@ -323,7 +341,7 @@ class Watchdog:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
-        if self.doomed and os.environ.get("HOROVOD_CONTROLLER") == "gloo":
+        if self.doomed and os.environ.get("HOROVOD_CONTROLLER") == "gloo" and "ray" not in sys.modules:
             # horovodrun (Gloo): this exit first, status 2, which hvd-horovodrun reports as said
             # (the message above); the stopped process, which ignores the launcher's SIGTERM and
             # would outlive the job, is killed a moment later by a helper of its own.
@@ -334,8 +352,9 @@ class Watchdog:
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
         elif self.doomed:
-            # MPI, Slurm: the stopped process is killed first, so the launcher's own summary names
-            # it ("mpirun noticed that process rank 1 ... exited on signal 9"), not this rank.
+            # MPI, Slurm, Ray: the stopped process is killed first, so the launcher's own summary
+            # names it ("mpirun noticed that process rank 1 ... exited on signal 9", "Ray worker
+            # of rank 1 died"), not this rank.
             for pid in self.doomed:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)

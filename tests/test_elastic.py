@@ -213,7 +213,8 @@ def test_lost_worker_finishes_like_an_uninterrupted_run(tmp_path):
     metrics = finished(job, 2, 4)
     (reset,) = job.events("reset")
     print(f"worker on {env['HOROVOD_HOSTNAME']} stopped -> training resumed after "
-          f"{seconds_after(reset, stopped):.1f}s; test accuracy {metrics['test_accuracy']:.4f} vs {reference['test_accuracy']:.4f} uninterrupted at 2 workers")
+          f"{seconds_after(reset, stopped):.1f}s; test accuracy {metrics['test_accuracy']:.4f} vs "
+          f"{reference['test_accuracy']:.4f} uninterrupted at 2 workers")
     assert (reset["old_world_size"], reset["world_size"]) == (3, 2)
     # The reset restores the last commit: in the epoch after the last one logged before the stop, or
     # that one again if the stop came between its event and its commit (it is then logged again).

@@ -37,7 +37,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import runtime
+from .. import runtime, watchdog
 from ..runtime import AgreedFailure
 from . import arrays, sharding, sources
 from .interface import DataError, Dataset, Standardizer
@@ -158,8 +158,9 @@ class StreamSplits(Dataset):
         mine = [u for u in range(rank, len(self.source.units), size) if self.unit_rows[u] != self.unit_train_rows[u]]
         ahead = sources.ReadAhead(self.source, mine)
         try:
-            for u in mine:
+            for i, u in enumerate(mine):
                 unit = self.source.units[u]
+                watchdog.progress(f"reading this rank's {which} rows (unit {i + 1} of {len(mine)})")
                 for x, y in sources.read_unit(self.source, unit, select=functools.partial(_rows_of, self, wanted, unit),
                                               ahead=ahead):
                     if len(y):
@@ -328,8 +329,9 @@ def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[st
     labels: Dict[str, np.ndarray] = {}  # classification: rows of each label per split (train, val, test)
     per_unit: Dict[int, Tuple[int, int, str]] = {}
     counts = np.zeros(3, np.int64)
-    for u in units:
+    for i, u in enumerate(units):
         unit = source.units[u]
+        watchdog.progress(f"reading this rank's share of the data's facts (unit {i + 1} of {len(units)})")
         h = hashlib.sha256()
         offset, n_train = 0, 0
         for x, y in sources.read_unit(source, unit):
