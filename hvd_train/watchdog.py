@@ -56,10 +56,20 @@ _last: Optional["Watchdog"] = None  # the one stopped last (what it heard, for a
 _on_verdict: List[Callable[[str], None]] = []
 
 
-def mark(phase: str, waiting: bool = False) -> None:
-    """The main thread's phase from now on (cheap: one tuple; no-op cost without a watchdog)."""
+# The longest training step this rank has finished, and whether it is in one now (``step``).
+_steps = {"longest": 0.0, "in_step": False}
+SLOW_STEP_FACTOR = 10  # a step this many times the longest so far (and over the limit) is stuck
+
+
+def mark(phase: str, waiting: bool = False, step: bool = False) -> None:
+    """The main thread's phase from now on (cheap: one tuple; no-op cost without a watchdog).
+    ``step``: the phase is a compiled training step (its length is recorded when it ends)."""
     global _mark
-    _mark = (_mark[0] + 1, phase, waiting, time.monotonic())
+    now = time.monotonic()
+    if _steps["in_step"]:
+        _steps["longest"] = max(_steps["longest"], now - _mark[3])
+    _steps["in_step"] = step
+    _mark = (_mark[0] + 1, phase, waiting, now)
 
 
 def progress(phase: str) -> None:
@@ -240,6 +250,17 @@ class Watchdog:
             names = "; ".join(f"rank {r} in {s[0]}" for r, s in still.items())
             return (f"the ranks wait for each other in different collectives for more than {self.limit:g} s: "
                     f"{names} (a bug: every rank must reach the same collectives in the same order)")
+        # Every rank in the same compiled step for the limit and for many times the longest step so
+        # far: one is stuck inside it (its input pipeline on a hung read, an op that never returns),
+        # which Python cannot see; Horovod's stall inspector names it under MPI (not under Gloo).
+        longest, first = _steps["longest"], next(iter(others.values()))
+        if _steps["in_step"] and longest > 0 and len(still) == len(others) and \
+                all(s[0] == first[0] and s[3] == first[3] and not s[1] for s in still.values()) and \
+                min(s[2] for s in still.values()) > SLOW_STEP_FACTOR * longest:
+            return (f"no rank finished {first[0]} for {min(s[2] for s in still.values()):.0f} s, where every step so "
+                    f"far took at most {longest:.2g} s; every rank still answers, so one is stuck inside the step "
+                    f"(its input pipeline on a hung read, an op that never returns) (--stall-timeout "
+                    f"{self.limit:g}; raise it if a step may take that long)")
         return None
 
     def _doom(self, ranks) -> None:

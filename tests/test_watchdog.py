@@ -38,10 +38,25 @@ def state(dog, rank, phase, waiting=False, seconds=0.0, count=0, heard=0.0):
                                          "count": count})
 
 
-def test_a_long_step_every_rank_is_in_is_not_a_stall(dog):
+def test_a_long_step_every_rank_is_in_is_not_a_stall(dog, monkeypatch):
+    # As long as earlier steps (the first one's trace included) were not many times shorter.
+    monkeypatch.setitem(watchdog._steps, "longest", LIMIT)
     for r in range(3):
-        state(dog, r, "training step 5 of epoch 2", seconds=10 * LIMIT, count=40)
+        state(dog, r, "training step 5 of epoch 2", seconds=5 * LIMIT, count=40)
+    monkeypatch.setitem(watchdog._steps, "in_step", True)
     assert dog._judge(dog.heard, set()) is None
+
+
+def test_a_step_every_rank_is_in_for_many_times_the_longest_step_is_stuck(dog, monkeypatch):
+    monkeypatch.setitem(watchdog._steps, "longest", 0.25)
+    for r in range(3):
+        state(dog, r, "training step 5 of epoch 2", seconds=LIMIT + 1, count=40)
+    monkeypatch.setitem(watchdog._steps, "in_step", True)
+    assert dog._judge(dog.heard, set()) == (
+        "no rank finished training step 5 of epoch 2 for 11 s, where every step so far took at most 0.25 s; every "
+        "rank still answers, so one is stuck inside the step (its input pipeline on a hung read, an op that never "
+        "returns) (--stall-timeout 10; raise it if a step may take that long)")
+    assert dog.doomed == []  # nobody to kill: every rank answers
 
 
 def test_ranks_a_few_marks_apart_within_the_limit_are_not_a_stall(dog):

@@ -120,7 +120,7 @@ class StepBegins(keras.callbacks.Callback):
         self.epoch = epoch
 
     def on_train_batch_begin(self, batch, logs=None):
-        watchdog.mark(f"training step {batch + 1} of epoch {self.epoch + 1}")
+        watchdog.mark(f"training step {batch + 1} of epoch {self.epoch + 1}", step=True)
 
 
 class NonFinite(keras.callbacks.Callback):
