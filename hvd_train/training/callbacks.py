@@ -39,7 +39,8 @@ def run_callbacks(run: RunContext, resumed: checkpoint.ResumePoint) -> List[Any]
     train_metrics = ExactTrainMetrics(run, resumed.epoch, position, carried=carried)
     found.append(train_metrics)
     # A diverged run stops before anything is written of it (no checkpoint, no event of NaN).
-    found.append(NonFinite(run))
+    nonfinite = NonFinite(run)
+    found.append(nonfinite)
     if plan.val_samples:
         found.append(GlobalValidation(run))
     # The learning rate of every step: warmup, then the schedule (no collective: a function of the step).
@@ -67,7 +68,7 @@ def run_callbacks(run: RunContext, resumed: checkpoint.ResumePoint) -> List[Any]
     elif progress == "epoch" and rt.is_rank0:
         found.append(EpochLine(config.epochs))
     # Last: a stop after a batch, or after an epoch's end work (its checkpoint included).
-    found.append(stopping.StopCheck(run, resumed.epoch, position, carried, checkpointer))
+    found.append(stopping.StopCheck(run, resumed.epoch, position, carried, checkpointer, nonfinite))
     found.append(StepBegins())  # after every callback's batch start: the step itself (Phases)
     return found
 
@@ -127,11 +128,14 @@ class NonFinite(keras.callbacks.Callback):
     """Every rank, no collective of its own: a diverged run stops (``--on-nonfinite stop``) or is
     reported once (``warn``).
 
-    After a batch: the optimizer skipped an update whose averaged gradients were not finite
-    (distributed.py; the same update on every rank, so every rank stops after the same batch).
-    At an epoch's end: the global training loss (already combined over ranks, the same on every
-    rank) is not finite. Stopping raises stopping.Diverged: the last checkpoint stays, no
-    checkpoint, model or metrics of this point are written."""
+    ``check`` runs where the ranks agree to look (the stop check's batches, about once a second;
+    stopping.StopCheck calls it) and at every epoch's end, before anything of the epoch is
+    written: the optimizer counted an update whose averaged gradients were not finite
+    (distributed.py; the same count on every rank, so every rank stops after the same batch), or
+    the epoch's global training loss (the same on every rank) is not finite. Stopping raises
+    stopping.Diverged: the last checkpoint stays, no checkpoint, model or metrics of this point
+    are written. Not after every batch: reading the count costs a step's sync, 5-10% of a small
+    model's step here."""
 
     def __init__(self, run: RunContext):
         super().__init__()
@@ -140,34 +144,41 @@ class NonFinite(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
-        self.skipped = distributed.nonfinite_steps(self.run.optimizer)
+        self.seen = distributed.nonfinite(self.run.optimizer)[0]
+        self.first_step = int(self.run.optimizer.iterations.numpy())  # the optimizer's step at batch 1
 
-    def on_train_batch_end(self, batch, logs=None):
-        if self.config.on_nonfinite == "stop":
-            if distributed.nonfinite_steps(self.run.optimizer) != self.skipped:
-                self._diverged(f"batch {batch + 1}", "the gradient averaged over the ranks")
-        elif not self.warned and not np.isfinite(float((logs or {}).get("loss", 0.0))):
-            self._warn(f"batch {batch + 1}", "this rank's loss")
+    def check(self, done: int, logs=None) -> None:
+        """After batch ``done`` of the epoch, a batch every rank checks after."""
+        self._count(f"after batch {done}")
+        if self.config.on_nonfinite == "warn" and not self.warned and \
+                not np.isfinite(float((logs or {}).get("loss", 0.0))):
+            self._warn(f"batch {done}", "this rank's loss")
+
+    def _count(self, stopped: str) -> None:
+        count, first = distributed.nonfinite(self.run.optimizer)
+        if count > self.seen:
+            batch = (first - self.first_step + 1) * self.config.backward_passes_per_step  # its last pass
+            self._diverged(f"batch {batch}", "the gradient averaged over the ranks", stopped)
 
     def on_epoch_end(self, epoch, logs=None):
+        self._count("at its end")  # before anything of the epoch is written
         loss = float((logs or {}).get("loss", 0.0))
         if np.isfinite(loss):
             return
         if self.config.on_nonfinite == "stop":
-            self._diverged("its end", "the training loss over all ranks")
+            self._diverged("its end", "the training loss over all ranks", "at its end")
         elif not self.warned:
             self._warn("its end", "the training loss over all ranks")
 
-    def _diverged(self, where: str, what: str) -> None:
+    def _diverged(self, where: str, what: str, stopped: str) -> None:
         if not self.rt.is_rank0:  # with --verbose-ranks: each rank says where it stopped
-            runtime.log(self.rt, f"diverged: stopping in epoch {self.epoch + 1} at {where}")
+            runtime.log(self.rt, f"diverged: stopping in epoch {self.epoch + 1} {stopped}")
         kept = runtime.on_rank0(self.rt, _last_checkpoint, self.config.checkpoint_dir)
         raise stopping.Diverged(
-            f"training diverged in epoch {self.epoch + 1} at {where}: {what} is not finite (learning rate "
-            f"{schedules.current(self.model.optimizer):.4g}); every rank stopped there, that update skipped, "
-            f"no model written; {kept}. "
-            "Try a lower --lr or a longer --warmup-epochs, and look for NaN or infinite values in the data; "
-            "--on-nonfinite warn trains on regardless")
+            f"training diverged in epoch {self.epoch + 1}: {what} was not finite at {where} (learning rate "
+            f"{schedules.current(self.model.optimizer):.4g}); every rank stopped {stopped}, no model written; "
+            f"{kept}. Try a lower --lr or a longer --warmup-epochs, and look for NaN or infinite values in the "
+            "data; --on-nonfinite warn trains on regardless")
 
     def _warn(self, where: str, what: str) -> None:
         self.warned = True

@@ -47,7 +47,7 @@ def tf_variables(variables: Sequence) -> list:
 # --- the optimizer ------------------------------------------------------------------------------
 
 def DistributedOptimizer(optimizer, compression=None, backward_passes_per_step: int = 1,
-                         name: Optional[str] = None, skip_nonfinite: bool = True):
+                         name: Optional[str] = None, count_nonfinite: bool = True):
     """A Keras optimizer like ``optimizer`` (a fresh one, from its config) whose updates use the
     gradients averaged over every rank by ring-allreduce.
 
@@ -63,17 +63,20 @@ def DistributedOptimizer(optimizer, compression=None, backward_passes_per_step: 
     "Distributed<Class>_Allreduce" as Horovod's own wrapper named them; each gradient's is that
     plus "/grad_<i>".
 
-    ``skip_nonfinite``: an update whose averaged gradients are not all finite is skipped (the
-    weights stay finite) and counted (``nonfinite_steps``). The averaged gradients are the same
-    on every rank, so every rank skips the same update, with no collective of its own. A
-    LossScaleOptimizer does this itself (a normal event there, the loss scale then shrinks).
+    ``count_nonfinite``: updates whose averaged gradients are not all finite are counted, and the
+    first one's step kept (``nonfinite``): the averaged gradients are the same on every rank, so
+    every rank counts the same steps, with no collective of its own; callbacks.NonFinite and the
+    stop check read it at the batches the ranks agree on. Counted, not skipped: a skip needs a
+    conditional around the update, which cost 10-25% of a small model's step here, and the run
+    stops before anything of those weights is written. Not under a LossScaleOptimizer, which
+    skips such steps itself (a normal event there: the loss scale shrinks).
     """
     cls = _distributed_class(type(optimizer))
     wrapped = cls.from_config(optimizer.get_config())
     wrapped._hvd_compression = compression or _hvd().Compression.none
     wrapped._hvd_passes = int(backward_passes_per_step)
     wrapped._hvd_prefix = name or f"Distributed{type(optimizer).__name__}_Allreduce"
-    wrapped._hvd_skip = bool(skip_nonfinite) and not _is_loss_scaled(optimizer)
+    wrapped._hvd_count = bool(count_nonfinite) and not _is_loss_scaled(optimizer)
     return wrapped
 
 
@@ -83,15 +86,17 @@ def _is_loss_scaled(optimizer) -> bool:
     return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
 
-# Each distributed optimizer's count of updates whose averaged gradients were not finite: a plain
-# TensorFlow variable outside the optimizer's own (checkpoints and broadcasts hold the same state as before).
+# Each distributed optimizer's count of updates whose averaged gradients were not finite, and the
+# optimizer step of the first: plain TensorFlow variables outside the optimizer's own (checkpoints
+# and broadcasts hold the same state as before).
 _nonfinite: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def nonfinite_steps(optimizer) -> int:
-    """How many updates so far had an averaged gradient that was not finite (the same on every rank)."""
-    counter = _nonfinite.get(optimizer)
-    return int(counter.numpy()) if counter is not None else 0
+def nonfinite(optimizer) -> tuple:
+    """(updates so far whose averaged gradient was not finite, the optimizer step of the first or
+    -1): the same on every rank."""
+    found = _nonfinite.get(optimizer)
+    return (int(found[0].numpy()), int(found[1].numpy())) if found is not None else (0, -1)
 
 
 def _elastic() -> bool:
@@ -114,13 +119,14 @@ def _distributed_class(base: type) -> type:
         _hvd_compression = None
         _hvd_passes = 1
         _hvd_prefix = "DistributedOptimizer_Allreduce"
-        _hvd_skip = False
+        _hvd_count = False
 
         def build(self, variables):
             super().build(variables)
             if self not in _nonfinite:
                 with tf.init_scope():
-                    _nonfinite[self] = tf.Variable(0, dtype=tf.int64, trainable=False, name="hvd_nonfinite")
+                    _nonfinite[self] = (tf.Variable(0, dtype=tf.int64, trainable=False, name="hvd_nonfinite"),
+                                        tf.Variable(-1, dtype=tf.int64, trainable=False, name="hvd_first_nonfinite"))
             if self._hvd_passes > 1:
                 # Local sums of the gradients between allreduces, and how many passes they hold.
                 self._hvd_sums = [self.add_variable_from_reference(v, name="hvd_gradient_sum") for v in variables]
@@ -138,28 +144,22 @@ def _distributed_class(base: type) -> type:
                 name=f"{self._hvd_prefix}/grad_{i}") for i, g in enumerate(grads)]
 
         def _hvd_apply(self, averaged, trainable_variables):
-            """The update from averaged gradients; skipped (and counted) if one is not finite."""
+            """The update from averaged gradients; one that is not all finite is counted."""
             present = [g for g in averaged if g is not None]
-            if not self._hvd_skip or not present:
-                return base.apply(self, averaged, trainable_variables)
-            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in present])
-            counter = _nonfinite[self]
-
-            def skip():
-                counter.assign_add(1)
-                return tf.constant(False)
-
-            def update():
-                base.apply(self, averaged, trainable_variables)
-                return tf.constant(True)
-
-            # Every rank has the same averaged gradients: the same branch everywhere.
-            return tf.cond(finite, update, skip)
+            if self._hvd_count and present:
+                count, first = _nonfinite[self]
+                # One sum per gradient: NaN and infinity carry through it (a sum past float32's
+                # range, 3e38, counts too: that run has diverged as well).
+                bad = tf.logical_not(tf.math.is_finite(tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32))
+                                                                 for g in present])))
+                count.assign_add(tf.cast(bad, tf.int64))
+                first.assign(tf.where(tf.logical_and(bad, first < 0), tf.cast(self.iterations, tf.int64), first))
+            return base.apply(self, averaged, trainable_variables)
 
         def apply(self, grads, trainable_variables=None):
             grads = list(grads)
             if self._hvd_passes == 1 or not grads:
-                if not self.built and self._hvd_skip:
+                if not self.built and self._hvd_count:
                     self.build(list(trainable_variables))
                 return self._hvd_apply(self._hvd_average(grads), trainable_variables)
             if not self.built:

@@ -242,7 +242,7 @@ def distributed_optimizer(config: TrainConfig, lr: float):
     return DistributedOptimizer(make_optimizer(config, lr),
                                 compression=hvd.Compression.fp16 if config.fp16_allreduce else hvd.Compression.none,
                                 backward_passes_per_step=config.backward_passes_per_step,
-                                skip_nonfinite=config.on_nonfinite == "stop")
+                                count_nonfinite=config.on_nonfinite == "stop")
 
 
 def compile_model(model, optimizer, task, exact_loss: bool = True, steps_per_execution: int = 1) -> None:

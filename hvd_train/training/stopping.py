@@ -95,8 +95,10 @@ def handlers() -> Iterator[None]:
 class StopCheck(keras.callbacks.Callback):
     """Collective, every rank, after the agreed batches and last at every epoch's end: stop together."""
 
-    def __init__(self, run, first: int, position: int, carried: Optional[Dict[str, float]], checkpointer):
+    def __init__(self, run, first: int, position: int, carried: Optional[Dict[str, float]], checkpointer,
+                 nonfinite=None):
         super().__init__()
+        self.nonfinite = nonfinite  # callbacks.NonFinite: checked at the same batches
         self.run, self.rt, self.plan = run, run.rt, run.plan
         self.first, self.position = first, position  # the fit's first epoch starts after ``position`` samples
         self.carried, self.checkpointer = carried, checkpointer
@@ -112,7 +114,10 @@ class StopCheck(keras.callbacks.Callback):
         self.steps += 1
         if done >= self.cursor.steps or self.steps < self.interval:  # the last batch: the epoch's end decides
             return
-        if not self._agreed(f"after batch {done} of epoch {self.epoch + 1}"):
+        stop = self._agreed(f"after batch {done} of epoch {self.epoch + 1}")
+        if self.nonfinite is not None:  # a diverged run stops here too, on every rank (callbacks.NonFinite)
+            self.nonfinite.check(done, logs)
+        if not stop:
             return
         position, path = self.cursor.position(done), None
         # Horovod: the epoch's metrics so far, as global sums for the resumed run (one allreduce).
@@ -133,10 +138,12 @@ class StopCheck(keras.callbacks.Callback):
 
         local, now = received(), time.perf_counter()
         failed = int(bool(self.feed is not None and self.feed.failure()))
-        if self.rt.size > 1:
-            # Rank 0 proposes the batches until the next check (about CHECK_SECONDS of its steps).
-            step = (now - self.since) / max(self.steps, 1)
-            interval = max(1, int(CHECK_SECONDS / step)) if self.rt.is_rank0 and step > 0 else 0
+        # Rank 0 proposes the batches until the next check (about CHECK_SECONDS of its steps).
+        step = (now - self.since) / max(self.steps, 1)
+        interval = max(1, int(CHECK_SECONDS / step)) if self.rt.is_rank0 and step > 0 else 0
+        if self.rt.size == 1:
+            self.interval = interval or 1
+        else:
             # Horovod: every rank asks after the same batches; a signal or a failed read on any
             # rank stops all together, and everyone takes rank 0's interval (the only non-zero one).
             with watchdog.waiting(f"the stop check {where}"):
