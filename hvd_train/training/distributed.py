@@ -76,7 +76,7 @@ def DistributedOptimizer(optimizer, compression=None, backward_passes_per_step: 
     wrapped._hvd_compression = compression or _hvd().Compression.none
     wrapped._hvd_passes = int(backward_passes_per_step)
     wrapped._hvd_prefix = name or f"Distributed{type(optimizer).__name__}_Allreduce"
-    wrapped._hvd_count = bool(count_nonfinite) and not _is_loss_scaled(optimizer)
+    wrapped._hvd_nonfinite = bool(count_nonfinite) and not _is_loss_scaled(optimizer)
     return wrapped
 
 
@@ -119,7 +119,7 @@ def _distributed_class(base: type) -> type:
         _hvd_compression = None
         _hvd_passes = 1
         _hvd_prefix = "DistributedOptimizer_Allreduce"
-        _hvd_count = False
+        _hvd_nonfinite = False  # count updates whose averaged gradients are not finite
 
         def build(self, variables):
             super().build(variables)
@@ -146,7 +146,7 @@ def _distributed_class(base: type) -> type:
         def _hvd_apply(self, averaged, trainable_variables):
             """The update from averaged gradients; one that is not all finite is counted."""
             present = [g for g in averaged if g is not None]
-            if self._hvd_count and present:
+            if self._hvd_nonfinite and present:
                 count, first = _nonfinite[self]
                 # One sum per gradient: NaN and infinity carry through it (a sum past float32's
                 # range, 3e38, counts too: that run has diverged as well).
@@ -159,7 +159,7 @@ def _distributed_class(base: type) -> type:
         def apply(self, grads, trainable_variables=None):
             grads = list(grads)
             if self._hvd_passes == 1 or not grads:
-                if not self.built and self._hvd_count:
+                if not self.built and self._hvd_nonfinite:
                     self.build(list(trainable_variables))
                 return self._hvd_apply(self._hvd_average(grads), trainable_variables)
             if not self.built:
