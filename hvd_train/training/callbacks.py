@@ -134,7 +134,7 @@ class NonFinite(keras.callbacks.Callback):
     (distributed.py; the same count on every rank, so every rank stops after the same batch), or
     the epoch's global training loss (the same on every rank) is not finite. Stopping raises
     stopping.Diverged: the last checkpoint stays, no checkpoint, model or metrics of this point
-    are written. Not after every batch: reading the count costs a step's sync, 5-10% of a small
+    are written. Not after every batch: reading the count costs a step's sync, 5-20% of a small
     model's step here."""
 
     def __init__(self, run: RunContext):

@@ -190,7 +190,7 @@ def build(model_fn: ModelFn, inputs: Inputs, outputs: int, policy: str = "float3
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - the user's function failed: said once, on every rank
-        raise ConfigError(f"model_fn({inputs!r}, {outputs}) failed: {_first_line(err)}") from None
+        raise ConfigError(f"model_fn({inputs!r}, {outputs}) failed: {first_line(err)}") from None
     if not isinstance(model, keras.Model):
         module = type(model).__module__
         if module.startswith(("tf_keras", "keras.src.legacy", "tensorflow.python.keras")):
@@ -203,7 +203,7 @@ def build(model_fn: ModelFn, inputs: Inputs, outputs: int, policy: str = "float3
     try:
         probe = model(np.zeros((2, *shape), np.float32), training=False)  # builds a subclassed model's variables
     except Exception as err:  # noqa: BLE001 - any failure of the user's model, said once
-        raise ConfigError(f"the model does not take samples of shape {list(shape)}: {_first_line(err)}") from None
+        raise ConfigError(f"the model does not take samples of shape {list(shape)}: {first_line(err)}") from None
     got = tuple(getattr(probe, "shape", ()))
     if len(got) not in (1, 2) or (got[-1] if len(got) == 2 else 1) != outputs:
         raise ConfigError(f"the model's output has shape {list(got)} for 2 samples; this run needs [2, {outputs}] "
@@ -213,7 +213,8 @@ def build(model_fn: ModelFn, inputs: Inputs, outputs: int, policy: str = "float3
     return model
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An error in one line: its type and its message's first line."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 

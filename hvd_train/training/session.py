@@ -121,9 +121,7 @@ def build_model(config: TrainConfig, splits: Splits, lr: float, model_fn: Option
         compile_model(model, optimizer, tasks.for_run(config, splits))
         optimizer.build(model.trainable_variables)
     except Exception as err:  # noqa: BLE001 - Keras's own error from compile, said once before training
-        text = str(err).strip()
-        raise ConfigError(f"the model cannot be compiled for this run: {type(err).__name__}: "
-                          f"{text.splitlines()[0] if text else ''}") from None
+        raise ConfigError(f"the model cannot be compiled for this run: {model_lib.first_line(err)}") from None
     scorer = None
     if config.precision != "float32":
         scorer = model_lib.build(model_fn or model_for(config, inference=True), splits.model_inputs,
