@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _int_list(text: str) -> tuple:
     try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+        sizes = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())  # 64,32 or 64x64
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,32, got {text!r}") from None
     if not sizes:

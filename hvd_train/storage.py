@@ -278,6 +278,19 @@ def list_files(location: str, limit: Optional[int] = None) -> List[Tuple[str, in
     return files[:limit] if limit else files
 
 
+def walk_files(location: str) -> List[Tuple[str, int]]:
+    """(location, size) of every file under a directory or prefix, at any depth, sorted (one
+    recursive listing: a single request series for a prefix, not one per folder)."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(location)
+    with _errors(location):
+        found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    base = path.rstrip("/")
+    return sorted((join(location, *f.path[len(base):].strip("/").split("/")), int(f.size))
+                  for f in found if f.type == pafs.FileType.File)
+
+
 def names(location: str) -> List[str]:
     """The names of the files and folders (prefixes) directly in a directory or prefix, sorted."""
     import pyarrow.fs as pafs

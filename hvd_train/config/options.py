@@ -6,8 +6,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+from ..data import formats
+
 DATASETS = ("iris", "wine", "breast_cancer", "digits", "diabetes", "synthetic")
-FILE_KINDS = ("csv", "parquet")  # dataset "csv:PATH" / "parquet:PATH": files, read by sources.py
+FILE_KINDS = formats.kinds()  # dataset "KIND:PATH": files, read by the format's module (data/formats.py)
 OPTIMIZERS = ("adam", "sgd")
 LR_SCALINGS = ("linear", "sqrt", "none")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "gelu", "selu", "swish")
@@ -15,7 +17,10 @@ PROGRESS = ("auto", "bar", "epoch", "none")
 LR_SCHEDULES = ("constant", "step", "cosine")
 TASKS = ("classification", "regression")
 REGRESSION_LOSSES = ("mse", "mae", "huber")
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "resnet50", "mobilenetv2")
+KERAS_APPLICATIONS = ("resnet50", "mobilenetv2")  # Keras's own architectures, built with weights=None
+AUGMENTATIONS = ("none", "flip", "crop", "flip-crop")
+IMAGE_CHANNELS = (0, 1, 3)
 SCALINGS = ("standard", "none")
 READERS = ("process", "thread")
 # Keras's dtype policies: variables stay float32; mixed_* compute in 16 bits (mixed_float16 with
@@ -38,7 +43,8 @@ EARLY_STOPPING_METRICS = tuple(dict.fromkeys(m for names in TASK_METRICS.values(
 # holds the field's default.
 RESUME_FIXED_FIELDS = ("task", "dataset", "label_column", "samples", "features", "classes", "scale", "optimizer",
                        "model", "hidden", "filters", "activation", "dropout", "batch_norm", "logits", "seed",
-                       "val_fraction", "test_fraction", "precision", "backward_passes_per_step")
+                       "val_fraction", "test_fraction", "precision", "backward_passes_per_step", "image_size",
+                       "image_channels", "augment")
 
 
 class ConfigError(ValueError):
@@ -67,8 +73,12 @@ class TrainConfig:
     task: str = _option("classification", "classification (class labels, cross-entropy) or regression (a "
                         "numeric target, standardised with training-split statistics)", "data", choices=TASKS)
     dataset: str = _option("iris", f"{', '.join(DATASETS)}, or csv:PATH or parquet:PATH (PATH: a file, a "
-                           "directory or a glob; read in shares by the ranks and streamed)", "data")
+                           "directory or a glob; read in shares by the ranks and streamed), or images:DIR (one "
+                           "folder of JPEG/PNG/BMP/GIF images per class, streamed the same way)", "data")
     label_column: Optional[str] = _option(None, "label column of a csv: or parquet: dataset", "data")
+    image_size: Tuple[int, ...] = _option((64, 64), "images: datasets: every image is resized to HxW, e.g. 224x224",
+                                          "data", metavar="HxW")
+    image_channels: int = _option(0, "images: datasets: 3 (RGB), 1 (grayscale), 0: the first image's", "data")
     samples: int = _option(1000, "synthetic: number of samples", "data")
     features: int = _option(20, "synthetic: number of features", "data")
     classes: int = _option(3, "synthetic: number of classes (classification)", "data")
@@ -85,8 +95,12 @@ class TrainConfig:
                           "process (thread)", "data", choices=READERS)
 
     model: str = _option("mlp", "mlp: Dense layers on feature tables (N-d inputs are flattened); cnn: a small "
-                         "conv net with batch normalization for images [n, height, width, channels]", "model",
-                         choices=MODELS)
+                         "conv net with batch normalization for images [n, height, width, channels]; resnet50, "
+                         "mobilenetv2: Keras's architectures for images, initialised randomly (weights=None)",
+                         "model", choices=MODELS)
+    augment: str = _option("none", "images: random horizontal flips and/or crops (4 pixels of padding, cropped back "
+                           "to the size) while training; off at evaluation and in the saved model", "model",
+                           choices=AUGMENTATIONS)
     hidden: Tuple[int, ...] = _option((64, 32), "hidden layer sizes, e.g. 64,32 (mlp)", "model")
     filters: Tuple[int, ...] = _option((32, 64), "cnn: filters of each 3x3 conv block (each: conv, batch norm, "
                                        "activation, 2x2 average pool while the image is at least 2x2), e.g. 32,64",
@@ -195,10 +209,19 @@ class TrainConfig:
                 f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}, csv:PATH or parquet:PATH"
             )
         if colon:
+            fmt = formats.format_of(kind)
             if not path:
-                raise ConfigError(f"dataset {kind}: needs a path, e.g. {kind}:data/train.{kind}")
-            if not self.label_column:
+                raise ConfigError(f"dataset {kind}: needs a path, e.g. {kind}:{fmt.EXAMPLE}")
+            if not self.label_column and not fmt.LABEL:
                 raise ConfigError(f"dataset {self.dataset} needs --label-column NAME")
+            if fmt.LABEL and self.task == "regression":
+                raise ConfigError(f"dataset {self.dataset}: a sample's class is its folder, so it trains "
+                                  "classification only (--task regression needs a table with a numeric target)")
+        _require(len(self.image_size) == 2 and all(v >= 1 for v in self.image_size),
+                 f"image size must be HEIGHTxWIDTH, e.g. 64x64 (got {'x'.join(map(str, self.image_size))})")
+        _require(self.image_channels in IMAGE_CHANNELS,
+                 f"image channels must be one of {IMAGE_CHANNELS} (got {self.image_channels})")
+        _require(self.augment in AUGMENTATIONS, f"augment must be one of {AUGMENTATIONS} (got {self.augment!r})")
         _require(self.task in TASKS, f"task must be one of {TASKS} (got {self.task!r})")
         _require(self.model in MODELS, f"model must be one of {MODELS} (got {self.model!r})")
         _require(self.scale in SCALINGS, f"scale must be one of {SCALINGS} (got {self.scale!r})")
@@ -235,8 +258,10 @@ class TrainConfig:
                  f"hidden sizes must be positive integers (got {list(self.hidden)})")
         _require(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS} (got {self.activation!r})")
         _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1) (got {self.dropout})")
-        _require(self.batch_norm or self.model == "cnn" or not self.sync_batchnorm,
+        _require(self.batch_norm or self.model != "mlp" or not self.sync_batchnorm,
                  "--sync-batchnorm synchronises batch normalization layers and the MLP has none: add --batch-norm")
+        _require(self.model not in KERAS_APPLICATIONS or not self.sync_batchnorm,
+                 f"--sync-batchnorm is for hvd_train's own models (cnn, mlp --batch-norm), not --model {self.model}")
         _require(0.0 <= self.val_fraction < 1.0, f"val fraction must be in [0, 1) (got {self.val_fraction})")
         _require(0.0 < self.test_fraction < 1.0, f"test fraction must be in (0, 1) (got {self.test_fraction})")
         _require(self.val_fraction + self.test_fraction < 0.9,

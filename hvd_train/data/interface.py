@@ -42,6 +42,11 @@ class Standardizer:
     def transform(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.mean) / self.scale).astype(np.float32)
 
+    def transform32(self, x: np.ndarray) -> np.ndarray:
+        """``transform`` in float32 arithmetic, as TensorFlow applies it to streamed images
+        (stream.StreamSplits.standardise_tf): the same operations, so the same bits."""
+        return (x.astype(np.float32) - self.mean.astype(np.float32)) / self.scale.astype(np.float32)
+
     def inverse(self, z: np.ndarray) -> np.ndarray:
         return np.asarray(z, np.float64) * self.scale + self.mean
 

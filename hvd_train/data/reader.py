@@ -25,7 +25,7 @@ import os
 import pickle
 import signal
 import struct
-from typing import Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 
@@ -42,28 +42,30 @@ _SLOT = struct.Struct("<i")
 
 class _Slots:
     """``count`` slots in one shared block, each up to ``steps`` batches of up to ``rows`` rows:
-    (features, labels, loss weights) of all its batches' rows end to end, and each batch's row count."""
+    (samples of ``shape`` in ``dtype``, labels, loss weights) of all its batches' rows end to end,
+    and each batch's row count."""
 
-    def __init__(self, block, count: int, steps: int, rows: int, features: int, label_dtype):
-        self.label_dtype = np.dtype(label_dtype)
-        sizes = self._parts(steps, rows, features, label_dtype)
+    def __init__(self, block, count: int, steps: int, rows: int, shape: Tuple[int, ...], dtype: str, label_dtype):
+        self.label_dtype, self.dtype = np.dtype(label_dtype), np.dtype(dtype)
+        sizes = self._parts(steps, rows, shape, dtype, label_dtype)
         self.slot_bytes = sum(sizes)
-        self.block, self.steps, self.rows, self.features = block, steps, steps * rows, features
+        self.block, self.steps, self.rows, self.shape = block, steps, steps * rows, tuple(shape)
         self.offsets = np.cumsum((0,) + sizes[:-1])
 
     @staticmethod
-    def _parts(steps: int, rows: int, features: int, label_dtype) -> Tuple[int, int, int, int]:
-        """A slot's bytes: features, labels, loss weights (``steps`` x ``rows`` rows), row counts."""
+    def _parts(steps: int, rows: int, shape: Tuple[int, ...], dtype: str, label_dtype) -> Tuple[int, int, int, int]:
+        """A slot's bytes: samples, labels, loss weights (``steps`` x ``rows`` rows), row counts."""
         most = steps * rows
-        return most * features * 4, most * np.dtype(label_dtype).itemsize, most * 4, steps * 8
+        sample = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return most * sample, most * np.dtype(label_dtype).itemsize, most * 4, steps * 8
 
     @staticmethod
-    def bytes_for(count: int, steps: int, rows: int, features: int, label_dtype) -> int:
-        return count * sum(_Slots._parts(steps, rows, features, label_dtype))
+    def bytes_for(count: int, steps: int, rows: int, shape: Tuple[int, ...], dtype: str, label_dtype) -> int:
+        return count * sum(_Slots._parts(steps, rows, shape, dtype, label_dtype))
 
     def views(self, slot: int, rows: int, steps: int) -> Tuple[np.ndarray, ...]:
         base, buf = slot * self.slot_bytes, self.block.buf
-        return (np.ndarray((rows, self.features), np.float32, buf, base + self.offsets[0]),
+        return (np.ndarray((rows, *self.shape), self.dtype, buf, base + self.offsets[0]),
                 np.ndarray((rows,), self.label_dtype, buf, base + self.offsets[1]),
                 np.ndarray((rows,), np.float32, buf, base + self.offsets[2]),
                 np.ndarray((steps,), np.int64, buf, base + self.offsets[3]))
@@ -80,7 +82,8 @@ def _slot_rows_per_batch(stream) -> int:
 def slot_bytes(stream) -> int:
     """The bytes of one slot (CHUNK_STEPS batches) for a stream's batches."""
     splits = stream.splits
-    return _Slots.bytes_for(1, CHUNK_STEPS, _slot_rows_per_batch(stream), splits.n_features, splits.label_dtype)
+    return _Slots.bytes_for(1, CHUNK_STEPS, _slot_rows_per_batch(stream), splits.input_shape, splits.sample_dtype.str,
+                            splits.label_dtype)
 
 
 def _die_with_parent() -> None:
@@ -93,7 +96,7 @@ def _die_with_parent() -> None:
         pass  # elsewhere: the free pipe's end of file when the training process is gone
 
 
-def _serve(stream, start: int, position: int, name: str, layout: Tuple[int, int, int, int, str], free,
+def _serve(stream, start: int, position: int, name: str, layout: Tuple[Any, ...], free,
            filled) -> None:
     """The reader process: the stream's batches into free slots, until its end or a stop."""
     _die_with_parent()
@@ -170,7 +173,9 @@ class Reader:
         ctx = multiprocessing.get_context("spawn")  # not fork: TensorFlow's threads and locks stay here
         self.stream = stream
         rows = _slot_rows_per_batch(stream)
-        self.layout = (slots, CHUNK_STEPS, rows, stream.splits.n_features, np.dtype(stream.splits.label_dtype).str)
+        splits = stream.splits
+        self.layout = (slots, CHUNK_STEPS, rows, tuple(splits.input_shape), splits.sample_dtype.str,
+                       np.dtype(splits.label_dtype).str)
         self.block = shared_memory.SharedMemory(create=True, size=max(1, _Slots.bytes_for(*self.layout)))
         self.slots = _Slots(self.block, *self.layout)
         free_out, self.free = ctx.Pipe(duplex=False)  # slots copied out: training -> reader

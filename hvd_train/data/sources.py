@@ -65,27 +65,59 @@ class Source:
     label: str
     units: Tuple[Unit, ...]
     data_starts: Tuple[int, ...] = ()  # CSV: byte offset of each file's first data row
+    # A sample's shape and the dtype its values are streamed in: a table's (features,) as
+    # float32, standardised as read; an image's (height, width, channels) as uint8, standardised
+    # inside TensorFlow (a quarter of the bytes through the windows and the reader's slots).
+    sample_shape: Tuple[int, ...] = ()
+    dtype: str = "float32"
+    file_labels: Tuple[str, ...] = ()  # a label per file, where a file's place names it (image folders)
 
     @property
     def features(self) -> Tuple[str, ...]:
         return tuple(c for c in self.columns if c != self.label)
 
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return self.sample_shape or (len(self.features),)
+
+    LISTED_FILES = 100  # more files than this are fingerprinted by a digest of their names and sizes
+
     def listing(self) -> List[str]:
-        """What every rank must see alike: file names and sizes (the consensus fingerprint)."""
-        return [f"{storage.basename(p)}:{s}" for p, s in zip(self.files, self.sizes)]
+        """What every rank must see alike: file names and sizes (the consensus fingerprint); for
+        many files (an image folder), their count, bytes and a digest of every name and size."""
+        names = [f"{storage.basename(p) if not self.file_labels else self._relative(i)}:{s}"
+                 for i, (p, s) in enumerate(zip(self.files, self.sizes))]
+        if len(names) <= self.LISTED_FILES:
+            return names
+        import hashlib
+
+        digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+        return [f"{len(names)} files", f"{sum(self.sizes)} bytes", f"names and sizes sha256 {digest}"]
+
+    def _relative(self, i: int) -> str:
+        return f"{self.file_labels[i]}/{storage.basename(self.files[i])}"
+
+    SAMPLED_FILES = 256  # the sample digest reads the edges of at most this many files, evenly spaced
 
     def sample_digest(self, edge: int = 1 << 16) -> str:
-        """SHA-256 over the first and last ``edge`` bytes of every file: a cheap local check that
-        this host's files hold what the others' do (the full content digest comes from the
-        ranks' shares and is the same everywhere by construction)."""
+        """SHA-256 over the first and last ``edge`` bytes of every file (of SAMPLED_FILES evenly
+        spaced ones, when there are more): a cheap local check that this host's files hold what
+        the others' do (the full content digest comes from the ranks' shares and is the same
+        everywhere by construction)."""
         import hashlib
 
         h = hashlib.sha256()
-        for path, size in zip(self.files, self.sizes):
+        step = max(1, -(-len(self.files) // self.SAMPLED_FILES))
+        for path, size in list(zip(self.files, self.sizes))[::step]:
             with _opened(path) as f:
                 h.update(f.read_at(min(edge, size), 0))
                 h.update(f.read_at(min(edge, size), max(size - edge, 0)))
         return h.hexdigest()
+
+
+# The Format of csv: and parquet: (formats.py).
+LABEL = ""  # --label-column is required
+EXAMPLE = "data/train.csv"
 
 
 def open_source(dataset: str, label: str) -> Source:
@@ -93,6 +125,19 @@ def open_source(dataset: str, label: str) -> Source:
     kind, _, spec = dataset.partition(":")
     if kind not in KINDS or not spec:
         raise DataError(f"dataset {dataset!r}: expected csv:PATH or parquet:PATH")
+    return source_of(kind, spec, label)
+
+
+def unit_words(source: Source) -> str:
+    return "row groups" if source.kind == "parquet" else f"{CSV_UNIT_BYTES >> 20} MB ranges"
+
+
+def predict_source(kind: str, spec: str, prep: dict) -> Source:
+    return source_of(kind, spec, "")
+
+
+def source_of(kind: str, spec: str, label: str, options=None) -> Source:
+    """Format.source_of: list, check the headers agree, cut units."""
     _lean_memory_pool()
     listed = list_files(kind, spec)
     if kind == "csv":

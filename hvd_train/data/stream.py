@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import runtime, watchdog
 from ..runtime import AgreedFailure
-from . import arrays, sharding, sources
+from . import arrays, formats, sharding, sources
 from .interface import DataError, Dataset, Standardizer
 
 TRAIN, VAL, TEST = 0, 1, 2
@@ -125,7 +125,29 @@ class StreamSplits(Dataset):
 
     @property
     def input_shape(self) -> Tuple[int, ...]:
-        return (self.n_features,)
+        return self.source.shape
+
+    @property
+    def raw(self) -> bool:
+        """Samples stream as read (uint8 images) and are standardised inside TensorFlow."""
+        return self.source.dtype != "float32"
+
+    @property
+    def sample_dtype(self):
+        return np.dtype(self.source.dtype)
+
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        """Read samples as model input: what training does to them (tables in float64, then
+        float32; images in float32, as standardise_tf)."""
+        return self.scaler.transform32(x) if self.raw else self.scaler.transform(x)
+
+    def standardise_tf(self, x):
+        """Streamed raw samples standardised inside TensorFlow (float32: Standardizer.transform32's bits)."""
+        import tensorflow as tf
+
+        mean = tf.constant(self.scaler.mean.astype(np.float32))
+        scale = tf.constant(self.scaler.scale.astype(np.float32))
+        return (tf.cast(x, tf.float32) - mean) / scale
 
     @property
     def target_name(self) -> str:
@@ -156,15 +178,15 @@ class StreamSplits(Dataset):
         rows of the units it read in the facts pass (unit u mod N), read again now."""
         wanted = VAL if which == "val" else TEST
         mine = [u for u in range(rank, len(self.source.units), size) if self.unit_rows[u] != self.unit_train_rows[u]]
-        ahead = sources.ReadAhead(self.source, mine)
+        ahead = formats.read_ahead(self.source, mine)
         try:
             for i, u in enumerate(mine):
                 unit = self.source.units[u]
                 watchdog.progress(f"reading this rank's {which} rows (unit {i + 1} of {len(mine)})")
-                for x, y in sources.read_unit(self.source, unit, select=functools.partial(_rows_of, self, wanted, unit),
+                for x, y in formats.read_unit(self.source, unit, select=functools.partial(_rows_of, self, wanted, unit),
                                               ahead=ahead):
                     if len(y):
-                        yield self.scaler.transform(x), self.encode(y)
+                        yield self.standardise(x), self.encode(y)
         finally:
             ahead.close()
 
@@ -191,13 +213,14 @@ class StreamSplits(Dataset):
         """What each rank would read at this world size, and an estimate of its data memory."""
         src = self.source
         total_bytes = sum(src.sizes)
-        lines = [f"data: {len(src.files)} {src.kind} file(s), {total_bytes / 1e6:.1f} MB, {len(src.units)} unit(s) "
-                 f"({'row groups' if src.kind == 'parquet' else f'{sources.CSV_UNIT_BYTES >> 20} MB ranges'}), "
+        what = "image" if src.kind == "images" else src.kind
+        lines = [f"data: {len(src.files)} {what} file(s), {total_bytes / 1e6:.1f} MB, {len(src.units)} unit(s) "
+                 f"({formats.unit_words(src)}), "
                  f"{sum(self.unit_rows)} rows; the {self.n_train} training rows stream each epoch: a shuffle "
                  f"window of at least {size} unit(s) read by unit (each rank its own), a smaller one or "
                  f"--no-shuffle by every rank"]
-        f = self.n_features
-        piece = max(self.unit_rows or (0,)) if src.kind == "csv" else min(sources.READ_BATCH_ROWS,
+        f = int(np.prod(self.input_shape)) * self.sample_dtype.itemsize / 4  # a sample's bytes, in float32s
+        piece = max(self.unit_rows or (0,)) if src.kind != "parquet" else min(sources.READ_BATCH_ROWS,
                                                                            max(self.unit_rows or (0,)))
         window = self.window_rows(shuffle_buffer)
         for rank in range(size):
@@ -220,10 +243,14 @@ class StreamSplits(Dataset):
     def class_counts(self) -> List[Tuple[int, int, int]]:
         return list(self.counts)
 
+    def preprocessing(self) -> Dict[str, object]:
+        """Dataset.preprocessing, and the format the run read (predict reads the same kind of input)."""
+        return {**super().preprocessing(), "format": self.source.kind}
+
     def here(self, config) -> "StreamSplits":
         """These facts (another rank's facts pass) with this host's files: listed and sampled here,
         so the consensus check compares this host's view, not the sender's."""
-        source = sources.open_source(config.dataset, config.label_column or "")
+        source = formats.open_source(config.dataset, formats.label_of(config), config)
         return replace(self, source=source, sample=source.sample_digest())
 
     def fingerprint(self) -> Dict[str, Any]:
@@ -254,7 +281,7 @@ def load(config, rank: int, size: int, host: str = "") -> StreamSplits:
     key = keys[rank]
     if keys.index(key) == rank:  # the first rank of this host to name this location
         try:
-            source = sources.open_source(config.dataset, config.label_column or "")
+            source = formats.open_source(config.dataset, formats.label_of(config), config)
             opened = (source, source.sample_digest())
         except DataError as err:
             error = str(err)
@@ -288,7 +315,7 @@ def load(config, rank: int, size: int, host: str = "") -> StreamSplits:
     labels = sorted(per_label)
     n_val = sum(g["n_val"] for g in gathered)
     n_test = sum(g["n_test"] for g in gathered)
-    n_train = moments.n
+    n_train = sum(unit_train)
     if n_train == 0:
         raise AgreedFailure(f"{config.dataset}: no training rows (read {n_val + n_test} validation/test rows)")
     target = None
@@ -334,12 +361,13 @@ def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[st
         watchdog.progress(f"reading this rank's share of the data's facts (unit {i + 1} of {len(units)})")
         h = hashlib.sha256()
         offset, n_train = 0, 0
-        for x, y in sources.read_unit(source, unit):
+        for x, y in formats.read_unit(source, unit):
             split = _unit_splits(config, unit, offset, len(y))
             offset += len(y)
-            h.update(x)  # contiguous float64: hashed in place
+            h.update(x)  # contiguous: hashed in place
             h.update("\0".join(y).encode())
-            moments.add(x[split == TRAIN])
+            kept = x[split == TRAIN]
+            moments.add(kept.reshape(-1, kept.shape[-1]))  # per feature; per channel of an image
             n_train += int(np.sum(split == TRAIN))
             counts += np.bincount(split, minlength=3)
             if config.regression:
@@ -481,7 +509,7 @@ class _Window:
 
     def __init__(self, splits: StreamSplits, slices: _Slices, share: _Share):
         self.splits, self.slices, self.share = splits, slices, share
-        self.x = np.empty((len(share.own), splits.n_features), np.float32)
+        self.x = np.empty((len(share.own), *splits.input_shape), splits.sample_dtype)
         self.y = np.empty(len(share.own), splits.label_dtype)
         self.arrived = self.limit = 0  # arrival indices so far; the end of the unit being read
         self.places: List[np.ndarray] = []
@@ -506,8 +534,9 @@ class _Window:
         if not len(codes):
             return
         at = _take(self.places, len(codes))
-        # Standardised as the in-memory path does it: raw values to float32, then the scaler.
-        self.x[at] = self.splits.scaler.transform(x.astype(np.float32))
+        # Standardised as the in-memory path does it: raw values to float32, then the scaler
+        # (images: as read, standardised inside TensorFlow).
+        self.x[at] = x if self.splits.raw else self.splits.scaler.transform(x.astype(np.float32))
         self.y[at] = codes
 
 
@@ -677,7 +706,7 @@ class TrainStream:
         position below it has arrived). Each row is written once, straight to its place."""
         # An object store's units fetched ahead, in this order (sources.ReadAhead).
         order = [u for share in self.shares(epoch, slices, plan_only=True) for u, _, _ in share.reads]
-        ahead = sources.ReadAhead(self.splits.source, order)
+        ahead = formats.read_ahead(self.splits.source, order)
         try:
             yield from self._windows(self.shares(epoch, slices), slices, ahead)
         finally:
@@ -692,7 +721,7 @@ class TrainStream:
             for u, first, rows in share.reads:
                 unit = s.source.units[u]
                 window.arrived, window.limit = first, first + rows
-                for x, y in sources.read_unit(s.source, unit, select=functools.partial(window.select, unit),
+                for x, y in formats.read_unit(s.source, unit, select=functools.partial(window.select, unit),
                                               ahead=ahead):
                     window.put(x, s.encode(y))
                 if window.arrived != first + rows:
@@ -728,7 +757,7 @@ class TrainStream:
                 # No row of this step is this rank's (the rest of an epoch in a bigger world, or
                 # a step whose rows all fell in other ranks' units): it runs the step on one row
                 # of zeros with loss weight 0 (sharding.local_batches).
-                yield (np.zeros((1, s.n_features), np.float32), np.zeros(1, s.label_dtype),
+                yield (np.zeros((1, *s.input_shape), s.sample_dtype), np.zeros(1, s.label_dtype),
                        np.zeros(1, np.float32))
 
     def epochs(self, start: int, position: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -751,7 +780,7 @@ class TrainStream:
         reader process's chunks (x, y, w, rows per step); else one step per item."""
         s = self.splits
         n = max(chunk, 1)
-        item = (np.zeros((n, s.n_features), np.float32), np.zeros(n, s.label_dtype), np.zeros(n, np.float32))
+        item = (np.zeros((n, *s.input_shape), s.sample_dtype), np.zeros(n, s.label_dtype), np.zeros(n, np.float32))
         if chunk:
             item += (np.ones(n, np.int64),)
         while True:
@@ -792,12 +821,18 @@ class TrainStream:
         inside TensorFlow so that Python hands over one chunk, not every step."""
         import tensorflow as tf
 
-        steps = (tf.TensorSpec((None, self.splits.n_features), tf.float32),
-                 tf.TensorSpec((None,), tf.as_dtype(self.splits.label_dtype)), tf.TensorSpec((None,), tf.float32))
+        s = self.splits
+        steps = (tf.TensorSpec((None, *s.input_shape), tf.as_dtype(s.sample_dtype)),
+                 tf.TensorSpec((None,), tf.as_dtype(s.label_dtype)), tf.TensorSpec((None,), tf.float32))
         if not chunked:
-            return tf.data.Dataset.from_generator(batches, output_signature=steps).prefetch(2)
+            made = tf.data.Dataset.from_generator(batches, output_signature=steps)
+            if s.raw:
+                made = made.map(lambda x, y, w: (s.standardise_tf(x), y, w))
+            return made.prefetch(2)
 
         def split(x, y, w, rows):
+            if s.raw:
+                x = s.standardise_tf(x)  # a chunk at a time
             starts = tf.cumsum(rows, exclusive=True)
             return tf.data.Dataset.from_tensor_slices((starts, rows)).map(
                 lambda at, n: (x[at:at + n], y[at:at + n], w[at:at + n]))

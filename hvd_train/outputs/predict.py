@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .. import runtime, storage
-from ..data import sources
+from ..data import formats
 from ..data.interface import DataError, Standardizer
 from . import run_dir
 
@@ -32,9 +32,15 @@ def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = No
         prep = json.loads(storage.read_text(prep_path))
     except storage.StorageError as err:
         raise DataError(f"cannot read the run {err}") from None
-    spec = input_path if sources.is_file_source(input_path) else (
-        f"parquet:{input_path}" if input_path.endswith(".parquet") else f"csv:{input_path}")
-    source = sources.open_source(spec, "")
+    if formats.is_file_source(input_path):
+        spec = input_path
+    elif prep.get("format") == "images":  # the run trained on images: a file, folder or glob of them
+        spec = f"images:{input_path}"
+    else:
+        spec = f"parquet:{input_path}" if input_path.endswith(".parquet") else f"csv:{input_path}"
+    kind, _, where = spec.partition(":")
+    source = formats.format_of(kind).predict_source(kind, where, prep)
+    images = bool(source.sample_shape) and source.dtype == "uint8"
     scaler = Standardizer.from_dict(prep["scaler"])
     classes = prep["class_names"]
     shape = tuple(prep.get("input_shape") or (len(prep["feature_names"]),))
@@ -52,20 +58,27 @@ def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = No
     count = 0
     with storage.writing(output_csv) as tmp, open(tmp, "w", newline="") as out:
         writer = csv.writer(out)
+        first = ["file"] if images else []  # an image's prediction says which file it is
         if target is not None:
-            writer.writerow([f"predicted_{prep.get('target_name') or 'target'}"])
+            writer.writerow(first + [f"predicted_{prep.get('target_name') or 'target'}"])
         else:
-            writer.writerow(["predicted_class"] + [f"prob_{c}" for c in classes])
+            writer.writerow(first + ["predicted_class"] + [f"prob_{c}" for c in classes])
         for unit in source.units:
-            for x, _ in sources.read_unit(source, unit, prep["feature_names"]):
+            for x, _ in formats.read_unit(source, unit, None if images else prep["feature_names"]):
                 if not len(x):
                     continue
-                scores = model.predict(scaler.transform(x.reshape((-1, *shape))), verbose=0, batch_size=4096)
+                if images:  # the float32 arithmetic training applied inside TensorFlow
+                    inputs = scaler.transform32(x)
+                    names = [[p] for p in source.files[unit.start:unit.start + len(x)]]
+                else:
+                    inputs, names = scaler.transform(x.reshape((-1, *shape))), [[]] * len(x)
+                scores = model.predict(inputs, verbose=0, batch_size=256 if images else 4096)
                 if target is not None:
-                    writer.writerows([f"{v:.8g}"] for v in target.inverse(scores.reshape(-1)))
+                    writer.writerows(n + [f"{v:.8g}"] for n, v in zip(names, target.inverse(scores.reshape(-1))))
                 else:
                     probs = tf.nn.softmax(scores).numpy() if prep.get("logits") else scores
-                    writer.writerows([classes[int(np.argmax(row))]] + [f"{p:.6f}" for p in row] for row in probs)
+                    writer.writerows(n + [classes[int(np.argmax(row))]] + [f"{p:.6f}" for p in row]
+                                     for n, row in zip(names, probs))
                 count += len(scores)
     runtime.write_line(f"[hvd_train] wrote {count} predictions to {output_csv}")
     return output_csv

@@ -123,6 +123,53 @@ def build_cnn(inputs: Inputs, outputs: int, filters: Sequence[int] = (32, 64), a
     return keras.Model(first, _head(x, outputs, logits, regression, l2), name="cnn")
 
 
+def build_application(inputs: Inputs, outputs: int, architecture: str = "resnet50", dropout: float = 0.0,
+                      logits: bool = False, l2: float = 0.0, regression: bool = False, **_: object):
+    """One of Keras's image architectures (``keras.applications``: ResNet50, MobileNetV2) for
+    ``(height, width, channels)`` images, built with ``weights=None`` (random initial weights:
+    nothing is downloaded; the ImageNet weights would also fix 3 channels and 1000 classes),
+    without its top; then global average pooling, dropout and hvd_train's output layer (float32
+    under mixed precision, probabilities or logits, as build_cnn's). Keras asks for at least
+    32x32 images."""
+    import keras
+
+    if isinstance(inputs, int) or len(inputs) != 3:
+        raise ValueError(f"--model {architecture} needs images (height, width, channels), got input shape {inputs}")
+    build = {"resnet50": keras.applications.ResNet50, "mobilenetv2": keras.applications.MobileNetV2}[architecture]
+    x = first = keras.Input(shape=tuple(inputs), name="images")
+    base = build(weights=None, include_top=False, input_shape=tuple(inputs), pooling="avg")
+    x = base(x)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    return keras.Model(first, _head(x, outputs, logits, regression, l2), name=architecture)
+
+
+def augmented(model_fn: ModelFn, augment: str) -> ModelFn:
+    """``model_fn`` behind random augmentation layers, active in training only: ``flip``, a
+    horizontal flip; ``crop``, a shift of up to 4 pixels each way, zero-filled (the pad-4 and
+    random-crop of CIFAR training, at the image's size). Each rank draws its own (their random
+    states, like dropout's, are rank 0's plus an offset: distributed.set_seed_rank), so N
+    processes do not draw what one process with the global batch would: N x b == 1 x N*b holds
+    without augmentation only."""
+    if augment == "none":
+        return model_fn
+
+    def build(inputs, outputs):
+        import keras
+
+        inner = model_fn(inputs, outputs)
+        x = first = keras.Input(shape=tuple(inputs), name="images")
+        if "flip" in augment:
+            x = keras.layers.RandomFlip("horizontal", name="random_flip")(x)
+        if "crop" in augment:
+            h, w = inputs[0], inputs[1]
+            x = keras.layers.RandomTranslation(4 / h, 4 / w, fill_mode="constant", interpolation="nearest",
+                                               name="random_crop")(x)
+        return keras.Model(first, inner(x), name=f"{inner.name}_augmented")
+
+    return build
+
+
 def model_for(config: TrainConfig, inference: bool = False) -> ModelFn:
     """The model the config describes, as a model_fn. ``inference``: the same weights with plain
     Keras layers (no SyncBatchNormalization or FusedBatchNormalization), the model a run saves."""
@@ -130,16 +177,25 @@ def model_for(config: TrainConfig, inference: bool = False) -> ModelFn:
     common = dict(activation=config.activation, dropout=config.dropout, logits=config.logits, l2=config.l2,
                   regression=config.regression, sync_batchnorm=sync)
     if config.model == "cnn":
-        return functools.partial(build_cnn, filters=config.filters, fused=not inference, **common)
-    return functools.partial(build_mlp, hidden=config.hidden, batch_norm=config.batch_norm, **common)
+        built = functools.partial(build_cnn, filters=config.filters, fused=not inference, **common)
+    elif config.model in ("resnet50", "mobilenetv2"):
+        built = functools.partial(build_application, architecture=config.model, **common)
+    else:
+        built = functools.partial(build_mlp, hidden=config.hidden, batch_norm=config.batch_norm, **common)
+    return augmented(built, config.augment)
 
 
 def check_inputs(config: TrainConfig, input_shape: Tuple[int, ...], dataset: str) -> Optional[str]:
     """Why the configured model cannot take samples of ``input_shape``, or None."""
-    if config.model == "cnn" and len(input_shape) != 3:
-        return (f"--model cnn needs images [samples, height, width, channels] (or [samples, height, width]); "
-                f"{dataset} has samples of shape {list(input_shape)}" +
+    if config.model != "mlp" and len(input_shape) != 3:
+        return (f"--model {config.model} needs images [samples, height, width, channels] (or [samples, height, "
+                f"width]); {dataset} has samples of shape {list(input_shape)}" +
                 (" (a table): use --model mlp" if len(input_shape) == 1 else ""))
+    if config.model in ("resnet50", "mobilenetv2") and min(input_shape[:2]) < 32:
+        return (f"--model {config.model} needs images of at least 32x32 (Keras's minimum); {dataset} has "
+                f"{input_shape[0]}x{input_shape[1]}" + (": give --image-size" if dataset.startswith("images:") else ""))
+    if config.augment != "none" and len(input_shape) != 3:
+        return f"--augment {config.augment} is for images; {dataset} has samples of shape {list(input_shape)}"
     return None
 
 

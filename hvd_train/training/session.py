@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from .. import runtime, watchdog
 from ..config.options import ConfigError, TrainConfig
 from ..config.plan import Plan, make_plan
-from ..data import sources, stream
+from ..data import formats, stream
 from ..data.arrays import DataArg, Splits, load_splits
 from ..data.interface import DataError, check_splits
 from ..outputs import run_dir
@@ -39,7 +39,7 @@ class TrainResult:
 def streamed(config: TrainConfig, data: DataArg) -> bool:
     """Whether the run reads a file dataset in per-rank shares, whose facts pass (stream.load) is
     collective; otherwise every rank loads the data itself (load_splits)."""
-    return data is None and sources.is_file_source(config.dataset)
+    return data is None and formats.is_file_source(config.dataset)
 
 
 def prepare(rt: runtime.Runtime, config: TrainConfig, data: DataArg) -> Tuple[TrainConfig, Splits, Plan]:
