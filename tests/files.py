@@ -43,3 +43,46 @@ def rows_by_split(dataset, seed=7, val=0.1, test=0.2, label="label"):
             xs.append(x)
             ys.append(y)
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(splits)
+
+
+IMAGE_CLASSES = {"circle": 90, "square": 55, "stripes": 31}  # uneven classes
+
+
+def make_images(directory, classes=None, seed=0):
+    """A folder per class of small images (PNG and JPEG alternately, odd sizes 9..40 pixels, some
+    grayscale) whose class is visible (a disc, a square, stripes); returns the files in sorted order."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    made = []
+    for c, (name, count) in enumerate((classes or IMAGE_CLASSES).items()):
+        (directory / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            h, w = (int(v) for v in rng.integers(9, 41, 2))
+            a = rng.integers(0, 70, (h, w, 3)).astype(np.uint8)
+            yy, xx = np.mgrid[:h, :w]
+            shape = [(yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 3) ** 2,
+                     (abs(yy - h / 2) < h / 4) & (abs(xx - w / 2) < w / 4),
+                     (xx // 3) % 2 == 0][c % 3]
+            a[shape] += np.array([150, 60 + 40 * (c % 3), 90], np.uint8)
+            image = Image.fromarray(a).convert("L") if i % 7 == 3 else Image.fromarray(a)
+            path = directory / name / f"img-{i:03d}.{'png' if i % 2 else 'jpg'}"
+            image.save(path, quality=90) if path.suffix == ".jpg" else image.save(path)
+            made.append(path)
+    return sorted(made)
+
+
+def images_by_split(folder, size=(16, 16), seed=7, val=0.1, test=0.2):
+    """Every image of an images: folder decoded as a run reads it, with its class and split."""
+    from types import SimpleNamespace
+
+    from hvd_train.data import images
+
+    src = images.source_of("images", str(folder), "class", SimpleNamespace(image_size=size, image_channels=3))
+    xs, ys, splits = [], [], []
+    for unit in src.units:
+        for x, y in images.read_unit(src, unit):
+            splits.append(stream.row_splits(seed, unit.file, unit.index, 0, len(y), val, test))
+            xs.append(x)
+            ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(splits)

@@ -331,7 +331,9 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["hidden"], d["filters"] = list(self.hidden), list(self.filters)
+        for name, value in d.items():  # tuples as JSON has them (a checkpoint's meta compares equal)
+            if isinstance(value, tuple):
+                d[name] = list(value)
         return d
 
     @property
