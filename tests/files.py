@@ -74,15 +74,65 @@ def make_images(directory, classes=None, seed=0):
 
 def images_by_split(folder, size=(16, 16), seed=7, val=0.1, test=0.2):
     """Every image of an images: folder decoded as a run reads it, with its class and split."""
+    return samples_by_split(f"images:{folder}", "class", seed, val, test, image_size=size, image_channels=3)
+
+
+def samples_by_split(dataset, label, seed=7, val=0.1, test=0.2, **options):
+    """Every sample of a file dataset of any format, read as a run reads it (its format's
+    module), with its label text and split: (x, labels, splits)."""
     from types import SimpleNamespace
 
-    from hvd_train.data import images
+    from hvd_train.data import formats
 
-    src = images.source_of("images", str(folder), "class", SimpleNamespace(image_size=size, image_channels=3))
+    src = formats.open_source(dataset, label, SimpleNamespace(**options))
     xs, ys, splits = [], [], []
     for unit in src.units:
-        for x, y in images.read_unit(src, unit):
-            splits.append(stream.row_splits(seed, unit.file, unit.index, 0, len(y), val, test))
+        offset = 0
+        for x, y in formats.read_unit(src, unit):
+            splits.append(stream.row_splits(seed, unit.file, unit.index, offset, len(y), val, test))
+            offset += len(y)
             xs.append(x)
             ys.append(y)
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(splits)
+
+
+TFRECORD_FILES = (300, 170, 95)  # records per file: 3 files over 2 and 3 ranks
+
+
+def make_tfrecords(directory, counts=TFRECORD_FILES, image_files=None, seed=0, missing=None):
+    """TFRecord files of tf.train.Example records, written by TensorFlow itself: a table (float
+    "a", float x2 "b", int64 "c", an int64 class "label") or, with ``image_files``, each file's
+    encoded bytes as "image" and its folder's name as a bytes "label" (counts then split them).
+    ``missing``: (file, record) whose "c" is left out (a record that does not match the spec)."""
+    import tensorflow as tf
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def floats(v):
+        return tf.train.Feature(float_list=tf.train.FloatList(value=v))
+
+    def ints(v):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=v))
+
+    def raw(v):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=v))
+
+    if image_files is not None:
+        counts = [len(part) for part in np.array_split(np.arange(len(image_files)), 3)]
+    done = 0
+    for k, n in enumerate(counts):
+        with tf.io.TFRecordWriter(str(directory / f"part-{k}.tfrecord")) as w:
+            for _ in range(n):
+                if image_files is not None:
+                    path = image_files[done]
+                    feature = {"image": raw([path.read_bytes()]), "label": raw([path.parent.name.encode()])}
+                else:
+                    x = rng.normal(size=4) * [1, 2, 1, 3]
+                    y = int(x[0] + 0.5 * x[1] > 0) + int(x[0] > 1)
+                    feature = {"a": floats([x[0]]), "b": floats([x[1], x[2]]), "c": ints([int(x[3] * 10)]),
+                               "label": ints([y])}
+                    if missing == (k, done - sum(counts[:k])):
+                        del feature["c"]
+                w.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+                done += 1

@@ -43,8 +43,8 @@ EARLY_STOPPING_METRICS = tuple(dict.fromkeys(m for names in TASK_METRICS.values(
 # holds the field's default.
 RESUME_FIXED_FIELDS = ("task", "dataset", "label_column", "samples", "features", "classes", "scale", "optimizer",
                        "model", "hidden", "filters", "activation", "dropout", "batch_norm", "logits", "seed",
-                       "val_fraction", "test_fraction", "precision", "backward_passes_per_step", "image_size",
-                       "image_channels", "augment")
+                       "val_fraction", "test_fraction", "precision", "backward_passes_per_step", "image_feature",
+                       "image_size", "image_channels", "augment")
 
 
 class ConfigError(ValueError):
@@ -74,10 +74,14 @@ class TrainConfig:
                         "numeric target, standardised with training-split statistics)", "data", choices=TASKS)
     dataset: str = _option("iris", f"{', '.join(DATASETS)}, or csv:PATH or parquet:PATH (PATH: a file, a "
                            "directory or a glob; read in shares by the ranks and streamed), or images:DIR (one "
-                           "folder of JPEG/PNG/BMP/GIF images per class, streamed the same way)", "data")
+                           "folder of JPEG/PNG/BMP/GIF images per class), or tfrecord:PATH (tf.train.Example "
+                           "records: a table, or images with --image-feature), streamed the same way", "data")
     label_column: Optional[str] = _option(None, "label column of a csv: or parquet: dataset", "data")
-    image_size: Tuple[int, ...] = _option((64, 64), "images: datasets: every image is resized to HxW, e.g. 224x224",
-                                          "data", metavar="HxW")
+    image_feature: Optional[str] = _option(None, "tfrecord: datasets: the bytes feature holding an encoded image "
+                                           "(JPEG/PNG); without it the records' int64/float features are a table",
+                                           "data", metavar="NAME")
+    image_size: Tuple[int, ...] = _option((64, 64), "images: (and tfrecord: with --image-feature) datasets: every "
+                                          "image is resized to HxW, e.g. 224x224", "data", metavar="HxW")
     image_channels: int = _option(0, "images: datasets: 3 (RGB), 1 (grayscale), 0: the first image's", "data")
     samples: int = _option(1000, "synthetic: number of samples", "data")
     features: int = _option(20, "synthetic: number of features", "data")
@@ -214,9 +218,11 @@ class TrainConfig:
                 raise ConfigError(f"dataset {kind}: needs a path, e.g. {kind}:{fmt.EXAMPLE}")
             if not self.label_column and not fmt.LABEL:
                 raise ConfigError(f"dataset {self.dataset} needs --label-column NAME")
-            if fmt.LABEL and self.task == "regression":
-                raise ConfigError(f"dataset {self.dataset}: a sample's class is its folder, so it trains "
-                                  "classification only (--task regression needs a table with a numeric target)")
+            if self.image_feature and kind != "tfrecord":
+                raise ConfigError("--image-feature names a feature of tfrecord: records")
+            if (fmt.LABEL or self.image_feature) and self.task == "regression":
+                raise ConfigError(f"dataset {self.dataset}: images train classification only (--task regression "
+                                  "needs a table with a numeric target)")
         _require(len(self.image_size) == 2 and all(v >= 1 for v in self.image_size),
                  f"image size must be HEIGHTxWIDTH, e.g. 64x64 (got {'x'.join(map(str, self.image_size))})")
         _require(self.image_channels in IMAGE_CHANNELS,

@@ -11,7 +11,7 @@ stream.py's and knows no format. Adding a format: a module, and one line in REGI
 from __future__ import annotations
 
 import importlib
-from typing import Any, Iterator, Optional, Protocol, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -23,6 +23,7 @@ REGISTRY = {
     "csv": "sources",
     "parquet": "sources",
     "images": "images",
+    "tfrecord": "tfrecord",
 }
 
 
@@ -50,6 +51,10 @@ class Format(Protocol):
 
     def predict_source(self, kind: str, spec: str, prep: dict) -> Source:
         """The files ``hvd-train predict`` scores, for a run's preprocessing.json."""
+
+    def sample_names(self, source: Source, unit: Unit, count: int) -> List[str]:
+        """What predict names each of a unit's ``count`` samples by (an image's file; a
+        record's file and number), or [] where rows are known by their order (tables)."""
 
 
 def kinds() -> Tuple[str, ...]:
@@ -91,3 +96,7 @@ def read_ahead(source: Source, order: Sequence[int], columns: Optional[Sequence[
 
 def unit_words(source: Source) -> str:
     return format_of(source.kind).unit_words(source)
+
+
+def sample_names(source: Source, unit: Unit, count: int) -> List[str]:
+    return format_of(source.kind).sample_names(source, unit, count)

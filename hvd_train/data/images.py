@@ -70,6 +70,10 @@ def predict_source(kind: str, spec: str, prep: dict) -> Source:
     return source_of(kind, spec, "", SimpleNamespace(image_size=(h, w), image_channels=c))
 
 
+def sample_names(source: Source, unit: Unit, count: int) -> List[str]:
+    return list(source.files[unit.start:unit.start + count])
+
+
 def _is_image(path: str) -> bool:
     return path.lower().endswith(EXTENSIONS)
 

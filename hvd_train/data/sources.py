@@ -71,6 +71,7 @@ class Source:
     sample_shape: Tuple[int, ...] = ()
     dtype: str = "float32"
     file_labels: Tuple[str, ...] = ()  # a label per file, where a file's place names it (image folders)
+    layout: Tuple[Tuple[str, int], ...] = ()  # a format's own column layout (TFRecord: each feature's length)
 
     @property
     def features(self) -> Tuple[str, ...]:
@@ -134,6 +135,10 @@ def unit_words(source: Source) -> str:
 
 def predict_source(kind: str, spec: str, prep: dict) -> Source:
     return source_of(kind, spec, "")
+
+
+def sample_names(source: Source, unit: Unit, count: int) -> List[str]:
+    return []  # a table's predictions are in its rows' order
 
 
 def source_of(kind: str, spec: str, label: str, options=None) -> Source:

@@ -58,7 +58,7 @@ def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = No
     count = 0
     with storage.writing(output_csv) as tmp, open(tmp, "w", newline="") as out:
         writer = csv.writer(out)
-        first = ["file"] if images else []  # an image's prediction says which file it is
+        first = ["file"] if images else []  # an image's prediction says which file (or record) it is
         if target is not None:
             writer.writerow(first + [f"predicted_{prep.get('target_name') or 'target'}"])
         else:
@@ -69,7 +69,7 @@ def predict_file(model_dir: str, input_path: str, output_csv: Optional[str] = No
                     continue
                 if images:  # the float32 arithmetic training applied inside TensorFlow
                     inputs = scaler.transform32(x)
-                    names = [[p] for p in source.files[unit.start:unit.start + len(x)]]
+                    names = [[n] for n in formats.sample_names(source, unit, len(x))]
                 else:
                     inputs, names = scaler.transform(x.reshape((-1, *shape))), [[]] * len(x)
                 scores = model.predict(inputs, verbose=0, batch_size=256 if images else 4096)

@@ -1,7 +1,9 @@
-"""images:DIR datasets: a folder per class, listed, split per image, decoded in the reader
-processes and streamed in shares with the guarantees of every other path (disjoint and complete
-shares, equal steps, exact facts and metrics, N x b == 1 x N*b, stop and resume bit for bit),
-Keras's ResNet50 behind augmentation, predict on image files, and one message for a bad image."""
+"""The formats beyond tables, images:DIR (a folder per class) and tfrecord:PATH (tf.train.Example
+records: a table, or encoded images): listed, split per sample, decoded in the reader processes
+and streamed in shares with the guarantees of every other path (disjoint and complete shares,
+equal steps, exact facts and metrics, N x b == 1 x N*b, stop and resume bit for bit), Keras's
+ResNet50 behind augmentation, predict on image files and records, and one message for a bad
+image, a record that does not match the spec, or files that disagree."""
 import itertools
 import os
 import shutil
@@ -11,12 +13,12 @@ from types import SimpleNamespace
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, BIN, Background, Jobs, max_weight_difference, read_json
-from files import IMAGE_CLASSES, images_by_split, make_images
+from conftest import BIN, REPO, Background, Jobs, max_weight_difference, read_json
+from files import IMAGE_CLASSES, TFRECORD_FILES, images_by_split, make_images, make_tfrecords, samples_by_split
 
 from hvd_train import cli
 from hvd_train.config.options import ConfigError, TrainConfig
-from hvd_train.data import images, stream
+from hvd_train.data import formats, images, stream, tfrecord
 from hvd_train.data.interface import DataError, Standardizer
 from hvd_train.outputs import events
 from hvd_train.training import checkpoint
@@ -70,7 +72,7 @@ def test_a_folder_lists_by_class_and_bad_layouts_are_one_message(tmp_path):
     with pytest.raises(DataError, match=f"cannot read image {jpeg}: not an image Pillow can decode"):
         list(images.read_unit(src, src.units[0], select=lambda o, n: np.arange(n) >= 5))
     # Options: images are classification; the size is HxW.
-    with pytest.raises(ConfigError, match="trains classification only"):
+    with pytest.raises(ConfigError, match="images train classification only"):
         TrainConfig(dataset=f"images:{tmp_path}", task="regression")
     with pytest.raises(ConfigError, match="image size must be HEIGHTxWIDTH"):
         TrainConfig(dataset=f"images:{tmp_path}", image_size=(3, 4, 5))
@@ -138,10 +140,75 @@ def test_facts_shares_and_the_reader_in_one_process(tmp_path):
     assert fed[0][0].dtype == np.uint8
 
 
+def test_tfrecord_spec_is_checked_against_the_first_records(tmp_path):
+    make_tfrecords(tmp_path / "t")
+    src = formats.open_source(f"tfrecord:{tmp_path / 't'}", "label")
+    assert src.columns == ("a", "b[0]", "b[1]", "c", "label") and src.shape == (4,)
+    # Units of records, not whole files: 300 = 256 + 44, 170, 95.
+    assert [(u.file, u.index) for u in src.units] == [(0, 0), (0, 1), (1, 0), (2, 0)]
+    (x, y), = formats.read_unit(src, src.units[1])
+    assert x.shape == (44, 4) and set(y) <= {"0", "1", "2"}
+    assert tfrecord.masked_crc(b"\x00" * 8) == 0x07980329  # what TensorFlow writes for an empty record
+    files = sorted((tmp_path / "t").iterdir())
+
+    def message(dataset, label="label", **options):
+        with pytest.raises(DataError) as err:
+            src = formats.open_source(dataset, label, SimpleNamespace(**options))
+            for unit in src.units:
+                list(formats.read_unit(src, unit))
+        return str(err.value)
+
+    where = f"tfrecord:{tmp_path / 't'}"
+    assert message(where, "y") == (f"label feature 'y' not found in {files[0]}'s first record; its features are: "
+                                   "a (float x1), b (float x2), c (int64 x1), label (int64 x1)")
+    assert "--image-feature 'a' must be a bytes feature holding an encoded image" in message(where, image_feature="a")
+    images_files = make_images(tmp_path / "img", {"p": 6, "q": 5})
+    make_tfrecords(tmp_path / "ti", image_files=images_files)
+    assert "feature 'image' is bytes, not a number: give --image-feature image" in message(
+        f"tfrecord:{tmp_path / 'ti'}")
+    src = formats.open_source(f"tfrecord:{tmp_path / 'ti'}", "label", SimpleNamespace(
+        image_feature="image", image_size=(8, 8), image_channels=3))
+    assert src.shape == (8, 8, 3) and src.dtype == "uint8"
+    (x, y), = formats.read_unit(src, src.units[0])
+    assert x.shape == (4, 8, 8, 3) and y.tolist() == ["p"] * 4
+    # Files that disagree, a truncated file, something else, a later record without a feature.
+    cut = tmp_path / "cut.tfrecord"
+    cut.write_bytes(files[2].read_bytes()[:-7])
+    assert f"{cut}: truncated TFRecord file (record 95 ends past the end)" == message(f"tfrecord:{cut}")
+    other = tmp_path / "other.tfrecord"
+    first = files[2].read_bytes()
+    length = int.from_bytes(first[:8], "little")
+    other.write_bytes(first[:16 + length] + b"garbage" * 30)
+    assert "record 2: its length's checksum does not match" in message(f"tfrecord:{other}")
+    import tensorflow as tf
+
+    late = tmp_path / "late.tfrecord"
+    with tf.io.TFRecordWriter(str(late)) as w:
+        for k in range(5):
+            feature = {"a": tf.train.Feature(float_list=tf.train.FloatList(value=[1.0])),
+                       "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[k % 2]))}
+            if k == 3:
+                del feature["a"]
+            w.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    assert message(f"tfrecord:{late}") == (f"{late} record 4: feature 'a' is missing, the first record's spec has "
+                                           "1 number(s)")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(files[0], mixed / "a.tfrecord")
+    shutil.copy(late, mixed / "b.tfrecord")
+    assert message(f"tfrecord:{mixed}") == (f"{mixed / 'b.tfrecord'} has features ('a',), but {mixed / 'a.tfrecord'} "
+                                            "has ('a', 'b[0]', 'b[1]', 'c'): all files need one spec")
+    with pytest.raises(ConfigError, match="--image-feature names a feature of tfrecord: records"):
+        TrainConfig(dataset="images:x", image_feature="image")
+
+
 GLOBAL_BATCH = 24
+TABLE_BATCH = 30  # tfrecord: tables, 3 files over 1, 2 and 3 ranks
+TABLE = ["--seed", "7", "--lr-scaling", "none", "--warmup-epochs", "0", "--optimizer", "sgd", "--lr", "0.05",
+         "--epochs", "3", "--shuffle-buffer", "100", "--progress", "none"]
 # --sync-batchnorm: the CNN's batch statistics over the global batch, as one process computes them.
-COMMON = ["--image-size", "16x16", "--model", "cnn", "--filters", "8,8", "--sync-batchnorm", "--seed", "7", "--lr-scaling", "none",
-          "--warmup-epochs", "0", "--optimizer", "sgd", "--lr", "0.05", "--progress", "epoch",
+COMMON = ["--image-size", "16x16", "--model", "cnn", "--filters", "8,8", "--sync-batchnorm", "--seed", "7",
+          "--lr-scaling", "none", "--warmup-epochs", "0", "--optimizer", "sgd", "--lr", "0.05", "--progress", "epoch",
           "--shuffle-buffer", "64"]
 
 
@@ -152,6 +219,9 @@ def folders(tmp_path_factory):
     make_images(base / "corrupt", {"a": 40, "b": 30})
     (base / "corrupt" / "b" / "img-013.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     make_images(base / "lonely", {"a": 60, "b": 37, "c": 1})  # c's image falls in test (seed 7)
+    make_tfrecords(base / "tfr")
+    make_tfrecords(base / "tfr_bad", missing=(2, 40))
+    make_tfrecords(base / "tfr_images", image_files=sorted((base / "d").rglob("img-*")))
     return base
 
 
@@ -176,13 +246,23 @@ def runs(folders, stopped, tmp_path_factory):
     def run(world, *extra, batch=None):
         return ["--dataset", d, *COMMON, "--epochs", "3", *extra, "--batch-size", str(batch or GLOBAL_BATCH // world)]
 
-    plans = {1: {"images": run(1)},
+    def table(world, name="tfr"):
+        return ["--dataset", f"tfrecord:{folders / name}", "--label-column", "label", *TABLE,
+                "--batch-size", str(TABLE_BATCH // world)]
+
+    def tfr_images(world):
+        return ["--dataset", f"tfrecord:{folders / 'tfr_images'}", "--label-column", "label", "--image-feature",
+                "image", *COMMON, "--epochs", "2", "--batch-size", str(GLOBAL_BATCH // world)]
+
+    plans = {1: {"images": run(1), "tfrecord": table(1), "tfr_images": tfr_images(1)},
+             3: {"tfrecord": table(3)},
              2: {"images": run(2), "batch_8": run(2, batch=8),
                  "resumed": [*stop_args, "--resume"], "whole": stop_args[:-2],
                  "resnet": ["--dataset", d, "--image-size", "32x32", "--model", "resnet50", "--augment", "flip-crop",
                             "--epochs", "1", "--batch-size", "8", "--progress", "none"],
                  "corrupt": {"args": ["--dataset", f"images:{folders / 'corrupt'}", *COMMON, "--epochs", "1"]},
-                 "lonely": {"args": ["--dataset", f"images:{folders / 'lonely'}", *COMMON, "--epochs", "1"]}}}
+                 "lonely": {"args": ["--dataset", f"images:{folders / 'lonely'}", *COMMON, "--epochs", "1"]},
+                 "tfrecord": table(2), "tfr_images": tfr_images(2), "tfr_bad": {"args": table(2, "tfr_bad")}}}
     return Jobs(tmp_path_factory.mktemp("runs"), plans)
 
 
@@ -246,3 +326,44 @@ def test_a_corrupt_image_and_a_class_without_training_images_are_one_message(run
     assert not corrupt.ok and all(f"cannot read image {bad}" in e for e in corrupt.errors), corrupt.errors
     lonely = runs[2]["lonely"]
     assert not lonely.ok and all("class 'c' has no training samples" in e for e in lonely.errors), lonely.errors
+
+
+@pytest.mark.integration
+def test_tfrecord_tables_over_three_files_equal_one_process_at_two_and_three(runs, folders):
+    one = runs.finished(1, "tfrecord").out
+    ref = read_json(one / "metrics.json")
+    for world in (2, 3):
+        out = runs.finished(world, "tfrecord").out
+        m = read_json(out / "metrics.json")
+        assert m["replicas_identical"] and m["steps_per_epoch"] == ref["steps_per_epoch"]
+        diff = max_weight_difference(one, out)
+        print(f"tfrecord table, np={world} vs np=1: max |w_N - w_1| = {diff:.2e}")
+        assert diff <= 1e-5
+    # Exact facts and metrics at np=3: the saved model scoring every test record here.
+    x, labels, split = samples_by_split(f"tfrecord:{folders / 'tfr'}", "label")
+    assert len(x) == sum(TFRECORD_FILES)
+    train, test = split == stream.TRAIN, split == stream.TEST
+    prep = read_json(out / "preprocessing.json")
+    assert prep["class_names"] == ["0", "1", "2"] and prep["feature_names"] == ["a", "b[0]", "b[1]", "c"]
+    np.testing.assert_allclose(prep["scaler"]["mean"], x[train].mean(axis=0), rtol=1e-12)
+    scores = keras.models.load_model(out / "model.keras")(
+        Standardizer.from_dict(prep["scaler"]).transform(x[test]), training=False).numpy()
+    codes = labels[test].astype(int)
+    loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(codes, scores).numpy()))
+    assert m["test_samples"] == int(test.sum()) and m["test_loss"] == pytest.approx(loss, rel=1e-5)
+    # A record that does not match the spec: one message on both ranks, naming it.
+    bad = runs[2]["tfr_bad"]
+    assert not bad.ok and all("part-2.tfrecord record 41: feature 'c' is missing" in e for e in bad.errors), bad.errors
+
+
+@pytest.mark.integration
+def test_tfrecord_images_equal_one_process_and_predict_names_each_record(runs, folders):
+    one, two = runs.finished(1, "tfr_images").out, runs.finished(2, "tfr_images").out
+    assert read_json(two / "metrics.json")["replicas_identical"]
+    diff = max_weight_difference(one, two)
+    print(f"tfrecord images, np=2 vs np=1: max |w_2 - w_1| = {diff:.2e}")
+    assert diff <= 1e-5
+    assert cli.main(["predict", "--model-dir", str(two), "--input", f"tfrecord:{folders / 'tfr_images'}"]) == 0
+    rows = (folders / "tfr_images.predictions.csv").read_text().splitlines()
+    assert len(rows) == 1 + sum(IMAGE_CLASSES.values())
+    assert rows[1].startswith(f"{folders / 'tfr_images' / 'part-0.tfrecord'} record 1,")
