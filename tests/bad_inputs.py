@@ -27,9 +27,9 @@ def rare_class_only_in_test(tmp_path, kind, n=60):
     only (a file's split is drawn per row: data/stream.py), "a"/"b" elsewhere: the dataset spec."""
     import numpy as np
 
-    from hvd_train.data import stream
+    from hvd_train.data import splitting, stream
 
-    split = stream.row_splits(42, 0, 0, 0, n, 0.1, 0.2)
+    split = splitting.row_splits(42, 0, 0, 0, n, 0.1, 0.2)
     labels = np.where(split == stream.TEST, "rare", np.where(np.arange(n) % 2, "a", "b"))
     labels[np.flatnonzero(split == stream.TEST)[3:]] = "a"  # three rare rows, all in test
     f1, f2 = np.arange(n) % 7, (np.arange(n) * 3) % 5

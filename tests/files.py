@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hvd_train.data import sources, stream
+from hvd_train.data import sources, splitting
 
 FEATURES = ["f0", "f1", "f2", "f3", "f4"]
 FILE_ROWS = [250, 0, 37, 313]  # uneven files, one of them empty (header or schema only)
@@ -38,7 +38,7 @@ def rows_by_split(dataset, seed=7, val=0.1, test=0.2, label="label"):
     for unit in src.units:
         offset = 0
         for x, y in sources.read_unit(src, unit):
-            splits.append(stream.row_splits(seed, unit.file, unit.index, offset, len(y), val, test))
+            splits.append(splitting.row_splits(seed, unit.file, unit.index, offset, len(y), val, test))
             offset += len(y)
             xs.append(x)
             ys.append(y)
@@ -89,7 +89,7 @@ def samples_by_split(dataset, label, seed=7, val=0.1, test=0.2, **options):
     for unit in src.units:
         offset = 0
         for x, y in formats.read_unit(src, unit):
-            splits.append(stream.row_splits(seed, unit.file, unit.index, offset, len(y), val, test))
+            splits.append(splitting.row_splits(seed, unit.file, unit.index, offset, len(y), val, test))
             offset += len(y)
             xs.append(x)
             ys.append(y)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hvd_train.config.options import TrainConfig
-from hvd_train.data import sharding, sources, stream
+from hvd_train.data import sharding, sources, splitting, stream
 from hvd_train.data.interface import DataError
 
 
@@ -162,18 +162,18 @@ def test_a_row_must_be_one_line(tmp_path):
 
 
 def test_row_splits_are_deterministic_and_near_the_fractions():
-    s = stream.row_splits(42, 0, 0, 0, 100_000, 0.1, 0.2)
-    assert np.array_equal(s, stream.row_splits(42, 0, 0, 0, 100_000, 0.1, 0.2))
-    assert np.array_equal(s[500:700], stream.row_splits(42, 0, 0, 500, 200, 0.1, 0.2)), "pieces agree"
+    s = splitting.row_splits(42, 0, 0, 0, 100_000, 0.1, 0.2)
+    assert np.array_equal(s, splitting.row_splits(42, 0, 0, 0, 100_000, 0.1, 0.2))
+    assert np.array_equal(s[500:700], splitting.row_splits(42, 0, 0, 500, 200, 0.1, 0.2)), "pieces agree"
     shares = np.bincount(s, minlength=3) / len(s)
     assert np.allclose(shares, [0.7, 0.1, 0.2], atol=0.005)
-    assert not np.array_equal(s, stream.row_splits(43, 0, 0, 0, 100_000, 0.1, 0.2))
-    assert not np.array_equal(s, stream.row_splits(42, 1, 0, 0, 100_000, 0.1, 0.2))
+    assert not np.array_equal(s, splitting.row_splits(43, 0, 0, 0, 100_000, 0.1, 0.2))
+    assert not np.array_equal(s, splitting.row_splits(42, 1, 0, 0, 100_000, 0.1, 0.2))
 
 
 def test_moments_merge_exactly():
     x = np.random.default_rng(0).normal(5, 3, size=(1000, 4))
-    m = stream._Moments()
+    m = splitting.Moments()
     for part in np.array_split(x, 7):
         m.add(part)
     assert m.n == 1000
@@ -198,7 +198,7 @@ def test_the_mlp_trains_on_a_parquet_source_through_a_single_process_facts_pass(
     assert s.class_names == ("neg", "pos")
     assert sum(len(y) for _, y in s.eval_pieces("test", 0, 1)) == s.n_test
     assert sum(len(y) for r in (0, 1) for _, y in s.eval_pieces("val", r, 2)) == s.n_val, "shares cover all"
-    split = np.concatenate([stream.row_splits(42, u.file, u.index, 0, 100, 0.1, 0.2) for u in s.source.units])
+    split = np.concatenate([splitting.row_splits(42, u.file, u.index, 0, 100, 0.1, 0.2) for u in s.source.units])
     np.testing.assert_allclose(s.scaler.mean, x[split == stream.TRAIN].mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(s.scaler.scale, x[split == stream.TRAIN].std(axis=0), rtol=1e-12)
     # The streamed epoch: every training row once, in an order that changes with the epoch; with

@@ -327,9 +327,9 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}")
         values = dict(values)
-        for key in ("hidden", "filters"):
-            if key in values:
-                values[key] = tuple(values[key])
+        for key, value in values.items():  # JSON's lists back to the tuples the fields hold
+            if isinstance(value, list):
+                values[key] = tuple(value)
         return cls(**values)
 
     def replace(self, **changes: Any) -> "TrainConfig":

@@ -40,59 +40,10 @@ import numpy as np
 from .. import runtime, watchdog
 from ..runtime import AgreedFailure
 from . import arrays, formats, sharding, sources
+from .feed import READ_AHEAD_STEPS, StreamFeed
 from .interface import DataError, Dataset, Standardizer
-
-TRAIN, VAL, TEST = 0, 1, 2
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser, vectorised over uint64 (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def row_splits(seed: int, file: int, unit: int, first: int, rows: int, val_fraction: float,
-               test_fraction: float) -> np.ndarray:
-    """The split (TRAIN, VAL, TEST) of rows [first, first + rows) of a unit: a hash of (seed, file,
-    unit, row) mapped to [0, 1); below test_fraction is test, then validation. World-size free."""
-    with np.errstate(over="ignore"):
-        key = _mix(np.uint64(seed % (1 << 64)) ^ _mix(np.uint64(file) * _GOLDEN + np.uint64(unit)))
-        row = np.arange(first, first + rows, dtype=np.uint64)
-        u = (_mix(key + row * _GOLDEN) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    out = np.full(rows, TRAIN, np.int8)
-    out[u < test_fraction + val_fraction] = VAL
-    out[u < test_fraction] = TEST
-    return out
-
-
-@dataclass
-class _Moments:
-    """Count, mean and sum of squared deviations per feature (float64), mergeable exactly."""
-
-    n: int = 0
-    mean: Optional[np.ndarray] = None
-    m2: Optional[np.ndarray] = None
-
-    def add(self, x: np.ndarray) -> None:
-        if not len(x):
-            return
-        other = _Moments(len(x), x.mean(axis=0), ((x - x.mean(axis=0)) ** 2).sum(axis=0))
-        self.merge(other)
-
-    def merge(self, o: "_Moments") -> None:
-        if not o.n:
-            return
-        if not self.n:
-            self.n, self.mean, self.m2 = o.n, o.mean.copy(), o.m2.copy()
-            return
-        n = self.n + o.n
-        delta = o.mean - self.mean
-        self.mean = self.mean + delta * (o.n / n)
-        self.m2 = self.m2 + o.m2 + delta ** 2 * (self.n * o.n / n)
-        self.n = n
+from .splitting import TEST, TRAIN, VAL, Moments, rows_of, unit_splits
+from .windows import Share, Slices, Window, owned_runs, stratified, take
 
 
 @dataclass(frozen=True)
@@ -183,7 +134,7 @@ class StreamSplits(Dataset):
             for i, u in enumerate(mine):
                 unit = self.source.units[u]
                 watchdog.progress(f"reading this rank's {which} rows (unit {i + 1} of {len(mine)})")
-                for x, y in formats.read_unit(self.source, unit, select=functools.partial(_rows_of, self, wanted, unit),
+                for x, y in formats.read_unit(self.source, unit, select=functools.partial(rows_of, self, wanted, unit),
                                               ahead=ahead):
                     if len(y):
                         yield self.standardise(x), self.encode(y)
@@ -298,7 +249,7 @@ def load(config, rank: int, size: int, host: str = "") -> StreamSplits:
     gathered = runtime.agree_gather(error, local, "data.facts")
 
     # 3. Global facts, computed alike on every rank from the gathered summaries.
-    moments, target_moments = _Moments(), _Moments()
+    moments, target_moments = Moments(), Moments()
     for g in gathered:
         moments.merge(g["moments"])
         target_moments.merge(g["target"])
@@ -338,7 +289,7 @@ def load(config, rank: int, size: int, host: str = "") -> StreamSplits:
         seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction)
 
 
-def _scaler(moments: _Moments) -> Standardizer:
+def _scaler(moments: Moments) -> Standardizer:
     std = np.sqrt(moments.m2 / moments.n)
     return Standardizer(mean=moments.mean, scale=np.where(std > 0, std, 1.0))
 
@@ -352,7 +303,7 @@ def numeric_target(labels: np.ndarray, source: sources.Source) -> np.ndarray:
 
 
 def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[str, Any]:
-    moments, target = _Moments(), _Moments()
+    moments, target = Moments(), Moments()
     labels: Dict[str, np.ndarray] = {}  # classification: rows of each label per split (train, val, test)
     per_unit: Dict[int, Tuple[int, int, str]] = {}
     counts = np.zeros(3, np.int64)
@@ -362,7 +313,7 @@ def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[st
         h = hashlib.sha256()
         offset, n_train = 0, 0
         for x, y in formats.read_unit(source, unit):
-            split = _unit_splits(config, unit, offset, len(y))
+            split = unit_splits(config, unit, offset, len(y))
             offset += len(y)
             h.update(x)  # contiguous: hashed in place
             h.update("\0".join(y).encode())
@@ -381,228 +332,6 @@ def _read_share(source: sources.Source, units: Sequence[int], config) -> Dict[st
         per_unit[u] = (offset, n_train, h.hexdigest())
     return {"moments": moments, "target": target, "labels": labels, "units": per_unit, "n_val": int(counts[VAL]),
             "n_test": int(counts[TEST])}
-
-
-def _rows_of(config, split: int, unit: sources.Unit, offset: int, rows: int) -> np.ndarray:
-    """Which rows [offset, offset + rows) of a unit are in ``split`` (a ``select`` of sources.read_unit)."""
-    return _unit_splits(config, unit, offset, rows) == split
-
-
-def _unit_splits(config, unit: sources.Unit, offset: int, rows: int) -> np.ndarray:
-    """Splits of rows [offset, offset + rows) of a unit (a unit may arrive in pieces); ``config``:
-    anything with seed, val_fraction and test_fraction."""
-    return row_splits(config.seed, unit.file, unit.index, offset, rows, config.val_fraction, config.test_fraction)
-
-
-class _Slices:
-    """The steps of an epoch, or of its rest from ``position`` (sharding.remaining_steps: the
-    rule the in-memory path follows), and this rank's contiguous slice of each step's positions
-    (the owner of a position in a window taken by slices)."""
-
-    def __init__(self, n: int, rank: int, size: int, batch_size: int, position: int = 0):
-        self.steps = sharding.remaining_steps(n, position, size, batch_size)
-        self.position, self.size = position, size
-        lo, hi = [], []
-        for start, stop in self.steps:
-            sizes = sharding.split_evenly(stop - start, size)
-            lo.append(start + sum(sizes[:rank]))
-            hi.append(lo[-1] + sizes[rank])
-        self.starts = np.array([start for start, _ in self.steps], np.int64)
-        self.lo, self.hi = np.array(lo, np.int64), np.array(hi, np.int64)
-
-    def step_of(self, positions: np.ndarray) -> np.ndarray:
-        """The step (index into ``steps``) of each position at or after ``position``."""
-        return np.searchsorted(self.starts, positions, side="right") - 1
-
-    def mine(self, positions: np.ndarray) -> np.ndarray:
-        if not self.steps:
-            return np.zeros(len(positions), bool)
-        step = self.step_of(positions)
-        inside = step >= 0  # positions before ``position`` were trained before
-        step = np.maximum(step, 0)
-        return inside & (positions >= self.lo[step]) & (positions < self.hi[step])
-
-
-def _stratified(rng: np.random.Generator, rows: np.ndarray) -> np.ndarray:
-    """A window's order, as ``target``: arrival index (the window's training rows in unit order,
-    row order within a unit) -> place in the window. Each unit's rows are spread evenly over the
-    window (row j of a unit of t rows, j a random rank among them, at key (j + U[0, 1)) / t; the
-    window sorted by key): every stretch of the window, a step's global batch too, holds each
-    unit's rows in proportion to its size, give or take one. So a rank that owns some units of
-    the window gets its share of every step, give or take a few rows."""
-    total = int(rows.sum())
-    unit = np.repeat(np.arange(len(rows)), rows)
-    rank = np.concatenate([rng.permutation(int(t)) for t in rows])  # each row's random rank in its unit
-    order = np.argsort((rank + rng.random(total)) / rows[unit], kind="stable")
-    target = np.empty(total, np.int64)
-    target[order] = np.arange(total)
-    return target
-
-
-SNAP = 0.1  # a rank's share of a window may differ from an even one by this much, to read fewer units
-
-
-def _owned_runs(rows: np.ndarray, size: int) -> List[List[Tuple[int, int]]]:
-    """Which arrival indices of a window (units of ``rows`` training rows, end to end) each of
-    ``size`` ranks owns, as runs [lo, hi). Whole units, the biggest first to the least loaded
-    rank, when every rank's share is then within SNAP of an even one: each unit read by one
-    rank. Otherwise the window is cut into ``size`` runs of equal length (a cut within SNAP of a
-    unit's edge moved to it), and a unit a cut falls in is read by the ranks on both sides."""
-    total = int(rows.sum())
-    first = np.cumsum(rows) - rows
-    even = total / size
-    load, owned = [0] * size, [[] for _ in range(size)]
-    for i in sorted(range(len(rows)), key=lambda i: (-rows[i], i)):
-        r = min(range(size), key=lambda r: (load[r], r))
-        load[r] += int(rows[i])
-        owned[r].append((int(first[i]), int(first[i] + rows[i])))
-    if max(load) - even <= SNAP * even and even - min(load) <= SNAP * even:
-        merged: List[List[Tuple[int, int]]] = []
-        for runs in owned:  # adjacent units as one run
-            merged.append([])
-            for lo, hi in sorted(runs):
-                if merged[-1] and merged[-1][-1][1] == lo:
-                    lo = merged[-1].pop()[0]
-                merged[-1].append((lo, hi))
-        return merged
-    cuts = [total * r // size for r in range(size + 1)]
-    edges = np.append(first, total)
-    for r in range(1, size):
-        edge = int(edges[np.argmin(np.abs(edges - cuts[r]))])
-        if abs(edge - cuts[r]) <= SNAP * even:
-            cuts[r] = edge
-    return [[(cuts[r], cuts[r + 1])] for r in range(size)]
-
-
-@dataclass
-class _Share:
-    """One window of an epoch as one rank takes it (TrainStream.shares). The window's training
-    rows arrive in unit order (arrival index a); ``target`` maps a to its place in the window's
-    order (None: no shuffling, the window is one unit in file order). ``runs``: the arrival
-    indices [lo, hi) this rank owns when the window is shared by units (_owned_runs), else None:
-    it owns the positions of its slices of each step. ``own``: its global positions, sorted; ``reads``:
-    (unit index, its first arrival index, its training rows) of the units it must read."""
-
-    base: int
-    total: int
-    target: Optional[np.ndarray]
-    runs: Optional[List[Tuple[int, int]]]
-    own: np.ndarray
-    reads: List[Tuple[int, int, int]]
-
-    def positions(self, arrival: np.ndarray) -> np.ndarray:
-        return self.base + (arrival if self.target is None else self.target[arrival])
-
-    def mine(self, arrival: np.ndarray, slices: _Slices) -> np.ndarray:
-        """Which arrival indices are this rank's rows still to train."""
-        positions = self.positions(arrival)
-        if self.runs is None:
-            return slices.mine(positions)
-        owned = np.zeros(len(arrival), bool)
-        for lo, hi in self.runs:
-            owned |= (arrival >= lo) & (arrival < hi)
-        return owned & (positions >= slices.position)
-
-
-class _Window:
-    """A window being read by one rank (its _Share): the rank's own rows written to x, y in global order."""
-
-    def __init__(self, splits: StreamSplits, slices: _Slices, share: _Share):
-        self.splits, self.slices, self.share = splits, slices, share
-        self.x = np.empty((len(share.own), *splits.input_shape), splits.sample_dtype)
-        self.y = np.empty(len(share.own), splits.label_dtype)
-        self.arrived = self.limit = 0  # arrival indices so far; the end of the unit being read
-        self.places: List[np.ndarray] = []
-
-    def select(self, unit: sources.Unit, offset: int, n: int) -> np.ndarray:
-        """Which rows of a piece are this rank's (decided from row numbers, before the text is parsed)."""
-        train = np.flatnonzero(_unit_splits(self.splits, unit, offset, n) == TRAIN)
-        arrival = np.arange(self.arrived, self.arrived + len(train))
-        self.arrived += len(train)
-        if self.arrived > self.limit:
-            raise DataError(f"{self.splits.source.spec}: the files changed since the run started "
-                            f"(a unit has more training rows than it had)")
-        mine = self.share.mine(arrival, self.slices)
-        self.places.append(np.searchsorted(self.share.own, self.share.positions(arrival[mine])))
-        keep = np.zeros(n, bool)
-        keep[train[mine]] = True
-        return keep
-
-    def put(self, x: np.ndarray, codes: np.ndarray) -> None:
-        """The next rows the ``select`` calls chose, once read (in their order; the rows one
-        selection chose may arrive in several pieces)."""
-        if not len(codes):
-            return
-        at = _take(self.places, len(codes))
-        # Standardised as the in-memory path does it: raw values to float32, then the scaler
-        # (images: as read, standardised inside TensorFlow).
-        self.x[at] = x if self.splits.raw else self.splits.scaler.transform(x.astype(np.float32))
-        self.y[at] = codes
-
-
-def _take(held: List[np.ndarray], n: int) -> np.ndarray:
-    """The first n > 0 rows of the arrays in ``held``, removed from it (a view where one array has them)."""
-    parts, got = [], 0
-    while got < n:
-        k = min(n - got, len(held[0]))
-        parts.append(held[0][:k])
-        got += k
-        if k == len(held[0]):
-            held.pop(0)
-        else:
-            held[0] = held[0][k:]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-READ_AHEAD_STEPS = 16  # batches made ahead of training by the reader thread, at least
-
-
-def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
-    """``items`` produced by a thread of our own, up to ``depth`` ahead of the consumer.
-
-    tf.data runs a generator on TensorFlow's inter-op pool, which ``--threads`` sizes (one
-    thread on a 2-core host with 2 ranks): there, reading and training took turns. Our own
-    thread parses (pyarrow releases the GIL) while TensorFlow computes. An exception in the
-    thread is raised here; closing this generator stops the thread.
-    """
-    import queue
-    import threading
-
-    out: "queue.Queue" = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def offer(entry: Tuple[bool, Any]) -> bool:
-        """Queue an entry unless the consumer has gone; False if it has."""
-        while not stop.is_set():
-            try:
-                out.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not offer((True, item)):
-                    return
-            offer((True, done))
-        except BaseException as err:  # handed to the consumer
-            offer((False, err))
-
-    thread = threading.Thread(target=produce, name="hvd_train-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, item = out.get()
-            if not ok:
-                raise item
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
 
 
 class TrainStream:
@@ -625,8 +354,8 @@ class TrainStream:
         self.error: Optional[str] = None  # a DataError met while streaming (tf.data hides its type)
         self.before_read: Optional[Any] = None  # called before each window is read (reader.py hands over then)
 
-    def slices(self, position: int = 0) -> _Slices:
-        return _Slices(self.splits.n_train, self.rank, self.size, self.batch_size, position)
+    def slices(self, position: int = 0) -> Slices:
+        return Slices(self.splits.n_train, self.rank, self.size, self.batch_size, position)
 
     def windows(self, epoch: int) -> List[List[int]]:
         """The epoch's units (those with training rows) in order, grouped into windows."""
@@ -648,11 +377,11 @@ class TrainStream:
             out[-2:] = [out[-2] + out[-1]]
         return out
 
-    def shares(self, epoch: int, slices: _Slices, plan_only: bool = False) -> Iterator[_Share]:
+    def shares(self, epoch: int, slices: Slices, plan_only: bool = False) -> Iterator[Share]:
         """The epoch's windows as this rank takes them, those wholly before the slices' position
-        left out. Shuffled, a window of at least N units is shared by units (_owned_runs): each
+        left out. Shuffled, a window of at least N units is shared by units (owned_runs): each
         rank owns whole units (or runs of the window's rows, when whole units cannot give even
-        shares) and reads only those; the stratified order (_stratified) gives every rank its
+        shares) and reads only those; the stratified order (stratified) gives every rank its
         share of each step, give or take a few rows. Otherwise (no shuffling: a window is one
         unit; or fewer units than ranks) every rank reads the window's units and owns its slice
         of each step. The order does not depend on N, only who owns a row does: N x b trains on
@@ -666,23 +395,23 @@ class TrainStream:
                 yield self._share(epoch, k, units, rows, base, slices, plan_only)
             base += total
 
-    def _share(self, epoch: int, k: int, units: List[int], rows: np.ndarray, base: int, slices: _Slices,
-               plan_only: bool = False) -> _Share:
+    def _share(self, epoch: int, k: int, units: List[int], rows: np.ndarray, base: int, slices: Slices,
+               plan_only: bool = False) -> Share:
         """``plan_only``: which units to read, without the window's order (no ``target``, ``own``)."""
         s, total = self.splits, int(rows.sum())
         first = np.cumsum(rows) - rows
         by_unit = self.shuffle and self.size > 1 and len(units) >= self.size
-        runs = _owned_runs(rows, self.size)[self.rank] if by_unit else None
+        runs = owned_runs(rows, self.size)[self.rank] if by_unit else None
         # The units its runs touch (the window's first, when a resume's position falls in it, may
         # have none of its rows left: read and none kept).
         touched = range(len(units)) if runs is None else [
             i for i in range(len(units)) if any(lo < first[i] + rows[i] and first[i] < hi for lo, hi in runs)]
-        share = _Share(base, total, None, runs, np.empty(0, np.int64),
+        share = Share(base, total, None, runs, np.empty(0, np.int64),
                        [(units[i], int(first[i]), int(rows[i])) for i in touched])
         if plan_only:
             return share
         if self.shuffle:
-            share.target = _stratified(np.random.default_rng([s.seed, epoch, 2, k]), rows)
+            share.target = stratified(np.random.default_rng([s.seed, epoch, 2, k]), rows)
         arrival = np.arange(total) if runs is None else np.concatenate([np.arange(lo, hi) for lo, hi in runs])
         share.own = np.sort(share.positions(arrival[share.mine(arrival, slices)]))
         return share
@@ -700,7 +429,7 @@ class TrainStream:
             counts += np.bincount(slices.step_of(share.own), minlength=len(counts))
         return counts
 
-    def own_rows(self, epoch: int, slices: _Slices) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    def own_rows(self, epoch: int, slices: Slices) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
         """This rank's training rows of the epoch, in global order, one window at a time: x
         (standardised float32), class codes, their global positions, and the window's end (every
         position below it has arrived). Each row is written once, straight to its place."""
@@ -712,10 +441,10 @@ class TrainStream:
         finally:
             ahead.close()
 
-    def _windows(self, shares: Iterator[_Share], slices: _Slices, ahead):
+    def _windows(self, shares: Iterator[Share], slices: Slices, ahead):
         s = self.splits
         for share in shares:
-            window = _Window(s, slices, share)
+            window = Window(s, slices, share)
             if share.reads and self.before_read is not None:
                 self.before_read()
             for u, first, rows in share.reads:
@@ -750,8 +479,8 @@ class TrainStream:
                     held_at.append(at)
             need = sum(int(np.searchsorted(at, stop)) for at in held_at)  # this rank's rows of the step
             if need:
-                _take(held_at, need)
-                yield _take(held_x, need), _take(held_y, need), np.full(need, need * self.size / (stop - start),
+                take(held_at, need)
+                yield take(held_x, need), take(held_y, need), np.full(need, need * self.size / (stop - start),
                                                                         np.float32)
             else:
                 # No row of this step is this rank's (the rest of an epoch in a bigger world, or
@@ -814,71 +543,3 @@ class TrainStream:
         window = self.splits.window_rows(self.window) if self.shuffle else 0
         return max(READ_AHEAD_STEPS, window // (self.size * self.batch_size) + 2)
 
-    def dataset(self, batches, chunked: bool = False):
-        """A tf.data.Dataset of the (x, y, loss weight) steps ``batches()`` makes (a generator
-        function: read_ahead's thread), or with ``chunked`` of the steps in the chunks it makes
-        (x, y, w of several steps end to end, and each step's rows: a reader.Reader), split
-        inside TensorFlow so that Python hands over one chunk, not every step."""
-        import tensorflow as tf
-
-        s = self.splits
-        steps = (tf.TensorSpec((None, *s.input_shape), tf.as_dtype(s.sample_dtype)),
-                 tf.TensorSpec((None,), tf.as_dtype(s.label_dtype)), tf.TensorSpec((None,), tf.float32))
-        if not chunked:
-            made = tf.data.Dataset.from_generator(batches, output_signature=steps)
-            if s.raw:
-                made = made.map(lambda x, y, w: (s.standardise_tf(x), y, w))
-            return made.prefetch(2)
-
-        def split(x, y, w, rows):
-            if s.raw:
-                x = s.standardise_tf(x)  # a chunk at a time
-            starts = tf.cumsum(rows, exclusive=True)
-            return tf.data.Dataset.from_tensor_slices((starts, rows)).map(
-                lambda at, n: (x[at:at + n], y[at:at + n], w[at:at + n]))
-
-        chunks = (*steps, tf.TensorSpec((None,), tf.int64))
-        return tf.data.Dataset.from_generator(batches, output_signature=chunks).flat_map(split).prefetch(2)
-
-
-READER_SHARED_BYTES = 32 << 20  # a reader process's slots at most (a container's /dev/shm is often 64 MB)
-
-
-class StreamFeed:
-    """What the epoch loop (loop.py) trains on, for files: a TrainStream from ``epoch`` after
-    ``position`` samples, read by a reader process of this rank (reader.py; ``reader="thread"``:
-    by a thread of this process, read_ahead). ``steps``: of the first epoch. ``failure``: a file
-    that went bad or could not be read on this rank (the stream then gives idle steps until the
-    ranks agree to stop: training/stopping.agree_feed), or after another error, a file that vanished or
-    changed under the run. ``close``: stops the reader (the loop calls it when a fit ends, also
-    by a stop or an elastic reset)."""
-
-    can_fail = True  # its reads may fail mid-run, on any rank at any step
-
-    def __init__(self, stream: TrainStream, epoch: int, position: int = 0, reader: str = "process"):
-        self.stream, self.epoch, self.position, self.reader = stream, epoch, position, reader
-        self.steps = len(stream.slices(position).steps)
-        self.readers: List[Any] = []
-
-    def keras_input(self):
-        stream, depth = self.stream, self.stream.read_ahead_steps()
-        if self.reader == "thread":
-            # The queued batches are views of the window: ~2 windows / N in memory.
-            return stream.dataset(lambda: read_ahead(stream.epochs_then_idle(self.epoch, self.position), depth))
-        from .reader import CHUNK_STEPS, Reader, slot_bytes
-
-        slots = max(2, min(-(-depth // CHUNK_STEPS), READER_SHARED_BYTES // slot_bytes(stream)))
-
-        def batches():
-            reader = Reader(stream, self.epoch, self.position, slots)
-            self.readers.append(reader)
-            return iter(reader)
-
-        return stream.dataset(batches, chunked=True)
-
-    def close(self) -> None:
-        for r in self.readers:
-            r.close()
-
-    def failure(self, after_error: bool = False) -> Optional[str]:
-        return self.stream.error or (self.stream.check_files() if after_error else None)
