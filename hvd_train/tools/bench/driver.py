@@ -311,16 +311,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "default set; profile: an epoch's time at np=1, hvd_train against plain Keras, part by part, "
                         "not in the default set; precision: float32 against mixed_bfloat16, MLP and CNN at np=1 "
                         "and np=2; storage: the data path from s3:// (a local SeaweedFS) against local disk, not "
-                        "in the default set, see --storage-rows)")
+                        "in the default set, see --storage-rows; images: image folders, TFRecord and in memory, "
+                        "the CNN and ResNet50 against plain Keras, not in the default set, see --image-count)")
     parser.add_argument("--data-rows", default="400000,1600000", help="data section: rows of the generated files")
     parser.add_argument("--storage-rows", type=int, default=400000, help="storage section: rows of the files")
+    parser.add_argument("--image-count", type=int, default=3000, help="images section: JPEGs generated")
+    parser.add_argument("--image-size", type=int, default=32, help="images section: the side images are resized to")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per launched run")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     repeats = args.repeats or p.pop("repeats")
     p.pop("repeats", None)
     sections = set(args.sections.split(","))
-    unknown = sections - {"scaling", "cnn", "wire", "knobs", "data", "startup", "profile", "precision", "storage"}
+    unknown = sections - {"scaling", "cnn", "wire", "knobs", "data", "startup", "profile", "precision", "storage",
+                          "images"}
     if unknown or repeats < 1:
         parser.error(f"unknown sections {sorted(unknown)}" if unknown else "--repeats must be >= 1")
     controllers = ["gloo"] + (["mpi"] if shutil.which("mpirun") else [])
@@ -365,6 +369,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results["storage"] = storage_section(
                     Path(work), TINY_ROWS if args.quick else args.storage_rows, args.timeout, log,
                     **({"kinds": ("parquet",), "local_worlds": (1,)} if args.quick else {}))
+            if "images" in sections:
+                from .imagepath import images_section
+
+                results["images"] = images_section(Path(work), 96 if args.quick else args.image_count,
+                                                   32 if args.quick else args.image_size, args.timeout, log,
+                                                   repeats=1 if args.quick else max(1, repeats - 1))
             if "startup" in sections:
                 from .startup import startup_section
 

@@ -100,6 +100,10 @@ def markdown(r: Dict[str, Any]) -> str:
         from .datapath import lines as data_lines
 
         lines += [""] + data_lines(r["data"])
+    if "images" in r:
+        from .imagepath import lines as image_lines
+
+        lines += [""] + image_lines(r["images"])
     if "storage" in r:
         from .storage import lines as storage_lines
 
