@@ -2,8 +2,9 @@
 both kinds share: the training split's scaling (Standardizer), preprocessing.json, the errors."""
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -58,11 +59,12 @@ class Standardizer:
         return cls(mean=np.asarray(d["mean"], np.float64), scale=np.asarray(d["scale"], np.float64))
 
 
-class Dataset:
+class Dataset(abc.ABC):
     """The data interface: what a run (the training loop, the callbacks, the checks, the outputs)
-    asks of its data, whatever holds it. data.Splits (arrays every rank holds) and
-    stream.StreamSplits (files each rank reads a share of) implement it; nothing else asks
-    which one it has.
+    asks of its data, whatever holds it. arrays.Splits (arrays every rank holds) and
+    stream.StreamSplits (files each rank reads a share of, any format: formats.py) implement it;
+    nothing else asks which one it has. Its behaviours are abstract methods; its facts are what
+    each implementation holds (dataclass fields or properties).
 
     - global facts: ``n_train``, ``n_val``, ``n_test``, ``input_shape``, ``feature_names``,
       ``class_names`` (empty for regression), ``scaler``, ``target`` (regression's scaling),
@@ -85,6 +87,37 @@ class Dataset:
       is this host's own. Raises DataError.
     """
 
+    # The global facts, the same on every rank.
+    n_train: int
+    n_val: int
+    n_test: int
+    input_shape: Tuple[int, ...]
+    feature_names: Tuple[str, ...]
+    class_names: Tuple[str, ...]
+    scaler: Standardizer
+    target: Optional[Standardizer]
+    target_name: str
+
+    @abc.abstractmethod
+    def train_feed(self, rank: int, size: int, config, epoch: int, position: int = 0) -> Any:
+        """This rank's training batches from ``epoch`` after ``position`` samples (class doc)."""
+
+    @abc.abstractmethod
+    def eval_pieces(self, which: str, rank: int, size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """This rank's share of the "val" or "test" rows, model-ready, in pieces."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> Dict[str, Any]:
+        """What the consensus check and a checkpoint record of the data."""
+
+    @abc.abstractmethod
+    def plan_lines(self, size: int, shuffle_buffer: int) -> Optional[List[str]]:
+        """What each rank would read at this world size, or None."""
+
+    @abc.abstractmethod
+    def class_counts(self) -> List[Tuple[int, int, int]]:
+        """Classification: (train, val, test) rows of each class, in class_names order."""
+
     @property
     def n_classes(self) -> int:
         return len(self.class_names)
@@ -97,9 +130,6 @@ class Dataset:
     def model_inputs(self):
         """model_fn's first argument: the number of features of a table, else the sample shape."""
         return self.input_shape[0] if len(self.input_shape) == 1 else self.input_shape
-
-    def class_counts(self) -> List[Tuple[int, int, int]]:
-        raise NotImplementedError
 
     def step_rows(self, rank: int, size: int, config, epoch: int, position: int = 0) -> np.ndarray:
         """Each step's slice of the global batch (sharding.py), unless the data shares steps otherwise."""

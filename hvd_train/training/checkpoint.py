@@ -38,6 +38,7 @@ import numpy as np
 from .. import runtime, storage
 from ..config.options import RESUME_FIXED_FIELDS, TrainConfig
 from ..config.plan import Plan
+from ..data.interface import Dataset
 from . import distributed, legacy
 from .consensus import array_digest
 
@@ -210,7 +211,7 @@ def run_meta(config: TrainConfig, plan: Plan, data: Dict[str, Any], history: Dic
             "stopped_early": stopped_early, "lr": lr, "position": position, "sums": sums}
 
 
-def check_compatible(ckpt: Checkpoint, config: TrainConfig, splits) -> None:
+def check_compatible(ckpt: Checkpoint, config: TrainConfig, splits: Dataset) -> None:
     """The checkpoint was written by a run of the same model on the same data, or CheckpointError."""
     # A field the writing version did not have holds its default.
     saved = {**TrainConfig().to_dict(), **ckpt.meta["config"]}
@@ -223,7 +224,7 @@ def check_compatible(ckpt: Checkpoint, config: TrainConfig, splits) -> None:
         raise CheckpointError(f"{ckpt.path} was trained on different data than this run loads")
 
 
-def resume(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, model, optimizer) -> ResumePoint:
+def resume(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Dataset, model, optimizer) -> ResumePoint:
     """Collective. Rank 0 finds, verifies and loads the checkpoint; every rank gets the decision.
 
     The weights themselves reach the other ranks by the broadcast that follows in the fit flow.
@@ -239,7 +240,7 @@ def resume(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, model, 
     return point
 
 
-def load_resume_point(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits, model,
+def load_resume_point(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Dataset, model,
                       optimizer) -> Tuple[Optional[ResumePoint], Optional[str]]:
     """Rank 0 only (no collectives): choose the checkpoint, check it fits this run, load it."""
     try:

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .. import runtime
+from ..data.interface import Dataset
 
 # Which config fields are rank 0's alone: the output directory is chosen by rank 0 and broadcast.
 _NOT_FINGERPRINTED = ("output_dir",)
@@ -37,7 +38,7 @@ def weights_digest(arrays: Sequence[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def fingerprint(config, splits, plan, versions: Dict[str, str]) -> Dict[str, Any]:
+def fingerprint(config, splits: Dataset, plan, versions: Dict[str, str]) -> Dict[str, Any]:
     """Everything that must be identical on every rank, flattened to comparable values."""
     fp: Dict[str, Any] = {f"config.{k}": v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
     fp.update(splits.fingerprint())  # data.Splits / stream.StreamSplits

@@ -16,8 +16,8 @@ from .. import runtime, watchdog
 from ..config.options import ConfigError, TrainConfig
 from ..config.plan import Plan, make_plan
 from ..data import formats, stream
-from ..data.arrays import DataArg, Splits, load_splits
-from ..data.interface import DataError, check_splits
+from ..data.arrays import DataArg, load_splits
+from ..data.interface import DataError, Dataset, check_splits
 from ..outputs import run_dir
 from ..outputs.run_dir import OutputError
 from . import checkpoint, consensus, distributed, metrics, pruning, replicas, tasks
@@ -42,7 +42,7 @@ def streamed(config: TrainConfig, data: DataArg) -> bool:
     return data is None and formats.is_file_source(config.dataset)
 
 
-def prepare(rt: runtime.Runtime, config: TrainConfig, data: DataArg) -> Tuple[TrainConfig, Splits, Plan]:
+def prepare(rt: runtime.Runtime, config: TrainConfig, data: DataArg) -> Tuple[TrainConfig, Dataset, Plan]:
     """Collective: load and check the data and directories on every rank, agree, plan, check consensus."""
     splits, error = None, None
     try:
@@ -57,7 +57,7 @@ def prepare(rt: runtime.Runtime, config: TrainConfig, data: DataArg) -> Tuple[Tr
     return config, splits, plan
 
 
-def settle(rt: runtime.Runtime, config: TrainConfig, splits: Optional[Splits],
+def settle(rt: runtime.Runtime, config: TrainConfig, splits: Optional[Dataset],
            error: Optional[str]) -> Tuple[TrainConfig, Plan]:
     """Collective: every rank's data (or its loading ``error``) and directories checked and
     agreed, then the plan for this world and the consensus check. Returns the config with rank
@@ -108,7 +108,7 @@ def horovod_env(config: TrainConfig) -> Dict[str, str]:
     return env
 
 
-def build_model(config: TrainConfig, splits: Splits, lr: float, model_fn: Optional[ModelFn]):
+def build_model(config: TrainConfig, splits: Dataset, lr: float, model_fn: Optional[ModelFn]):
     """Local: the compiled model with its Horovod optimizer, whose state already exists (so it can
     be restored and broadcast before the first step), and under a mixed precision policy a
     float32 twin for evaluation. Returns (model, optimizer, scorer or None). ConfigError if

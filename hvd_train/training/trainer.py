@@ -24,7 +24,8 @@ from typing import Any, List, Optional
 from .. import runtime, watchdog
 from ..config.options import ConfigError, TrainConfig
 from ..config.plan import Plan, report, report_lines
-from ..data.arrays import DataArg, Splits
+from ..data.arrays import DataArg
+from ..data.interface import Dataset
 from ..outputs.events import EventLog
 from . import checkpoint, distributed, elastic, loop, tasks
 from .context import RunContext
@@ -92,7 +93,7 @@ def dry_run(config: TrainConfig, data: DataArg = None, world_size: Optional[int]
     return plan
 
 
-def _run(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Splits,
+def _run(rt: runtime.Runtime, config: TrainConfig, plan: Plan, splits: Dataset,
          model_fn: Optional[ModelFn], user_callbacks: List[Any]) -> TrainResult:
     import horovod.tensorflow as hvd_tf
 

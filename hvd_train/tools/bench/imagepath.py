@@ -41,7 +41,7 @@ def generate(directory: Path, count: int, size: int, seed: int = 0) -> Dict[str,
 
     rng = np.random.default_rng(seed)
     folder = directory / "folder"
-    for c, name in enumerate(CLASSES):
+    for name in CLASSES:
         (folder / name).mkdir(parents=True, exist_ok=True)
     for i in range(count):
         c = i % len(CLASSES)
