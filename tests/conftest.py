@@ -269,7 +269,7 @@ def check_run(out_dir, proc, world_size, reported="[hvd_train] outputs in"):
 
     from hvd_train.config.options import TrainConfig
     from hvd_train.data import arrays as data
-    from hvd_train.data import sources
+    from hvd_train.data import formats
     from hvd_train.training.consensus import weights_digest
 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -284,7 +284,7 @@ def check_run(out_dir, proc, world_size, reported="[hvd_train] outputs in"):
     model = keras.models.load_model(out_dir / "model.keras")
     assert m["replica_weight_digests"] == [weights_digest(model.get_weights())] * world_size
     # Test metrics equal a single-process evaluation of the whole test split: exact, not a mean of means.
-    if sources.is_file_source(config.dataset):
+    if formats.is_file_source(config.dataset):
         x_test, y_test, target = file_test_split(config, out_dir)
     else:
         splits = data.load_splits(config)
@@ -310,22 +310,24 @@ def check_run(out_dir, proc, world_size, reported="[hvd_train] outputs in"):
 
 def file_test_split(config, out_dir):
     """A file dataset's test rows as the run's model takes them, (x, y, target scaling or None),
-    found by this process alone (files.rows_by_split) with the run's saved scaling; the run's
-    plan must count every split as this reading does."""
+    found by this process alone (files.samples_by_split, any format) with the run's saved
+    scaling; the run's plan must count every split as this reading does."""
     import numpy as np
-    from files import rows_by_split
+    from files import samples_by_split
 
-    from hvd_train.data import stream
+    from hvd_train.data import formats, stream
     from hvd_train.data.interface import Standardizer
 
-    x, labels, split = rows_by_split(config.dataset, config.seed, config.val_fraction, config.test_fraction,
-                                     config.label_column or "")
+    x, labels, split = samples_by_split(config.dataset, formats.label_of(config), config.seed, config.val_fraction,
+                                        config.test_fraction, image_size=config.image_size,
+                                        image_channels=config.image_channels, image_feature=config.image_feature)
     plan = read_json(out_dir / "config.json")["plan"]
     assert [plan["train_samples"], plan["val_samples"], plan["test_samples"]] == [
         int((split == s).sum()) for s in (stream.TRAIN, stream.VAL, stream.TEST)]
     prep = read_json(out_dir / "preprocessing.json")
     test = split == stream.TEST
-    x_test = Standardizer.from_dict(prep["scaler"]).transform(x[test])
+    scaler = Standardizer.from_dict(prep["scaler"])
+    x_test = scaler.transform32(x[test]) if x.dtype == np.uint8 else scaler.transform(x[test])
     if config.regression:
         target = Standardizer.from_dict(prep["target"])
         return x_test, target.transform(labels[test].astype(np.float64)), target

@@ -18,7 +18,7 @@ def positive(x):
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    sections = "scaling,cnn,wire,knobs,data,startup,profile,precision,storage"
+    sections = "scaling,cnn,wire,knobs,data,startup,profile,precision,storage,images"
     proc = run([BIN / "hvd-bench", "--quick", "--sections", sections, "--out", out], timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
@@ -178,3 +178,16 @@ def test_precision_section_runs_float32_and_mixed_bfloat16(bench):
     text = (out / "results.md").read_text()
     assert "## Mixed precision: float32 against mixed_bfloat16" in text
     assert "MLP: mixed_bfloat16 / float32 throughput at np=1" in text  # in the Targets table
+
+
+def test_images_section_measures_folder_tfrecord_memory_and_plain_keras(bench):
+    out, _ = bench
+    images = json.loads((out / "results.json").read_text())["images"]
+    assert set(images["paths"]) == {"cnn_folder_np1", "cnn_tfrecord_np2", "cnn_memory_np1", "cnn_keras_np1"}
+    for name, runs in images["paths"].items():
+        assert runs[0]["train_samples_per_second"] > 0 and runs[0]["training_cpu_s"] > 0, name
+    # Decoding runs in the reader processes: they used CPU; in memory, none.
+    assert images["paths"]["cnn_folder_np1"][0]["reader_cpu_s_per_epoch"] > 0
+    assert images["paths"]["cnn_memory_np1"][0]["reader_cpu_s_per_epoch"] == 0
+    md = (out / "results.md").read_text()
+    assert "## Images (96 generated JPEGs resized to 32x32" in md and "plain Keras image_dataset_from_directory" in md

@@ -17,7 +17,7 @@ from typing import Optional
 import pytest
 from bad_inputs import CASES
 from conftest import BIN, REPO, Background, check_run, read_json
-from files import make_data
+from files import make_data, make_images
 
 from hvd_train.outputs import events
 from hvd_train.training import checkpoint
@@ -150,21 +150,28 @@ def test_rank0_dies_then_a_host_joins(tmp_path):
     assert "elastic reset: 3 -> 2 process(es)" in job.output and "elastic reset: 2 -> 3 process(es)" in job.output
 
 
-@pytest.mark.parametrize("kind", ["csv", "parquet"])
+@pytest.mark.parametrize("kind", ["images", "parquet"])
 def test_a_file_dataset_loses_a_worker_mid_epoch_and_gains_one(tmp_path, kind, s3, monkeypatch):
     # Files are read in shares and streamed: after each reset the rest of the epoch is re-shared
     # from the committed position, and the newcomer learns the data's facts from the state's
-    # sync (it never ran the facts pass). CSV loses a worker, Parquet (read in windows of row
-    # groups) rank 0 itself. No --network-interface: elastic.sh picks the loopback. Parquet's
-    # data and checkpoints are in the bucket (s3://, a real server): the same elastic path.
-    make_data(tmp_path / kind, kind, n_rows=[1800, 0, 1400, 1800])  # about 3500 training rows
-    data, extra, env = f"{kind}:{tmp_path / kind}", [], None
+    # sync (it never ran the facts pass). An image folder (decoded in the reader processes,
+    # streamed as uint8) loses a worker, Parquet (read in windows of row groups) rank 0 itself.
+    # No --network-interface: elastic.sh picks the loopback. Parquet's data and checkpoints are
+    # in the bucket (s3://, a real server): the same elastic path. (CSV shares Parquet's path
+    # but for its reader: tests/test_sources.py.)
+    if kind == "images":
+        make_images(tmp_path / kind, {"circle": 700, "square": 600, "stripes": 500})  # about 1260 training images
+        data, label = f"images:{tmp_path / kind}", ["--image-size", "8x8", "--image-channels", "3"]
+    else:
+        make_data(tmp_path / kind, kind, n_rows=[1800, 0, 1400, 1800])  # about 3500 training rows
+        data, label = f"{kind}:{tmp_path / kind}", ["--label-column", "label"]
+    extra, env = [], None
     if kind == "parquet":
         data = f"parquet:{s3.put_tree(tmp_path / kind, 'elastic/data')}"
         extra, env = ["--checkpoint-dir", "s3://hvd/elastic/ckpt", "--keep-checkpoints", "2"], s3.env()
     hosts = local_hosts(4)
     job = ElasticJob(tmp_path, hosts[:3], 2, 3, [
-        "--dataset", data, "--label-column", "label", "--batch-size", "16", "--epochs", "40",
+        "--dataset", data, *label, "--batch-size", "16", "--epochs", "40",
         "--commit-every", "10", "--shuffle-buffer", "1000", "--progress", "epoch", *extra], interface=None, env=env)
     rank = 0 if kind == "parquet" else 2
     _, killed, shrink, grow = shrink_then_grow(job, hosts, rank)

@@ -374,7 +374,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
                 results["images"] = images_section(Path(work), 96 if args.quick else args.image_count,
                                                    32 if args.quick else args.image_size, args.timeout, log,
-                                                   repeats=1 if args.quick else max(1, repeats - 1))
+                                                   repeats=1 if args.quick else max(1, repeats - 1), quick=args.quick)
             if "startup" in sections:
                 from .startup import startup_section
 

@@ -192,12 +192,18 @@ PATHS = (("cnn_folder_np1", "folder", "cnn", 1), ("cnn_folder_np2", "folder", "c
          ("resnet50_synthetic_np1", "synthetic", "resnet50", 1), ("resnet50_synthetic_np2", "synthetic", "resnet50", 2))
 
 
+# hvd-bench --quick (the test suite): one launch of each kind of path (folder, TFRecord at np=2,
+# in memory, plain Keras); ResNet50 runs the same code with another model.
+QUICK_PATHS = ("cnn_folder_np1", "cnn_tfrecord_np2", "cnn_memory_np1", "cnn_keras_np1")
+
+
 def images_section(work: Path, count: int, size: int, timeout: int, log: Callable[[str], None],
-                   repeats: int = 1) -> Dict[str, Any]:
+                   repeats: int = 1, quick: bool = False) -> Dict[str, Any]:
     files = generate(work / "images", count, size)
     out: Dict[str, Any] = {"images": count, "size": size, "epochs": EPOCHS, "batch": BATCH, "paths": {}}
+    paths = [p for p in PATHS if not quick or p[0] in QUICK_PATHS]
     for k in range(repeats):  # interleaved: a repeat of every path before the next
-        for name, mode, model, np_ in PATHS:
+        for name, mode, model, np_ in paths:
             spec = str(files["tfrecord"] if mode == "tfrecord" else files["folder"])
             ranks = launch(mode, np_, spec, model, size, work, timeout)
             figures = {"train_samples_per_second": ranks[0]["train_samples_per_second"],
