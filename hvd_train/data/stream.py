@@ -71,10 +71,6 @@ class StreamSplits(Dataset):
     _step_rows: Dict[Tuple, np.ndarray] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
-    def n_features(self) -> int:
-        return len(self.feature_names)
-
-    @property
     def input_shape(self) -> Tuple[int, ...]:
         return self.source.shape
 
@@ -186,7 +182,9 @@ class StreamSplits(Dataset):
             # this rank keeps, every column).
             group = max(self.unit_rows or (0,)) * 8 * (1 + f / size) if src.kind == "parquet" else 0
             memory = 2 * window / size * (4 * f + 8) + window * 24 + 4 * piece * 8 * f + group
-            lines.append(f"rank {rank} reads {len(mine)} unit(s) of {len(files)} file(s) ({names or 'none'}): "
+            # A file per sample (an image folder): the unit count says it; file names would not.
+            where = "" if src.file_labels else f" of {len(files)} file(s) ({names or 'none'})"
+            lines.append(f"rank {rank} reads {len(mine)} unit(s){where}: "
                          f"{rows} rows, scores their {evaluation} validation/test rows; data memory ~"
                          f"{memory / 1e6:.1f} MB")
         return lines

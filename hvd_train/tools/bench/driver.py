@@ -317,6 +317,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--storage-rows", type=int, default=400000, help="storage section: rows of the files")
     parser.add_argument("--image-count", type=int, default=3000, help="images section: JPEGs generated")
     parser.add_argument("--image-size", type=int, default=32, help="images section: the side images are resized to")
+    parser.add_argument("--image-models", default="cnn,resnet50", help="images section: the models measured")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per launched run")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
@@ -374,7 +375,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
                 results["images"] = images_section(Path(work), 96 if args.quick else args.image_count,
                                                    32 if args.quick else args.image_size, args.timeout, log,
-                                                   repeats=1 if args.quick else max(1, repeats - 1), quick=args.quick)
+                                                   repeats=1 if args.quick else max(1, repeats - 1), quick=args.quick,
+                                                   models=tuple(args.image_models.split(",")))
             if "startup" in sections:
                 from .startup import startup_section
 

@@ -198,10 +198,10 @@ QUICK_PATHS = ("cnn_folder_np1", "cnn_tfrecord_np2", "cnn_memory_np1", "cnn_kera
 
 
 def images_section(work: Path, count: int, size: int, timeout: int, log: Callable[[str], None],
-                   repeats: int = 1, quick: bool = False) -> Dict[str, Any]:
+                   repeats: int = 1, quick: bool = False, models: tuple = ("cnn", "resnet50")) -> Dict[str, Any]:
     files = generate(work / "images", count, size)
     out: Dict[str, Any] = {"images": count, "size": size, "epochs": EPOCHS, "batch": BATCH, "paths": {}}
-    paths = [p for p in PATHS if not quick or p[0] in QUICK_PATHS]
+    paths = [p for p in PATHS if (not quick or p[0] in QUICK_PATHS) and p[2] in models]
     for k in range(repeats):  # interleaved: a repeat of every path before the next
         for name, mode, model, np_ in paths:
             spec = str(files["tfrecord"] if mode == "tfrecord" else files["folder"])
