@@ -45,7 +45,7 @@ def test_every_option_can_live_in_a_file(tmp_path):
               "checkpoint_dir": "c", "checkpoint_every": 2, "keep_checkpoints": 1, "resume": "auto", "commit_every": 5,
               "tensorboard": True, "timeline": "t.json", "autotune": True, "autotune_log": "a.csv",
               "verbose_ranks": True, "prune_file": "p.json", "stall_timeout": 30.0, "on_nonfinite": "warn",
-              "image_size": (32, 48), "image_channels": 1, "augment": "flip", "image_feature": "img"}
+              "image_size": (32, 48), "image_channels": 1, "augment": "flip", "image_feature": "img", "image_cache": 0}
     # logits is classification's (the rest regression's): it has its own line below.
     assert set(values) | {"logits"} == {f.name for f in dataclasses.fields(TrainConfig)}, \
         "a new option needs a line here"

@@ -83,6 +83,9 @@ class TrainConfig:
     image_size: Tuple[int, ...] = _option((64, 64), "images: (and tfrecord: with --image-feature) datasets: every "
                                           "image is resized to HxW, e.g. 224x224", "data", metavar="HxW")
     image_channels: int = _option(0, "images: datasets: 3 (RGB), 1 (grayscale), 0: the first image's", "data")
+    image_cache: int = _option(256, "images: datasets: MB of decoded images each process keeps (a rank's reader "
+                               "decodes an image once while its share fits); 0 = decode every epoch", "data",
+                               metavar="MB")
     samples: int = _option(1000, "synthetic: number of samples", "data")
     features: int = _option(20, "synthetic: number of features", "data")
     classes: int = _option(3, "synthetic: number of classes (classification)", "data")
@@ -227,6 +230,7 @@ class TrainConfig:
                  f"image size must be HEIGHTxWIDTH, e.g. 64x64 (got {'x'.join(map(str, self.image_size))})")
         _require(self.image_channels in IMAGE_CHANNELS,
                  f"image channels must be one of {IMAGE_CHANNELS} (got {self.image_channels})")
+        _require(self.image_cache >= 0, f"image cache must be >= 0 MB (got {self.image_cache})")
         _require(self.augment in AUGMENTATIONS, f"augment must be one of {AUGMENTATIONS} (got {self.augment!r})")
         _require(self.task in TASKS, f"task must be one of {TASKS} (got {self.task!r})")
         _require(self.model in MODELS, f"model must be one of {MODELS} (got {self.model!r})")

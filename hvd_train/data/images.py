@@ -23,6 +23,7 @@ process only copies finished uint8 batches.
 """
 from __future__ import annotations
 
+import functools
 import io
 from collections import OrderedDict
 from types import SimpleNamespace
@@ -42,6 +43,7 @@ UNIT_IMAGES = 64  # part of a sample's identity (so of the split): changing it c
 DEFAULT_SIZE = (64, 64)
 READ_AHEAD_BYTES = 32 << 20  # an object store's images fetched ahead of decoding, at most
 READ_AHEAD_THREADS = 8  # requests in flight (an image is one small request)
+CACHE_MB = 256  # decoded images kept per process (--image-cache)
 
 
 def unit_words(source: Source) -> str:
@@ -58,9 +60,10 @@ def source_of(kind: str, spec: str, label: str, options: Any = None) -> Source:
         channels = _channels_of(files[0])
     units = tuple(Unit(k * UNIT_IMAGES, k, k * UNIT_IMAGES, min((k + 1) * UNIT_IMAGES, len(files)))
                   for k in range(-(-len(files) // UNIT_IMAGES)))
+    cache = int(getattr(options, "image_cache", CACHE_MB)) << 20
     return Source("images", spec, files, tuple(n for _, n, _ in listed), (), label, units,
                   sample_shape=(int(size[0]), int(size[1]), channels), dtype="uint8",
-                  file_labels=tuple(c for _, _, c in listed))
+                  file_labels=tuple(c for _, _, c in listed), settings=(("cache_bytes", cache),))
 
 
 def predict_source(kind: str, spec: str, prep: dict) -> Source:
@@ -167,17 +170,59 @@ def decode(data: bytes, path: str, shape: Tuple[int, int, int]) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {_reason(err)}") from None
 
 
+class _Cache:
+    """Decoded images of this process, by (file, size, shape), up to a byte budget (least
+    recently used out first): a rank's reader process decodes an image once while its share of
+    the data fits, then copies it (what ``tf.data``'s cache does for a Keras pipeline), and so
+    does evaluation in the training process."""
+
+    def __init__(self) -> None:
+        self.held: "OrderedDict[Tuple[str, Tuple[int, ...], int], np.ndarray]" = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key):
+        found = self.held.get(key)
+        if found is not None:
+            self.held.move_to_end(key)
+        return found
+
+    def put(self, key, image: np.ndarray, budget: int) -> None:
+        if image.nbytes > budget:
+            return
+        self.held[key] = image
+        self.bytes += image.nbytes
+        while self.bytes > budget:
+            self.bytes -= self.held.popitem(last=False)[1].nbytes
+
+
+_CACHE = _Cache()
+
+
+def _key(source: Source, f: int):
+    """An image's cache key: its file, the size listed (a file replaced by one of another size is
+    decoded again when the folder is listed again) and the decoded shape."""
+    return source.files[f], source.sizes[f], source.shape
+
+
 def read_unit(source: Source, unit: Unit, columns: Optional[Sequence[str]] = None, select: Optional[Select] = None,
               ahead: Optional["ReadAhead"] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """Format.read_unit: the unit's images (those ``select`` marks) decoded, with their classes."""
     n = unit.stop - unit.start
     keep = np.flatnonzero(np.ones(n, bool) if select is None else np.asarray(select(0, n), bool))
-    fetched = ahead.take(unit) if ahead is not None else None
+    budget = dict(source.settings).get("cache_bytes", 0)
+    key = functools.partial(_key, source)
+    cached = [_CACHE.get(key(unit.start + i)) for i in keep.tolist()] if budget else []
+    fetched = ahead.take(unit) if ahead is not None and not (cached and all(c is not None for c in cached)) else None
     x = np.empty((len(keep), *source.shape), np.uint8)
     for j, i in enumerate(keep.tolist()):
         f = unit.start + i
+        if cached and cached[j] is not None:
+            x[j] = cached[j]
+            continue
         path = source.files[f]
         x[j] = decode(fetched[f] if fetched is not None else _read(path), path, source.shape)
+        if budget:
+            _CACHE.put(key(f), x[j].copy(), budget)
     labels = np.asarray([source.file_labels[unit.start + i] for i in keep.tolist()] or np.zeros(0, str), str)
     yield x, labels
 

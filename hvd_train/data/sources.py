@@ -72,6 +72,7 @@ class Source:
     dtype: str = "float32"
     file_labels: Tuple[str, ...] = ()  # a label per file, where a file's place names it (image folders)
     layout: Tuple[Tuple[str, int], ...] = ()  # a format's own column layout (TFRecord: each feature's length)
+    settings: Tuple[Tuple[str, Any], ...] = ()  # a format's own options, carried to the reader processes
 
     @property
     def features(self) -> Tuple[str, ...]:
