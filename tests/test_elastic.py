@@ -160,8 +160,11 @@ def test_a_file_dataset_loses_a_worker_mid_epoch_and_gains_one(tmp_path, kind, s
     # in the bucket (s3://, a real server): the same elastic path. (CSV shares Parquet's path
     # but for its reader: tests/test_sources.py.)
     if kind == "images":
-        make_images(tmp_path / kind, {"circle": 700, "square": 600, "stripes": 500})  # about 1260 training images
-        data, label = f"images:{tmp_path / kind}", ["--image-size", "8x8", "--image-channels", "3"]
+        # About 1680 training images: with batch 8, epochs of about 1.5 s, as the tables' (the kill
+        # lands mid-epoch 2, past a commit).
+        make_images(tmp_path / kind, {"circle": 900, "square": 800, "stripes": 700})
+        data, label = f"images:{tmp_path / kind}", ["--image-size", "8x8", "--image-channels", "3",
+                                                     "--batch-size", "8"]
     else:
         make_data(tmp_path / kind, kind, n_rows=[1800, 0, 1400, 1800])  # about 3500 training rows
         data, label = f"{kind}:{tmp_path / kind}", ["--label-column", "label"]
@@ -171,7 +174,7 @@ def test_a_file_dataset_loses_a_worker_mid_epoch_and_gains_one(tmp_path, kind, s
         extra, env = ["--checkpoint-dir", "s3://hvd/elastic/ckpt", "--keep-checkpoints", "2"], s3.env()
     hosts = local_hosts(4)
     job = ElasticJob(tmp_path, hosts[:3], 2, 3, [
-        "--dataset", data, *label, "--batch-size", "16", "--epochs", "40",
+        "--dataset", data, "--batch-size", "16", *label, "--epochs", "40",
         "--commit-every", "10", "--shuffle-buffer", "1000", "--progress", "epoch", *extra], interface=None, env=env)
     rank = 0 if kind == "parquet" else 2
     _, killed, shrink, grow = shrink_then_grow(job, hosts, rank)

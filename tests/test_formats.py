@@ -1,27 +1,25 @@
 """The formats beyond tables, images:DIR (a folder per class) and tfrecord:PATH (tf.train.Example
 records: a table, or encoded images): listed, split per sample, decoded in the reader processes
 and streamed in shares with the guarantees of every other path (disjoint and complete shares,
-equal steps, exact facts and metrics, N x b == 1 x N*b, stop and resume bit for bit), Keras's
+equal steps, exact facts and metrics, N x b == 1 x N*b; stop and resume bit for bit:
+tests/parallel/test_collectives.py), Keras's
 ResNet50 behind augmentation, predict on image files and records, and one message for a bad
 image, a record that does not match the spec, or files that disagree."""
 import itertools
 import os
 import shutil
-import signal
 from types import SimpleNamespace
 
 import keras
 import numpy as np
 import pytest
-from conftest import BIN, REPO, Background, Jobs, max_weight_difference, read_json
+from conftest import Jobs, max_weight_difference, read_json
 from files import IMAGE_CLASSES, TFRECORD_FILES, images_by_split, make_images, make_tfrecords, samples_by_split
 
 from hvd_train import cli
 from hvd_train.config.options import ConfigError, TrainConfig
 from hvd_train.data import formats, images, stream, tfrecord
 from hvd_train.data.interface import DataError, Standardizer
-from hvd_train.outputs import events
-from hvd_train.training import checkpoint
 
 SIZE = (16, 16)
 
@@ -230,22 +228,8 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stopped(folders, tmp_path_factory):
-    """A run on the images stopped by SIGINT to its launcher after its first epoch (its checkpoint)."""
-    base = tmp_path_factory.mktemp("stop")
-    args = ["--dataset", f"images:{folders / 'd'}", *COMMON, "--batch-size", "12", "--epochs", "5",
-            "--checkpoint-dir", base / "ckpt"]
-    job = Background([REPO / "launch" / "local.sh", "-n", "2", "--gloo", "--", *args, "--output-dir", base / "out",
-                      "--stall-timeout", "0"], env={"VENV": str(BIN.parent)})
-    job.wait_until(lambda: "epoch 1/5" in job.output, 240, "epoch 1")
-    job.proc.send_signal(signal.SIGINT)
-    return job.wait(60), job.output, base, args
-
-
-@pytest.fixture(scope="module")
-def runs(folders, stopped, tmp_path_factory):
+def runs(folders, tmp_path_factory):
     d = f"images:{folders / 'd'}"
-    _, _, base, stop_args = stopped
 
     def run(world, *extra, batch=None):
         return ["--dataset", d, *COMMON, "--epochs", "3", *extra, "--batch-size", str(batch or GLOBAL_BATCH // world)]
@@ -261,7 +245,6 @@ def runs(folders, stopped, tmp_path_factory):
     plans = {1: {"images": run(1), "tfrecord": table(1), "tfr_images": tfr_images(1)},
              3: {"tfrecord": table(3)},
              2: {"images": run(2), "batch_8": run(2, batch=8),
-                 "resumed": [*stop_args, "--resume"], "whole": stop_args[:-2],
                  "resnet": ["--dataset", d, "--image-size", "32x32", "--model", "resnet50", "--augment", "flip-crop",
                             "--epochs", "1", "--batch-size", "8", "--progress", "none"],
                  "corrupt": {"args": ["--dataset", f"images:{folders / 'corrupt'}", *COMMON, "--epochs", "1"]},
@@ -297,20 +280,6 @@ def test_n_processes_on_images_equal_one_process_with_n_times_the_batch(runs, fo
     rows = (folders / "d" / "square.predictions.csv").read_text().splitlines()
     assert rows[0] == "file,predicted_class,prob_circle,prob_square,prob_stripes" and len(rows) == 56
     assert rows[1].startswith(str(folders / "d" / "square" / "img-000.jpg") + ",")
-
-
-@pytest.mark.integration
-def test_a_stopped_image_run_resumes_to_the_uninterrupted_run(runs, stopped):
-    code, output, base, _ = stopped
-    assert code == 128 + signal.SIGINT, output[-3000:]
-    (stop,) = [e for e in events.read(base / "out" / "events.jsonl") if e["event"] == "run_stopped"]
-    print(f"stopped at epoch {stop['epoch']}, position {stop['position']}")
-    assert stop["checkpoint"] == str(base / "ckpt" / checkpoint.file_name(stop["epoch"], stop["position"]))
-    resumed, whole = runs.finished(2, "resumed"), runs.finished(2, "whole")
-    assert f"resuming from {stop['checkpoint']}" in resumed.stdout
-    a, b = read_json(resumed.out / "metrics.json"), read_json(whole.out / "metrics.json")
-    assert a["replica_weight_digests"] == b["replica_weight_digests"], "bit for bit the uninterrupted run"
-    assert (a["test_loss"], a["test_accuracy"]) == (b["test_loss"], b["test_accuracy"])
 
 
 @pytest.mark.integration
@@ -371,3 +340,17 @@ def test_tfrecord_images_equal_one_process_and_predict_names_each_record(runs, f
     rows = (folders / "tfr_images.predictions.csv").read_text().splitlines()
     assert len(rows) == 1 + sum(IMAGE_CLASSES.values())
     assert rows[1].startswith(f"{folders / 'tfr_images' / 'part-0.tfrecord'} record 1,")
+
+
+def test_keras_architectures_and_augmentation_are_built_from_options():
+    from hvd_train.training.model import check_inputs, model_for
+
+    config = TrainConfig(dataset="images:x", model="mobilenetv2", augment="flip", dropout=0.1)
+    model = model_for(config)((32, 32, 1), 4)
+    assert model.output_shape == (None, 4) and model.layers[1].name == "random_flip"
+    assert model.layers[2].name == "mobilenetv2" and model.layers[-1].dtype_policy.name == "float32"
+    assert "needs images of at least 32x32" in check_inputs(config, (16, 16, 3), "images:x")
+    assert "a table): use --model mlp" in check_inputs(config, (5,), "csv:x")
+    assert "--augment crop is for images" in check_inputs(TrainConfig(augment="crop"), (5,), "iris")
+    with pytest.raises(ConfigError, match="--sync-batchnorm is for hvd_train's own models"):
+        TrainConfig(model="resnet50", sync_batchnorm=True)

@@ -294,21 +294,39 @@ class _SignalAtBatch(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_a_csv_folder_stopped_mid_epoch_resumes_to_the_uninterrupted_run(rt, shared_tmp, monkeypatch):
+def _image_folder(folder, count=600):
+    """``count`` PNGs of 8x8 in 3 class folders (10 units of 64 images but the last)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for i in range(count):
+        c = i % 3
+        (folder / f"class{c}").mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 90, (8, 8, 3)).astype(np.uint8)
+        pixels[:, c * 2:c * 2 + 3] += 120  # the class is a bright band
+        Image.fromarray(pixels).save(folder / f"class{c}" / f"{i:04d}.png")
+
+
+@pytest.mark.parametrize("kind", ["csv", "images"])
+def test_a_file_folder_stopped_mid_epoch_resumes_to_the_uninterrupted_run(rt, shared_tmp, monkeypatch, kind):
     from hvd_train.training import stopping
 
-    # Ten files of 60 rows, windows of two files (--shuffle-buffer 64): the stop falls in the
-    # fourth window of epoch 2, so the resumed stream skips whole windows and starts inside one.
+    # Ten files of 60 rows (or 600 images: units of 64), windows of two units (--shuffle-buffer
+    # 64): the stop falls in a later window of epoch 2, so the resumed stream skips whole
+    # windows and starts inside one. Images: decoded in the reader processes, streamed as uint8.
     if rt.rank == 0:
-        for f in range(10):
-            (shared_tmp / "folder").mkdir(exist_ok=True)
+        (shared_tmp / "folder").mkdir(exist_ok=True)
+        if kind == "images":
+            _image_folder(shared_tmp / "folder")
+        for f in range(10 if kind == "csv" else 0):
             (shared_tmp / "folder" / f"part-{f:02d}.csv").write_text("a,b,c,label\n" + "".join(
                 f"{(i * 7 + f) % 11 / 3:.3f},{(i * 5 + 2 * f) % 13 / 4:.3f},{(i * f) % 5},{(i + f) % 3}\n"
                 for i in range(60)))
     runtime.broadcast(None, "folder.written")
     monkeypatch.setattr(stopping, "CHECK_SECONDS", 0.0)  # the ranks agree after every batch: a known stop
-    config = TrainConfig(dataset=f"csv:{shared_tmp / 'folder'}", label_column="label", batch_size=8, epochs=3,
-                         optimizer="adam", shuffle_buffer=64, progress="none", seed=7)
+    config = TrainConfig(dataset=f"{kind}:{shared_tmp / 'folder'}", label_column="label" if kind == "csv" else None,
+                         batch_size=8, epochs=3, optimizer="adam", shuffle_buffer=64, progress="none", seed=7,
+                         image_size=(8, 8))
     ckpt = shared_tmp / "ckpt"
     stopped = config.replace(checkpoint_dir=str(ckpt), output_dir=str(shared_tmp / "stopped"))
     signaller = _SignalAtBatch(1, 17)
