@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hvd_train.data import sources, splitting
+from hvd_train.data import splitting
 
 FEATURES = ["f0", "f1", "f2", "f3", "f4"]
 FILE_ROWS = [250, 0, 37, 313]  # uneven files, one of them empty (header or schema only)
@@ -33,16 +33,7 @@ def make_data(directory, kind, n_rows=FILE_ROWS, seed=0):
 
 def rows_by_split(dataset, seed=7, val=0.1, test=0.2, label="label"):
     """Every row of the files with its split (stream.TRAIN/VAL/TEST): (x, label texts, splits)."""
-    src = sources.open_source(dataset, label)
-    xs, ys, splits = [], [], []
-    for unit in src.units:
-        offset = 0
-        for x, y in sources.read_unit(src, unit):
-            splits.append(splitting.row_splits(seed, unit.file, unit.index, offset, len(y), val, test))
-            offset += len(y)
-            xs.append(x)
-            ys.append(y)
-    return np.concatenate(xs), np.concatenate(ys), np.concatenate(splits)
+    return samples_by_split(dataset, label, seed, val, test)
 
 
 IMAGE_CLASSES = {"circle": 90, "square": 55, "stripes": 31}  # uneven classes

@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import storage
+from . import sources
 from .interface import DataError
 from .sources import Select, Source, Unit
 
@@ -41,8 +42,7 @@ EXAMPLE = "data/photos/"
 EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 UNIT_IMAGES = 64  # part of a sample's identity (so of the split): changing it changes the split
 DEFAULT_SIZE = (64, 64)
-READ_AHEAD_BYTES = 32 << 20  # an object store's images fetched ahead of decoding, at most
-READ_AHEAD_THREADS = 8  # requests in flight (an image is one small request)
+READ_AHEAD_THREADS = 8  # units whose images are being fetched at once (an image is one small request)
 CACHE_MB = 256  # decoded images kept per process (--image-cache)
 
 
@@ -83,12 +83,9 @@ def _is_image(path: str) -> bool:
 
 def list_images(spec: str, labelled: bool) -> List[Tuple[str, int, str]]:
     """(location, bytes, class) of the images, sorted; class "" when not ``labelled``."""
+    sources.check_dataset(spec)
     try:
-        storage.check(spec, "dataset")
-    except storage.StorageError as err:
-        raise DataError(str(err)) from None
-    try:
-        if storage.has_magic(storage.basename(spec)) or (not storage.is_remote(spec) and storage.has_magic(spec)):
+        if sources.is_glob(spec):
             found = [(p, n, "") for p, n in storage.glob(spec) if _is_image(p)]
             if labelled:
                 raise DataError(f"images:{spec}: a glob has no class folders; give the folder that holds one "
@@ -177,7 +174,7 @@ class _Cache:
     does evaluation in the training process."""
 
     def __init__(self) -> None:
-        self.held: "OrderedDict[Tuple[str, Tuple[int, ...], int], np.ndarray]" = OrderedDict()
+        self.held: "OrderedDict[Tuple[str, int, Tuple[int, ...]], np.ndarray]" = OrderedDict()
         self.bytes = 0
 
     def get(self, key):
@@ -227,49 +224,12 @@ def read_unit(source: Source, unit: Unit, columns: Optional[Sequence[str]] = Non
     yield x, labels
 
 
-class ReadAhead:
-    """An object store's images fetched by threads ahead of their decoding, unit by unit in the
-    order they will be read, up to READ_AHEAD_BYTES; local files are read as decoded (``active``
-    False)."""
+def ReadAhead(source: Source, order: Sequence[int], columns: Optional[Sequence[str]] = None) -> sources.FetchAhead:
+    """Format.ReadAhead: an object store's images fetched by threads ahead of their decoding, a
+    unit's files in each task, up to READ_AHEAD_THREADS units at once."""
+    return sources.FetchAhead(source, order, functools.partial(_fetch_unit, source),
+                              lambda unit: sum(source.sizes[unit.start:unit.stop]), READ_AHEAD_THREADS)
 
-    def __init__(self, source: Source, order: Sequence[int], columns: Optional[Sequence[str]] = None):
-        self.source, self.order, self.next = source, list(order), 0
-        self.active = bool(source.files) and storage.is_remote(source.files[0])
-        self.number = {unit: i for i, unit in enumerate(source.units)}
-        self.pending: "OrderedDict[int, Tuple[Dict[int, Any], int]]" = OrderedDict()
-        self.pool = None
-        if self.active:
-            from concurrent.futures import ThreadPoolExecutor
 
-            self.pool = ThreadPoolExecutor(READ_AHEAD_THREADS, thread_name_prefix="hvd_train-image-read-ahead")
-            self._fill()
-
-    def _fill(self) -> None:
-        held = sum(size for _, size in self.pending.values())
-        while self.next < len(self.order) and (not self.pending or held < READ_AHEAD_BYTES):
-            u = self.order[self.next]
-            unit = self.source.units[u]
-            files = range(unit.start, unit.stop)
-            size = sum(self.source.sizes[f] for f in files)
-            self.pending[u] = ({f: self.pool.submit(_read, self.source.files[f]) for f in files}, size)
-            held += size
-            self.next += 1
-
-    def take(self, unit: Unit) -> Optional[Dict[int, bytes]]:
-        if not self.active:
-            return None
-        entry = self.pending.pop(self.number[unit], None)
-        if entry is None:
-            return None
-        try:
-            return {f: future.result() for f, future in entry[0].items()}
-        finally:
-            self._fill()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            for futures, _ in self.pending.values():
-                for future in futures.values():
-                    future.cancel()
-            self.pool.shutdown(wait=True)
-            self.pending.clear()
+def _fetch_unit(source: Source, unit: Unit) -> Dict[int, bytes]:
+    return {f: _read(source.files[f]) for f in range(unit.start, unit.stop)}

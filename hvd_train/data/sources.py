@@ -165,14 +165,29 @@ def _lean_memory_pool() -> None:
         pa.set_memory_pool(pa.system_memory_pool())
 
 
-def list_files(kind: str, spec: str) -> List[Tuple[str, int]]:
-    """(location, bytes) of the files PATH names, in order (one listing request for a prefix)."""
+def check_dataset(spec: str) -> None:
+    """DataError if a dataset's location cannot be used (storage.check's message)."""
     try:
         storage.check(spec, "dataset")
     except storage.StorageError as err:
         raise DataError(str(err)) from None
+
+
+def is_glob(spec: str) -> bool:
+    """A pattern: wildcards anywhere in a local path, in the last part of a URI."""
+    return storage.has_magic(storage.basename(spec)) or (not storage.is_remote(spec) and storage.has_magic(spec))
+
+
+def list_files(kind: str, spec: str, suffixes: Optional[Tuple[str, ...]] = None, name: str = "",
+               any_case: bool = False) -> List[Tuple[str, int]]:
+    """(location, bytes) of the files PATH names, in order (one listing request for a prefix): a
+    file, a glob, or a directory's files ending in one of ``suffixes`` (default ``.KIND``; with
+    ``any_case``, in any case). ``name``: the format in messages (default CSV or Parquet)."""
+    suffixes = suffixes or (f".{kind}",)
+    name = name or (kind.upper() if kind == "csv" else "Parquet")
+    check_dataset(spec)
     try:
-        if storage.has_magic(storage.basename(spec)) or (not storage.is_remote(spec) and storage.has_magic(spec)):
+        if is_glob(spec):
             found = storage.glob(spec)
             if not found:
                 raise DataError(f"{spec} matches no files")
@@ -180,16 +195,17 @@ def list_files(kind: str, spec: str) -> List[Tuple[str, int]]:
         if storage.is_file(spec):
             return [(spec, storage.size(spec))]
         found = [(p, n) for p, n in storage.list_files(spec)
-                 if p.endswith(f".{kind}") and not storage.basename(p).startswith(".")]
+                 if (p.lower() if any_case else p).endswith(suffixes) and not storage.basename(p).startswith(".")]
         if found:
             return found
         if storage.is_dir(spec):
-            raise DataError(f"{'prefix' if storage.is_remote(spec) else 'directory'} {spec} holds no *.{kind} files")
+            raise DataError(f"{'prefix' if storage.is_remote(spec) else 'directory'} {spec} holds no "
+                            f"{'/'.join('*' + x for x in suffixes)} files")
         if storage.is_remote(spec):
             storage.missing_bucket(spec)
     except storage.StorageError as err:
         raise DataError(f"cannot list {spec}: {str(err).split(': ', 1)[-1]}") from None
-    raise DataError(f"cannot read {kind.upper() if kind == 'csv' else 'Parquet'} {spec}: no such file or directory")
+    raise DataError(f"cannot read {name} {spec}: no such file or directory")
 
 
 # Objects of object storage stay open in this process (and a Parquet object's footer parsed):
@@ -493,6 +509,53 @@ class ReadAhead:
     def close(self) -> None:
         if self.pool is not None:
             for future, _ in self.pending.values():
+                future.cancel()
+            self.pool.shutdown(wait=True)
+            self.pending.clear()
+
+
+class FetchAhead:
+    """A format's units of an object store fetched by threads ahead of their parsing, in the
+    order they will be parsed, up to READ_AHEAD_BYTES by ``size(unit)``: ``fetch(unit)`` runs
+    in a thread and ``take(unit)`` returns what it returned (or raises what it raised), None for
+    a unit not fetched. Local files are read as they are parsed (``active`` False). The images
+    and TFRecord formats' read-ahead (CSV and Parquet have their own: ReadAhead)."""
+
+    def __init__(self, source: Source, order: Sequence[int], fetch: Callable[[Unit], Any], size: Callable[[Unit], int],
+                 threads: int = READ_AHEAD_THREADS):
+        self.source, self.order, self.next, self.fetch, self.size = source, list(order), 0, fetch, size
+        self.active = bool(source.files) and storage.is_remote(source.files[0])
+        self.number = {unit: i for i, unit in enumerate(source.units)}
+        self.pending: "OrderedDict[int, Any]" = OrderedDict()
+        self.pool = None
+        if self.active:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(threads, thread_name_prefix="hvd_train-fetch-ahead")
+            self._fill()
+
+    def _fill(self) -> None:
+        held = sum(self.size(self.source.units[u]) for u in self.pending)
+        while self.next < len(self.order) and (not self.pending or held < READ_AHEAD_BYTES):
+            unit = self.source.units[self.order[self.next]]
+            self.pending[self.order[self.next]] = self.pool.submit(self.fetch, unit)
+            held += self.size(unit)
+            self.next += 1
+
+    def take(self, unit: Unit) -> Any:
+        if not self.active:
+            return None
+        future = self.pending.pop(self.number[unit], None)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        finally:
+            self._fill()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for future in self.pending.values():
                 future.cancel()
             self.pool.shutdown(wait=True)
             self.pending.clear()

@@ -206,33 +206,10 @@ def _spec(path: str, features, label: str, image: Optional[str]) -> Tuple[Tuple[
     return tuple(names), tuple(lengths)
 
 
-def list_files(spec: str) -> List[Tuple[str, int]]:
-    try:
-        storage.check(spec, "dataset")
-        if storage.has_magic(storage.basename(spec)) or (not storage.is_remote(spec) and storage.has_magic(spec)):
-            found = storage.glob(spec)
-            if not found:
-                raise DataError(f"{spec} matches no files")
-            return found
-        if storage.is_file(spec):
-            return [(spec, storage.size(spec))]
-        found = [(p, n) for p, n in storage.list_files(spec)
-                 if p.lower().endswith(EXTENSIONS) and not storage.basename(p).startswith(".")]
-        if found:
-            return found
-        if storage.is_dir(spec):
-            raise DataError(f"{spec} holds no TFRecord files ({', '.join('*' + e for e in EXTENSIONS)})")
-        if storage.is_remote(spec):
-            storage.missing_bucket(spec)
-    except storage.StorageError as err:
-        raise DataError(str(err)) from None
-    raise DataError(f"cannot read TFRecord {spec}: no such file or directory")
-
-
 def source_of(kind: str, spec: str, label: str, options: Any = None) -> Source:
     """Format.source_of: the files, their spec from the first records, their units of records."""
     image = getattr(options, "image_feature", None)
-    listed = list_files(spec)
+    listed = sources.list_files(kind, spec, EXTENSIONS, "TFRecord", any_case=True)
     names = lengths = None
     units: List[Unit] = []
     for i, (path, size) in enumerate(listed):
@@ -388,43 +365,7 @@ def read_unit(source: Source, unit: Unit, columns: Optional[Sequence[str]] = Non
     yield x, np.asarray(labels if source.label else [""] * len(keep), str)
 
 
-class ReadAhead:
-    """An object store's units (one ranged read each) fetched by threads ahead of their parsing."""
-
-    def __init__(self, source: Source, order: Sequence[int], columns: Optional[Sequence[str]] = None):
-        self.source = source
-        self.active = bool(source.files) and storage.is_remote(source.files[0])
-        self.number = {unit: i for i, unit in enumerate(source.units)}
-        self.order, self.next, self.pending, self.pool = list(order), 0, {}, None
-        if self.active:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.pool = ThreadPoolExecutor(sources.READ_AHEAD_THREADS, thread_name_prefix="hvd_train-tfrecord-ahead")
-            self._fill()
-
-    def _fill(self) -> None:
-        held = sum(self.source.units[u].stop - self.source.units[u].start for u in self.pending)
-        while self.next < len(self.order) and (not self.pending or held < sources.READ_AHEAD_BYTES):
-            u = self.order[self.next]
-            unit = self.source.units[u]
-            self.pending[u] = self.pool.submit(_unit_bytes, self.source, unit)
-            held += unit.stop - unit.start
-            self.next += 1
-
-    def take(self, unit: Unit) -> Optional[bytes]:
-        if not self.active:
-            return None
-        future = self.pending.pop(self.number[unit], None)
-        if future is None:
-            return None
-        try:
-            return future.result()
-        finally:
-            self._fill()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            for future in self.pending.values():
-                future.cancel()
-            self.pool.shutdown(wait=True)
-            self.pending.clear()
+def ReadAhead(source: Source, order: Sequence[int], columns: Optional[Sequence[str]] = None) -> sources.FetchAhead:
+    """Format.ReadAhead: an object store's units (one ranged read each) fetched ahead of their parsing."""
+    return sources.FetchAhead(source, order, functools.partial(_unit_bytes, source),
+                              lambda unit: unit.stop - unit.start)
